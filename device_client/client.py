@@ -1,0 +1,204 @@
+"""The device: provision, predict forward-only, upload the informative samples, apply deltas.
+
+Sources and sinks stay outside this class: anything that yields uint8 image
+batches can drive `predict`, which is what the replay runner and the daemon do.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import random
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from device_client.deltas import DeltaRefused, verify_delta
+from device_client.runtime import SwappableModel, split_norm_file
+from device_client.scoring import entropy, softmax, to_model_input
+from device_client.selection import CemaSelector, SelectionConfig, UploadBudget
+from device_client.state import DeviceStateDir, Identity
+from device_client.transport import ServerApi, ServerError
+from device_client.uploader import Uploader
+from shared.protocol import Delta, ImageCodec, RegisterRequest
+
+log = logging.getLogger("driftsync.device")
+
+
+@dataclass(frozen=True)
+class DeviceConfig:
+    server: str
+    state_dir: Path
+    name: str = "device"
+    cohort: str | None = None
+    enrolment_token: str | None = None
+    codec: ImageCodec = "png"
+    upload_batch: int = 32
+    upload_flush_s: float = 0.5
+    upload_samples_per_s: float | None = None
+    upload_bytes_per_s: float | None = None
+    e_max_factor: float = 0.4
+    dynamic_lambda: float | None = 0.6
+    e_min_factor: float = 0.0
+    redundancy_margin: float | None = None
+    poll_wait_s: float = 20.0
+    threads: int = 0
+
+
+@dataclass(frozen=True)
+class Predictions:
+    labels: np.ndarray
+    confidence: np.ndarray
+    entropy: np.ndarray
+    uploaded: np.ndarray
+    version: int
+
+
+@dataclass
+class DeltaLog:
+    applied: int = 0
+    refused: dict[str, int] = field(default_factory=dict)
+    bytes: int = 0
+    freshness_s: list[float] = field(default_factory=list)
+
+
+class DeviceClient:
+    def __init__(self, cfg: DeviceConfig) -> None:
+        self.cfg = cfg
+        self.state = DeviceStateDir(cfg.state_dir)
+        self.deltas = DeltaLog()
+        self.downloaded_model = False
+        self._stop = threading.Event()
+
+    # -- provisioning -------------------------------------------------------------
+    def start(self) -> "DeviceClient":
+        identity = self.state.load_identity(self.cfg.server)
+        api = ServerApi(self.cfg.server, identity.token if identity else None)
+        if identity is None:
+            reply = api.register(
+                RegisterRequest(device_name=self.cfg.name, cohort=self.cfg.cohort, enrolment_token=self.cfg.enrolment_token)
+            )
+            identity = Identity(
+                server=self.cfg.server.rstrip("/"), device_id=reply.device_id, token=reply.token,
+                cohort=reply.cohort, model=reply.model,
+            )
+            self.state.save_identity(identity)
+            log.info("registered as %s in cohort %s", identity.device_id, identity.cohort)
+        self.identity = identity
+        self.descriptor = identity.model
+        onnx_bytes = self._model_file(api, "student.onnx", self.descriptor.onnx_sha256)
+        norm = self._model_file(api, "student.norm.bin", self.descriptor.norm_sha256)
+        api.close()
+        self.onnx_bytes = onnx_bytes
+        self.source_params = split_norm_file(norm, self.descriptor.parameters)
+        params, version = self.source_params, 0
+        saved = self.state.load_delta()
+        if saved is not None:
+            try:
+                params, version = verify_delta(saved, 0, self.descriptor), saved.new_version
+            except DeltaRefused as exc:
+                log.warning("ignoring the saved delta: %s", exc)
+        self.model = SwappableModel(onnx_bytes, params, version, self.cfg.threads)
+        self.selector = CemaSelector(
+            SelectionConfig(
+                num_classes=self.descriptor.num_classes,
+                e_max_factor=self.cfg.e_max_factor,
+                dynamic_lambda=self.cfg.dynamic_lambda,
+                e_min_factor=self.cfg.e_min_factor,
+                redundancy_margin=self.cfg.redundancy_margin,
+            )
+        )
+        self.uploader = Uploader(
+            ServerApi(self.cfg.server, identity.token),
+            UploadBudget.from_rates(self.cfg.upload_samples_per_s, self.cfg.upload_bytes_per_s),
+            codec=self.cfg.codec,
+            batch_size=self.cfg.upload_batch,
+            flush_s=self.cfg.upload_flush_s,
+        )
+        self.uploader.start()
+        self._poller = threading.Thread(target=self._poll_deltas, name="delta-poller", daemon=True)
+        self._poller.start()
+        log.info("device ready at v%d", version)
+        return self
+
+    def _model_file(self, api: ServerApi, part: str, sha256: str) -> bytes:
+        """Use the cached file when its hash matches, so a restart needs no download."""
+        path = self.state.model_file(part)
+        if path.exists():
+            data = path.read_bytes()
+            if hashlib.sha256(data).hexdigest() == sha256:
+                return data
+            log.warning("cached %s does not match its hash; downloading again", part)
+        data = api.download(part, sha256)
+        self.state.save_model_file(part, data)
+        self.downloaded_model = True
+        return data
+
+    # -- inference ------------------------------------------------------------------
+    def predict(self, images: np.ndarray, captured_at: np.ndarray | None = None) -> Predictions:
+        logits, version = self.model.run(to_model_input(images))
+        probs = softmax(logits)
+        ent = entropy(probs)
+        keep = self.selector.select(probs, ent)
+        if keep.any():
+            now = np.full(len(images), time.time()) if captured_at is None else captured_at
+            self.uploader.offer(images[keep], ent[keep], now[keep], version)
+        return Predictions(probs.argmax(axis=1), probs.max(axis=1), ent, keep, version)
+
+    # -- deltas ---------------------------------------------------------------------
+    def apply_delta(self, delta: Delta) -> bool:
+        """Verify, install and persist; a refusal is logged and counted, never raised."""
+        try:
+            params = verify_delta(delta, self.model.version, self.descriptor)
+        except DeltaRefused as exc:
+            self.deltas.refused[exc.reason] = self.deltas.refused.get(exc.reason, 0) + 1
+            log.warning("refused delta v%d: %s", delta.new_version, exc)
+            return False
+        if not self.model.install(params, delta.new_version):
+            self.deltas.refused["stale"] = self.deltas.refused.get("stale", 0) + 1
+            return False
+        self.state.save_delta(delta)
+        self.deltas.applied += 1
+        self.deltas.freshness_s.append(max(0.0, time.time() - delta.newest_upload_at))
+        return True
+
+    def _poll_deltas(self) -> None:
+        api = ServerApi(self.cfg.server, self.identity.token)
+        failures = 0
+        while not self._stop.is_set():
+            try:
+                delta, size = api.poll_delta(self.model.version, self.cfg.poll_wait_s)
+                failures = 0
+            except ServerError as exc:
+                failures += 1
+                delay = exc.retry_after or min(30.0, 0.5 * 2**min(failures, 6)) * (0.5 + random.random())
+                log.warning("delta poll failed (%s); retrying in %.1fs", exc, delay)
+                self._stop.wait(delay)
+                continue
+            if delta is None:
+                continue
+            self.deltas.bytes += size
+            if not self.apply_delta(delta):
+                self._stop.wait(1.0)
+        api.close()
+
+    def stop(self, flush_timeout: float = 10.0) -> None:
+        self.uploader.close(flush_timeout)
+        self._stop.set()
+
+    def status(self) -> dict:
+        up = self.uploader.stats
+        return {
+            "device_id": self.identity.device_id,
+            "cohort": self.identity.cohort,
+            "version": self.model.version,
+            "uploads": {
+                "offered": up.offered, "sent": up.sent, "sent_bytes": up.sent_bytes, "requests": up.requests,
+                "queued": self.uploader.queued(), "dropped_queue_full": up.dropped_queue_full,
+                "dropped_budget": up.dropped_budget, "dropped_failed": up.dropped_failed,
+            },
+            "selection": dict(self.selector.counts) | {"e_max": self.selector.e_max(), "e_min": self.selector.e_min},
+            "deltas": {"applied": self.deltas.applied, "refused": dict(self.deltas.refused), "bytes": self.deltas.bytes},
+        }

@@ -1,0 +1,75 @@
+"""The student in onnxruntime, with normalization tensors swapped between runs.
+
+Each parameter version gets its own session, built with the tensors given as
+external initializers: they are constants at session creation, so onnxruntime
+fuses Conv+BN exactly as for the static model and inference keeps full speed.
+The new session is built off the inference path and swapped in atomically.
+"""
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+
+import numpy as np
+import onnxruntime as ort
+
+INPUT_NAME = "input"
+
+
+def split_norm_file(data: bytes, parameters: dict[str, tuple[int, ...]]) -> dict[str, np.ndarray]:
+    """The norm side file is the float32 tensors concatenated in descriptor order."""
+    out: dict[str, np.ndarray] = {}
+    offset = 0
+    for name, shape in parameters.items():
+        count = int(np.prod(shape)) if shape else 1
+        out[name] = np.frombuffer(data, dtype="<f4", count=count, offset=offset).reshape(shape).astype(np.float32)
+        offset += count * 4
+    if offset != len(data):
+        raise ValueError(f"norm file has {len(data)} bytes, the descriptor accounts for {offset}")
+    return out
+
+
+def build_session(onnx_bytes: bytes, params: dict[str, np.ndarray], threads: int = 0) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    names = list(params)
+    values = [ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(params[n], dtype=np.float32)) for n in names]
+    options.add_external_initializers(names, values)
+    session = ort.InferenceSession(onnx_bytes, options, providers=["CPUExecutionProvider"])
+    session._driftsync_keepalive = values  # ORT borrows the buffers; they must outlive the session
+    return session
+
+
+@dataclass(frozen=True)
+class _Active:
+    session: ort.InferenceSession
+    version: int
+
+
+class SwappableModel:
+    """Inference reads one reference; a delta replaces it. No lock on the hot path."""
+
+    def __init__(self, onnx_bytes: bytes, params: dict[str, np.ndarray], version: int, threads: int = 0) -> None:
+        self._onnx = onnx_bytes
+        self._threads = threads
+        self._swap_lock = threading.Lock()
+        self._active = _Active(build_session(onnx_bytes, params, threads), version)
+
+    @property
+    def version(self) -> int:
+        return self._active.version
+
+    def run(self, x: np.ndarray) -> tuple[np.ndarray, int]:
+        """Logits and the version that produced them."""
+        active = self._active
+        return active.session.run(None, {INPUT_NAME: x})[0], active.version
+
+    def install(self, params: dict[str, np.ndarray], version: int) -> bool:
+        """Build the new session here (the caller's thread), then swap; refuses going backwards."""
+        session = build_session(self._onnx, params, self._threads)
+        with self._swap_lock:
+            if version <= self._active.version:
+                return False
+            self._active = _Active(session, version)
+        return True

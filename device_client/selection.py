@@ -1,0 +1,126 @@
+"""CEMA's upload filter and a bandwidth budget: which samples are worth the uplink.
+
+Chen et al. (ICLR 2024): drop unreliable samples (entropy above a dynamic
+E_max), optionally drop low-informative ones (entropy at or below E_min), and
+drop samples redundant with what was recently uploaded (EATA's cosine test).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class SelectionConfig:
+    num_classes: int
+    e_max_factor: float = 0.4
+    dynamic_lambda: float | None = 0.6
+    warmup_samples: int = 64
+    e_min_factor: float = 0.0
+    redundancy_margin: float | None = None
+    redundancy_ema: float = 0.9
+
+
+@dataclass
+class CemaSelector:
+    """Stateful across batches: the dynamic threshold follows the stream's entropy."""
+
+    cfg: SelectionConfig
+    seen: int = 0
+    entropy_sum: float = 0.0
+    warmup_mean: float | None = None
+    prob_ema: np.ndarray | None = None
+    counts: dict[str, int] = field(default_factory=lambda: {"unreliable": 0, "low_info": 0, "redundant": 0, "kept": 0})
+
+    @property
+    def e_max_static(self) -> float:
+        return self.cfg.e_max_factor * math.log(self.cfg.num_classes)
+
+    @property
+    def e_min(self) -> float:
+        return self.cfg.e_min_factor * math.log(self.cfg.num_classes)
+
+    def e_max(self) -> float:
+        """E_max,t = E_max · (mean H so far / mean H during warm-up) · λ."""
+        if self.cfg.dynamic_lambda is None or self.warmup_mean is None or self.warmup_mean <= 0:
+            return self.e_max_static
+        mean_so_far = self.entropy_sum / max(self.seen, 1)
+        return self.e_max_static * (mean_so_far / self.warmup_mean) * self.cfg.dynamic_lambda
+
+    def select(self, probs: np.ndarray, ent: np.ndarray) -> np.ndarray:
+        """A boolean mask of samples to upload; updates the running statistics."""
+        self.seen += len(ent)
+        self.entropy_sum += float(ent.sum())
+        if self.warmup_mean is None and self.seen >= self.cfg.warmup_samples:
+            self.warmup_mean = self.entropy_sum / self.seen
+        reliable = ent < self.e_max()
+        informative = ent > self.e_min
+        keep = reliable & informative
+        self.counts["unreliable"] += int((~reliable).sum())
+        self.counts["low_info"] += int((reliable & ~informative).sum())
+        if self.cfg.redundancy_margin is not None:
+            keep = self._drop_redundant(probs, keep)
+        self.counts["kept"] += int(keep.sum())
+        return keep
+
+    def _drop_redundant(self, probs: np.ndarray, keep: np.ndarray) -> np.ndarray:
+        keep = keep.copy()
+        for i in np.flatnonzero(keep):
+            p = probs[i]
+            if self.prob_ema is not None:
+                cos = float(p @ self.prob_ema) / (np.linalg.norm(p) * np.linalg.norm(self.prob_ema) + 1e-12)
+                if abs(cos) >= self.cfg.redundancy_margin:
+                    keep[i] = False
+                    self.counts["redundant"] += 1
+                    continue
+            a = self.cfg.redundancy_ema
+            self.prob_ema = p.copy() if self.prob_ema is None else a * self.prob_ema + (1 - a) * p
+        return keep
+
+
+@dataclass
+class TokenBucket:
+    """rate tokens per second, up to `burst`; None rate means unlimited."""
+
+    rate: float | None
+    burst: float
+    tokens: float = 0.0
+    updated: float | None = None
+
+    def take(self, amount: float, now: float) -> bool:
+        if self.rate is None:
+            return True
+        if self.updated is None:
+            self.tokens, self.updated = self.burst, now
+        self.tokens = min(self.burst, self.tokens + (now - self.updated) * self.rate)
+        self.updated = now
+        if amount <= self.tokens:
+            self.tokens -= amount
+            return True
+        return False
+
+
+@dataclass
+class UploadBudget:
+    """Samples/s and bytes/s limits, checked together so neither is spent alone."""
+
+    samples: TokenBucket
+    bytes: TokenBucket
+
+    @classmethod
+    def from_rates(cls, samples_per_s: float | None, bytes_per_s: float | None, burst_s: float = 2.0) -> "UploadBudget":
+        return cls(
+            TokenBucket(samples_per_s, (samples_per_s or 0) * burst_s + 1),
+            TokenBucket(bytes_per_s, (bytes_per_s or 0) * burst_s + 65536),
+        )
+
+    def allow(self, n_bytes: int, now: float) -> bool:
+        s, b = self.samples, self.bytes
+        snapshot = (s.tokens, s.updated, b.tokens, b.updated)
+        if s.take(1, now) and b.take(n_bytes, now):
+            return True
+        s.tokens, s.updated, b.tokens, b.updated = snapshot
+        return False

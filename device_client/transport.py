@@ -1,0 +1,89 @@
+"""The device's view of the server's HTTP API. Outgoing connections only."""
+from __future__ import annotations
+
+import hashlib
+
+import httpx
+
+from shared.codec import MSGPACK_MEDIA_TYPE, CodecError, decode, pack
+from shared.protocol import Delta, ModelDescriptor, RegisterRequest, RegisterResponse, UploadAck, UploadBatch
+
+
+class ServerError(Exception):
+    """The server answered with an error, or could not be reached."""
+
+    def __init__(self, message: str, status: int | None = None, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.retry_after = retry_after
+
+
+def _raise_for(response: httpx.Response) -> None:
+    if response.status_code < 400:
+        return
+    try:
+        body = response.json()
+        message = f"{body.get('error')}: {body.get('detail')}"
+    except ValueError:
+        message = response.text[:200]
+    retry = response.headers.get("Retry-After")
+    raise ServerError(
+        f"HTTP {response.status_code} {message}",
+        status=response.status_code,
+        retry_after=float(retry) if retry and retry.replace(".", "", 1).isdigit() else None,
+    )
+
+
+class ServerApi:
+    """One httpx client per thread is the caller's business; this is stateless but for the token."""
+
+    def __init__(self, base_url: str, token: str | None = None, timeout: float = 30.0) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.token = token
+        self._client = httpx.Client(base_url=self.base_url, timeout=timeout)
+
+    def close(self) -> None:
+        self._client.close()
+
+    def _headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.token}"} if self.token else {}
+
+    def _call(self, method: str, url: str, headers: dict[str, str] | None = None, **kwargs) -> httpx.Response:
+        try:
+            response = self._client.request(method, url, headers=self._headers() | (headers or {}), **kwargs)
+        except httpx.HTTPError as exc:
+            raise ServerError(f"cannot reach {self.base_url}: {exc}") from exc
+        _raise_for(response)
+        return response
+
+    def register(self, request: RegisterRequest) -> RegisterResponse:
+        response = self._call("POST", "/v1/devices", json=request.model_dump())
+        reply = RegisterResponse.model_validate(response.json())
+        self.token = reply.token
+        return reply
+
+    def descriptor(self) -> ModelDescriptor:
+        return ModelDescriptor.model_validate(self._call("GET", "/v1/model").json())
+
+    def download(self, part: str, expected_sha256: str) -> bytes:
+        data = self._call("GET", f"/v1/model/{part}").content
+        actual = hashlib.sha256(data).hexdigest()
+        if actual != expected_sha256:
+            raise ServerError(f"{part} sha256 {actual[:12]} does not match the descriptor's {expected_sha256[:12]}")
+        return data
+
+    def upload(self, batch: UploadBatch) -> tuple[UploadAck, int]:
+        """The server's acknowledgement and the body size actually sent."""
+        body = pack(batch.model_dump())
+        response = self._call("POST", "/v1/uploads", content=body, headers={"Content-Type": MSGPACK_MEDIA_TYPE})
+        return UploadAck.model_validate(response.json()), len(body)
+
+    def poll_delta(self, since: int, wait: float) -> tuple[Delta | None, int]:
+        """(delta or None, bytes received). Decoding errors surface as ServerError."""
+        response = self._call("GET", "/v1/deltas", params={"since": since, "wait": wait}, timeout=wait + 30.0)
+        if response.status_code == 204:
+            return None, 0
+        try:
+            return decode(response.content, Delta), len(response.content)
+        except CodecError as exc:
+            raise ServerError(f"undecodable delta: {exc}") from exc

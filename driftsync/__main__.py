@@ -1,0 +1,3 @@
+from driftsync.cli import main
+
+raise SystemExit(main())

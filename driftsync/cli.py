@@ -1,0 +1,175 @@
+"""`driftsync` command line. Device commands import no torch, so they run on edge boxes."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from driftsync.config import add, home, optional, parse_bool
+
+
+def _serve_args(p: argparse.ArgumentParser) -> None:
+    add(p, "--host", "127.0.0.1", help="address to bind")
+    add(p, "--port", 8700, int, help="port to bind")
+    add(p, "--state-dir", str(home() / "server"), help="SQLite state and caches")
+    add(p, "--student", "embedded-student", help="student model NAME[:CHECKPOINT]")
+    add(p, "--teacher", "embedded-teacher", help="teacher model NAME[:CHECKPOINT]")
+    add(p, "--enrolment-token", None, optional(str), help="token a device must present to register")
+    add(p, "--max-body-bytes", 8 * 1024 * 1024, int, help="largest accepted request body")
+    add(p, "--new-per-step", 32, int, help="new uploads per adaptation step (CEMA: 32)")
+    add(p, "--replay-per-step", 96, int, help="replayed uploads per step (CEMA: 96)")
+    add(p, "--stats-momentum", 0.3, float, help="momentum of the student's BN statistics re-estimation")
+    add(p, "--adapt-teacher", True, parse_bool, help="adapt the teacher's norm layers too")
+    add(p, "--step-max-wait-s", 2.0, float, help="step with fewer samples once the oldest waited this long")
+    add(p, "--torch-threads", 0, int, help="torch intra-op threads (0: torch's default)")
+
+
+def _device_args(p: argparse.ArgumentParser) -> None:
+    add(p, "--server", "http://127.0.0.1:8700", help="server base URL")
+    add(p, "--state-dir", str(home() / "device"), help="identity, cached model, applied delta")
+    add(p, "--name", "device", help="device name shown to operators")
+    add(p, "--cohort", None, optional(str), help="share adaptation state with devices of this cohort")
+    add(p, "--enrolment-token", None, optional(str), help="fleet enrolment token")
+    add(p, "--source", "embedded", help="replay source: embedded or npz")
+    add(p, "--data", None, optional(str), help="npz path for --source npz (keys x, y)")
+    add(p, "--data-key", "x", help="image key in the npz (e.g. x_exact1000)")
+    add(p, "--corruptions", "all", help="comma list, 'all' (CoTTA order) or 'none'")
+    add(p, "--severity", 5, int, help="corruption severity 1-5")
+    add(p, "--samples-per-domain", 200, int, help="images per domain")
+    add(p, "--image-offset", 0, int, help="first embedded image index (devices see different scenes)")
+    add(p, "--domain-offset", 0, int, help="start the domain cycle this many domains in")
+    add(p, "--batch-size", 16, int, help="frames per inference call")
+    add(p, "--fps", 30.0, optional(float), help="replay rate in frames/s ('none': as fast as possible)")
+    add(p, "--seed", 0, int, help="corruption seed")
+    add(p, "--codec", "png", help="upload image codec: png, webp, jpeg or raw")
+    add(p, "--upload-batch", 32, int, help="samples per upload request")
+    add(p, "--upload-samples-per-s", None, optional(float), help="uplink budget in samples/s")
+    add(p, "--upload-bytes-per-s", None, optional(float), help="uplink budget in bytes/s")
+    add(p, "--e-max-factor", 0.4, float, help="E_max = factor * ln C (CEMA: 0.4)")
+    add(p, "--dynamic-lambda", 0.6, optional(float), help="dynamic E_max factor lambda ('none': static)")
+    add(p, "--e-min-factor", 0.0, float, help="E_min = factor * ln C (0: off)")
+    add(p, "--redundancy-margin", None, optional(float), help="EATA cosine margin ('none': off)")
+    add(p, "--records", None, optional(str), help="write one JSON line per prediction here")
+    add(p, "--summary", None, optional(str), help="write the replay summary JSON here")
+    add(p, "--threads", 0, int, help="onnxruntime intra-op threads (0: all cores)")
+
+
+def _demo_args(p: argparse.ArgumentParser) -> None:
+    add(p, "--devices", 2, int, help="simulated devices, each its own process")
+    add(p, "--samples-per-domain", 200, int, help="images per domain per device")
+    add(p, "--severity", 5, int, help="corruption severity 1-5")
+    add(p, "--corruptions", "all", help="comma list, 'all' (CoTTA order) or 'none'")
+    add(p, "--out", "driftsync-demo", help="report directory")
+    add(p, "--seed", 0, int, help="seed")
+    add(p, "--fps", 30.0, optional(float), help="frames/s per device")
+    add(p, "--batch-size", 16, int, help="frames per device inference call")
+    add(p, "--port", 0, int, help="server port (0: a free one)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="driftsync", description=__doc__)
+    add(parser, "--log-level", "INFO", help="logging level")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _serve_args(sub.add_parser("serve", help="run the cloud server (needs the server extra)"))
+    _device_args(sub.add_parser("device", help="run a device on a replay stream (no torch)"))
+    _demo_args(sub.add_parser("demo", help="server + simulated devices on the embedded default, then a report"))
+    export = sub.add_parser("export", help="export the student to ONNX (+ norm side file)")
+    add(export, "--student", "embedded-student", help="student model NAME[:CHECKPOINT]")
+    add(export, "--out", "student-onnx", help="output directory")
+    train = sub.add_parser("train", help="train and cache the embedded default models")
+    add(train, "--models", "embedded-student,embedded-teacher", help="comma list")
+
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    handler = {"serve": _serve, "device": _device, "demo": _demo, "export": _export, "train": _train}[args.command]
+    return handler(args) or 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from server.main import ServeOptions, build_app
+
+    opts = ServeOptions(
+        state_dir=Path(args.state_dir), student=args.student, teacher=args.teacher,
+        enrolment_token=args.enrolment_token, max_body_bytes=args.max_body_bytes,
+        new_per_step=args.new_per_step, replay_per_step=args.replay_per_step,
+        stats_momentum=args.stats_momentum, adapt_teacher=args.adapt_teacher,
+        step_max_wait_s=args.step_max_wait_s, torch_threads=args.torch_threads,
+    )
+    uvicorn.run(build_app(opts), host=args.host, port=args.port, log_level=args.log_level.lower())
+    return 0
+
+
+def _device(args: argparse.Namespace) -> int:
+    from device_client.client import DeviceClient, DeviceConfig
+    from device_client.replay import run_replay
+    from device_client.state import atomic_write
+    from driftsync.data import streams
+
+    corruptions = streams.parse_corruptions(args.corruptions)
+    domains = streams.rotate(streams.continual_domains(corruptions, args.severity), args.domain_offset)
+    if args.source == "embedded":
+        images, labels = streams.embedded_base(args.samples_per_domain, args.image_offset)
+    elif args.source == "npz":
+        if not args.data:
+            raise SystemExit("--source npz needs --data PATH")
+        images, labels = streams.npz_base(Path(args.data), args.samples_per_domain, key=args.data_key)
+    else:
+        raise SystemExit(f"unknown --source {args.source!r}; choose embedded or npz")
+    cfg = DeviceConfig(
+        server=args.server, state_dir=Path(args.state_dir), name=args.name, cohort=args.cohort,
+        enrolment_token=args.enrolment_token, codec=args.codec, upload_batch=args.upload_batch,
+        upload_samples_per_s=args.upload_samples_per_s, upload_bytes_per_s=args.upload_bytes_per_s,
+        e_max_factor=args.e_max_factor, dynamic_lambda=args.dynamic_lambda,
+        e_min_factor=args.e_min_factor, redundancy_margin=args.redundancy_margin, threads=args.threads,
+    )
+    client = DeviceClient(cfg).start()
+    chunks = streams.replay(images, labels, domains, args.batch_size, seed=args.seed)
+    summary = run_replay(
+        client, chunks, fps=args.fps, records_path=Path(args.records) if args.records else None,
+        total=len(images) * len(domains),
+    )
+    if args.summary:
+        atomic_write(Path(args.summary), json.dumps(summary).encode())
+    status = summary["status"]
+    logging.getLogger("driftsync.device").info(
+        "done: v%d, %d uploaded, %d deltas applied", status["version"], status["uploads"]["sent"], status["deltas"]["applied"]
+    )
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from driftsync.demo import DemoOptions, run_demo
+
+    report = run_demo(DemoOptions(
+        devices=args.devices, samples_per_domain=args.samples_per_domain, severity=args.severity,
+        corruptions=args.corruptions, out=Path(args.out), seed=args.seed, fps=args.fps,
+        batch_size=args.batch_size, port=args.port,
+    ))
+    return 0 if report else 1
+
+
+def _export(args: argparse.Namespace) -> int:
+    from server.export import export_student
+    from server.models.registry import build_model, model_info
+
+    info = model_info(args.student)
+    artifact = export_student(build_model(args.student), info.input_shape)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "student.onnx").write_bytes(artifact.onnx)
+    (out / "student.norm.bin").write_bytes(artifact.norm)
+    (out / "parameters.json").write_text(json.dumps({k: list(v) for k, v in artifact.parameters.items()}, indent=2))
+    print(f"wrote {out}/student.onnx ({len(artifact.onnx)} B) and student.norm.bin ({len(artifact.norm)} B)")
+    return 0
+
+
+def _train(args: argparse.Namespace) -> int:
+    from server.models.embedded import ensure_trained
+
+    for name in args.models.split(","):
+        print(ensure_trained(name.strip(), log=lambda m: print(m, file=sys.stderr)))
+    return 0

@@ -1,0 +1,42 @@
+"""Configuration: CLI flags whose defaults come from DRIFTSYNC_* environment variables."""
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+from typing import Any, Callable
+
+
+def home() -> Path:
+    """Where trained default models and caches live (DRIFTSYNC_HOME)."""
+    return Path(os.environ.get("DRIFTSYNC_HOME", Path.home() / ".cache" / "driftsync")).expanduser()
+
+
+def env_name(flag: str) -> str:
+    return "DRIFTSYNC_" + flag.lstrip("-").replace("-", "_").upper()
+
+
+def parse_bool(text: str) -> bool:
+    lowered = text.strip().lower()
+    if lowered in {"1", "true", "yes", "on"}:
+        return True
+    if lowered in {"0", "false", "no", "off"}:
+        return False
+    raise argparse.ArgumentTypeError(f"expected a boolean, got {text!r}")
+
+
+def optional(kind: Callable[[str], Any]) -> Callable[[str], Any]:
+    """'none' or '' means unset, so env vars can switch a limit off."""
+
+    def convert(text: str) -> Any:
+        return None if text.strip().lower() in {"", "none", "off"} else kind(text)
+
+    return convert
+
+
+def add(parser: argparse.ArgumentParser, flag: str, default: Any, kind: Callable[[str], Any] = str, help: str = "", **kw: Any) -> None:
+    """A flag whose default is read from its DRIFTSYNC_* variable, and says so in --help."""
+    env = env_name(flag)
+    if env in os.environ:
+        default = kind(os.environ[env])
+    parser.add_argument(flag, type=kind, default=default, help=f"{help} [env {env}; default {default}]", **kw)

@@ -1,0 +1,275 @@
+"""The HTTP front: validates, authenticates, enqueues and serves versions. It never trains."""
+from __future__ import annotations
+
+import logging
+import time
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+import numpy as np
+from fastapi import Depends, FastAPI, Header, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from server.engine import CemaEngine
+from server.export import StudentArtifact, sha256_hex
+from server.metrics import Registry
+from server.queueing import InProcessQueue, UploadJob, UploadQueue
+from server.store import DeviceRecord, Store
+from server.worker import AdaptationWorker, VersionBoard
+from shared.codec import MSGPACK_MEDIA_TYPE, CodecError, decode, pack
+from shared.images import ImageDecodeError, decode_image
+from shared.protocol import (
+    MAX_BODY_BYTES,
+    PROTOCOL_VERSION,
+    Delta,
+    ErrorBody,
+    ModelDescriptor,
+    RegisterRequest,
+    RegisterResponse,
+    UploadAck,
+    UploadBatch,
+)
+
+log = logging.getLogger("driftsync.server")
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, error: str, detail: str, headers: dict[str, str] | None = None) -> None:
+        super().__init__(detail)
+        self.status, self.error, self.detail, self.headers = status, error, detail, headers
+
+
+@dataclass
+class ServerSettings:
+    max_body_bytes: int = MAX_BODY_BYTES
+    max_wait_s: float = 30.0
+    enrolment_token: str | None = None
+    queue_retry_after_s: int = 1
+
+
+@dataclass
+class ServerParts:
+    """Everything the routes need; built by server.main, or by a test."""
+
+    settings: ServerSettings
+    store: Store
+    uploads: UploadQueue
+    board: VersionBoard
+    worker: AdaptationWorker
+    artifact: StudentArtifact
+    descriptor: ModelDescriptor
+    metrics: Registry
+
+
+def build_parts(
+    engine: CemaEngine,
+    artifact: StudentArtifact,
+    model_name: str,
+    class_names: list[str],
+    input_shape: tuple[int, int, int],
+    store: Store,
+    settings: ServerSettings,
+    *,
+    queue_max_jobs: int = 256,
+    step_max_wait_s: float = 2.0,
+) -> ServerParts:
+    uploads = InProcessQueue(queue_max_jobs)
+    board = VersionBoard()
+    for device in store.devices():
+        latest = store.latest_version(device.cohort)
+        if latest is not None:
+            board.publish(device.cohort, latest.version)
+    metrics = Registry()
+    step_hist = metrics.histogram(
+        "driftsync_adaptation_step_seconds", "Wall time of one adaptation step.",
+        (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0),
+    )
+    steps = metrics.counter("driftsync_adaptation_steps_total", "Adaptation steps run.")
+
+    def on_step(samples: int, seconds: float) -> None:
+        step_hist.observe(seconds)
+        steps.inc()
+
+    worker = AdaptationWorker(engine, uploads, store, board, max_wait_s=step_max_wait_s, on_step=on_step)
+    descriptor = ModelDescriptor(
+        name=model_name,
+        num_classes=len(class_names),
+        class_names=class_names,
+        input_shape=input_shape,
+        onnx_sha256=sha256_hex(artifact.onnx),
+        onnx_bytes=len(artifact.onnx),
+        norm_sha256=sha256_hex(artifact.norm),
+        parameters=artifact.parameters,
+    )
+    metrics.gauge("driftsync_upload_queue_jobs", "Upload batches waiting for the worker.", uploads.depth)
+    metrics.gauge("driftsync_pending_samples", "Samples waiting to fill a step.", worker.pending_samples)
+    metrics.gauge("driftsync_devices", "Registered devices.", lambda: len(store.devices()))
+    return ServerParts(settings, store, uploads, board, worker, artifact, descriptor, metrics)
+
+
+def _error(status: int, error: str, detail: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse(ErrorBody(error=error, detail=detail).model_dump(), status_code=status, headers=headers)
+
+
+def create_app(parts: ServerParts) -> FastAPI:
+    m = parts.metrics
+    uploads_total = m.counter("driftsync_upload_samples_total", "Samples accepted for adaptation.")
+    upload_bytes = m.counter("driftsync_upload_bytes_total", "Bytes of accepted upload bodies.")
+    refused = m.counter("driftsync_requests_refused_total", "Requests refused, by reason.")
+    auth_failures = m.counter("driftsync_auth_failures_total", "Requests with a missing or wrong token.")
+    deltas_served = m.counter("driftsync_deltas_served_total", "Deltas sent to devices.")
+    delta_bytes = m.counter("driftsync_delta_bytes_total", "Bytes of deltas sent to devices.")
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        parts.worker.start()
+        try:
+            yield
+        finally:
+            parts.worker.stop()
+            parts.store.close()
+
+    app = FastAPI(
+        title="driftsync",
+        version=str(PROTOCOL_VERSION),
+        description="Cloud side of driftsync: uploads in, versioned normalization deltas out.",
+        lifespan=lifespan,
+    )
+    app.state.parts = parts
+
+    @app.exception_handler(ApiError)
+    async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
+        refused.inc(reason=exc.error)
+        return _error(exc.status, exc.error, exc.detail, exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        refused.inc(reason="invalid_request")
+        return _error(422, "invalid_request", str(exc.errors()))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return _error(exc.status_code, "http_error", str(exc.detail))
+
+    def device_from_token(authorization: str | None = Header(default=None)) -> DeviceRecord:
+        if not authorization or not authorization.startswith("Bearer "):
+            auth_failures.inc()
+            raise ApiError(401, "unauthorized", "missing bearer token", {"WWW-Authenticate": "Bearer"})
+        device = parts.store.device_for_token(authorization.removeprefix("Bearer ").strip())
+        if device is None:
+            auth_failures.inc()
+            raise ApiError(401, "unauthorized", "unknown device token", {"WWW-Authenticate": "Bearer"})
+        return device
+
+    async def read_body(request: Request) -> bytes:
+        limit = parts.settings.max_body_bytes
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            raise ApiError(413, "body_too_large", f"body of {declared} bytes exceeds {limit}")
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise ApiError(413, "body_too_large", f"body exceeds {limit} bytes")
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    @app.get("/healthz")
+    def healthz() -> dict:
+        return {"status": "ok", "protocol_version": PROTOCOL_VERSION, "model": parts.descriptor.name}
+
+    @app.get("/metrics", response_class=Response)
+    def metrics() -> Response:
+        return Response(m.render(), media_type="text/plain; version=0.0.4")
+
+    @app.post("/v1/devices", response_model=RegisterResponse, status_code=201)
+    def register(body: RegisterRequest) -> RegisterResponse:
+        if body.protocol_version != PROTOCOL_VERSION:
+            raise ApiError(400, "protocol_mismatch", f"server speaks protocol {PROTOCOL_VERSION}")
+        expected = parts.settings.enrolment_token
+        if expected is not None and body.enrolment_token != expected:
+            auth_failures.inc()
+            raise ApiError(401, "unauthorized", "wrong enrolment token")
+        record, token = parts.store.add_device(body.device_name, body.cohort)
+        return RegisterResponse(
+            device_id=record.device_id,
+            token=token,
+            cohort=record.cohort,
+            version=parts.board.latest(record.cohort),
+            model=parts.descriptor,
+        )
+
+    @app.get("/v1/model", response_model=ModelDescriptor)
+    def model_descriptor(device: DeviceRecord = Depends(device_from_token)) -> ModelDescriptor:
+        return parts.descriptor
+
+    @app.get("/v1/model/{part}", response_class=Response)
+    def model_file(part: str, device: DeviceRecord = Depends(device_from_token)) -> Response:
+        files = {"student.onnx": parts.artifact.onnx, "student.norm.bin": parts.artifact.norm}
+        if part not in files:
+            raise ApiError(404, "not_found", f"model part {part!r} does not exist; use one of {sorted(files)}")
+        data = files[part]
+        return Response(data, media_type="application/octet-stream", headers={"X-Content-SHA256": sha256_hex(data)})
+
+    @app.post("/v1/uploads", response_model=UploadAck, status_code=202)
+    async def upload(request: Request, device: DeviceRecord = Depends(device_from_token)) -> UploadAck:
+        body = await read_body(request)
+        try:
+            batch = decode(body, UploadBatch, max_bytes=parts.settings.max_body_bytes)
+        except CodecError as exc:
+            raise ApiError(400, "bad_msgpack", str(exc)) from exc
+        height, width = parts.descriptor.input_shape[1:]
+        try:
+            images = await run_in_threadpool(
+                lambda: np.stack([decode_image(b, batch.codec, (height, width)) for b in batch.images])
+            )
+        except ImageDecodeError as exc:
+            raise ApiError(400, "bad_image", str(exc)) from exc
+        captured = np.asarray(batch.captured_at, dtype=np.float64)
+        if not np.isfinite(captured).all():
+            raise ApiError(400, "bad_timestamp", "captured_at contains NaN or Inf")
+        job = UploadJob(device.cohort, device.device_id, images, captured, time.time())
+        if not parts.uploads.offer(job):
+            retry = str(parts.settings.queue_retry_after_s)
+            raise ApiError(429, "queue_full", "adaptation queue is full; retry later", {"Retry-After": retry})
+        uploads_total.inc(len(images))
+        upload_bytes.inc(len(body))
+        return UploadAck(accepted=len(images), queue_depth=parts.uploads.depth())
+
+    @app.get(
+        "/v1/deltas",
+        response_class=Response,
+        responses={200: {"content": {MSGPACK_MEDIA_TYPE: {}}}, 204: {"description": "no newer version"}},
+    )
+    async def deltas(
+        since: int = Query(ge=0),
+        wait: float = Query(default=0.0, ge=0.0, le=120.0),
+        device: DeviceRecord = Depends(device_from_token),
+    ) -> Response:
+        latest = parts.board.latest(device.cohort)
+        if since > latest:
+            raise ApiError(409, "version_ahead", f"device is at v{since} but the server's latest is v{latest}")
+        if latest <= since and wait > 0:
+            latest = await parts.board.wait_newer(device.cohort, since, min(wait, parts.settings.max_wait_s))
+        if latest <= since:
+            return Response(status_code=204)
+        record = await run_in_threadpool(parts.store.latest_version, device.cohort)
+        delta = Delta(
+            cohort=record.cohort,
+            base_version=since,
+            new_version=record.version,
+            created_at=record.created_at,
+            newest_upload_at=record.newest_upload_at,
+            params=record.params,
+            sha256=record.sha256,
+        )
+        data = pack(delta)
+        deltas_served.inc()
+        delta_bytes.inc(len(data))
+        return Response(data, media_type=MSGPACK_MEDIA_TYPE)
+
+    return app
+

@@ -1,0 +1,201 @@
+"""CEMA's cloud side: the teacher adapts, then distils into the student's norm layers.
+
+Pure torch, no I/O: a step takes uint8 images and a cohort's state, and returns
+the student's new normalization tensors. Chen et al., ICLR 2024; the weights,
+learning rates and replay sizes default to the paper's (see RESEARCH.md).
+"""
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from server.norm import freeze_all_but_affine, load_norm_state, norm_layers, norm_state
+
+
+@dataclass(frozen=True)
+class CemaConfig:
+    num_classes: int
+    e_max_factor: float = 0.4
+    weight_entropy: float = 3.0
+    weight_kl: float = 3.0
+    weight_ce: float = 1.0
+    temperature: float = 1.0
+    student_lr: float = 2.5e-3
+    teacher_lr: float = 2.5e-4
+    momentum: float = 0.9
+    adapt_teacher: bool = True
+    teacher_flip_average: bool = True
+    new_per_step: int = 32
+    replay_per_step: int = 96
+    replay_capacity: int = 10_000
+    replay_min: int = 256
+    stats_momentum: float = 0.3
+
+    @property
+    def e_max(self) -> float:
+        return self.e_max_factor * math.log(self.num_classes)
+
+
+def entropy(logits: torch.Tensor) -> torch.Tensor:
+    log_p = logits.log_softmax(dim=1)
+    return -(log_p.exp() * log_p).sum(dim=1)
+
+
+def reliability_weight(ent: torch.Tensor, e_max: float) -> torch.Tensor:
+    """exp(E_max - H): confident samples count more; no gradient flows through it."""
+    return torch.exp(e_max - ent.detach())
+
+
+def teacher_loss(teacher_logits: torch.Tensor, e_max: float) -> torch.Tensor:
+    ent = entropy(teacher_logits)
+    return (reliability_weight(ent, e_max) * ent).mean()
+
+
+def distillation_loss(
+    student_logits: torch.Tensor, teacher_probs: torch.Tensor, cfg: CemaConfig
+) -> torch.Tensor:
+    """3·entropy + 3·KL(teacher‖student) + 1·CE(teacher argmax), CEMA's weights."""
+    t = cfg.temperature
+    student_ent = entropy(student_logits)
+    loss_ent = (reliability_weight(student_ent, cfg.e_max) * student_ent).mean()
+    teacher_probs = teacher_probs.clamp_min(1e-8)
+    teacher_ent = -(teacher_probs * teacher_probs.log()).sum(dim=1)
+    w_teacher = reliability_weight(teacher_ent, cfg.e_max)
+    log_ps = (student_logits / t).log_softmax(dim=1)
+    kl = (teacher_probs * (teacher_probs.log() - log_ps)).sum(dim=1) * t * t
+    ce = F.cross_entropy(student_logits, teacher_probs.argmax(dim=1), reduction="none")
+    return (
+        cfg.weight_entropy * loss_ent
+        + cfg.weight_kl * (w_teacher * kl).mean()
+        + cfg.weight_ce * (w_teacher * ce).mean()
+    )
+
+
+class ReplayBuffer:
+    """FIFO of uploads with the teacher's soft labels, kept as uint8 to bound memory."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self.images: np.ndarray | None = None
+        self.probs: np.ndarray | None = None
+        self._next = 0
+        self.size = 0
+
+    def add(self, images: np.ndarray, probs: np.ndarray) -> None:
+        if self.images is None:
+            self.images = np.zeros((self.capacity, *images.shape[1:]), dtype=np.uint8)
+            self.probs = np.zeros((self.capacity, probs.shape[1]), dtype=np.float32)
+        for image, prob in zip(images, probs):
+            self.images[self._next] = image
+            self.probs[self._next] = prob
+            self._next = (self._next + 1) % self.capacity
+            self.size = min(self.size + 1, self.capacity)
+
+    def sample(self, count: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+        idx = rng.integers(0, self.size, size=count)
+        return self.images[idx], self.probs[idx]
+
+
+@dataclass
+class CohortState:
+    """Everything that makes one cohort's adaptation differ from another's."""
+
+    student_norm: dict[str, np.ndarray]
+    teacher_norm: dict[str, np.ndarray]
+    student_opt: dict = field(default_factory=dict)
+    teacher_opt: dict = field(default_factory=dict)
+    replay: ReplayBuffer | None = None
+    steps: int = 0
+
+
+def to_input(images: np.ndarray) -> torch.Tensor:
+    """uint8 NHWC -> float NCHW in [0, 1], the models' input contract."""
+    return torch.from_numpy(images).permute(0, 3, 1, 2).float().div_(255.0)
+
+
+def _set_norm_mode(model: nn.Module, train: bool, momentum: float | None = None) -> None:
+    model.eval()
+    for layer in norm_layers(model).values():
+        layer.train(train)
+        if momentum is not None:
+            layer.momentum = momentum
+
+
+class CemaEngine:
+    """One student and one teacher module shared by every cohort; states are swapped in."""
+
+    def __init__(self, student: nn.Module, teacher: nn.Module, cfg: CemaConfig, seed: int = 0) -> None:
+        self.cfg = cfg
+        self.student = copy.deepcopy(student)
+        self.teacher = copy.deepcopy(teacher)
+        self._student_params = freeze_all_but_affine(self.student)
+        self._teacher_params = freeze_all_but_affine(self.teacher)
+        self._source_student = norm_state(self.student)
+        self._source_teacher = norm_state(self.teacher)
+        self._rng = np.random.default_rng(seed)
+
+    def new_state(self) -> CohortState:
+        return CohortState(
+            student_norm={k: v.copy() for k, v in self._source_student.items()},
+            teacher_norm={k: v.copy() for k, v in self._source_teacher.items()},
+            replay=ReplayBuffer(self.cfg.replay_capacity),
+        )
+
+    def teacher_probs(self, images: np.ndarray, state: CohortState) -> torch.Tensor:
+        """The teacher's soft labels under test-batch statistics; adapts it if configured."""
+        cfg = self.cfg
+        load_norm_state(self.teacher, state.teacher_norm)
+        _set_norm_mode(self.teacher, train=True, momentum=0.1)
+        x = to_input(images)
+        with torch.set_grad_enabled(cfg.adapt_teacher):
+            logits = self.teacher(x)
+            if cfg.adapt_teacher:
+                opt = torch.optim.SGD(self._teacher_params, lr=cfg.teacher_lr, momentum=cfg.momentum)
+                if state.teacher_opt:
+                    opt.load_state_dict(state.teacher_opt)
+                opt.zero_grad(set_to_none=True)
+                teacher_loss(logits, cfg.e_max).backward()
+                opt.step()
+                state.teacher_opt = opt.state_dict()
+        with torch.no_grad():
+            probs = logits.detach().softmax(dim=1)
+            if cfg.teacher_flip_average:
+                _set_norm_mode(self.teacher, train=True, momentum=0.0)
+                probs = 0.5 * (probs + self.teacher(x.flip(dims=[3])).softmax(dim=1))
+        state.teacher_norm = norm_state(self.teacher)
+        return probs
+
+    def step(self, images: np.ndarray, state: CohortState) -> dict[str, np.ndarray]:
+        """One adaptation step on new uploads; returns the student's new norm tensors."""
+        cfg = self.cfg
+        probs_new = self.teacher_probs(images, state)
+        replay = state.replay
+        if replay.size >= cfg.replay_min and cfg.replay_per_step > 0:
+            old_images, old_probs = replay.sample(cfg.replay_per_step, self._rng)
+            batch_images = np.concatenate([images, old_images])
+            batch_probs = torch.cat([probs_new, torch.from_numpy(old_probs)])
+        else:
+            batch_images, batch_probs = images, probs_new
+        replay.add(images, probs_new.numpy())
+
+        load_norm_state(self.student, state.student_norm)
+        with torch.no_grad():  # re-estimate statistics from the new domain only
+            _set_norm_mode(self.student, train=True, momentum=cfg.stats_momentum)
+            self.student(to_input(images))
+        _set_norm_mode(self.student, train=False)
+        opt = torch.optim.SGD(self._student_params, lr=cfg.student_lr, momentum=cfg.momentum)
+        if state.student_opt:
+            opt.load_state_dict(state.student_opt)
+        opt.zero_grad(set_to_none=True)
+        distillation_loss(self.student(to_input(batch_images)), batch_probs, cfg).backward()
+        opt.step()
+        state.student_opt = opt.state_dict()
+        state.student_norm = norm_state(self.student)
+        state.steps += 1
+        return state.student_norm

@@ -1,0 +1,146 @@
+"""Export the student to ONNX with its normalization tensors as named initializers.
+
+torch's exporter deduplicates identical initializers (every fresh BatchNorm has
+ones and zeros) and, in eval mode, may fold BN into Conv. Either would make a
+delta unappliable, so the BN inputs are rewritten to canonical, unique names.
+onnxruntime still fuses Conv+BN at session creation because they stay constant
+initializers. They are stored as ONNX external data in a side file, which is
+what lets a device override them before fusion
+(SessionOptions.add_external_initializers refuses embedded initializers).
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import warnings
+
+import numpy as np
+import onnx
+import torch
+from dataclasses import dataclass
+
+from onnx import numpy_helper
+from onnx.external_data_helper import set_external_data
+from torch import nn
+
+from server.norm import NORM_FIELDS, norm_layers
+
+INPUT_NAME = "input"
+OUTPUT_NAME = "logits"
+OPSET = 17
+NORM_FILE = "student.norm.bin"
+
+
+@dataclass(frozen=True)
+class StudentArtifact:
+    """The ONNX graph and its normalization tensors, concatenated in `parameters` order."""
+
+    onnx: bytes
+    norm: bytes
+    parameters: dict[str, tuple[int, ...]]
+
+
+def export_student(model: nn.Module, input_shape: tuple[int, int, int]) -> StudentArtifact:
+    graph_model = onnx.load_from_string(export_onnx(model, input_shape))
+    names = [f"{layer}.{field}" for layer in norm_layers(model) for field in NORM_FIELDS]
+    by_name = {t.name: t for t in graph_model.graph.initializer}
+    chunks: list[bytes] = []
+    parameters: dict[str, tuple[int, ...]] = {}
+    offset = 0
+    for name in names:
+        tensor = by_name[name]
+        raw = numpy_helper.to_array(tensor).astype("<f4").tobytes()
+        set_external_data(tensor, location=NORM_FILE, offset=offset, length=len(raw))
+        tensor.ClearField("raw_data")
+        tensor.ClearField("float_data")
+        tensor.data_location = onnx.TensorProto.EXTERNAL
+        chunks.append(raw)
+        parameters[name] = tuple(int(d) for d in tensor.dims)
+        offset += len(raw)
+    return StudentArtifact(graph_model.SerializeToString(), b"".join(chunks), parameters)
+
+
+def _scope_of(node_name: str) -> str:
+    """Module path of an exported node: '/net/net.1/net.1.0/bn1/BatchNormalization' -> 'net.1.0.bn1'.
+
+    Container children appear as 'parent.index', repeating their parent's segment.
+    """
+    segments: list[str] = []
+    for part in node_name.split("/")[1:-1]:
+        if segments and part.startswith(segments[-1] + "."):
+            segments[-1] = part
+        else:
+            segments.append(part)
+    return ".".join(segments)
+
+
+def export_onnx(model: nn.Module, input_shape: tuple[int, int, int]) -> bytes:
+    model = model.eval()
+    dummy = torch.zeros(1, *input_shape)
+    buf = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            model,
+            (dummy,),
+            buf,
+            dynamo=False,
+            opset_version=OPSET,
+            input_names=[INPUT_NAME],
+            output_names=[OUTPUT_NAME],
+            dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
+            do_constant_folding=False,
+            training=torch.onnx.TrainingMode.EVAL,
+        )
+    graph_model = onnx.load_from_string(buf.getvalue())
+    _canonicalise_norm_inputs(graph_model, model)
+    onnx.checker.check_model(graph_model)
+    return graph_model.SerializeToString()
+
+
+def _canonicalise_norm_inputs(graph_model: onnx.ModelProto, model: nn.Module) -> None:
+    graph = graph_model.graph
+    layers = norm_layers(model)
+    seen: set[str] = set()
+    replacements: list[onnx.TensorProto] = []
+    for node in graph.node:
+        if node.op_type != "BatchNormalization":
+            continue
+        scope = _scope_of(node.name)
+        if scope not in layers:
+            raise RuntimeError(f"cannot map ONNX node {node.name!r} to a BatchNorm module")
+        layer = layers[scope]
+        for slot, field in enumerate(NORM_FIELDS, start=1):
+            name = f"{scope}.{field}"
+            value = getattr(layer, field).detach().cpu().numpy().astype(np.float32)
+            replacements.append(numpy_helper.from_array(value, name))
+            node.input[slot] = name
+        seen.add(scope)
+    missing = set(layers) - seen
+    if missing:
+        raise RuntimeError(f"BatchNorm modules missing from the ONNX graph: {sorted(missing)}")
+    replaced = {t.name for t in replacements}
+    for init in [i for i in graph.initializer if i.name in replaced]:
+        graph.initializer.remove(init)
+    for producer in [n for n in graph.node if replaced.intersection(n.output)]:
+        graph.node.remove(producer)
+    graph.initializer.extend(replacements)
+    _prune_unused(graph)
+
+
+def _prune_unused(graph: onnx.GraphProto) -> None:
+    """Drop Identity nodes and initializers that no longer feed anything."""
+    while True:
+        used = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
+        dead = [n for n in graph.node if not any(o in used for o in n.output)]
+        if not dead:
+            break
+        for n in dead:
+            graph.node.remove(n)
+    used = {i for n in graph.node for i in n.input}
+    for init in [i for i in graph.initializer if i.name not in used]:
+        graph.initializer.remove(init)
+
+
+def sha256_hex(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()

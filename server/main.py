@@ -1,0 +1,61 @@
+"""Assemble a server from options: models, export, store, worker, app."""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from fastapi import FastAPI
+
+from server.app import ServerSettings, build_parts, create_app
+from server.engine import CemaConfig, CemaEngine
+from server.export import export_student
+from server.models.registry import build_model, model_info
+from server.store import SqliteStore
+
+log = logging.getLogger("driftsync.server")
+
+
+@dataclass(frozen=True)
+class ServeOptions:
+    state_dir: Path
+    student: str = "embedded-student"
+    teacher: str = "embedded-teacher"
+    enrolment_token: str | None = None
+    max_body_bytes: int = 8 * 1024 * 1024
+    queue_max_jobs: int = 256
+    new_per_step: int = 32
+    replay_per_step: int = 96
+    stats_momentum: float = 0.3
+    adapt_teacher: bool = True
+    step_max_wait_s: float = 2.0
+    torch_threads: int = 0
+    seed: int = 0
+
+
+def build_app(opts: ServeOptions) -> FastAPI:
+    if opts.torch_threads:
+        torch.set_num_threads(opts.torch_threads)
+    torch.manual_seed(opts.seed)
+    opts.state_dir.mkdir(parents=True, exist_ok=True)
+    student = build_model(opts.student)
+    teacher = build_model(opts.teacher)
+    info = model_info(opts.student)
+    artifact = export_student(student, info.input_shape)
+    cfg = CemaConfig(
+        num_classes=info.num_classes,
+        adapt_teacher=opts.adapt_teacher,
+        new_per_step=opts.new_per_step,
+        replay_per_step=opts.replay_per_step,
+        stats_momentum=opts.stats_momentum,
+    )
+    engine = CemaEngine(student, teacher, cfg, seed=opts.seed)
+    store = SqliteStore(opts.state_dir / "driftsync.sqlite")
+    settings = ServerSettings(max_body_bytes=opts.max_body_bytes, enrolment_token=opts.enrolment_token)
+    parts = build_parts(
+        engine, artifact, opts.student, list(info.class_names), info.input_shape, store, settings,
+        queue_max_jobs=opts.queue_max_jobs, step_max_wait_s=opts.step_max_wait_s,
+    )
+    log.info("student %s (%d norm tensors), teacher %s", opts.student, len(artifact.parameters), opts.teacher)
+    return create_app(parts)

@@ -1,0 +1,60 @@
+"""The student's replaceable tensors: normalization affine parameters and statistics.
+
+These names are the contract between the server's torch model, the ONNX graph
+and every delta: `<module path>.{weight,bias,running_mean,running_var}`.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+NORM_FIELDS = ("weight", "bias", "running_mean", "running_var")
+
+
+def norm_layers(model: nn.Module) -> dict[str, nn.modules.batchnorm._BatchNorm]:
+    return {
+        name: module
+        for name, module in model.named_modules()
+        if isinstance(module, nn.modules.batchnorm._BatchNorm)
+    }
+
+
+def affine_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """Only these receive gradients during adaptation."""
+    params: list[nn.Parameter] = []
+    for layer in norm_layers(model).values():
+        params += [p for p in (layer.weight, layer.bias) if p is not None]
+    return params
+
+
+def norm_state(model: nn.Module) -> dict[str, np.ndarray]:
+    state: dict[str, np.ndarray] = {}
+    for name, layer in norm_layers(model).items():
+        for field in NORM_FIELDS:
+            value = getattr(layer, field)
+            if value is not None:
+                state[f"{name}.{field}"] = value.detach().cpu().numpy().astype(np.float32, copy=True)
+    return state
+
+
+def norm_shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:
+    return {name: tuple(v.shape) for name, v in norm_state(model).items()}
+
+
+@torch.no_grad()
+def load_norm_state(model: nn.Module, state: dict[str, np.ndarray | torch.Tensor]) -> None:
+    layers = norm_layers(model)
+    for key, value in state.items():
+        layer_name, field = key.rsplit(".", 1)
+        target = getattr(layers[layer_name], field)
+        target.copy_(torch.as_tensor(np.asarray(value)) if not isinstance(value, torch.Tensor) else value)
+
+
+def freeze_all_but_affine(model: nn.Module) -> list[nn.Parameter]:
+    for p in model.parameters():
+        p.requires_grad_(False)
+    params = affine_parameters(model)
+    for p in params:
+        p.requires_grad_(True)
+    return params

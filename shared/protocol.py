@@ -1,0 +1,122 @@
+"""Pydantic models for every message that crosses the wire.
+
+JSON is used for control messages (registration, errors); msgpack for the
+bulky ones (uploads, deltas). Both are validated by the same models.
+"""
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from shared.tensors import Tensor, tensors_digest
+
+PROTOCOL_VERSION = 1
+
+MAX_BODY_BYTES = 8 * 1024 * 1024
+MAX_SAMPLES_PER_UPLOAD = 256
+MAX_IMAGE_BYTES = 256 * 1024
+MAX_NAME_LENGTH = 128
+
+ImageCodec = Literal["png", "jpeg", "webp", "raw"]
+Name = Field(min_length=1, max_length=MAX_NAME_LENGTH, pattern=r"^[A-Za-z0-9_.:\-]+$")
+
+
+class _Message(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ErrorBody(_Message):
+    """Every 4xx/5xx body: a machine-readable code and a human message."""
+
+    error: str
+    detail: str
+
+
+class ModelDescriptor(_Message):
+    """What a device needs to run the student and to check what it downloaded."""
+
+    name: str
+    num_classes: int
+    class_names: list[str]
+    input_shape: tuple[int, int, int]
+    onnx_sha256: str
+    onnx_bytes: int
+    norm_sha256: str
+    parameters: dict[str, tuple[int, ...]] = Field(
+        description="The replaceable tensors of the graph: the only names a delta may carry."
+    )
+
+
+class RegisterRequest(_Message):
+    protocol_version: int = PROTOCOL_VERSION
+    device_name: str = Name
+    cohort: str | None = Name
+    enrolment_token: str | None = None
+
+
+class RegisterResponse(_Message):
+    protocol_version: int = PROTOCOL_VERSION
+    device_id: str
+    token: str
+    cohort: str
+    version: int
+    model: ModelDescriptor
+
+
+class UploadBatch(_Message):
+    """Selected samples, compressed. captured_at lets the server measure freshness."""
+
+    protocol_version: int = PROTOCOL_VERSION
+    device_version: int = Field(ge=0, description="Parameter version the device predicted with.")
+    codec: ImageCodec
+    images: list[bytes] = Field(min_length=1, max_length=MAX_SAMPLES_PER_UPLOAD)
+    entropy: list[float]
+    captured_at: list[float]
+
+    @model_validator(mode="after")
+    def _check_lengths(self) -> "UploadBatch":
+        n = len(self.images)
+        if len(self.entropy) != n or len(self.captured_at) != n:
+            raise ValueError("images, entropy and captured_at must have the same length")
+        if any(len(b) > MAX_IMAGE_BYTES for b in self.images):
+            raise ValueError(f"an image exceeds {MAX_IMAGE_BYTES} bytes")
+        if any(not (e == e and abs(e) != float("inf")) for e in self.entropy):
+            raise ValueError("entropy contains NaN or Inf")
+        return self
+
+
+class UploadAck(_Message):
+    accepted: int
+    queue_depth: int
+
+
+class Delta(_Message):
+    """A versioned parameter update: full values of the replaceable tensors.
+
+    Carrying values rather than differences makes a delta idempotent and lets
+    a device skip intermediate versions; sha256 guards the payload end to end.
+    """
+
+    protocol_version: int = PROTOCOL_VERSION
+    cohort: str
+    base_version: int = Field(ge=0)
+    new_version: int = Field(ge=1)
+    created_at: float
+    newest_upload_at: float = Field(description="captured_at of the newest sample this version has learnt from")
+    params: dict[str, Tensor]
+    sha256: str
+
+    @model_validator(mode="after")
+    def _check_versions(self) -> "Delta":
+        if self.new_version <= self.base_version:
+            raise ValueError("new_version must be greater than base_version")
+        return self
+
+    def payload_ok(self) -> bool:
+        return tensors_digest(self.params) == self.sha256
+
+    def to_wire(self) -> dict:
+        body = self.model_dump(exclude={"params"})
+        body["params"] = {k: v.to_wire() for k, v in self.params.items()}
+        return body

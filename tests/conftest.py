@@ -1,0 +1,81 @@
+"""Shared fixtures: small real models, a real uvicorn server on a free port."""
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def serve_in_thread(app):
+    """A real uvicorn server on loopback; yields its base URL."""
+    import uvicorn
+
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        if time.monotonic() > deadline or not thread.is_alive():
+            raise RuntimeError("uvicorn did not start")
+        time.sleep(0.05)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+
+
+def tiny_pair(seed: int = 0):
+    """A small BN student and a wider teacher, random but fixed: fast enough for every test."""
+    import torch
+    from torch import nn
+
+    def net(width: int) -> nn.Module:
+        return nn.Sequential(
+            nn.Conv2d(3, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU(),
+            nn.Conv2d(width, width, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU(),
+            nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(width, 10),
+        )
+
+    torch.manual_seed(seed)
+    return net(8).eval(), net(24).eval()
+
+
+def build_test_parts(state_dir: Path, **settings_kw):
+    from server.app import ServerSettings, build_parts
+    from server.engine import CemaConfig, CemaEngine
+    from server.export import export_student
+    from server.store import SqliteStore
+
+    state_dir.mkdir(parents=True, exist_ok=True)
+    student, teacher = tiny_pair()
+    engine = CemaEngine(student, teacher, CemaConfig(num_classes=10, new_per_step=8, replay_per_step=8, replay_min=8))
+    artifact = export_student(student, (3, 32, 32))
+    return build_parts(
+        engine, artifact, "tiny", [f"c{i}" for i in range(10)], (3, 32, 32),
+        SqliteStore(state_dir / "state.sqlite"), ServerSettings(**settings_kw), step_max_wait_s=0.2,
+    )
+
+
+@pytest.fixture
+def tiny_server(tmp_path):
+    from server.app import create_app
+
+    parts = build_test_parts(tmp_path / "server", max_body_bytes=256 * 1024)
+    with serve_in_thread(create_app(parts)) as url:
+        yield url, parts

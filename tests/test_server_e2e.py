@@ -1,0 +1,160 @@
+"""The loop over real HTTP: register, upload, adapt, deltas back; and every refusal path."""
+from __future__ import annotations
+
+import time
+
+import httpx
+import msgpack
+import numpy as np
+import pytest
+
+from device_client.client import DeviceClient, DeviceConfig
+from shared.codec import pack
+from shared.images import encode_image
+from shared.protocol import Delta, RegisterRequest, UploadBatch
+from shared.tensors import Tensor, tensors_digest
+
+
+def _images(n: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, size=(n, 32, 32, 3), dtype=np.uint8)
+
+
+def _register(url: str, name: str = "t", cohort: str | None = None) -> dict:
+    r = httpx.post(f"{url}/v1/devices", json=RegisterRequest(device_name=name, cohort=cohort).model_dump())
+    assert r.status_code == 201, r.text
+    return r.json()
+
+
+def _wait_for(predicate, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        time.sleep(0.05)
+
+
+def _device(url: str, tmp_path, **kw) -> DeviceClient:
+    # an E_max above ln(10) keeps every sample: the tiny random student is very uncertain
+    cfg = DeviceConfig(server=url, state_dir=tmp_path / "device", e_max_factor=2.0, dynamic_lambda=None,
+                       upload_batch=8, upload_flush_s=0.1, poll_wait_s=2.0, **kw)
+    return DeviceClient(cfg).start()
+
+
+def test_device_registers_uploads_and_applies_deltas(tiny_server, tmp_path):
+    url, parts = tiny_server
+    device = _device(url, tmp_path)
+    assert device.downloaded_model and device.model.version == 0
+    for i in range(6):
+        out = device.predict(_images(8, seed=i))
+        assert out.labels.shape == (8,) and out.uploaded.all()
+    _wait_for(lambda: device.deltas.applied >= 1)
+    assert device.deltas.applied >= 1 and device.deltas.bytes > 0
+    status = device.status()
+    assert status["uploads"]["sent"] > 0 and status["uploads"]["dropped_failed"] == 0
+    device.stop()
+    metrics = httpx.get(f"{url}/metrics").text
+    assert "driftsync_adaptation_steps_total" in metrics and "driftsync_upload_samples_total" in metrics
+
+
+def test_restarted_device_resumes_at_last_delta_without_download(tiny_server, tmp_path):
+    url, parts = tiny_server
+    first = _device(url, tmp_path)
+    for i in range(4):
+        first.predict(_images(8, seed=10 + i))
+    _wait_for(lambda: first.deltas.applied >= 1)
+    first.stop()
+    applied = first.model.version
+    logits_before, _ = first.model.run(np.zeros((2, 3, 32, 32), np.float32))
+
+    second = _device(url, tmp_path)
+    assert second.identity.device_id == first.identity.device_id
+    assert not second.downloaded_model
+    assert second.model.version >= applied
+    if second.model.version == applied:
+        logits_after, _ = second.model.run(np.zeros((2, 3, 32, 32), np.float32))
+        np.testing.assert_allclose(logits_after, logits_before, atol=1e-6)
+    second.stop()
+
+
+def _auth(token: str) -> dict:
+    return {"Authorization": f"Bearer {token}", "Content-Type": "application/msgpack"}
+
+
+def _assert_json_error(r: httpx.Response, status: int) -> None:
+    assert r.status_code == status, r.text
+    body = r.json()
+    assert set(body) == {"error", "detail"} and body["detail"]
+
+
+def test_bad_requests_get_clear_json_errors_and_server_keeps_serving(tiny_server):
+    url, parts = tiny_server
+    token = _register(url)["token"]
+    good = UploadBatch(device_version=0, codec="png", images=[encode_image(_images(1)[0], "png")],
+                       entropy=[0.5], captured_at=[time.time()])
+
+    _assert_json_error(httpx.post(f"{url}/v1/uploads", content=b"\xc1\xff\x00garbage", headers=_auth(token)), 400)
+    _assert_json_error(httpx.post(f"{url}/v1/uploads", content=b"\x00" * (300 * 1024), headers=_auth(token)), 413)
+    _assert_json_error(httpx.post(f"{url}/v1/uploads", content=pack(good), headers=_auth("wrong-token")), 401)
+    _assert_json_error(httpx.post(f"{url}/v1/uploads", content=pack(good)), 401)
+    ext = msgpack.packb({"images": msgpack.ExtType(42, b"x")}, use_bin_type=True)
+    _assert_json_error(httpx.post(f"{url}/v1/uploads", content=ext, headers=_auth(token)), 400)
+    not_png = good.model_copy(update={"images": [b"definitely not a png"]})
+    _assert_json_error(httpx.post(f"{url}/v1/uploads", content=pack(not_png), headers=_auth(token)), 400)
+    wrong_size = good.model_copy(update={"images": [encode_image(np.zeros((16, 16, 3), np.uint8), "png")]})
+    _assert_json_error(httpx.post(f"{url}/v1/uploads", content=pack(wrong_size), headers=_auth(token)), 400)
+    body = good.model_dump()
+    body["entropy"] = [float("nan")]
+    _assert_json_error(httpx.post(f"{url}/v1/uploads", content=pack(body), headers=_auth(token)), 400)
+    _assert_json_error(httpx.get(f"{url}/v1/deltas", params={"since": -1}, headers=_auth(token)), 422)
+    _assert_json_error(httpx.get(f"{url}/v1/deltas", params={"since": 99}, headers=_auth(token)), 409)
+
+    r = httpx.post(f"{url}/v1/uploads", content=pack(good), headers=_auth(token))
+    assert r.status_code == 202 and r.json()["accepted"] == 1
+    assert httpx.get(f"{url}/healthz").json()["status"] == "ok"
+    assert httpx.get(f"{url}/v1/deltas", params={"since": 0}, headers=_auth(token)).status_code == 204
+    assert "/v1/uploads" in httpx.get(f"{url}/openapi.json").json()["paths"]
+    assert 'driftsync_auth_failures_total 2.0' in httpx.get(f"{url}/metrics").text
+
+
+def _forged_delta(device: DeviceClient, new_version: int, scale: float = 1.0) -> Delta:
+    params = {k: Tensor.from_numpy(v * scale) for k, v in device.source_params.items()}
+    return Delta(cohort=device.identity.cohort, base_version=0, new_version=new_version, created_at=time.time(),
+                 newest_upload_at=time.time(), params=params, sha256=tensors_digest(params))
+
+
+def test_device_refuses_stale_tampered_and_malformed_deltas(tiny_server, tmp_path):
+    url, _ = tiny_server
+    device = _device(url, tmp_path)
+    assert device.apply_delta(_forged_delta(device, 5))
+    assert device.model.version == 5
+
+    assert not device.apply_delta(_forged_delta(device, 5))  # not newer
+    assert not device.apply_delta(_forged_delta(device, 3))  # rollback
+    tampered = _forged_delta(device, 9)
+    name = next(iter(tampered.params))
+    bad = tampered.params[name].to_numpy() + 1.0
+    tampered = tampered.model_copy(update={"params": tampered.params | {name: Tensor.from_numpy(bad)}})
+    assert not device.apply_delta(tampered)
+    extra = _forged_delta(device, 10)
+    extra_params = extra.params | {"evil.weight": Tensor.from_numpy(np.ones(3, np.float32))}
+    assert not device.apply_delta(extra.model_copy(update={"params": extra_params, "sha256": tensors_digest(extra_params)}))
+    nan_params = {k: Tensor.from_numpy(np.full(v.shape, np.nan, np.float32)) for k, v in device.source_params.items()}
+    assert not device.apply_delta(_forged_delta(device, 11).model_copy(update={"params": nan_params, "sha256": tensors_digest(nan_params)}))
+
+    assert device.model.version == 5
+    assert device.deltas.refused == {"stale": 2, "hash_mismatch": 1, "unexpected_tensors": 1, "non_finite": 1}
+    device.stop()
+
+
+def test_cohort_members_share_one_state(tiny_server, tmp_path):
+    url, parts = tiny_server
+    a = _register(url, "a", cohort="site-1")
+    b = _register(url, "b", cohort="site-1")
+    c = _register(url, "c")
+    assert a["cohort"] == b["cohort"] == "site-1"
+    assert c["cohort"] not in ("site-1", a["cohort"]) and c["cohort"].startswith("device-")
+    batch = UploadBatch(device_version=0, codec="png", images=[encode_image(x, "png") for x in _images(8)],
+                        entropy=[0.5] * 8, captured_at=[time.time()] * 8)
+    assert httpx.post(f"{url}/v1/uploads", content=pack(batch), headers=_auth(a["token"])).status_code == 202
+    r = httpx.get(f"{url}/v1/deltas", params={"since": 0, "wait": 20}, headers=_auth(b["token"]))
+    assert r.status_code == 200
+    assert httpx.get(f"{url}/v1/deltas", params={"since": 0}, headers=_auth(c["token"])).status_code == 204
