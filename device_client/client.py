@@ -34,7 +34,7 @@ class DeviceConfig:
     name: str = "device"
     cohort: str | None = None
     enrolment_token: str | None = None
-    codec: ImageCodec = "png"
+    codec: ImageCodec = "webp"
     upload_batch: int = 32
     upload_flush_s: float = 0.5
     upload_samples_per_s: float | None = None

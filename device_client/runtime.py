@@ -18,14 +18,14 @@ INPUT_NAME = "input"
 
 def split_norm_file(data: bytes, parameters: dict[str, tuple[int, ...]]) -> dict[str, np.ndarray]:
     """The norm side file is the float32 tensors concatenated in descriptor order."""
+    counts = [int(np.prod(shape)) for shape in parameters.values()]
+    if 4 * sum(counts) != len(data):
+        raise ValueError(f"norm file has {len(data)} bytes, the descriptor accounts for {4 * sum(counts)}")
     out: dict[str, np.ndarray] = {}
     offset = 0
-    for name, shape in parameters.items():
-        count = int(np.prod(shape)) if shape else 1
+    for (name, shape), count in zip(parameters.items(), counts):
         out[name] = np.frombuffer(data, dtype="<f4", count=count, offset=offset).reshape(shape).astype(np.float32)
         offset += count * 4
-    if offset != len(data):
-        raise ValueError(f"norm file has {len(data)} bytes, the descriptor accounts for {offset}")
     return out
 
 

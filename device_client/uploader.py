@@ -40,7 +40,7 @@ class Uploader:
         api: ServerApi,
         budget: UploadBudget,
         *,
-        codec: ImageCodec = "png",
+        codec: ImageCodec = "webp",
         batch_size: int = 32,
         flush_s: float = 0.5,
         max_queue: int = 2048,

@@ -43,7 +43,7 @@ def _device_args(p: argparse.ArgumentParser) -> None:
     add(p, "--batch-size", 16, int, help="frames per inference call")
     add(p, "--fps", 30.0, optional(float), help="replay rate in frames/s ('none': as fast as possible)")
     add(p, "--seed", 0, int, help="corruption seed")
-    add(p, "--codec", "png", help="upload image codec: png, webp, jpeg or raw")
+    add(p, "--codec", "webp", help="upload image codec: webp (lossless), png, jpeg or raw")
     add(p, "--upload-batch", 32, int, help="samples per upload request")
     add(p, "--upload-samples-per-s", None, optional(float), help="uplink budget in samples/s")
     add(p, "--upload-bytes-per-s", None, optional(float), help="uplink budget in bytes/s")

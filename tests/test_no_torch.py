@@ -1,0 +1,33 @@
+"""The device side must run where torch cannot be installed."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+BLOCK_TORCH = "import sys; sys.modules['torch'] = None\n"
+
+
+def _run(code: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", BLOCK_TORCH + code], capture_output=True, text=True, timeout=120)
+
+
+def test_device_package_imports_without_torch():
+    result = _run(
+        "import device_client, device_client.client, device_client.replay, device_client.runtime\n"
+        "import shared.protocol, shared.codec, driftsync.data.streams\n"
+        "assert 'torch' not in [m for m in sys.modules if sys.modules[m] is not None]\n"
+        "print('ok')"
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "ok"
+
+
+def test_device_help_runs_without_torch():
+    result = _run("from driftsync.cli import main\nmain(['device', '--help'])")
+    assert result.returncode == 0, result.stderr
+    assert "--server" in result.stdout and "DRIFTSYNC_SERVER" in result.stdout
+
+
+def test_blocking_really_blocks_torch():
+    result = _run("import torch")
+    assert result.returncode != 0 and "ModuleNotFoundError" in result.stderr or "ImportError" in result.stderr

@@ -1,0 +1,72 @@
+"""The device's onnxruntime output equals the server's torch output, for any norm values."""
+from __future__ import annotations
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+
+from device_client.runtime import SwappableModel, split_norm_file
+from server.export import export_student
+from server.models import embedded
+from server.models.cifar_resnet import cifar_resnet
+from server.models.registry import IMAGENET_MEAN, IMAGENET_STD, InputNormalization
+from server.norm import load_norm_state, norm_state
+
+
+def _random_norm(model: torch.nn.Module, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    out = {}
+    for name, value in norm_state(model).items():
+        if name.endswith("running_var"):
+            out[name] = rng.uniform(0.2, 3.0, value.shape).astype(np.float32)
+        else:
+            out[name] = rng.normal(0.0, 1.0, value.shape).astype(np.float32)
+    return out
+
+
+ARCHITECTURES = {
+    "embedded-student": lambda: InputNormalization(embedded.build_embedded("embedded-student"), embedded.MEAN, embedded.STD),
+    "resnet20": lambda: InputNormalization(cifar_resnet("resnet20"), IMAGENET_MEAN, IMAGENET_STD),
+}
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
+def test_ort_matches_torch_for_random_norm_parameters(arch, tmp_path):
+    torch.manual_seed(0)
+    rng = np.random.default_rng(0)
+    model = ARCHITECTURES[arch]().eval()
+    load_norm_state(model, _random_norm(model, rng))  # the shipped values are random too
+    artifact = export_student(model, (3, 32, 32))
+    x = rng.random((8, 3, 32, 32), dtype=np.float32)
+
+    # 1. the files as shipped, loaded by plain onnxruntime from disk
+    (tmp_path / "student.onnx").write_bytes(artifact.onnx)
+    (tmp_path / "student.norm.bin").write_bytes(artifact.norm)
+    session = ort.InferenceSession(str(tmp_path / "student.onnx"), providers=["CPUExecutionProvider"])
+    with torch.no_grad():
+        expected = model(torch.from_numpy(x)).numpy()
+    assert np.abs(session.run(None, {"input": x})[0] - expected).max() <= 1e-4
+
+    # 2. the device's runtime after a delta with fresh random values
+    device = SwappableModel(artifact.onnx, split_norm_file(artifact.norm, artifact.parameters), version=0)
+    for version in (1, 2):
+        new = _random_norm(model, rng)
+        assert device.install(new, version)
+        load_norm_state(model, new)
+        with torch.no_grad():
+            expected = model(torch.from_numpy(x)).numpy()
+        logits, used = device.run(x)
+        assert used == version
+        assert np.abs(logits - expected).max() <= 1e-4
+
+
+def test_export_names_every_norm_tensor_and_refuses_going_backwards():
+    model = ARCHITECTURES["resnet20"]().eval()
+    artifact = export_student(model, (3, 32, 32))
+    assert set(artifact.parameters) == set(norm_state(model))
+    assert len(artifact.norm) == 4 * sum(int(np.prod(s)) for s in artifact.parameters.values())
+    device = SwappableModel(artifact.onnx, split_norm_file(artifact.norm, artifact.parameters), version=3)
+    assert not device.install(split_norm_file(artifact.norm, artifact.parameters), 2)
+    assert device.version == 3
+    with pytest.raises(ValueError, match="accounts for"):
+        split_norm_file(artifact.norm[:-4], artifact.parameters)
