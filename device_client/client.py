@@ -10,6 +10,7 @@ import logging
 import random
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,9 +21,11 @@ from device_client.runtime import SwappableModel, split_norm_file
 from device_client.scoring import entropy, softmax, to_model_input
 from device_client.selection import CemaSelector, SelectionConfig, UploadBudget
 from device_client.state import DeviceStateDir, Identity
+from device_client.statistics import StatisticsProbe, fold_batch_statistics, statistic_names
 from device_client.transport import ServerApi, ServerError
 from device_client.uploader import Uploader
 from shared.protocol import Delta, ImageCodec, RegisterRequest
+from shared.tensors import Tensor
 
 log = logging.getLogger("driftsync.device")
 
@@ -45,6 +48,9 @@ class DeviceConfig:
     redundancy_margin: float | None = None
     poll_wait_s: float = 20.0
     threads: int = 0
+    local_statistics: bool = True
+    stats_momentum: float = 0.2
+    stats_batch: int = 16
 
 
 @dataclass(frozen=True)
@@ -70,7 +76,10 @@ class DeviceClient:
         self.state = DeviceStateDir(cfg.state_dir)
         self.deltas = DeltaLog()
         self.downloaded_model = False
+        self.stats_updates = 0
         self._stop = threading.Event()
+        self._frames: deque[np.ndarray] = deque(maxlen=4 * cfg.stats_batch)
+        self._frames_ready = threading.Condition()
 
     # -- provisioning -------------------------------------------------------------
     def start(self) -> "DeviceClient":
@@ -90,6 +99,7 @@ class DeviceClient:
         self.descriptor = identity.model
         onnx_bytes = self._model_file(api, "student.onnx", self.descriptor.onnx_sha256)
         norm = self._model_file(api, "student.norm.bin", self.descriptor.norm_sha256)
+        stats_onnx = self._model_file(api, "student.stats.onnx", self.descriptor.stats_sha256)
         api.close()
         self.onnx_bytes = onnx_bytes
         self.source_params = split_norm_file(norm, self.descriptor.parameters)
@@ -97,7 +107,7 @@ class DeviceClient:
         saved = self.state.load_delta()
         if saved is not None:
             try:
-                params, version = verify_delta(saved, 0, self.descriptor), saved.new_version
+                params, version = params | verify_delta(saved, 0, self.descriptor), saved.new_version
             except DeltaRefused as exc:
                 log.warning("ignoring the saved delta: %s", exc)
         self.model = SwappableModel(onnx_bytes, params, version, self.cfg.threads)
@@ -116,8 +126,12 @@ class DeviceClient:
             codec=self.cfg.codec,
             batch_size=self.cfg.upload_batch,
             flush_s=self.cfg.upload_flush_s,
+            stats_source=self._current_statistics if self.cfg.local_statistics else None,
         )
         self.uploader.start()
+        if self.cfg.local_statistics:
+            self._probe = StatisticsProbe(stats_onnx, self.cfg.threads)
+            threading.Thread(target=self._estimate_statistics, name="statistics", daemon=True).start()
         self._poller = threading.Thread(target=self._poll_deltas, name="delta-poller", daemon=True)
         self._poller.start()
         log.info("device ready at v%d", version)
@@ -142,10 +156,35 @@ class DeviceClient:
         probs = softmax(logits)
         ent = entropy(probs)
         keep = self.selector.select(probs, ent)
+        if self.cfg.local_statistics:
+            with self._frames_ready:
+                self._frames.extend(images)
+                self._frames_ready.notify()
         if keep.any():
             now = np.full(len(images), time.time()) if captured_at is None else captured_at
             self.uploader.offer(images[keep], ent[keep], now[keep], version)
         return Predictions(probs.argmax(axis=1), probs.max(axis=1), ent, keep, version)
+
+    # -- local statistics ---------------------------------------------------------------
+    def _estimate_statistics(self) -> None:
+        """Fold each new batch of frames into the running statistics, off the inference path."""
+        while not self._stop.is_set():
+            with self._frames_ready:
+                while len(self._frames) < self.cfg.stats_batch and not self._stop.is_set():
+                    self._frames_ready.wait(timeout=0.5)
+                if self._stop.is_set():
+                    return
+                frames = np.stack(list(self._frames)[-self.cfg.stats_batch:])
+                self._frames.clear()
+            x = to_model_input(frames)
+            momentum = self.cfg.stats_momentum
+            self.model.refresh(lambda p: fold_batch_statistics(p, self._probe.measure(x, p), momentum))
+            self.stats_updates += 1
+
+    def _current_statistics(self) -> dict[str, Tensor]:
+        """Sent with each upload, so the cloud distils under the device's own statistics."""
+        params = self.model.params
+        return {name: Tensor.from_numpy(params[name]) for name in statistic_names(self.descriptor.parameters)}
 
     # -- deltas ---------------------------------------------------------------------
     def apply_delta(self, delta: Delta) -> bool:
@@ -187,6 +226,8 @@ class DeviceClient:
     def stop(self, flush_timeout: float = 10.0) -> None:
         self.uploader.close(flush_timeout)
         self._stop.set()
+        with self._frames_ready:
+            self._frames_ready.notify_all()
 
     def status(self) -> dict:
         up = self.uploader.stats
@@ -200,5 +241,6 @@ class DeviceClient:
                 "dropped_budget": up.dropped_budget, "dropped_failed": up.dropped_failed,
             },
             "selection": dict(self.selector.counts) | {"e_max": self.selector.e_max(), "e_min": self.selector.e_min},
+            "statistics": {"local": self.cfg.local_statistics, "updates": self.stats_updates},
             "deltas": {"applied": self.deltas.applied, "refused": dict(self.deltas.refused), "bytes": self.deltas.bytes},
         }

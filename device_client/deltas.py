@@ -13,16 +13,19 @@ class DeltaRefused(ValueError):
 
 
 def verify_delta(delta: Delta, applied_version: int, descriptor: ModelDescriptor) -> dict[str, np.ndarray]:
-    """Return the decoded tensors, or raise DeltaRefused saying why."""
+    """Return the decoded tensors, or raise DeltaRefused saying why.
+
+    A delta may carry any subset of the replaceable tensors: with device-side
+    statistics the cloud sends only the affine parameters.
+    """
     if delta.new_version <= applied_version:
         raise DeltaRefused("stale", f"v{delta.new_version} is not newer than the applied v{applied_version}")
     if not delta.payload_ok():
         raise DeltaRefused("hash_mismatch", f"payload does not hash to {delta.sha256[:12]}")
     expected = descriptor.parameters
-    if set(delta.params) != set(expected):
-        unknown = sorted(set(delta.params) - set(expected))[:3]
-        missing = sorted(set(expected) - set(delta.params))[:3]
-        raise DeltaRefused("unexpected_tensors", f"unknown {unknown}, missing {missing}")
+    unknown = sorted(set(delta.params) - set(expected))
+    if unknown or not delta.params:
+        raise DeltaRefused("unexpected_tensors", f"unknown tensors {unknown[:3]}" if unknown else "no tensors")
     params: dict[str, np.ndarray] = {}
     for name, tensor in delta.params.items():
         if tuple(tensor.shape) != tuple(expected[name]) or tensor.dtype != "float32":
@@ -31,4 +34,4 @@ def verify_delta(delta: Delta, applied_version: int, descriptor: ModelDescriptor
             params[name] = tensor.to_numpy()
         except ValueError as exc:
             raise DeltaRefused("non_finite", f"{name}: {exc}") from exc
-    return {name: params[name] for name in expected}
+    return params

@@ -45,20 +45,30 @@ def build_session(onnx_bytes: bytes, params: dict[str, np.ndarray], threads: int
 class _Active:
     session: ort.InferenceSession
     version: int
+    params: dict[str, np.ndarray]
 
 
 class SwappableModel:
-    """Inference reads one reference; a delta replaces it. No lock on the hot path."""
+    """Inference reads one reference; an update replaces it. No lock on the hot path.
+
+    Two kinds of update: a cloud delta (a new version, some tensors replaced) and a
+    local statistics refresh (same version). Updates are serialised by one lock
+    that inference never takes; each computes its tensors from the latest ones.
+    """
 
     def __init__(self, onnx_bytes: bytes, params: dict[str, np.ndarray], version: int, threads: int = 0) -> None:
         self._onnx = onnx_bytes
         self._threads = threads
-        self._swap_lock = threading.Lock()
-        self._active = _Active(build_session(onnx_bytes, params, threads), version)
+        self._update_lock = threading.Lock()
+        self._active = _Active(build_session(onnx_bytes, params, threads), version, dict(params))
 
     @property
     def version(self) -> int:
         return self._active.version
+
+    @property
+    def params(self) -> dict[str, np.ndarray]:
+        return self._active.params
 
     def run(self, x: np.ndarray) -> tuple[np.ndarray, int]:
         """Logits and the version that produced them."""
@@ -66,10 +76,17 @@ class SwappableModel:
         return active.session.run(None, {INPUT_NAME: x})[0], active.version
 
     def install(self, params: dict[str, np.ndarray], version: int) -> bool:
-        """Build the new session here (the caller's thread), then swap; refuses going backwards."""
-        session = build_session(self._onnx, params, self._threads)
-        with self._swap_lock:
+        """Apply a delta's tensors over the current ones; refuses a version that is not newer."""
+        with self._update_lock:
             if version <= self._active.version:
                 return False
-            self._active = _Active(session, version)
+            merged = self._active.params | params
+            self._active = _Active(build_session(self._onnx, merged, self._threads), version, merged)
         return True
+
+    def refresh(self, update) -> None:
+        """Rebuild with `update(current tensors)` at the same version (local statistics)."""
+        with self._update_lock:
+            active = self._active
+            merged = update(active.params)
+            self._active = _Active(build_session(self._onnx, merged, self._threads), active.version, merged)

@@ -22,6 +22,7 @@ class SelectionConfig:
     e_min_factor: float = 0.0
     redundancy_margin: float | None = None
     redundancy_ema: float = 0.9
+    entropy_ema: float | None = None
 
 
 @dataclass
@@ -31,6 +32,7 @@ class CemaSelector:
     cfg: SelectionConfig
     seen: int = 0
     entropy_sum: float = 0.0
+    recent_mean: float | None = None
     warmup_mean: float | None = None
     prob_ema: np.ndarray | None = None
     counts: dict[str, int] = field(default_factory=lambda: {"unreliable": 0, "low_info": 0, "redundant": 0, "kept": 0})
@@ -44,16 +46,23 @@ class CemaSelector:
         return self.cfg.e_min_factor * math.log(self.cfg.num_classes)
 
     def e_max(self) -> float:
-        """E_max,t = E_max · (mean H so far / mean H during warm-up) · λ."""
+        """E_max,t = E_max · (mean H so far / mean H during warm-up) · λ.
+
+        With `entropy_ema` set, "so far" is an exponential average over batches, so the
+        window follows the current domain rather than the whole history.
+        """
         if self.cfg.dynamic_lambda is None or self.warmup_mean is None or self.warmup_mean <= 0:
             return self.e_max_static
-        mean_so_far = self.entropy_sum / max(self.seen, 1)
+        mean_so_far = self.recent_mean if self.cfg.entropy_ema is not None else self.entropy_sum / max(self.seen, 1)
         return self.e_max_static * (mean_so_far / self.warmup_mean) * self.cfg.dynamic_lambda
 
     def select(self, probs: np.ndarray, ent: np.ndarray) -> np.ndarray:
         """A boolean mask of samples to upload; updates the running statistics."""
         self.seen += len(ent)
         self.entropy_sum += float(ent.sum())
+        batch_mean = float(ent.mean())
+        a = self.cfg.entropy_ema
+        self.recent_mean = batch_mean if self.recent_mean is None or a is None else a * self.recent_mean + (1 - a) * batch_mean
         if self.warmup_mean is None and self.seen >= self.cfg.warmup_samples:
             self.warmup_mean = self.entropy_sum / self.seen
         reliable = ent < self.e_max()

@@ -74,7 +74,7 @@ class ServerApi:
 
     def upload(self, batch: UploadBatch) -> tuple[UploadAck, int]:
         """The server's acknowledgement and the body size actually sent."""
-        body = pack(batch.model_dump())
+        body = pack(batch)
         response = self._call("POST", "/v1/uploads", content=body, headers={"Content-Type": MSGPACK_MEDIA_TYPE})
         return UploadAck.model_validate(response.json()), len(body)
 

@@ -10,6 +10,7 @@ import random
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -18,6 +19,7 @@ from device_client.selection import UploadBudget
 from device_client.transport import ServerApi, ServerError
 from shared.images import encode_image
 from shared.protocol import ImageCodec, UploadBatch
+from shared.tensors import Tensor
 
 log = logging.getLogger("driftsync.device.uploader")
 
@@ -45,7 +47,9 @@ class Uploader:
         flush_s: float = 0.5,
         max_queue: int = 2048,
         max_attempts: int = 5,
+        stats_source: Callable[[], dict[str, Tensor]] | None = None,
     ) -> None:
+        self.stats_source = stats_source
         self.api = api
         self.budget = budget
         self.codec = codec
@@ -120,6 +124,7 @@ class Uploader:
             images=images,
             entropy=entropy,
             captured_at=captured,
+            norm_stats=self.stats_source() if self.stats_source else None,
         )
         for attempt in range(1, self.max_attempts + 1):
             try:

@@ -102,6 +102,7 @@ def build_parts(
         onnx_sha256=sha256_hex(artifact.onnx),
         onnx_bytes=len(artifact.onnx),
         norm_sha256=sha256_hex(artifact.norm),
+        stats_sha256=sha256_hex(artifact.stats_onnx),
         parameters=artifact.parameters,
     )
     metrics.gauge("driftsync_upload_queue_jobs", "Upload batches waiting for the worker.", uploads.depth)
@@ -208,7 +209,11 @@ def create_app(parts: ServerParts) -> FastAPI:
 
     @app.get("/v1/model/{part}", response_class=Response)
     def model_file(part: str, device: DeviceRecord = Depends(device_from_token)) -> Response:
-        files = {"student.onnx": parts.artifact.onnx, "student.norm.bin": parts.artifact.norm}
+        files = {
+            "student.onnx": parts.artifact.onnx,
+            "student.norm.bin": parts.artifact.norm,
+            "student.stats.onnx": parts.artifact.stats_onnx,
+        }
         if part not in files:
             raise ApiError(404, "not_found", f"model part {part!r} does not exist; use one of {sorted(files)}")
         data = files[part]
@@ -231,7 +236,8 @@ def create_app(parts: ServerParts) -> FastAPI:
         captured = np.asarray(batch.captured_at, dtype=np.float64)
         if not np.isfinite(captured).all():
             raise ApiError(400, "bad_timestamp", "captured_at contains NaN or Inf")
-        job = UploadJob(device.cohort, device.device_id, images, captured, time.time())
+        stats = _device_statistics(batch, parts.descriptor)
+        job = UploadJob(device.cohort, device.device_id, images, captured, time.time(), stats)
         if not parts.uploads.offer(job):
             retry = str(parts.settings.queue_retry_after_s)
             raise ApiError(429, "queue_full", "adaptation queue is full; retry later", {"Retry-After": retry})
@@ -273,3 +279,23 @@ def create_app(parts: ServerParts) -> FastAPI:
 
     return app
 
+
+
+def _device_statistics(batch: UploadBatch, descriptor: ModelDescriptor) -> dict[str, np.ndarray] | None:
+    """Check the statistics a device sent: known names, right shapes, finite, variances positive."""
+    if batch.norm_stats is None:
+        return None
+    stats: dict[str, np.ndarray] = {}
+    for name, tensor in batch.norm_stats.items():
+        if name not in descriptor.parameters or not name.endswith((".running_mean", ".running_var")):
+            raise ApiError(400, "bad_statistics", f"{name!r} is not a normalization statistic of the model")
+        if tuple(tensor.shape) != tuple(descriptor.parameters[name]) or tensor.dtype != "float32":
+            raise ApiError(400, "bad_statistics", f"{name} must be float32{list(descriptor.parameters[name])}")
+        try:
+            value = tensor.to_numpy()
+        except ValueError as exc:
+            raise ApiError(400, "bad_statistics", f"{name}: {exc}") from exc
+        if name.endswith(".running_var") and (value <= 0).any():
+            raise ApiError(400, "bad_statistics", f"{name} has non-positive variances")
+        stats[name] = value
+    return stats

@@ -171,8 +171,15 @@ class CemaEngine:
         state.teacher_norm = norm_state(self.teacher)
         return probs
 
-    def step(self, images: np.ndarray, state: CohortState) -> dict[str, np.ndarray]:
-        """One adaptation step on new uploads; returns the student's new norm tensors."""
+    def step(
+        self, images: np.ndarray, state: CohortState, device_stats: dict[str, np.ndarray] | None = None
+    ) -> dict[str, np.ndarray]:
+        """One adaptation step on new uploads; returns the tensors the delta must carry.
+
+        With `device_stats` the device estimates its statistics itself: the student copy
+        distils under them and only the affine parameters go back. Without, the cloud
+        re-estimates the statistics from the (filtered, so biased) uploads and sends them too.
+        """
         cfg = self.cfg
         probs_new = self.teacher_probs(images, state)
         replay = state.replay
@@ -184,10 +191,13 @@ class CemaEngine:
             batch_images, batch_probs = images, probs_new
         replay.add(images, probs_new.numpy())
 
+        if device_stats is not None:
+            state.student_norm.update(device_stats)
         load_norm_state(self.student, state.student_norm)
-        with torch.no_grad():  # re-estimate statistics from the new domain only
-            _set_norm_mode(self.student, train=True, momentum=cfg.stats_momentum)
-            self.student(to_input(images))
+        if device_stats is None:
+            with torch.no_grad():  # re-estimate statistics from the new domain only
+                _set_norm_mode(self.student, train=True, momentum=cfg.stats_momentum)
+                self.student(to_input(images))
         _set_norm_mode(self.student, train=False)
         opt = torch.optim.SGD(self._student_params, lr=cfg.student_lr, momentum=cfg.momentum)
         if state.student_opt:
@@ -198,4 +208,6 @@ class CemaEngine:
         state.student_opt = opt.state_dict()
         state.student_norm = norm_state(self.student)
         state.steps += 1
-        return state.student_norm
+        if device_stats is None:
+            return state.student_norm
+        return {k: v for k, v in state.student_norm.items() if k.rsplit(".", 1)[1] in ("weight", "bias")}

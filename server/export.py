@@ -33,11 +33,13 @@ NORM_FILE = "student.norm.bin"
 
 @dataclass(frozen=True)
 class StudentArtifact:
-    """The ONNX graph and its normalization tensors, concatenated in `parameters` order."""
+    """The ONNX graph, its normalization tensors (concatenated in `parameters` order), and
+    the statistics graph a device runs to estimate the normalization statistics itself."""
 
     onnx: bytes
     norm: bytes
     parameters: dict[str, tuple[int, ...]]
+    stats_onnx: bytes
 
 
 def export_student(model: nn.Module, input_shape: tuple[int, int, int]) -> StudentArtifact:
@@ -57,7 +59,42 @@ def export_student(model: nn.Module, input_shape: tuple[int, int, int]) -> Stude
         chunks.append(raw)
         parameters[name] = tuple(int(d) for d in tensor.dims)
         offset += len(raw)
-    return StudentArtifact(graph_model.SerializeToString(), b"".join(chunks), parameters)
+    onnx_bytes = graph_model.SerializeToString()
+    return StudentArtifact(onnx_bytes, b"".join(chunks), parameters, statistics_graph(onnx_bytes, parameters))
+
+
+def statistics_graph(onnx_bytes: bytes, parameters: dict[str, tuple[int, ...]]) -> bytes:
+    """The student with norm tensors as graph inputs and, per BatchNorm layer, the mean and
+    (biased) variance of its input over batch and space as extra outputs `<layer>.batch_mean`
+    and `<layer>.batch_var`. Fed the current parameters, it measures the statistics of the
+    current domain under the current normalisation, which a device folds into its own
+    running estimates. It is unfused, so a device runs it off the inference path.
+    """
+    model = onnx.load_from_string(onnx_bytes)
+    graph = model.graph
+    kept = [t for t in graph.initializer if t.name not in parameters]
+    del graph.initializer[:]
+    graph.initializer.extend(kept)
+    for name, shape in parameters.items():
+        graph.input.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, list(shape)))
+    helper = onnx.helper
+    for node in [n for n in graph.node if n.op_type == "BatchNormalization"]:
+        layer = node.input[1].rsplit(".", 1)[0]
+        x, mean, var = node.input[0], f"{layer}.batch_mean", f"{layer}.batch_var"
+        graph.node.extend([
+            helper.make_node("ReduceMean", [x], [mean], axes=[0, 2, 3], keepdims=0),
+            helper.make_node("Mul", [x, x], [f"{layer}.stats_sq"]),
+            helper.make_node("ReduceMean", [f"{layer}.stats_sq"], [f"{layer}.stats_mean_sq"], axes=[0, 2, 3], keepdims=0),
+            helper.make_node("Mul", [mean, mean], [f"{layer}.stats_sq_mean"]),
+            helper.make_node("Sub", [f"{layer}.stats_mean_sq", f"{layer}.stats_sq_mean"], [var]),
+        ])
+        channels = list(parameters[f"{layer}.weight"])
+        graph.output.extend([
+            helper.make_tensor_value_info(mean, onnx.TensorProto.FLOAT, channels),
+            helper.make_tensor_value_info(var, onnx.TensorProto.FLOAT, channels),
+        ])
+    onnx.checker.check_model(model)
+    return model.SerializeToString()
 
 
 def _scope_of(node_name: str) -> str:

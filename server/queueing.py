@@ -19,6 +19,7 @@ class UploadJob:
     images: np.ndarray  # uint8 N x H x W x 3
     captured_at: np.ndarray  # float64 N, device clock, seconds
     received_at: float
+    norm_stats: dict[str, np.ndarray] | None = None  # the device's own statistics, if it sent them
 
 
 class UploadQueue(Protocol):

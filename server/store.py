@@ -113,7 +113,7 @@ class SqliteStore:
         return [DeviceRecord(*r) for r in rows]
 
     def put_version(self, record: VersionRecord) -> None:
-        blob = pack({k: v.to_wire() for k, v in record.params.items()})
+        blob = pack({k: v.model_dump() for k, v in record.params.items()})
         with self._lock:
             self._conn.execute(
                 "INSERT INTO versions VALUES (?, ?, ?, ?, ?, ?)",

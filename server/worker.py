@@ -59,6 +59,7 @@ class _Pending:
     images: list[np.ndarray] = field(default_factory=list)
     captured_at: list[np.ndarray] = field(default_factory=list)
     first_at: float = 0.0
+    norm_stats: dict[str, np.ndarray] | None = None
 
     def count(self) -> int:
         return sum(len(x) for x in self.images)
@@ -128,6 +129,8 @@ class AdaptationWorker:
             pending.first_at = time.monotonic()
         pending.images.append(job.images)
         pending.captured_at.append(job.captured_at)
+        if job.norm_stats is not None:
+            pending.norm_stats = job.norm_stats
 
     def _ready(self, cohort: str) -> bool:
         pending = self._pending[cohort]
@@ -144,7 +147,10 @@ class AdaptationWorker:
         take = self.engine.cfg.new_per_step
         batch, rest = images[:take], images[take:]
         batch_captured, rest_captured = captured[:take], captured[take:]
-        self._pending[cohort] = _Pending([rest], [rest_captured], time.monotonic()) if len(rest) else _Pending()
+        stats = pending.norm_stats
+        self._pending[cohort] = (
+            _Pending([rest], [rest_captured], time.monotonic(), stats) if len(rest) else _Pending(norm_stats=stats)
+        )
 
         state = self._states.get(cohort)
         if state is None:
@@ -152,7 +158,7 @@ class AdaptationWorker:
             latest = self.store.latest_version(cohort)
             self._versions[cohort] = latest.version if latest else 0
         started = time.perf_counter()
-        norm = self.engine.step(batch, state)
+        norm = self.engine.step(batch, state, stats)
         elapsed = time.perf_counter() - started
         version = self._versions[cohort] + 1
         params = {k: Tensor.from_numpy(v) for k, v in norm.items()}

@@ -22,7 +22,7 @@ def _refuse_ext(code: int, data: bytes) -> Any:
 
 def pack(obj: Any) -> bytes:
     if isinstance(obj, BaseModel):
-        obj = obj.to_wire() if hasattr(obj, "to_wire") else obj.model_dump()
+        obj = obj.model_dump()
     return msgpack.packb(obj, use_bin_type=True, datetime=False)
 
 

@@ -43,6 +43,7 @@ class ModelDescriptor(_Message):
     onnx_sha256: str
     onnx_bytes: int
     norm_sha256: str
+    stats_sha256: str
     parameters: dict[str, tuple[int, ...]] = Field(
         description="The replaceable tensors of the graph: the only names a delta may carry."
     )
@@ -73,6 +74,9 @@ class UploadBatch(_Message):
     images: list[bytes] = Field(min_length=1, max_length=MAX_SAMPLES_PER_UPLOAD)
     entropy: list[float]
     captured_at: list[float]
+    norm_stats: dict[str, Tensor] | None = Field(
+        default=None, description="The device's own running statistics, when it estimates them."
+    )
 
     @model_validator(mode="after")
     def _check_lengths(self) -> "UploadBatch":
@@ -115,8 +119,3 @@ class Delta(_Message):
 
     def payload_ok(self) -> bool:
         return tensors_digest(self.params) == self.sha256
-
-    def to_wire(self) -> dict:
-        body = self.model_dump(exclude={"params"})
-        body["params"] = {k: v.to_wire() for k, v in self.params.items()}
-        return body

@@ -62,9 +62,6 @@ class Tensor(BaseModel):
             raise ValueError("tensor contains NaN or Inf")
         return array
 
-    def to_wire(self) -> dict:
-        return {"dtype": self.dtype, "shape": list(self.shape), "data": self.data}
-
 
 def tensors_digest(tensors: dict[str, Tensor]) -> str:
     """SHA-256 over a canonical byte layout, so both sides hash the same thing."""

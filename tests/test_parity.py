@@ -60,6 +60,36 @@ def test_ort_matches_torch_for_random_norm_parameters(arch, tmp_path):
         assert np.abs(logits - expected).max() <= 1e-4
 
 
+@pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
+def test_statistics_graph_measures_what_torch_sees(arch):
+    from device_client.statistics import StatisticsProbe, fold_batch_statistics
+
+    torch.manual_seed(1)
+    rng = np.random.default_rng(1)
+    model = ARCHITECTURES[arch]().eval()
+    params = _random_norm(model, rng)
+    load_norm_state(model, params)
+    artifact = export_student(model, (3, 32, 32))
+    seen: dict[str, torch.Tensor] = {}
+    for name, layer in model.named_modules():
+        if isinstance(layer, torch.nn.modules.batchnorm._BatchNorm):
+            layer.register_forward_hook(lambda mod, inputs, out, name=name: seen.__setitem__(name, inputs[0]))
+    x = rng.random((8, 3, 32, 32), dtype=np.float32)
+    with torch.no_grad():
+        model(torch.from_numpy(x))
+    measured = StatisticsProbe(artifact.stats_onnx).measure(x, params)
+    assert len(measured) == 2 * len(seen)
+    for name, value in seen.items():
+        np.testing.assert_allclose(measured[f"{name}.batch_mean"], value.mean(dim=(0, 2, 3)).numpy(), atol=1e-4)
+        np.testing.assert_allclose(measured[f"{name}.batch_var"], value.var(dim=(0, 2, 3), unbiased=False).numpy(),
+                                   rtol=1e-3, atol=1e-4)
+    folded = fold_batch_statistics(params, measured, momentum=0.25)
+    layer = next(iter(seen))
+    np.testing.assert_allclose(folded[f"{layer}.running_mean"],
+                               0.75 * params[f"{layer}.running_mean"] + 0.25 * measured[f"{layer}.batch_mean"], rtol=1e-6)
+    np.testing.assert_array_equal(folded[f"{layer}.weight"], params[f"{layer}.weight"])
+
+
 def test_export_names_every_norm_tensor_and_refuses_going_backwards():
     model = ARCHITECTURES["resnet20"]().eval()
     artifact = export_student(model, (3, 32, 32))

@@ -19,7 +19,7 @@ from shared.tensors import Tensor, tensors_digest
 @pytest.mark.parametrize("dtype", ["float32", "float16", "int64", "int32", "uint8"])
 def test_tensor_round_trip_is_exact(dtype):
     array = (np.arange(24).reshape(2, 3, 4) * 3).astype(dtype)
-    back = Tensor.model_validate(unpack(pack(Tensor.from_numpy(array).to_wire()))).to_numpy()
+    back = Tensor.model_validate(unpack(pack(Tensor.from_numpy(array).model_dump()))).to_numpy()
     assert back.dtype == array.dtype and back.shape == array.shape
     np.testing.assert_array_equal(back, array)
 

@@ -63,15 +63,16 @@ def test_restarted_device_resumes_at_last_delta_without_download(tiny_server, tm
     _wait_for(lambda: first.deltas.applied >= 1)
     first.stop()
     applied = first.model.version
-    logits_before, _ = first.model.run(np.zeros((2, 3, 32, 32), np.float32))
+    saved = first.state.load_delta()
+    assert saved is not None and saved.new_version == applied
 
     second = _device(url, tmp_path)
     assert second.identity.device_id == first.identity.device_id
     assert not second.downloaded_model
     assert second.model.version >= applied
     if second.model.version == applied:
-        logits_after, _ = second.model.run(np.zeros((2, 3, 32, 32), np.float32))
-        np.testing.assert_allclose(logits_after, logits_before, atol=1e-6)
+        for name, tensor in saved.params.items():
+            np.testing.assert_array_equal(second.model.params[name], tensor.to_numpy())
     second.stop()
 
 
@@ -158,3 +159,39 @@ def test_cohort_members_share_one_state(tiny_server, tmp_path):
     r = httpx.get(f"{url}/v1/deltas", params={"since": 0, "wait": 20}, headers=_auth(b["token"]))
     assert r.status_code == 200
     assert httpx.get(f"{url}/v1/deltas", params={"since": 0}, headers=_auth(c["token"])).status_code == 204
+
+
+def test_device_estimates_statistics_locally_and_gets_affine_only_deltas(tiny_server, tmp_path):
+    url, parts = tiny_server
+    device = _device(url, tmp_path)
+    source_mean = {k: v.copy() for k, v in device.source_params.items() if k.endswith("running_mean")}
+    bright = np.full((16, 32, 32, 3), 250, np.uint8)
+    for _ in range(4):
+        device.predict(bright)
+    _wait_for(lambda: device.stats_updates >= 2 and device.deltas.applied >= 1)
+    assert any(np.abs(device.model.params[k] - v).max() > 1e-3 for k, v in source_mean.items())
+    token = device.identity.token
+    r = httpx.get(f"{url}/v1/deltas", params={"since": 0}, headers=_auth(token))
+    from shared.codec import decode
+    delta = decode(r.content, Delta)
+    assert delta.params and all(k.endswith((".weight", ".bias")) for k in delta.params)
+    assert device.status()["statistics"]["updates"] >= 2
+    device.stop()
+
+
+def test_bad_device_statistics_are_refused(tiny_server):
+    url, parts = tiny_server
+    token = _register(url)["token"]
+    name = next(k for k in parts.descriptor.parameters if k.endswith("running_var"))
+    shape = parts.descriptor.parameters[name]
+    base = UploadBatch(device_version=0, codec="png", images=[encode_image(_images(1)[0], "png")],
+                       entropy=[0.5], captured_at=[time.time()])
+    for stats in (
+        {name: Tensor.from_numpy(np.full(shape, -1.0, np.float32))},
+        {name: Tensor.from_numpy(np.full(shape, np.nan, np.float32))},
+        {"net.0.weight": Tensor.from_numpy(np.ones(shape, np.float32))},
+        {name: Tensor.from_numpy(np.ones((shape[0] + 1,), np.float32))},
+    ):
+        r = httpx.post(f"{url}/v1/uploads", content=pack(base.model_copy(update={"norm_stats": stats})), headers=_auth(token))
+        _assert_json_error(r, 400)
+        assert r.json()["error"] == "bad_statistics"

@@ -1,10 +1,15 @@
-"""Students and teachers by name: `NAME` or `NAME:CHECKPOINT`.
+"""Build students and teachers by name, always behind the same [0, 1]-input wrapper.
 
-Every model is wrapped so that its input is float32 NCHW RGB in [0, 1]: the
-normalisation is part of the graph, and a device only divides by 255.
+Every model takes float32 NCHW RGB in [0, 1]: normalisation lives inside the module, so an
+ONNX export carries it and the device only divides by 255.
+Specs are "NAME" or "NAME:CHECKPOINT" (embedded models train on first use when no checkpoint
+is given; CIFAR ResNets need one).
 """
+
 from __future__ import annotations
 
+import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,63 +18,110 @@ from torch import nn
 
 from driftsync.data import synthetic
 from server.models import embedded
-from server.models.cifar_resnet import DEPTHS, load_cifar_resnet
+from server.models.cifar_resnet import DEPTHS, cifar_resnet, load_cifar_resnet
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+CIFAR10_CLASSES: tuple[str, ...] = (
+    "airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck",
+)
+IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
+IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
+
+_log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What a client needs to feed a model and read its output."""
+
+    name: str
+    num_classes: int
+    input_size: tuple[int, int]
+    class_names: tuple[str, ...]
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    needs_checkpoint: bool
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        """(channels, height, width) of one input image, as the ONNX export wants it."""
+        return (3, *self.input_size)
+
+
+_INFOS: dict[str, ModelInfo] = {
+    **{
+        name: ModelInfo(name, len(synthetic.CLASS_NAMES), (32, 32), synthetic.CLASS_NAMES,
+                        embedded.MEAN, embedded.STD, needs_checkpoint=False)
+        for name in embedded.CONFIGS
+    },
+    **{
+        name: ModelInfo(name, 10, (32, 32), CIFAR10_CLASSES, IMAGENET_MEAN, IMAGENET_STD, needs_checkpoint=True)
+        for name in DEPTHS
+    },
+}
 
 
 class InputNormalization(nn.Module):
-    """[0, 1] RGB in, the network's normalised input on to `net`."""
+    """Wraps a network so that it takes [0, 1] RGB; the inner network stays reachable as .net."""
 
     def __init__(self, net: nn.Module, mean: tuple[float, ...], std: tuple[float, ...]) -> None:
         super().__init__()
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
         self.net = net
-        self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1))
-        self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net((x - self.mean) / self.std)
 
 
-@dataclass(frozen=True)
-class ModelInfo:
-    name: str
-    num_classes: int
-    class_names: tuple[str, ...]
-    input_shape: tuple[int, int, int]
-
-
-def _split(spec: str) -> tuple[str, str | None]:
-    name, _, checkpoint = spec.partition(":")
-    return name, checkpoint or None
-
-
 def model_names() -> list[str]:
-    return sorted(embedded.CONFIGS) + sorted(DEPTHS)
+    """All buildable model names."""
+    return list(_INFOS)
 
 
 def model_info(spec: str) -> ModelInfo:
-    name, _ = _split(spec)
-    if name in embedded.CONFIGS:
-        return ModelInfo(name, len(synthetic.CLASS_NAMES), synthetic.CLASS_NAMES, (3, 32, 32))
+    """Descriptor for a name or "NAME:CHECKPOINT" spec."""
+    name = parse_spec(spec)[0]
+    return _INFOS[name]
+
+
+def parse_spec(spec: str) -> tuple[str, Path | None]:
+    """Split "NAME[:CHECKPOINT]" (only the first colon separates) and validate the name."""
+    name, _, ckpt = spec.partition(":")
+    name = name.strip()
+    if name not in _INFOS:
+        raise ValueError(f"unknown model {name!r}; choose from {model_names()}")
+    return name, Path(ckpt) if ckpt else None
+
+
+def build_model(spec: str, home: Path | None = None, log: Callable[[str], None] = _log.info) -> InputNormalization:
+    """Model for spec in eval mode, wrapped to take float32 NCHW RGB in [0, 1]."""
+    name, ckpt = parse_spec(spec)
+    info = _INFOS[name]
+    net: nn.Module
     if name in DEPTHS:
-        return ModelInfo(name, 10, CIFAR10_CLASSES, (3, 32, 32))
-    raise ValueError(f"unknown model {name!r}; choose from {model_names()}")
+        if ckpt is None:
+            raise ValueError(f"{name} needs a checkpoint: use '{name}:PATH' (akamaster .th format)")
+        net = load_cifar_resnet(name, ckpt)
+    elif ckpt is None:
+        net = embedded.load_trained(name, home, log)
+    else:
+        net = embedded.build_embedded(name)
+        net.load_state_dict(load_state_dict(ckpt))
+    return InputNormalization(net, info.mean, info.std).eval()
 
 
-def build_model(spec: str, home: Path | None = None) -> InputNormalization:
-    """The model in eval mode; embedded ones train on first use unless a checkpoint is given."""
-    name, checkpoint = _split(spec)
-    model_info(spec)
-    if name in embedded.CONFIGS:
-        if checkpoint:
-            net = embedded.build_embedded(name)
-            net.load_state_dict(torch.load(checkpoint, map_location="cpu", weights_only=True))
-        else:
-            net = embedded.load_trained(name, home)
-        return InputNormalization(net, embedded.MEAN, embedded.STD).eval()
-    if checkpoint is None:
-        raise ValueError(f"{name} needs a checkpoint: {name}:PATH (akamaster .th format)")
-    return InputNormalization(load_cifar_resnet(name, checkpoint), IMAGENET_MEAN, IMAGENET_STD).eval()
+def load_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """Inner-network weights from a plain, {"state_dict": ...}, DataParallel or wrapper checkpoint."""
+    obj = torch.load(path, map_location="cpu", weights_only=True)
+    state = obj.get("state_dict", obj)
+    state = {k.removeprefix("module."): v for k, v in state.items()}
+    if any(k.startswith("net.") for k in state):  # saved from an InputNormalization wrapper
+        state = {k.removeprefix("net."): v for k, v in state.items() if k.startswith("net.")}
+    return state
+
+
+def untrained_model(name: str) -> InputNormalization:
+    """Randomly initialised wrapped model (architecture checks, export tests)."""
+    info = _INFOS[parse_spec(name)[0]]
+    net = cifar_resnet(info.name) if info.name in DEPTHS else embedded.build_embedded(info.name)
+    return InputNormalization(net, info.mean, info.std).eval()
