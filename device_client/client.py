@@ -44,6 +44,7 @@ class DeviceConfig:
     upload_bytes_per_s: float | None = None
     e_max_factor: float = 0.4
     dynamic_lambda: float | None = 0.6
+    entropy_ema: float | None = 0.8
     e_min_factor: float = 0.0
     redundancy_margin: float | None = None
     poll_wait_s: float = 20.0
@@ -116,6 +117,7 @@ class DeviceClient:
                 num_classes=self.descriptor.num_classes,
                 e_max_factor=self.cfg.e_max_factor,
                 dynamic_lambda=self.cfg.dynamic_lambda,
+                entropy_ema=self.cfg.entropy_ema,
                 e_min_factor=self.cfg.e_min_factor,
                 redundancy_margin=self.cfg.redundancy_margin,
             )

@@ -49,11 +49,14 @@ def _device_args(p: argparse.ArgumentParser) -> None:
     add(p, "--upload-bytes-per-s", None, optional(float), help="uplink budget in bytes/s")
     add(p, "--e-max-factor", 0.4, float, help="E_max = factor * ln C (CEMA: 0.4)")
     add(p, "--dynamic-lambda", 0.6, optional(float), help="dynamic E_max factor lambda ('none': static)")
+    add(p, "--entropy-ema", 0.8, optional(float), help="per-batch EMA for the dynamic E_max's mean entropy ('none': mean over the whole stream)")
     add(p, "--e-min-factor", 0.0, float, help="E_min = factor * ln C (0: off)")
     add(p, "--redundancy-margin", None, optional(float), help="EATA cosine margin ('none': off)")
     add(p, "--records", None, optional(str), help="write one JSON line per prediction here")
     add(p, "--summary", None, optional(str), help="write the replay summary JSON here")
     add(p, "--threads", 0, int, help="onnxruntime intra-op threads (0: all cores)")
+    add(p, "--local-statistics", True, parse_bool, help="estimate BN statistics on the device from every frame")
+    add(p, "--stats-momentum", 0.2, float, help="momentum of the device's statistics estimate, per batch")
 
 
 def _demo_args(p: argparse.ArgumentParser) -> None:
@@ -83,6 +86,7 @@ def main(argv: list[str] | None = None) -> int:
 
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request drowns the progress
     handler = {"serve": _serve, "device": _device, "demo": _demo, "export": _export, "train": _train}[args.command]
     return handler(args) or 0
 
@@ -123,8 +127,9 @@ def _device(args: argparse.Namespace) -> int:
         server=args.server, state_dir=Path(args.state_dir), name=args.name, cohort=args.cohort,
         enrolment_token=args.enrolment_token, codec=args.codec, upload_batch=args.upload_batch,
         upload_samples_per_s=args.upload_samples_per_s, upload_bytes_per_s=args.upload_bytes_per_s,
-        e_max_factor=args.e_max_factor, dynamic_lambda=args.dynamic_lambda,
+        e_max_factor=args.e_max_factor, dynamic_lambda=args.dynamic_lambda, entropy_ema=args.entropy_ema,
         e_min_factor=args.e_min_factor, redundancy_margin=args.redundancy_margin, threads=args.threads,
+        local_statistics=args.local_statistics, stats_momentum=args.stats_momentum,
     )
     client = DeviceClient(cfg).start()
     chunks = streams.replay(images, labels, domains, args.batch_size, seed=args.seed)

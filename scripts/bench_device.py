@@ -5,6 +5,8 @@ Cases, measured in interleaved rounds so machine noise hits them alike:
 - adapted: the session a device builds after a delta (external initializers, fused again);
 - bn-inputs: the alternative where norm tensors are graph inputs fed per run (no fusion);
 - torch: the same student in torch eager mode.
+Also the cost of device-side statistics: one pass of the statistics graph and one
+session rebuild per statistics update, both off the inference path.
 
     python scripts/bench_device.py [--student embedded-student] [--rounds 5] [--json out.json]
 """
@@ -22,6 +24,7 @@ import onnxruntime as ort
 import torch
 
 from device_client.runtime import SwappableModel, build_session, split_norm_file
+from device_client.statistics import StatisticsProbe, fold_batch_statistics
 from server.export import export_student
 from server.models.registry import build_model, model_info
 
@@ -74,6 +77,7 @@ def main() -> None:
     inputs_session = ort.InferenceSession(norm_as_inputs(artifact.onnx, artifact.norm, artifact.parameters), options,
                                           providers=["CPUExecutionProvider"])
 
+    probe = StatisticsProbe(artifact.stats_onnx, args.threads)
     results = []
     for batch in (1, 32):
         x = rng.random((batch, *info.input_shape), dtype=np.float32)
@@ -84,6 +88,7 @@ def main() -> None:
             "adapted": lambda: swappable.run(x),
             "bn-inputs": lambda: inputs_session.run(None, feeds),
             "torch": lambda: model(xt),
+            "stats-probe": lambda: probe.measure(x, adapted_params),
         }
         samples: dict[str, list[float]] = {k: [] for k in cases}
         with torch.inference_mode():
@@ -95,18 +100,27 @@ def main() -> None:
                         "adapted_over_static": medians["adapted"] / medians["static"],
                         "bn_inputs_over_static": medians["bn-inputs"] / medians["static"],
                         "torch_over_static": medians["torch"] / medians["static"]})
+    rebuilds = []
+    for _ in range(10):
+        started = time.perf_counter()
+        x16 = rng.random((16, *info.input_shape), dtype=np.float32)
+        swappable.refresh(lambda p: fold_batch_statistics(p, probe.measure(x16, p), 0.2))
+        rebuilds.append((time.perf_counter() - started) * 1000)
 
     meta = {"date": date.today().isoformat(), "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
             "cpus": __import__("os").cpu_count(), "threads": args.threads, "onnxruntime": ort.__version__,
             "torch": torch.__version__, "student": args.student, "delta_install_ms": round(install_ms, 1)}
     print(f"# device throughput, {args.student}, {args.threads} thread(s), median of {args.rounds} rounds")
-    print("| batch | static fused img/s | adapted img/s | adapted/static | bn-as-inputs img/s | torch eager img/s |")
-    print("|---:|---:|---:|---:|---:|---:|")
+    meta["statistics_update_ms_batch16"] = round(float(np.median(rebuilds)), 1)
+    print("| batch | static fused img/s | adapted img/s | adapted/static | bn-as-inputs img/s | torch eager img/s | statistics graph img/s |")
+    print("|---:|---:|---:|---:|---:|---:|---:|")
     for r in results:
         m = r["images_per_s"]
         print(f"| {r['batch']} | {m['static']:.0f} | {m['adapted']:.0f} | {r['adapted_over_static']:.3f} | "
-              f"{m['bn-inputs']:.0f} | {m['torch']:.0f} |")
+              f"{m['bn-inputs']:.0f} | {m['torch']:.0f} | {m['stats-probe']:.0f} |")
     print(f"\ndelta install (session rebuild, off the inference path): {install_ms:.1f} ms")
+    print(f"statistics update per 16-frame batch (statistics graph + session rebuild, off the inference path): "
+          f"{meta['statistics_update_ms_batch16']} ms median")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"meta": meta, "results": results}, f, indent=2)
