@@ -1,10 +1,5 @@
 #!/usr/bin/env bash
 # Set up a virtual environment with CPU torch and the dev extra, then run the test suite.
 set -euo pipefail
-cd "$(dirname "$0")/.."
-python3 -m venv .venv
-. .venv/bin/activate
-python -m pip install -q --upgrade pip
-python -m pip install -q torch==2.13.0
-python -m pip install -q -e ".[dev]"
+. "$(dirname "$0")/setup.sh" dev
 python -m pytest "$@"

@@ -1,0 +1,99 @@
+"""The collaborative loop in one process, without HTTP, on the embedded stream: for comparing
+configurations quickly.
+
+The device is the student in torch, forward only, optionally folding each batch's
+statistics into its running estimates (as the ONNX statistics graph does on a real
+device). Selection and the cloud step are the product's own code; a step's delta is
+applied before the device's next batch, so this is the loop with zero latency.
+
+    python scripts/simulate_loop.py [--samples-per-domain 200] [--local-statistics 0.2] [--no-cloud]
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+
+import numpy as np
+import torch
+
+from device_client.scoring import entropy, softmax
+from device_client.selection import CemaSelector, SelectionConfig
+from driftsync.data import streams
+from server.engine import CemaConfig, CemaEngine, to_input
+from server.models.registry import build_model, model_info
+from server.norm import load_norm_state, norm_layers, norm_state
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--samples-per-domain", type=int, default=200)
+    parser.add_argument("--corruptions", default="all")
+    parser.add_argument("--severity", type=int, default=5)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--e-max-factor", type=float, default=0.4)
+    parser.add_argument("--dynamic-lambda", type=float, default=0.6, help="negative: static E_max")
+    parser.add_argument("--entropy-ema", type=float, default=0.8, help="negative: mean over the whole stream")
+    parser.add_argument("--local-statistics", type=float, default=0.2, help="device statistics momentum; 0: cloud-estimated")
+    parser.add_argument("--no-cloud", action="store_true", help="never step: what the device does alone")
+    parser.add_argument("--student-lr", type=float, default=2.5e-3)
+    parser.add_argument("--weight-entropy", type=float, default=3.0)
+    parser.add_argument("--new-per-step", type=int, default=32)
+    parser.add_argument("--replay-per-step", type=int, default=96)
+    args = parser.parse_args()
+    torch.manual_seed(0)
+
+    info = model_info("embedded-student")
+    cfg = CemaConfig(num_classes=info.num_classes, student_lr=args.student_lr, weight_entropy=args.weight_entropy,
+                     new_per_step=args.new_per_step, replay_per_step=args.replay_per_step)
+    engine = CemaEngine(build_model("embedded-student"), build_model("embedded-teacher"), cfg)
+    state = engine.new_state()
+    device, source = build_model("embedded-student").eval(), build_model("embedded-student").eval()
+    selector = CemaSelector(SelectionConfig(
+        num_classes=info.num_classes, e_max_factor=args.e_max_factor,
+        dynamic_lambda=None if args.dynamic_lambda < 0 else args.dynamic_lambda,
+        entropy_ema=None if args.entropy_ema < 0 else args.entropy_ema,
+    ))
+    local = args.local_statistics > 0
+    images, labels = streams.embedded_base(args.samples_per_domain)
+    domains = streams.continual_domains(streams.parse_corruptions(args.corruptions), args.severity)
+    rows: dict[str, list[int]] = {}
+    pending = np.zeros((0, *images.shape[1:]), np.uint8)
+    uploaded = seen = 0
+    for chunk in streams.replay(images, labels, domains, args.batch_size):
+        x = to_input(chunk.images)
+        with torch.no_grad():
+            probs = softmax(device(x).numpy())
+            wrong_source = int((source(x).argmax(1).numpy() != chunk.labels).sum())
+            if local:  # fold this batch's statistics in, as the device's statistics thread does
+                for layer in norm_layers(device).values():
+                    layer.train()
+                    layer.momentum = args.local_statistics
+                device(x)
+                device.eval()
+        keep = selector.select(probs, entropy(probs))
+        row = rows.setdefault(chunk.domain.name, [0, 0, 0, 0])
+        row[0] += len(chunk.labels)
+        row[1] += int((probs.argmax(1) != chunk.labels).sum())
+        row[2] += wrong_source
+        row[3] += int(keep.sum())
+        uploaded += int(keep.sum())
+        seen += len(chunk.labels)
+        pending = np.concatenate([pending, chunk.images[keep]])
+        while not args.no_cloud and len(pending) >= cfg.new_per_step:
+            stats = {k: v for k, v in norm_state(device).items() if "running" in k} if local else None
+            delta = engine.step(pending[: cfg.new_per_step], state, stats)
+            pending = pending[cfg.new_per_step :]
+            load_norm_state(device, delta)
+
+    print("| domain | source error % | adapted error % | selected |")
+    print("|---|---:|---:|---:|")
+    for name, (n, wrong, wrong_src, sel) in rows.items():
+        print(f"| {name} | {100 * wrong_src / n:.1f} | {100 * wrong / n:.1f} | {sel / n:.2f} |")
+    mean_src = np.mean([100 * r[2] / r[0] for r in rows.values()])
+    mean = np.mean([100 * r[1] / r[0] for r in rows.values()])
+    print(f"| **mean** | {mean_src:.1f} | {mean:.1f} | {uploaded / seen:.2f} |")
+    print(f"cloud steps: {state.steps}; settings: {dataclasses.asdict(cfg) | vars(args)}")
+
+
+if __name__ == "__main__":
+    main()
