@@ -40,6 +40,7 @@ class DeviceConfig:
     codec: ImageCodec = "webp"
     upload_batch: int = 32
     upload_flush_s: float = 0.5
+    upload_max_attempts: int = 5
     upload_samples_per_s: float | None = None
     upload_bytes_per_s: float | None = None
     e_max_factor: float = 0.4
@@ -128,6 +129,7 @@ class DeviceClient:
             codec=self.cfg.codec,
             batch_size=self.cfg.upload_batch,
             flush_s=self.cfg.upload_flush_s,
+            max_attempts=self.cfg.upload_max_attempts,
             stats_source=self._current_statistics if self.cfg.local_statistics else None,
         )
         self.uploader.start()

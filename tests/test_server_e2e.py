@@ -195,3 +195,18 @@ def test_bad_device_statistics_are_refused(tiny_server):
         r = httpx.post(f"{url}/v1/uploads", content=pack(base.model_copy(update={"norm_stats": stats})), headers=_auth(token))
         _assert_json_error(r, 400)
         assert r.json()["error"] == "bad_statistics"
+
+
+def test_device_keeps_predicting_when_the_server_dies(tmp_path):
+    from server.app import create_app
+    from tests.conftest import build_test_parts, serve_in_thread
+
+    with serve_in_thread(create_app(build_test_parts(tmp_path / "server"))) as url:
+        device = _device(url, tmp_path, upload_max_attempts=2)
+    for i in range(4):  # the server is gone now
+        out = device.predict(_images(8, seed=40 + i))
+        assert out.labels.shape == (8,) and out.version == 0
+    _wait_for(lambda: device.uploader.stats.dropped_failed > 0)
+    status = device.status()
+    assert status["uploads"]["sent"] == 0 and status["uploads"]["dropped_failed"] > 0
+    device.stop(flush_timeout=5)
