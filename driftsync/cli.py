@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     _serve_args(sub.add_parser("serve", help="run the cloud server (needs the server extra)"))
     _device_args(sub.add_parser("device", help="run a device on a replay stream (no torch)"))
     _demo_args(sub.add_parser("demo", help="server + simulated devices on the embedded default, then a report"))
-    export = sub.add_parser("export", help="export the student to ONNX (+ norm side file)")
+    export = sub.add_parser("export", help="export the student: ONNX graph, norm side file, statistics graph")
     add(export, "--student", "embedded-student", help="student model NAME[:CHECKPOINT]")
     add(export, "--out", "student-onnx", help="output directory")
     train = sub.add_parser("train", help="train and cache the embedded default models")
@@ -167,8 +167,10 @@ def _export(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     (out / "student.onnx").write_bytes(artifact.onnx)
     (out / "student.norm.bin").write_bytes(artifact.norm)
+    (out / "student.stats.onnx").write_bytes(artifact.stats_onnx)
     (out / "parameters.json").write_text(json.dumps({k: list(v) for k, v in artifact.parameters.items()}, indent=2))
-    print(f"wrote {out}/student.onnx ({len(artifact.onnx)} B) and student.norm.bin ({len(artifact.norm)} B)")
+    print(f"wrote {out}/student.onnx ({len(artifact.onnx)} B), student.norm.bin ({len(artifact.norm)} B) "
+          f"and student.stats.onnx ({len(artifact.stats_onnx)} B)")
     return 0
 
 

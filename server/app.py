@@ -1,7 +1,6 @@
 """The HTTP front: validates, authenticates, enqueues and serves versions. It never trains."""
 from __future__ import annotations
 
-import logging
 import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -33,7 +32,6 @@ from shared.protocol import (
     UploadBatch,
 )
 
-log = logging.getLogger("driftsync.server")
 
 
 class ApiError(Exception):

@@ -100,3 +100,15 @@ def test_export_names_every_norm_tensor_and_refuses_going_backwards():
     assert device.version == 3
     with pytest.raises(ValueError, match="accounts for"):
         split_norm_file(artifact.norm[:-4], artifact.parameters)
+
+
+def test_export_command_writes_files_that_plain_onnxruntime_loads(tmp_path):
+    from driftsync.cli import main
+
+    checkpoint = tmp_path / "student.pt"
+    torch.save(embedded.build_embedded("embedded-student").state_dict(), checkpoint)
+    out = tmp_path / "export"
+    assert main(["export", "--student", f"embedded-student:{checkpoint}", "--out", str(out)]) == 0
+    assert {p.name for p in out.iterdir()} == {"student.onnx", "student.norm.bin", "student.stats.onnx", "parameters.json"}
+    session = ort.InferenceSession(str(out / "student.onnx"), providers=["CPUExecutionProvider"])
+    assert session.run(None, {"input": np.zeros((2, 3, 32, 32), np.float32)})[0].shape == (2, 10)

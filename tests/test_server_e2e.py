@@ -6,7 +6,6 @@ import time
 import httpx
 import msgpack
 import numpy as np
-import pytest
 
 from device_client.client import DeviceClient, DeviceConfig
 from shared.codec import pack
