@@ -1,0 +1,446 @@
+"""Benchmark test sets in their released on-disk formats, and a writer for new ImageNet-C-style trees.
+
+Everything returns uint8 NHWC RGB in [0, 255] with int64 labels; normalisation is
+left to the models (they take [0, 1] input). No torch: edge devices import this.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import logging
+import os
+import tempfile
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from driftsync.data.corruptions import CORRUPTIONS, constants_for_size, corrupt
+from driftsync.data.streams import parse_corruptions
+
+log = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp"})
+SEVERITIES = (1, 2, 3, 4, 5)
+IMAGENET_SIZE = 224
+RESIZE_RATIO = 256 / 224  # ImageNet eval recipe: shorter side 256, centre crop 224
+JPEG_QUALITY = 85  # ImageNet-C saved every corrupted image at this quality
+_WRITE_BATCH = 32  # images corrupted together by write_corrupted_tree (bounds memory)
+_CACHE_VERSION = "1"  # bump when corrupt() changes its output for equal inputs
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _check_severity(severity: int) -> int:
+    if isinstance(severity, bool) or not isinstance(severity, (int, np.integer)) or severity not in SEVERITIES:
+        raise ValueError(f"severity must be an int in 1..5, got {severity!r}")
+    return int(severity)
+
+
+def _check_count(count: int | None, available: int, what: str) -> int:
+    """None means all; more than available is an error, not a silent truncation (the 5k-vs-50k pitfall)."""
+    if count is None:
+        return available
+    if count < 1:
+        raise ValueError(f"count must be >= 1, got {count}")
+    if count > available:
+        raise ValueError(f"count {count} exceeds the {available} images in {what}")
+    return count
+
+
+def _select(n: int, count: int, seed: int | None) -> np.ndarray:
+    """Indices of the first ``count`` items, or a seeded shuffled subset.
+
+    Equal file lists and seeds give equal picks, so every corruption sees the same scenes.
+    """
+    if seed is None:
+        return np.arange(count)
+    return np.random.default_rng(seed).permutation(n)[:count]
+
+
+def _is_image(path: Path) -> bool:
+    return path.suffix.lower() in IMAGE_SUFFIXES and not path.name.startswith(".")
+
+
+def _image_files(directory: Path) -> list[Path]:
+    """scandir, not Path.iterdir: directory entries carry their type, sparing 50,000 stat calls."""
+    with os.scandir(directory) as entries:
+        return sorted(Path(e.path) for e in entries if e.is_file() and _is_image(Path(e.name)))
+
+
+def _subdirs(directory: Path) -> list[str]:
+    with os.scandir(directory) as entries:
+        return sorted(e.name for e in entries if e.is_dir() and not e.name.startswith("."))
+
+
+def fit_image(image: Image.Image, size: int) -> np.ndarray:
+    """RGB uint8 HxWx3 at ``size`` x ``size``: untouched when already that size, else
+    shorter side to round(size * 256/224) (bilinear) then a centre crop, as torchvision's
+    Resize + CenterCrop."""
+    image = image.convert("RGB")
+    if image.size != (size, size):
+        width, height = image.size
+        short = round(size * RESIZE_RATIO)
+        if width <= height:
+            new = (short, int(short * height / width))
+        else:
+            new = (int(short * width / height), short)
+        image = image.resize(new, Image.Resampling.BILINEAR)
+        left = round((new[0] - size) / 2.0)
+        top = round((new[1] - size) / 2.0)
+        image = image.crop((left, top, left + size, top + size))
+    return np.asarray(image, dtype=np.uint8)
+
+
+def _read(path: Path, size: int | None) -> np.ndarray:
+    with Image.open(path) as image:
+        return fit_image(image, size) if size is not None else np.asarray(image.convert("RGB"), dtype=np.uint8)
+
+
+def _common_size(paths: Sequence[Path]) -> int | None:
+    """None (keep as is) when every image has one size, else the ImageNet 224.
+
+    Only headers are read."""
+    sizes = set()
+    for path in paths:
+        with Image.open(path) as image:
+            sizes.add(image.size)
+        if len(sizes) > 1:
+            return IMAGENET_SIZE
+    return None
+
+
+# --------------------------------------------------------------------------- CIFAR-10-C
+
+
+def _map_npy(path: Path) -> np.ndarray:
+    """Memory-map a .npy file; never unpickle (a dataset file should not run code)."""
+    try:
+        return np.load(path, mmap_mode="r", allow_pickle=False)
+    except ValueError as exc:
+        raise ValueError(f"{path} is not a plain numeric .npy array: {exc}") from exc
+
+
+def load_cifar10c(
+    root: Path, corruption: str, severity: int, count: int | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Rows of one severity from ``<root>/<corruption>.npy`` and ``labels.npy``.
+
+    Severity s is the s-th fifth of the rows ([(s-1)*10000, s*10000) in the released
+    files). Files are memory-mapped so only the selected rows are read.
+    """
+    root = Path(root)
+    severity = _check_severity(severity)
+    if not corruption or Path(corruption).name != corruption:
+        raise ValueError(f"corruption must be a plain name, got {corruption!r}")
+    images_path, labels_path = root / f"{corruption}.npy", root / "labels.npy"
+    if not images_path.is_file():
+        available = sorted(p.stem for p in root.glob("*.npy") if p.stem != "labels") if root.is_dir() else []
+        raise FileNotFoundError(f"no {images_path}; corruptions in {root}: {available}")
+    if not labels_path.is_file():
+        raise FileNotFoundError(f"no {labels_path}: a CIFAR-10-C directory needs labels.npy beside the corruptions")
+    x, y = _map_npy(images_path), _map_npy(labels_path)
+    if x.dtype != np.uint8 or x.ndim != 4 or x.shape[3] != 3:
+        raise ValueError(f"{images_path} must be uint8 (N, H, W, 3), got {x.dtype} {x.shape}")
+    if not np.issubdtype(y.dtype, np.integer) or y.ndim != 1:
+        raise ValueError(f"{labels_path} must be a 1-D integer array, got {y.dtype} {y.shape}")
+    if len(y) != len(x):
+        raise ValueError(f"{labels_path} has {len(y)} labels but {images_path} has {len(x)} images")
+    if len(x) == 0 or len(x) % len(SEVERITIES):
+        raise ValueError(f"{images_path} has {len(x)} rows; expected a positive multiple of 5 (one block per severity)")
+    per_severity = len(x) // len(SEVERITIES)
+    n = _check_count(count, per_severity, f"{corruption} severity {severity}")
+    start = (severity - 1) * per_severity
+    return np.array(x[start : start + n]), np.array(y[start : start + n], dtype=np.int64)
+
+
+# --------------------------------------------------------------------------- ImageNet-C
+
+
+def imagenet_c_wnids(root: Path) -> list[str]:
+    """Sorted class folders over every ``<corruption>/<severity>`` of the tree, so a
+    folder missing in one place cannot shift the class indices elsewhere."""
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"ImageNet-C root {root} is not a directory")
+    wnids: set[str] = set()
+    for corruption in _subdirs(root):
+        for severity in _subdirs(root / corruption):
+            if severity.isdigit():
+                wnids.update(_subdirs(root / corruption / severity))
+    return sorted(wnids)
+
+
+class ImageNetCFolder:
+    """One ``<root>/<corruption>/<severity>/<wnid>/*.JPEG`` directory, read lazily in batches.
+
+    Files are listed once; images are decoded only when a batch is asked for, so
+    50,000 images never sit in memory together. Order is (class index, file name);
+    with ``seed`` the ``count`` images are a seeded shuffled subset instead (on-disk
+    order is label-sorted, which would make a label-correlated stream).
+    """
+
+    def __init__(
+        self,
+        root: Path,
+        corruption: str,
+        severity: int,
+        wnids: Sequence[str] | None = None,
+        count: int | None = None,
+        seed: int | None = None,
+        size: int = IMAGENET_SIZE,
+    ) -> None:
+        root = Path(root)
+        severity = _check_severity(severity)
+        if not (root / corruption).is_dir():
+            available = _subdirs(root) if root.is_dir() else []
+            raise FileNotFoundError(f"no corruption directory {root / corruption}; found {available}")
+        directory = root / corruption / str(severity)
+        if not directory.is_dir():
+            raise FileNotFoundError(f"no severity directory {directory}; found {_subdirs(root / corruption)}")
+        self.wnids = list(wnids) if wnids is not None else imagenet_c_wnids(root)
+        index = {wnid: i for i, wnid in enumerate(self.wnids)}
+        unknown = [d for d in _subdirs(directory) if d not in index]
+        if unknown:
+            raise ValueError(f"{directory} has class folders not in the wnid list: {unknown[:5]}")
+        paths: list[Path] = []
+        labels: list[int] = []
+        for wnid in self.wnids:
+            if (directory / wnid).is_dir():
+                files = _image_files(directory / wnid)
+                paths += files
+                labels += [index[wnid]] * len(files)
+        if not paths:
+            raise ValueError(f"no images under {directory}")
+        picks = _select(len(paths), _check_count(count, len(paths), str(directory)), seed)
+        self.directory = directory
+        self.size = size
+        self.paths = [paths[i] for i in picks]
+        self.labels = np.asarray(labels, dtype=np.int64)[picks]
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def batches(self, batch_size: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """(uint8 NxHxWx3, int64 N) batches, decoded on demand."""
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        for start in range(0, len(self.paths), batch_size):
+            stop = start + batch_size
+            images = np.stack([_read(p, self.size) for p in self.paths[start:stop]])
+            yield images, self.labels[start:stop]
+
+    def load_all(self) -> tuple[np.ndarray, np.ndarray]:
+        """Every selected image at once: for subsets that fit in memory (e.g. 5,000)."""
+        x = np.empty((len(self), self.size, self.size, 3), dtype=np.uint8)
+        for start, (images, _) in zip(range(0, len(self), 256), self.batches(256), strict=True):
+            x[start : start + len(images)] = images
+        return x, self.labels.copy()
+
+
+# --------------------------------------------------------------------------- class folders
+
+
+def _class_folder_files(root: Path) -> tuple[list[Path], list[int], list[str]]:
+    """Files in (class, name) order, their labels, and the sorted class names."""
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"image folder {root} is not a directory")
+    classes = _subdirs(root)
+    if not classes:
+        raise ValueError(f"{root} has no class folders; expected <root>/<class>/<image>")
+    paths: list[Path] = []
+    labels: list[int] = []
+    empty = []
+    for label, name in enumerate(classes):
+        files = _image_files(root / name)
+        if not files:
+            empty.append(name)
+        paths += files
+        labels += [label] * len(files)
+    if empty:
+        suffixes = ", ".join(sorted(IMAGE_SUFFIXES))
+        raise ValueError(f"class folders without images ({suffixes}) in {root}: {empty[:5]}")
+    return paths, labels, classes
+
+
+def load_class_folder(
+    root: Path, size: int | None = None, count: int | None = None, seed: int | None = 0
+) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Images of a ``<root>/<class>/*.{jpg,png,...}`` tree as (uint8 NHWC, int64 labels, class names).
+
+    ``size`` None keeps images as they are when all share one size, else 224.
+    ``seed`` shuffles the order (on disk it is label-sorted); None keeps (class, name) order.
+    Labels index the sorted class names.
+    """
+    paths, labels, classes = _class_folder_files(root)
+    picks = _select(len(paths), _check_count(count, len(paths), str(root)), seed)
+    chosen = [paths[i] for i in picks]
+    if size is None:
+        size = _common_size(chosen)
+    elif size < 1:
+        raise ValueError(f"size must be >= 1, got {size}")
+    x = np.stack([_read(p, size) for p in chosen])
+    return x, np.asarray(labels, dtype=np.int64)[picks], classes
+
+
+# --------------------------------------------------------------------------- corruption cache
+
+
+def corruption_rng(seed: int, name: str, severity: int) -> np.random.Generator:
+    """The generator :func:`driftsync.data.streams.replay` uses, so cached and replayed images agree."""
+    return np.random.default_rng([seed, CORRUPTIONS.index(name), severity])
+
+
+def cache_key(images: np.ndarray, name: str, severity: int, seed: int, constants: str) -> str:
+    """sha256 over the image bytes (with shape and dtype) and every corruption input."""
+    digest = hashlib.sha256(np.ascontiguousarray(images).data).hexdigest()
+    text = f"v{_CACHE_VERSION}|{images.dtype}|{images.shape}|{digest}|{name}|{severity}|{seed}|{constants}"
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _save_atomic(path: Path, array: np.ndarray) -> None:
+    """Write to a temporary file in the same directory, then rename: readers never see half a file."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.save(f, array, allow_pickle=False)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def corrupt_cached(
+    images: np.ndarray, name: str, severity: int, seed: int, cache_dir: Path | None = None
+) -> np.ndarray:
+    """``corrupt`` seeded as in ``replay``, memoised on disk: slow corruptions (glass
+    blur at 224 px) are computed once per base set, not once per run."""
+    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[3] != 3:
+        raise ValueError(f"images must be uint8 (N, H, W, 3), got {images.dtype} {images.shape}")
+    if name not in CORRUPTIONS:
+        raise ValueError(f"unknown corruption {name!r}; expected one of {', '.join(CORRUPTIONS)}")
+    severity = _check_severity(severity)
+    constants = constants_for_size(images.shape[1], images.shape[2])
+    path = None
+    if cache_dir is not None:
+        cache_dir = Path(cache_dir)
+        path = cache_dir / f"{name}_{severity}_{cache_key(images, name, severity, seed, constants)}.npy"
+        if path.is_file():
+            try:
+                cached = np.load(path, allow_pickle=False)
+            except (OSError, ValueError) as exc:
+                log.warning("unreadable cache file %s (%s); recomputing", path, exc)
+            else:
+                if cached.dtype == np.uint8 and cached.shape == images.shape:
+                    return cached
+                log.warning("cache file %s holds %s %s; recomputing", path, cached.dtype, cached.shape)
+    out = corrupt(images, name, severity, corruption_rng(seed, name, severity), constants=constants)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _save_atomic(path, out)
+    return out
+
+
+# --------------------------------------------------------------------------- writing trees
+
+
+def parse_severities(text: str) -> list[int]:
+    """'1-5', '3', '1,3,5' (or mixes like '1-2,5') -> sorted unique severities in 1..5."""
+    found: set[int] = set()
+    for part in (p.strip() for p in str(text).split(",")):
+        lo, sep, hi = part.partition("-")
+        try:
+            first, last = (int(lo), int(hi)) if sep else (int(part), int(part))
+        except ValueError:
+            raise ValueError(f"bad severity {part!r} in {text!r}; use e.g. '1-5', '3' or '1,3,5'") from None
+        if not (1 <= first <= last <= 5):
+            raise ValueError(f"severity {part!r} in {text!r} is outside 1..5 or reversed")
+        found.update(range(first, last + 1))
+    return sorted(found)
+
+
+def write_corrupted_tree(
+    input_dir: Path,
+    output_dir: Path,
+    corruptions: list[str],
+    severities: list[int],
+    seed: int,
+    size: int | None = None,
+) -> int:
+    """Write ``<out>/<corruption>/<severity>/<class>/<stem>.JPEG`` (quality 85, as
+    ImageNet-C) from a class-per-folder tree; returns the number of files written.
+
+    Each input is decoded once per batch of 32 and corrupted for every (corruption,
+    severity), each pair drawing from its own seeded generator; the constant set
+    follows the output image size.
+    """
+    if not corruptions or not severities:
+        raise ValueError("need at least one corruption and one severity")
+    unknown = [c for c in corruptions if c not in CORRUPTIONS]
+    if unknown:
+        raise ValueError(f"unknown corruptions {unknown}; choose from {list(CORRUPTIONS)}")
+    severities = [_check_severity(s) for s in severities]
+    paths, labels, classes = _class_folder_files(Path(input_dir))
+    clashes = [key for key, n in Counter(zip(labels, (p.stem for p in paths))).items() if n > 1]
+    if clashes:
+        label, stem = clashes[0]
+        raise ValueError(f"two input files would both be written as {classes[label]}/{stem}.JPEG")
+    if size is None:
+        size = _common_size(paths)
+    output_dir = Path(output_dir)
+    pairs = [(c, s) for c in corruptions for s in severities]
+    for corruption, severity in pairs:
+        for name in classes:
+            (output_dir / corruption / str(severity) / name).mkdir(parents=True, exist_ok=True)
+    rngs = {(c, s): corruption_rng(seed, c, s) for c, s in pairs}
+    total = len(paths) * len(pairs)
+    written = reported = 0
+    for start in range(0, len(paths), _WRITE_BATCH):
+        batch_paths = paths[start : start + _WRITE_BATCH]
+        images = np.stack([_read(p, size) for p in batch_paths])
+        constants = constants_for_size(images.shape[1], images.shape[2])
+        for corruption, severity in pairs:
+            out = corrupt(images, corruption, severity, rngs[corruption, severity], constants=constants)
+            for image, path, label in zip(out, batch_paths, labels[start : start + _WRITE_BATCH], strict=True):
+                target = output_dir / corruption / str(severity) / classes[label] / f"{path.stem}.JPEG"
+                Image.fromarray(image).save(target, format="JPEG", quality=JPEG_QUALITY)
+            written += len(out)
+            decile = written * 10 // total
+            if decile > reported:
+                log.info("corrupt: %d/%d files (%d%%)", written, total, written * 100 // total)
+                reported = decile
+    return written
+
+
+def corrupt_main(argv: list[str] | None = None) -> int:
+    """``driftsync corrupt``: build an ImageNet-C-style tree from any class-per-folder image set."""
+    parser = argparse.ArgumentParser(
+        prog="driftsync corrupt",
+        description="Write <output>/<corruption>/<severity>/<class>/<stem>.JPEG from <input>/<class>/<images>.",
+    )
+    parser.add_argument("--input", required=True, type=Path, help="class-per-folder image tree")
+    parser.add_argument("--output", required=True, type=Path, help="where the corrupted tree goes")
+    parser.add_argument("--corruptions", default="all", help="comma list or 'all' (the 15 benchmark corruptions)")
+    parser.add_argument("--severities", default="1-5", help="'1-5', '3' or '1,3,5'")
+    parser.add_argument("--seed", default=0, type=int, help="corruption seed")
+    parser.add_argument("--size", default=None, type=int, help="output side (default: keep if all equal, else 224)")
+    args = parser.parse_args(argv)
+    try:
+        corruptions = parse_corruptions(args.corruptions)
+        severities = parse_severities(args.severities)
+    except ValueError as exc:
+        parser.error(str(exc))
+    if args.size is not None and args.size < 8:
+        parser.error(f"--size must be at least 8 (the corruptions need 8 px), got {args.size}")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    try:
+        written = write_corrupted_tree(args.input, args.output, corruptions, severities, args.seed, args.size)
+    except (OSError, ValueError) as exc:
+        log.error("corrupt failed: %s", exc)
+        return 1
+    print(f"wrote {written} files to {args.output}")
+    return 0
