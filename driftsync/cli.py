@@ -81,10 +81,18 @@ def main(argv: list[str] | None = None) -> int:
     export = sub.add_parser("export", help="export the student: ONNX graph, norm side file, statistics graph")
     add(export, "--student", "embedded-student", help="student model NAME[:CHECKPOINT]")
     add(export, "--out", "student-onnx", help="output directory")
+    sub.add_parser("corrupt", add_help=False, help="write an ImageNet-C-style tree from a class-per-folder image set")
     train = sub.add_parser("train", help="train and cache the embedded default models")
     add(train, "--models", "embedded-student,embedded-teacher", help="comma list")
 
-    args = parser.parse_args(argv)
+    args, rest = parser.parse_known_args(argv)
+    if args.command == "corrupt":  # its own parser owns every flag after the word
+        from driftsync.data.loaders import corrupt_main
+
+        logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+        return corrupt_main(rest)
+    if rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request drowns the progress
     handler = {"serve": _serve, "device": _device, "demo": _demo, "export": _export, "train": _train}[args.command]

@@ -387,7 +387,9 @@ def test_corrupt_main_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[s
     out = tmp_path / "out"
     argv = ["--input", str(source), "--output", str(out), "--corruptions", "brightness,pixelate",
             "--severities", "2-3", "--seed", "1"]
-    assert corrupt_main(argv) == 0
+    from driftsync.cli import main
+
+    assert main(["corrupt", *argv]) == 0  # through the `driftsync corrupt` entry point
     assert "wrote 16 files" in capsys.readouterr().out
     for corruption in ("brightness", "pixelate"):
         for severity in (2, 3):

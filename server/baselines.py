@@ -1,0 +1,386 @@
+"""On-device reference methods: source, BN test statistics, TENT, EATA, CoTTA.
+
+In-process torch with full backprop, for the evaluation harness. Written after the
+reference code (DequanWang/tent, mr-eggplant/EATA, qinenergy/cotta); hyperparameters
+follow RESEARCH.md, "On-device references". Every method takes float32 NCHW RGB in
+[0, 1] (the model wrapper normalises) and is *online*: `predict_and_adapt(x)` returns
+the logits of the same forward pass that adapts, then takes one step.
+
+    method = build_method("tent", model, num_classes=10)
+    for x in stream: logits = method.predict_and_adapt(x)
+
+Common to all methods:
+- The model is deep-copied: the caller's model is never modified.
+- "Test-batch statistics" is done as in TENT's `configure_model`: every BN layer gets
+  `track_running_stats=False` and no running buffers, so it always normalises with the
+  current batch. Deviation: only the BN layers are put in train mode, the rest stays in
+  eval mode (the references call `model.train()`; identical for nets without dropout).
+- `reset()` reloads the source weights and the initial optimizer state (and EATA's
+  probability EMA, CoTTA's teacher/anchor and augmentation RNG).
+- Counters are cost accounting, summed over samples, and survive `reset()`:
+  `forward_passes` += batch size per network forward over the batch,
+  `backward_passes` += number of samples whose loss is back-propagated.
+  source, bn: 1 forward, 0 backward. tent: 1 forward, 1 backward.
+  eata: 1 forward; backward only for the samples kept by both filters (as EATA counts
+  them); the Fisher pre-computation on `fisher_images` is not counted (source side).
+  cotta: 3 forwards (student, teacher, anchor) + N augmented teacher forwards when the
+  augmentation average is used, 1 backward.
+
+Per method (P = published / reference value):
+- source: eval mode, running statistics, no gradient.
+- bn: test-batch statistics, no gradient (BN-1 / "norm_test").
+- tent: BN affine only, loss = mean softmax entropy. optimizer="adam" (default, TENT's
+  CIFAR config: Adam lr 1e-3, betas (0.9, 0.999)) or "sgd" (TENT's ImageNet config:
+  SGD lr 2.5e-4, momentum 0.9, nesterov, as in its default cfg). No deviation.
+- eata: BN affine only. Reliability filter H < e_margin = 0.4 ln C (P: 0.4 ln 1000 for
+  ImageNet), weight 1/exp(H - e_margin); redundancy filter |cos(p, m)| < d_margin = 0.05
+  against m, the EMA (0.9) of the mean probability vector of kept samples; Fisher
+  regulariser alpha * sum F (theta - theta0)^2, alpha 2000, F = squared gradients of
+  cross-entropy to the argmax pseudo-label, averaged over batches of `fisher_batch_size`
+  (64, EATA's) of `fisher_images`, in adaptation mode, as in EATA's main.py.
+  Deviations: without `fisher_images` there is no Fisher term (EATA uses 2000 clean
+  source images); SGD lr 2.5e-4 momentum 0.9 is EATA's ImageNet batch-64 setting, used
+  here for any dataset (override `optimizer`/`lr`). RESEARCH.md notes that d_margin 0.05
+  passes almost nothing with 10 classes; kept as published, overridable.
+- cotta: all parameters trained with Adam lr 1e-3; loss = cross-entropy between the
+  teacher's softmax and the student's log-softmax; EMA teacher 0.999 (parameters only);
+  anchor = frozen source model; when the batch-mean anchor max-probability < 0.92 the
+  teacher prediction is the mean of the logits over N = 32 augmented copies, else the
+  teacher's plain logits; stochastic restore of each weight/bias element to the source
+  value with p = 0.01. The returned logits are the teacher's prediction, as in CoTTA.
+  Deviations: (1) the N augmented forwards are only run when they are used (the
+  reference always runs them and discards them when the anchor is confident; the outputs
+  are identical, only RNG consumption and cost differ -- the counters count what ran);
+  (2) the augmentations are re-implemented in torch after CoTTA's CIFAR set: colour
+  jitter (brightness [0.6, 1.4], contrast [0.7, 1.3], saturation [0.5, 1.5], hue
+  [-0.06, 0.06], gamma [0.7, 1.3], random order), edge pad 16, random affine (+-15 deg,
+  translate 1/16 of the padded size, scale [0.9, 1.1], bilinear), gaussian blur (kernel
+  5, sigma [0.001, 0.5]), centre crop, horizontal flip p 0.5, gaussian noise std 0.005,
+  clip to [0, 1]. As in the reference (torchvision transforms applied to a batch
+  tensor), one draw of the random parameters is shared by the whole batch per
+  augmentation; the noise is per pixel. Hue is a rotation in YIQ space instead of
+  torchvision's HSV shift. Out-of-range affine samples take the nearest edge pixel
+  instead of torchvision's zero fill.
+"""
+from __future__ import annotations
+
+import copy
+import math
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from server.engine import entropy
+from server.norm import affine_parameters, norm_layers
+
+
+class OnlineMethod(Protocol):
+    name: str
+    forward_passes: int
+    backward_passes: int
+
+    def predict_and_adapt(self, x: torch.Tensor) -> torch.Tensor: ...
+
+    def reset(self) -> None: ...
+
+
+def use_batch_statistics(model: nn.Module) -> nn.Module:
+    """TENT's configure_model for the norm layers: batch statistics always, no running ones."""
+    model.eval()
+    for layer in norm_layers(model).values():
+        layer.train()
+        layer.track_running_stats = False
+        layer.running_mean = None
+        layer.running_var = None
+    return model
+
+
+def make_optimizer(params: list[nn.Parameter], optimizer: str, lr: float | None) -> torch.optim.Optimizer:
+    if optimizer == "adam":  # TENT / CoTTA CIFAR
+        return torch.optim.Adam(params, lr=1e-3 if lr is None else lr, betas=(0.9, 0.999))
+    if optimizer == "sgd":  # TENT ImageNet (nesterov), EATA uses nesterov=False
+        return torch.optim.SGD(params, lr=2.5e-4 if lr is None else lr, momentum=0.9, nesterov=True)
+    raise ValueError(f"unknown optimizer {optimizer!r}; choose 'adam' or 'sgd'")
+
+
+class _Method:
+    name = ""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = copy.deepcopy(model)
+        self.optimizer: torch.optim.Optimizer | None = None
+        self.forward_passes = 0
+        self.backward_passes = 0
+
+    def _save_source(self) -> None:
+        """Call at the end of __init__: what reset() goes back to."""
+        self._model_state = copy.deepcopy(self.model.state_dict())
+        self._opt_state = copy.deepcopy(self.optimizer.state_dict()) if self.optimizer else None
+
+    def reset(self) -> None:
+        self.model.load_state_dict(self._model_state)
+        if self.optimizer is not None:
+            self.optimizer.load_state_dict(copy.deepcopy(self._opt_state))
+
+
+class Source(_Method):
+    name = "source"
+
+    def __init__(self, model: nn.Module, num_classes: int) -> None:
+        super().__init__(model)
+        self.model.eval().requires_grad_(False)
+        self._save_source()
+
+    @torch.no_grad()
+    def predict_and_adapt(self, x: torch.Tensor) -> torch.Tensor:
+        self.forward_passes += len(x)
+        return self.model(x)
+
+
+class BatchNormTest(Source):
+    name = "bn"
+
+    def __init__(self, model: nn.Module, num_classes: int) -> None:
+        super().__init__(model, num_classes)
+        use_batch_statistics(self.model)
+        self._save_source()
+
+
+class Tent(_Method):
+    name = "tent"
+
+    def __init__(self, model: nn.Module, num_classes: int, optimizer: str = "adam", lr: float | None = None) -> None:
+        super().__init__(model)
+        use_batch_statistics(self.model).requires_grad_(False)
+        params = affine_parameters(self.model)
+        for p in params:
+            p.requires_grad_(True)
+        self.optimizer = make_optimizer(params, optimizer, lr)
+        self._save_source()
+
+    @torch.enable_grad()
+    def predict_and_adapt(self, x: torch.Tensor) -> torch.Tensor:
+        outputs = self.model(x)
+        loss = entropy(outputs).mean(0)
+        loss.backward()
+        self.optimizer.step()
+        self.optimizer.zero_grad()
+        self.forward_passes += len(x)
+        self.backward_passes += len(x)
+        return outputs.detach()
+
+
+class EATA(_Method):
+    name = "eata"
+
+    def __init__(
+        self,
+        model: nn.Module,
+        num_classes: int,
+        optimizer: str = "sgd",
+        lr: float = 2.5e-4,
+        e_margin: float | None = None,
+        d_margin: float = 0.05,
+        fisher_alpha: float = 2000.0,
+        fisher_images: torch.Tensor | None = None,
+        fisher_batch_size: int = 64,
+        ema: float = 0.9,
+    ) -> None:
+        super().__init__(model)
+        use_batch_statistics(self.model).requires_grad_(False)
+        params = affine_parameters(self.model)
+        for p in params:
+            p.requires_grad_(True)
+        if optimizer == "sgd":  # EATA: plain momentum SGD
+            self.optimizer = torch.optim.SGD(params, lr=lr, momentum=0.9)
+        else:
+            self.optimizer = make_optimizer(params, optimizer, lr)
+        self.e_margin = 0.4 * math.log(num_classes) if e_margin is None else e_margin
+        self.d_margin = d_margin
+        self.fisher_alpha = fisher_alpha
+        self.ema = ema
+        self.fishers = None if fisher_images is None else self._fishers(fisher_images, fisher_batch_size)
+        self.current_model_probs: torch.Tensor | None = None
+        self.num_samples_update_1 = 0  # passed the reliability filter
+        self.num_samples_update_2 = 0  # passed both filters
+        self._save_source()
+
+    def _fishers(self, images: torch.Tensor, batch_size: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """Diagonal Fisher of the affine parameters, as EATA's main.py computes it."""
+        named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+        sums = {n: torch.zeros_like(p) for n, p in named}
+        batches = list(torch.split(images, batch_size))
+        with torch.enable_grad():
+            for batch in batches:
+                outputs = self.model(batch)
+                F.cross_entropy(outputs, outputs.argmax(1)).backward()
+                for n, p in named:
+                    sums[n] += p.grad.detach() ** 2
+                self.model.zero_grad(set_to_none=True)
+        return {n: (sums[n] / len(batches), p.detach().clone()) for n, p in named}
+
+    @torch.enable_grad()
+    def predict_and_adapt(self, x: torch.Tensor) -> torch.Tensor:
+        outputs = self.model(x)
+        self.forward_passes += len(x)
+        ent = entropy(outputs)
+        ids1 = torch.where(ent < self.e_margin)[0]
+        probs1 = outputs[ids1].softmax(1)
+        if self.current_model_probs is not None and len(ids1) > 0:
+            cos = F.cosine_similarity(self.current_model_probs.unsqueeze(0), probs1, dim=1)
+            ids2 = torch.where(cos.abs() < self.d_margin)[0]
+        else:
+            ids2 = torch.arange(len(ids1))
+        kept_ent, kept_probs = ent[ids1][ids2], probs1[ids2].detach()
+        if len(kept_probs) > 0:
+            mean = kept_probs.mean(0)
+            old = self.current_model_probs
+            self.current_model_probs = mean if old is None else self.ema * old + (1 - self.ema) * mean
+        self.num_samples_update_1 += len(ids1)
+        self.num_samples_update_2 += len(kept_ent)
+        if len(kept_ent) > 0:
+            loss = (kept_ent * torch.exp(self.e_margin - kept_ent.detach())).mean(0)
+            if self.fishers is not None:
+                for n, p in self.model.named_parameters():
+                    if n in self.fishers:
+                        fisher, theta0 = self.fishers[n]
+                        loss = loss + self.fisher_alpha * (fisher * (p - theta0) ** 2).sum()
+            loss.backward()
+            self.optimizer.step()
+            self.backward_passes += len(kept_ent)
+        self.optimizer.zero_grad()
+        return outputs.detach()
+
+    def reset(self) -> None:
+        super().reset()
+        self.current_model_probs = None
+
+
+# --- CoTTA ----------------------------------------------------------------------------------
+
+
+def _uniform(g: torch.Generator, lo: float, hi: float) -> float:
+    return lo + (hi - lo) * torch.rand((), generator=g).item()
+
+
+def _gray(x: torch.Tensor) -> torch.Tensor:
+    return (0.2989 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2]).unsqueeze(1)
+
+
+def _hue(x: torch.Tensor, shift: float) -> torch.Tensor:
+    """Rotate chroma by 2*pi*shift in YIQ space (torchvision shifts H in HSV)."""
+    to_yiq = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])
+    c, s = math.cos(2 * math.pi * shift), math.sin(2 * math.pi * shift)
+    rot = torch.tensor([[1.0, 0.0, 0.0], [0.0, c, -s], [0.0, s, c]])
+    m = torch.linalg.inv(to_yiq) @ rot @ to_yiq
+    return torch.einsum("ij,njhw->nihw", m.to(x), x).clamp(0, 1)
+
+
+def cotta_augment(x: torch.Tensor, g: torch.Generator, noise_std: float = 0.005) -> torch.Tensor:
+    """One draw of CoTTA's CIFAR test-time augmentation, shared by the batch (see docstring)."""
+    n, _, h, w = x.shape
+    x = x.clamp(0, 1)
+    for op in torch.randperm(5, generator=g).tolist():  # ColorJitterPro: random order
+        if op == 0:
+            x = (x * _uniform(g, 0.6, 1.4)).clamp(0, 1)
+        elif op == 1:
+            f = _uniform(g, 0.7, 1.3)
+            x = (f * x + (1 - f) * _gray(x).mean(dim=(1, 2, 3), keepdim=True)).clamp(0, 1)
+        elif op == 2:
+            f = _uniform(g, 0.5, 1.5)
+            x = (f * x + (1 - f) * _gray(x)).clamp(0, 1)
+        elif op == 3:
+            x = _hue(x, _uniform(g, -0.06, 0.06))
+        else:
+            x = x.clamp(1e-8, 1.0) ** _uniform(g, 0.7, 1.3)
+    pad = h // 2
+    x = F.pad(x, (pad, pad, pad, pad), mode="replicate")
+    size = x.shape[-1]
+    angle = math.radians(_uniform(g, -15, 15))
+    scale = _uniform(g, 0.9, 1.1)
+    max_t = size / 16  # torchvision: translate fraction of the (padded) image size, in pixels
+    tx, ty = (round(_uniform(g, -max_t, max_t)) * 2 / size for _ in range(2))
+    cos, sin = math.cos(angle) / scale, math.sin(angle) / scale
+    # affine_grid maps output to input coordinates: the inverse of rotate-scale-then-translate.
+    theta = torch.tensor([[cos, sin, -(cos * tx + sin * ty)], [-sin, cos, -(-sin * tx + cos * ty)]])
+    grid = F.affine_grid(theta.to(x).expand(n, 2, 3), list(x.shape), align_corners=False)
+    x = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    sigma = _uniform(g, 0.001, 0.5)
+    k = torch.exp(-((torch.arange(5, dtype=x.dtype) - 2) ** 2) / (2 * sigma**2))
+    k = (k / k.sum()).to(x)
+    x = F.pad(x, (2, 2, 2, 2), mode="reflect")
+    x = F.conv2d(x, k.view(1, 1, 1, 5).expand(3, 1, 1, 5), groups=3)
+    x = F.conv2d(x, k.view(1, 1, 5, 1).expand(3, 1, 5, 1), groups=3)
+    x = x[..., pad : pad + h, pad : pad + w]
+    if torch.rand((), generator=g).item() < 0.5:
+        x = x.flip(dims=[3])
+    x = x + noise_std * torch.randn(x.shape, generator=g).to(x)
+    return x.clamp(0, 1)
+
+
+class CoTTA(_Method):
+    name = "cotta"
+
+    def __init__(
+        self,
+        model: nn.Module,
+        num_classes: int,
+        optimizer: str = "adam",
+        lr: float = 1e-3,
+        mt: float = 0.999,
+        rst: float = 0.01,
+        ap: float = 0.92,
+        n_augmentations: int = 32,
+        seed: int = 0,
+    ) -> None:
+        super().__init__(model)
+        use_batch_statistics(self.model).requires_grad_(True)
+        self.optimizer = make_optimizer(list(self.model.parameters()), optimizer, lr)
+        self.mt, self.rst, self.ap, self.n_augmentations, self.seed = mt, rst, ap, n_augmentations, seed
+        self._save_source()
+        self._source_params = {n: p.detach().clone() for n, p in self.model.named_parameters()}
+        self.reset()
+
+    def reset(self) -> None:
+        super().reset()
+        self.model_ema = copy.deepcopy(self.model).requires_grad_(False)
+        self.model_anchor = copy.deepcopy(self.model).requires_grad_(False)
+        self.generator = torch.Generator().manual_seed(self.seed)
+
+    @torch.enable_grad()
+    def predict_and_adapt(self, x: torch.Tensor) -> torch.Tensor:
+        outputs = self.model(x)
+        with torch.no_grad():
+            anchor_prob = self.model_anchor(x).softmax(1).max(1)[0]
+            outputs_ema = self.model_ema(x)
+            self.forward_passes += 3 * len(x)
+            if anchor_prob.mean(0) < self.ap:  # augmentation-averaged teacher prediction
+                outputs_ema = torch.stack(
+                    [self.model_ema(cotta_augment(x, self.generator)) for _ in range(self.n_augmentations)]
+                ).mean(0)
+                self.forward_passes += self.n_augmentations * len(x)
+        loss = -(outputs_ema.softmax(1) * outputs.log_softmax(1)).sum(1).mean(0)
+        loss.backward()
+        self.optimizer.step()
+        self.optimizer.zero_grad()
+        self.backward_passes += len(x)
+        with torch.no_grad():
+            for ema_p, p in zip(self.model_ema.parameters(), self.model.parameters()):
+                ema_p.mul_(self.mt).add_(p, alpha=1 - self.mt)
+            for n, p in self.model.named_parameters():  # stochastic restore
+                if n.rsplit(".", 1)[-1] in ("weight", "bias"):
+                    mask = torch.rand(p.shape, generator=self.generator) < self.rst
+                    p.copy_(torch.where(mask, self._source_params[n], p))
+        return outputs_ema
+
+
+METHODS = {m.name: m for m in (Source, BatchNormTest, Tent, EATA, CoTTA)}
+
+
+def build_method(name: str, model: nn.Module, num_classes: int, **overrides) -> OnlineMethod:
+    """A fresh online method around a copy of `model`; overrides are the class's keyword args."""
+    if name not in METHODS:
+        raise ValueError(f"unknown method {name!r}; choose from {sorted(METHODS)}")
+    return METHODS[name](model, num_classes, **overrides)
