@@ -126,7 +126,7 @@ def test_eata_updates_reliable_samples_and_counts_them() -> None:
 
 
 def test_eata_fisher_keeps_parameters_near_source() -> None:
-    loose = dict(optimizer="adam", lr=1e-2, e_margin=10.0, d_margin=2.0)  # every sample passes
+    loose = {"optimizer": "adam", "lr": 1e-2, "e_margin": 10.0, "d_margin": 2.0}  # every sample passes
     fisher_images = images(64, seed=7)
     dist = {}
     for alpha in (0.0, 1e8):  # Adam: the step size stays bounded for any alpha
