@@ -34,6 +34,26 @@ class DomainTally:
     uplink_bytes: int = 0
 
 
+def _tally(
+    tallies: dict[str, DomainTally], chunk: Chunk, names: tuple[str, ...], predicted: np.ndarray,
+    source_pred: np.ndarray, uploaded: np.ndarray, sent_bytes: int,
+) -> None:
+    """Per-sample domains (a mixed stream has several per batch); bytes sent since the last
+    batch are shared among this batch's domains in proportion to their samples."""
+    unallocated = sent_bytes
+    distinct = list(dict.fromkeys(names))
+    for i, name in enumerate(distinct):
+        mask = np.array([n == name for n in names])
+        t = tallies.setdefault(name, DomainTally(name, chunk.domain.severity))
+        t.samples += int(mask.sum())
+        t.errors += int((predicted[mask] != chunk.labels[mask]).sum())
+        t.errors_source += int((source_pred[mask] != chunk.labels[mask]).sum())
+        t.uploaded += int(uploaded[mask].sum())
+        share = unallocated if i == len(distinct) - 1 else sent_bytes * int(mask.sum()) // len(names)
+        t.uplink_bytes += share
+        unallocated -= share
+
+
 def run_replay(
     client: DeviceClient,
     chunks: Iterable[Chunk],
@@ -45,18 +65,12 @@ def run_replay(
     source = build_session(client.onnx_bytes, client.source_params, client.cfg.threads)
     tallies: dict[str, DomainTally] = {}
     curve: list[dict] = []
-    current: DomainTally | None = None
-    bytes_at_domain_start = 0
+    sent_before = 0
     records = records_path.open("w") if records_path else None
     started = time.monotonic()
     done = 0
     try:
         for chunk in chunks:
-            if current is None or current.name != chunk.domain.name:
-                if current is not None:
-                    current.uplink_bytes += client.uploader.stats.sent_bytes - bytes_at_domain_start
-                bytes_at_domain_start = client.uploader.stats.sent_bytes
-                current = tallies.setdefault(chunk.domain.name, DomainTally(chunk.domain.name, chunk.domain.severity))
             if fps:
                 lag = started + done / fps - time.monotonic()
                 if lag > 0:
@@ -64,19 +78,19 @@ def run_replay(
             now = time.time()
             out = client.predict(chunk.images, np.full(len(chunk.images), now))
             source_pred = source.run(None, {"input": to_model_input(chunk.images)})[0].argmax(axis=1)
+            names = chunk.domain_names()
+            sent_now = client.uploader.stats.sent_bytes
+            _tally(tallies, chunk, names, out.labels, source_pred, out.uploaded, sent_now - sent_before)
+            sent_before = sent_now
             wrong = out.labels != chunk.labels
-            current.samples += len(chunk.labels)
-            current.errors += int(wrong.sum())
-            current.errors_source += int((source_pred != chunk.labels).sum())
-            current.uploaded += int(out.uploaded.sum())
             curve.append({
-                "sample": done, "domain": chunk.domain.name, "version": out.version,
+                "sample": done, "domain": chunk.domain.key, "version": out.version,
                 "accuracy": float(1 - wrong.mean()), "accuracy_source": float((source_pred == chunk.labels).mean()),
             })
             if records is not None:
                 for i in range(len(chunk.labels)):
                     records.write(json.dumps({
-                        "domain": chunk.domain.name, "label": int(chunk.labels[i]), "prediction": int(out.labels[i]),
+                        "domain": names[i], "label": int(chunk.labels[i]), "prediction": int(out.labels[i]),
                         "confidence": round(float(out.confidence[i]), 5), "entropy": round(float(out.entropy[i]), 5),
                         "uploaded": bool(out.uploaded[i]), "version": out.version, "time": now,
                     }) + "\n")
@@ -87,8 +101,8 @@ def run_replay(
         if records is not None:
             records.close()
     client.stop()
-    if current is not None:
-        current.uplink_bytes += client.uploader.stats.sent_bytes - bytes_at_domain_start
+    if tallies:  # bytes still in flight at the end belong to the last domain played
+        list(tallies.values())[-1].uplink_bytes += client.uploader.stats.sent_bytes - sent_before
     return {
         "domains": [asdict(t) for t in tallies.values()],
         "curve": curve,

@@ -36,7 +36,9 @@ def _device_args(p: argparse.ArgumentParser) -> None:
     add(p, "--data", None, optional(str), help="npz path for --source npz (keys x, y)")
     add(p, "--data-key", "x", help="image key in the npz (e.g. x_exact1000)")
     add(p, "--corruptions", "all", help="comma list, 'all' (CoTTA order) or 'none'")
-    add(p, "--severity", 5, int, help="corruption severity 1-5")
+    add(p, "--severity", 5, int, help="corruption severity 1-5 (gradual: the peak)")
+    add(p, "--setting", "continual", help="continual, reset_each_shift, gradual, mixed or correlated")
+    add(p, "--dirichlet", 0.1, float, help="label-burst concentration for the correlated setting")
     add(p, "--samples-per-domain", 200, int, help="images per domain")
     add(p, "--image-offset", 0, int, help="first embedded image index (devices see different scenes)")
     add(p, "--domain-offset", 0, int, help="start the domain cycle this many domains in")
@@ -122,7 +124,7 @@ def _device(args: argparse.Namespace) -> int:
     from driftsync.data import streams
 
     corruptions = streams.parse_corruptions(args.corruptions)
-    domains = streams.rotate(streams.continual_domains(corruptions, args.severity), args.domain_offset)
+    corruptions = streams.rotate(corruptions, args.domain_offset)
     if args.source == "embedded":
         images, labels = streams.embedded_base(args.samples_per_domain, args.image_offset)
     elif args.source == "npz":
@@ -140,10 +142,11 @@ def _device(args: argparse.Namespace) -> int:
         local_statistics=args.local_statistics, stats_momentum=args.stats_momentum,
     )
     client = DeviceClient(cfg).start()
-    chunks = streams.replay(images, labels, domains, args.batch_size, seed=args.seed)
+    chunks = streams.stream(args.setting, images, labels, corruptions, args.severity, args.batch_size,
+                            seed=args.seed, dirichlet=args.dirichlet)
     summary = run_replay(
         client, chunks, fps=args.fps, records_path=Path(args.records) if args.records else None,
-        total=len(images) * len(domains),
+        total=streams.stream_length(args.setting, len(images), corruptions, args.severity),
     )
     if args.summary:
         atomic_write(Path(args.summary), json.dumps(summary).encode())

@@ -209,3 +209,18 @@ def test_device_keeps_predicting_when_the_server_dies(tmp_path):
     status = device.status()
     assert status["uploads"]["sent"] == 0 and status["uploads"]["dropped_failed"] > 0
     device.stop(flush_timeout=5)
+
+
+def test_replay_tallies_per_sample_domains_of_a_mixed_stream(tiny_server, tmp_path):
+    from device_client.replay import run_replay
+    from driftsync.data import streams
+
+    url, _ = tiny_server
+    device = _device(url, tmp_path)
+    images, labels = streams.embedded_base(16)
+    summary = run_replay(device, streams.stream("mixed", images, labels, ["fog", "contrast"], 5, 8), fps=None)
+    rows = {d["name"]: d for d in summary["domains"]}
+    assert set(rows) == {"fog", "contrast"}
+    assert all(r["samples"] == 16 for r in rows.values())
+    assert sum(r["uploaded"] for r in rows.values()) == summary["status"]["uploads"]["offered"]
+    assert sum(r["uplink_bytes"] for r in rows.values()) == summary["status"]["uploads"]["sent_bytes"]

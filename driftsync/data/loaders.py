@@ -18,7 +18,7 @@ import numpy as np
 from PIL import Image
 
 from driftsync.data.corruptions import CORRUPTIONS, constants_for_size, corrupt
-from driftsync.data.streams import parse_corruptions
+from driftsync.data.streams import corruption_rng, parse_corruptions
 
 log = logging.getLogger(__name__)
 
@@ -288,11 +288,6 @@ def load_class_folder(
 
 
 # --------------------------------------------------------------------------- corruption cache
-
-
-def corruption_rng(seed: int, name: str, severity: int) -> np.random.Generator:
-    """The generator :func:`driftsync.data.streams.replay` uses, so cached and replayed images agree."""
-    return np.random.default_rng([seed, CORRUPTIONS.index(name), severity])
 
 
 def cache_key(images: np.ndarray, name: str, severity: int, seed: int, constants: str) -> str:
