@@ -80,6 +80,7 @@ class DeviceClient:
         self.downloaded_model = False
         self.stats_updates = 0
         self._stop = threading.Event()
+        self._apply_lock = threading.Lock()  # no delta lands after stop() returns
         self._frames: deque[np.ndarray] = deque(maxlen=4 * cfg.stats_batch)
         self._frames_ready = threading.Condition()
 
@@ -135,7 +136,8 @@ class DeviceClient:
         self.uploader.start()
         if self.cfg.local_statistics:
             self._probe = StatisticsProbe(stats_onnx, self.cfg.threads)
-            threading.Thread(target=self._estimate_statistics, name="statistics", daemon=True).start()
+            self._statistics = threading.Thread(target=self._estimate_statistics, name="statistics", daemon=True)
+            self._statistics.start()
         self._poller = threading.Thread(target=self._poll_deltas, name="delta-poller", daemon=True)
         self._poller.start()
         log.info("device ready at v%d", version)
@@ -193,19 +195,22 @@ class DeviceClient:
     # -- deltas ---------------------------------------------------------------------
     def apply_delta(self, delta: Delta) -> bool:
         """Verify, install and persist; a refusal is logged and counted, never raised."""
-        try:
-            params = verify_delta(delta, self.model.version, self.descriptor)
-        except DeltaRefused as exc:
-            self.deltas.refused[exc.reason] = self.deltas.refused.get(exc.reason, 0) + 1
-            log.warning("refused delta v%d: %s", delta.new_version, exc)
-            return False
-        if not self.model.install(params, delta.new_version):
-            self.deltas.refused["stale"] = self.deltas.refused.get("stale", 0) + 1
-            return False
-        self.state.save_delta(delta)
-        self.deltas.applied += 1
-        self.deltas.freshness_s.append(max(0.0, time.time() - delta.newest_upload_at))
-        return True
+        with self._apply_lock:
+            if self._stop.is_set():
+                return False
+            try:
+                params = verify_delta(delta, self.model.version, self.descriptor)
+            except DeltaRefused as exc:
+                self.deltas.refused[exc.reason] = self.deltas.refused.get(exc.reason, 0) + 1
+                log.warning("refused delta v%d: %s", delta.new_version, exc)
+                return False
+            if not self.model.install(params, delta.new_version):
+                self.deltas.refused["stale"] = self.deltas.refused.get("stale", 0) + 1
+                return False
+            self.state.save_delta(delta)
+            self.deltas.applied += 1
+            self.deltas.freshness_s.append(max(0.0, time.time() - delta.newest_upload_at))
+            return True
 
     def _poll_deltas(self) -> None:
         api = ServerApi(self.cfg.server, self.identity.token)
@@ -230,8 +235,12 @@ class DeviceClient:
     def stop(self, flush_timeout: float = 10.0) -> None:
         self.uploader.close(flush_timeout)
         self._stop.set()
+        with self._apply_lock:  # waits for a delta being installed right now
+            pass
         with self._frames_ready:
             self._frames_ready.notify_all()
+        if self.cfg.local_statistics:  # onnxruntime must not be mid-call when the process exits
+            self._statistics.join(timeout=10)
 
     def status(self) -> dict:
         up = self.uploader.stats

@@ -130,8 +130,12 @@ def _set_norm_mode(model: nn.Module, train: bool, momentum: float | None = None)
 class CemaEngine:
     """One student and one teacher module shared by every cohort; states are swapped in."""
 
-    def __init__(self, student: nn.Module, teacher: nn.Module, cfg: CemaConfig, seed: int = 0) -> None:
+    def __init__(
+        self, student: nn.Module, teacher: nn.Module, cfg: CemaConfig, seed: int = 0,
+        student_input_shape: tuple[int, int, int] = (3, 32, 32),
+    ) -> None:
         self.cfg = cfg
+        self.student_input_shape = student_input_shape
         self.student = copy.deepcopy(student)
         self.teacher = copy.deepcopy(teacher)
         self._student_params = freeze_all_but_affine(self.student)

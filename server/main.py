@@ -50,7 +50,7 @@ def build_app(opts: ServeOptions) -> FastAPI:
         replay_per_step=opts.replay_per_step,
         stats_momentum=opts.stats_momentum,
     )
-    engine = CemaEngine(student, teacher, cfg, seed=opts.seed)
+    engine = CemaEngine(student, teacher, cfg, seed=opts.seed, student_input_shape=info.input_shape)
     store = SqliteStore(opts.state_dir / "driftsync.sqlite")
     settings = ServerSettings(max_body_bytes=opts.max_body_bytes, enrolment_token=opts.enrolment_token)
     parts = build_parts(

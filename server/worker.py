@@ -102,6 +102,11 @@ class AdaptationWorker:
         self._on_step = on_step
 
     def start(self) -> None:
+        """Warm up first: the first torch step pays seconds of one-off setup, which would
+        otherwise land on the first real upload's freshness."""
+        shape = self.engine.student_input_shape
+        self.engine.step(np.zeros((self.engine.cfg.new_per_step, shape[1], shape[2], shape[0]), np.uint8),
+                         self.engine.new_state())
         self._thread.start()
 
     def stop(self) -> None:

@@ -12,14 +12,14 @@ from driftsync.report import REPORT_KEYS
 def test_reduced_demo_runs_processes_over_http_and_writes_the_report(tmp_path):
     out = tmp_path / "demo"
     report = run_demo(DemoOptions(
-        devices=2, samples_per_domain=64, corruptions="gaussian_noise,fog,contrast", out=out, fps=32.0, batch_size=16,
+        devices=2, samples_per_domain=96, corruptions="gaussian_noise,fog,contrast", out=out, fps=24.0, batch_size=16,
     ))
     on_disk = json.loads((out / "report.json").read_text())
     assert on_disk == json.loads(json.dumps(report))
     assert set(REPORT_KEYS) <= set(on_disk)
     assert [d["name"] for d in on_disk["domains"]] == ["gaussian_noise", "fog", "contrast"]
     for d in on_disk["domains"]:
-        assert d["samples"] == 2 * 64
+        assert d["samples"] == 2 * 96
         assert 0.0 <= d["error"] <= 100.0 and 0.0 <= d["error_source"] <= 100.0
     assert on_disk["deltas_applied"] >= 1 and on_disk["downlink_bytes"] > 0
     assert 0.0 < on_disk["upload_ratio"] <= 1.0 and on_disk["uplink_bytes_per_sample"] > 0
