@@ -19,7 +19,7 @@ MAX_IMAGE_BYTES = 256 * 1024
 MAX_NAME_LENGTH = 128
 
 ImageCodec = Literal["png", "jpeg", "webp", "raw"]
-Name = Field(min_length=1, max_length=MAX_NAME_LENGTH, pattern=r"^[A-Za-z0-9_.:\-]+$")
+NAME_PATTERN = r"^[A-Za-z0-9_.:\-]+$"
 
 
 class _Message(BaseModel):
@@ -51,8 +51,11 @@ class ModelDescriptor(_Message):
 
 class RegisterRequest(_Message):
     protocol_version: int = PROTOCOL_VERSION
-    device_name: str = Name
-    cohort: str | None = Name
+    device_name: str = Field(min_length=1, max_length=MAX_NAME_LENGTH, pattern=NAME_PATTERN)
+    cohort: str | None = Field(
+        default=None, min_length=1, max_length=MAX_NAME_LENGTH, pattern=NAME_PATTERN,
+        description="Devices naming the same cohort share one adapted state; none means the device's own.",
+    )
     enrolment_token: str | None = None
 
 

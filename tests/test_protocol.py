@@ -118,3 +118,12 @@ def test_decoding_structured_garbage_is_a_codec_error(obj):
             decode(data, model)
         except CodecError:
             pass
+
+
+def test_registration_needs_only_a_valid_name():
+    from shared.protocol import RegisterRequest
+
+    assert RegisterRequest.model_validate({"device_name": "cam-01"}).cohort is None
+    for bad in ({"device_name": ""}, {"device_name": "a b"}, {"device_name": "ok", "cohort": "../x y"}, {}):
+        with pytest.raises(ValueError):
+            RegisterRequest.model_validate(bad)

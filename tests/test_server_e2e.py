@@ -107,6 +107,9 @@ def test_bad_requests_get_clear_json_errors_and_server_keeps_serving(tiny_server
     _assert_json_error(httpx.get(f"{url}/v1/deltas", params={"since": -1}, headers=_auth(token)), 422)
     _assert_json_error(httpx.get(f"{url}/v1/deltas", params={"since": 99}, headers=_auth(token)), 409)
 
+    _assert_json_error(httpx.post(f"{url}/v1/devices", json={"device_name": "has space"}), 422)
+    _assert_json_error(httpx.post(f"{url}/v1/devices", content=b"not json"), 422)
+
     r = httpx.post(f"{url}/v1/uploads", content=pack(good), headers=_auth(token))
     assert r.status_code == 202 and r.json()["accepted"] == 1
     assert httpx.get(f"{url}/healthz").json()["status"] == "ok"
