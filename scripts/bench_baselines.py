@@ -38,6 +38,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--device", default="cpu", help="torch device, e.g. cuda for cotta's 32 augmentations")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -47,13 +48,14 @@ def main() -> None:
     chunks = list(streams.stream(args.setting, images, labels, corruptions, args.severity, args.batch_size, seed=args.seed))
     results = {}
     for name in args.methods.split(","):
-        method = build_method(name, build_model(args.model), info.num_classes)
+        method = build_method(name, build_model(args.model).to(args.device), info.num_classes)
         errors: dict[str, list[int]] = {}
         started = time.perf_counter()
         for chunk in chunks:
             if chunk.reset:
                 method.reset()
-            predicted = method.predict_and_adapt(to_input(chunk.images)).argmax(dim=1).numpy()
+            x = to_input(chunk.images).to(args.device)
+            predicted = method.predict_and_adapt(x).argmax(dim=1).cpu().numpy()
             for domain, wrong in zip(chunk.domain_names(), predicted != chunk.labels):
                 row = errors.setdefault(domain, [0, 0])
                 row[0] += 1

@@ -371,7 +371,7 @@ class CoTTA(_Method):
                 ema_p.mul_(self.mt).add_(p, alpha=1 - self.mt)
             for n, p in self.model.named_parameters():  # stochastic restore
                 if n.rsplit(".", 1)[-1] in ("weight", "bias"):
-                    mask = torch.rand(p.shape, generator=self.generator) < self.rst
+                    mask = (torch.rand(p.shape, generator=self.generator) < self.rst).to(p.device)
                     p.copy_(torch.where(mask, self._source_params[n], p))
         return outputs_ema
 
