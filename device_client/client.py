@@ -10,7 +10,7 @@ import logging
 import random
 import threading
 import time
-from collections import deque
+from collections import Counter, deque
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -67,7 +67,7 @@ class Predictions:
 @dataclass
 class DeltaLog:
     applied: int = 0
-    refused: dict[str, int] = field(default_factory=dict)
+    refused: Counter[str] = field(default_factory=Counter)
     bytes: int = 0
     freshness_s: list[float] = field(default_factory=list)
 
@@ -188,7 +188,7 @@ class DeviceClient:
             self.stats_updates += 1
 
     def _current_statistics(self) -> dict[str, Tensor]:
-        """Sent with each upload, so the cloud distils under the device's own statistics."""
+        """Rides on an upload every few seconds, so the cloud distils under the device's own statistics."""
         params = self.model.params
         return {name: Tensor.from_numpy(params[name]) for name in statistic_names(self.descriptor.parameters)}
 
@@ -201,11 +201,11 @@ class DeviceClient:
             try:
                 params = verify_delta(delta, self.model.version, self.descriptor)
             except DeltaRefused as exc:
-                self.deltas.refused[exc.reason] = self.deltas.refused.get(exc.reason, 0) + 1
+                self.deltas.refused[exc.reason] += 1
                 log.warning("refused delta v%d: %s", delta.new_version, exc)
                 return False
             if not self.model.install(params, delta.new_version):
-                self.deltas.refused["stale"] = self.deltas.refused.get("stale", 0) + 1
+                self.deltas.refused["stale"] += 1
                 return False
             self.state.save_delta(delta)
             self.deltas.applied += 1

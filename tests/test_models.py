@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from driftsync.config import home as driftsync_home
 from driftsync.data import synthetic
 from server.models import embedded
 from server.models.cifar_resnet import cifar_resnet
@@ -155,7 +156,7 @@ def trained_home() -> Path:
 
     The same cache the demo uses, so a test run trains them at most once.
     """
-    home = embedded.default_home()
+    home = driftsync_home()
     for name in ("embedded-student", "embedded-teacher"):
         path = embedded.ensure_trained(name, home)
         assert path.exists() and path.parent == home / "models"

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from driftsync.config import home as driftsync_home
 from driftsync.data import synthetic
 
 # Normalisation applied by the registry's input wrapper; training uses the same constants.
@@ -95,16 +96,11 @@ def build_embedded(name: str) -> ConvBNNet:
     return ConvBNNet(CONFIGS[name].plan, len(synthetic.CLASS_NAMES))
 
 
-def default_home() -> Path:
-    """DRIFTSYNC_HOME, else ~/.cache/driftsync."""
-    return Path(os.environ.get("DRIFTSYNC_HOME") or Path.home() / ".cache" / "driftsync")
-
-
 def checkpoint_path(name: str, home: Path | None = None) -> Path:
     """Where the trained state_dict for name lives (the config hash keeps stale caches apart)."""
     if name not in CONFIGS:
         raise ValueError(f"unknown embedded model {name!r}; choose from {sorted(CONFIGS)}")
-    return Path(home or default_home()) / "models" / f"{name}-{CONFIGS[name].digest()}.pt"
+    return Path(home or driftsync_home()) / "models" / f"{name}-{CONFIGS[name].digest()}.pt"
 
 
 def ensure_trained(name: str, home: Path | None = None, log: Callable[[str], None] = print) -> Path:
