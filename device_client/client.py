@@ -21,13 +21,17 @@ from device_client.runtime import SwappableModel, split_norm_file
 from device_client.scoring import entropy, softmax, to_model_input
 from device_client.selection import CemaSelector, SelectionConfig, UploadBudget
 from device_client.state import DeviceStateDir, Identity
-from device_client.statistics import StatisticsProbe, fold_batch_statistics, statistic_names
+from device_client.statistics import BatchStatisticsModel, StatisticsProbe, fold_batch_statistics, statistic_names
 from device_client.transport import ServerApi, ServerError
 from device_client.uploader import Uploader
 from shared.protocol import Delta, ImageCodec, RegisterRequest
 from shared.tensors import Tensor
 
 log = logging.getLogger("driftsync.device")
+# running: fused inference under running statistics that a background thread estimates from frames;
+# batch: each batch normalised by its own statistics (needs batches of about 16 or more);
+# cloud: the device measures nothing, the cloud re-estimates statistics from the uploads.
+NORMALIZATIONS = ("running", "batch", "cloud")
 
 
 @dataclass(frozen=True)
@@ -50,9 +54,13 @@ class DeviceConfig:
     redundancy_margin: float | None = None
     poll_wait_s: float = 20.0
     threads: int = 0
-    local_statistics: bool = True
+    normalization: str = "running"  # see NORMALIZATIONS
     stats_momentum: float = 0.2
     stats_batch: int = 16
+
+    def __post_init__(self) -> None:
+        if self.normalization not in NORMALIZATIONS:
+            raise ValueError(f"normalization must be one of {NORMALIZATIONS}, not {self.normalization!r}")
 
 
 @dataclass(frozen=True)
@@ -70,6 +78,7 @@ class DeltaLog:
     refused: Counter[str] = field(default_factory=Counter)
     bytes: int = 0
     freshness_s: list[float] = field(default_factory=list)
+    newest_upload_at: float = 0.0  # capture time of the newest upload the applied parameters include
 
 
 class DeviceClient:
@@ -79,6 +88,7 @@ class DeviceClient:
         self.deltas = DeltaLog()
         self.downloaded_model = False
         self.stats_updates = 0
+        self.forward_samples = 0  # inference and statistics passes, for the cost columns
         self._stop = threading.Event()
         self._apply_lock = threading.Lock()  # no delta lands after stop() returns
         self._frames: deque[np.ndarray] = deque(maxlen=4 * cfg.stats_batch)
@@ -113,7 +123,11 @@ class DeviceClient:
                 params, version = params | verify_delta(saved, 0, self.descriptor), saved.new_version
             except DeltaRefused as exc:
                 log.warning("ignoring the saved delta: %s", exc)
-        self.model = SwappableModel(onnx_bytes, params, version, self.cfg.threads)
+        batch_norm = self.cfg.normalization == "batch"
+        if batch_norm:
+            self.model = BatchStatisticsModel(stats_onnx, params, version, self.cfg.threads, self.cfg.stats_momentum)
+        else:
+            self.model = SwappableModel(onnx_bytes, params, version, self.cfg.threads)
         self.selector = CemaSelector(
             SelectionConfig(
                 num_classes=self.descriptor.num_classes,
@@ -131,10 +145,10 @@ class DeviceClient:
             batch_size=self.cfg.upload_batch,
             flush_s=self.cfg.upload_flush_s,
             max_attempts=self.cfg.upload_max_attempts,
-            stats_source=self._current_statistics if self.cfg.local_statistics else None,
+            stats_source=None if self.cfg.normalization == "cloud" else self._current_statistics,
         )
         self.uploader.start()
-        if self.cfg.local_statistics:
+        if self.cfg.normalization == "running":
             self._probe = StatisticsProbe(stats_onnx, self.cfg.threads)
             self._statistics = threading.Thread(target=self._estimate_statistics, name="statistics", daemon=True)
             self._statistics.start()
@@ -159,10 +173,11 @@ class DeviceClient:
     # -- inference ------------------------------------------------------------------
     def predict(self, images: np.ndarray, captured_at: np.ndarray | None = None) -> Predictions:
         logits, version = self.model.run(to_model_input(images))
+        self.forward_samples += len(images)
         probs = softmax(logits)
         ent = entropy(probs)
         keep = self.selector.select(probs, ent)
-        if self.cfg.local_statistics:
+        if self.cfg.normalization == "running":
             with self._frames_ready:
                 self._frames.extend(images)
                 self._frames_ready.notify()
@@ -186,6 +201,7 @@ class DeviceClient:
             momentum = self.cfg.stats_momentum
             self.model.refresh(lambda p: fold_batch_statistics(p, self._probe.measure(x, p), momentum))
             self.stats_updates += 1
+            self.forward_samples += len(frames)
 
     def _current_statistics(self) -> dict[str, Tensor]:
         """Rides on an upload every few seconds, so the cloud distils under the device's own statistics."""
@@ -210,7 +226,17 @@ class DeviceClient:
             self.state.save_delta(delta)
             self.deltas.applied += 1
             self.deltas.freshness_s.append(max(0.0, time.time() - delta.newest_upload_at))
+            self.deltas.newest_upload_at = max(self.deltas.newest_upload_at, delta.newest_upload_at)
             return True
+
+    def wait_for_delta_covering(self, captured_at: float, timeout: float) -> bool:
+        """Block until the parameters include uploads captured up to `captured_at` (evaluation pacing)."""
+        deadline = time.monotonic() + timeout
+        while self.deltas.newest_upload_at < captured_at:
+            if time.monotonic() >= deadline or self._stop.is_set():
+                return False
+            time.sleep(0.01)
+        return True
 
     def _poll_deltas(self) -> None:
         api = ServerApi(self.cfg.server, self.identity.token)
@@ -239,7 +265,7 @@ class DeviceClient:
             pass
         with self._frames_ready:
             self._frames_ready.notify_all()
-        if self.cfg.local_statistics:  # onnxruntime must not be mid-call when the process exits
+        if self.cfg.normalization == "running":  # onnxruntime must not be mid-call when the process exits
             self._statistics.join(timeout=10)
 
     def status(self) -> dict:
@@ -254,6 +280,7 @@ class DeviceClient:
                 "dropped_budget": up.dropped_budget, "dropped_failed": up.dropped_failed,
             },
             "selection": dict(self.selector.counts) | {"e_max": self.selector.e_max(), "e_min": self.selector.e_min},
-            "statistics": {"local": self.cfg.local_statistics, "updates": self.stats_updates},
+            "statistics": {"normalization": self.cfg.normalization, "updates": self.stats_updates},
+            "passes": {"forward_samples": self.forward_samples, "backward_samples": 0},
             "deltas": {"applied": self.deltas.applied, "refused": dict(self.deltas.refused), "bytes": self.deltas.bytes},
         }

@@ -61,7 +61,11 @@ def run_replay(
     fps: float | None,
     records_path: Path | None = None,
     total: int | None = None,
+    lockstep_timeout_s: float | None = None,
 ) -> dict:
+    """Replay `chunks` through the device, paced in real time (`fps`) or in lockstep: before each
+    batch, wait until a delta includes every upload so far (bounded by `lockstep_timeout_s`),
+    which is the zero-latency protocol that research tables assume."""
     source = build_session(client.onnx_bytes, client.source_params, client.cfg.threads)
     tallies: dict[str, DomainTally] = {}
     curve: list[dict] = []
@@ -69,14 +73,21 @@ def run_replay(
     records = records_path.open("w") if records_path else None
     started = time.monotonic()
     done = 0
+    last_uploaded_at = 0.0
+    lockstep_timeouts = 0
     try:
         for chunk in chunks:
             if fps:
                 lag = started + done / fps - time.monotonic()
                 if lag > 0:
                     time.sleep(lag)
+            if lockstep_timeout_s and last_uploaded_at and not client.wait_for_delta_covering(last_uploaded_at, lockstep_timeout_s):
+                lockstep_timeouts += 1
             now = time.time()
-            out = client.predict(chunk.images, np.full(len(chunk.images), now))
+            captured = now + 1e-6 * np.arange(len(chunk.images))  # distinct, so a delta's coverage is exact
+            out = client.predict(chunk.images, captured)
+            if out.uploaded.any():
+                last_uploaded_at = float(captured[out.uploaded].max())
             source_pred = source.run(None, {"input": to_model_input(chunk.images)})[0].argmax(axis=1)
             names = chunk.domain_names()
             sent_now = client.uploader.stats.sent_bytes
@@ -109,4 +120,5 @@ def run_replay(
         "status": client.status(),
         "freshness_s": client.deltas.freshness_s,
         "seconds": time.monotonic() - started,
+        "lockstep_timeouts": lockstep_timeouts,
     }

@@ -7,6 +7,8 @@ frame it sees, where the cloud would only see the entropy-filtered uploads.
 """
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 import onnxruntime as ort
 
@@ -31,17 +33,63 @@ def fold_batch_statistics(
 
 
 class StatisticsProbe:
-    """Runs the statistics graph with the given parameters fed as inputs (no session rebuild)."""
+    """Runs the statistics graph with the affine tensors fed as inputs (no session rebuild).
+
+    `run` gives the logits under the batch's own statistics together with those statistics.
+    """
 
     def __init__(self, stats_onnx: bytes, threads: int = 0) -> None:
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
         self._session = ort.InferenceSession(stats_onnx, options, providers=["CPUExecutionProvider"])
-        self._outputs = [o.name for o in self._session.get_outputs() if o.name.endswith((".batch_mean", ".batch_var"))]
+        self._stats = [o.name for o in self._session.get_outputs() if o.name.endswith((".batch_mean", ".batch_var"))]
+        self._outputs = [self._session.get_outputs()[0].name, *self._stats]
         self._inputs = {i.name for i in self._session.get_inputs()}
 
-    def measure(self, x: np.ndarray, params: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def run(self, x: np.ndarray, params: dict[str, np.ndarray]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         feeds = {"input": x} | {k: v for k, v in params.items() if k in self._inputs}
-        values = self._session.run(self._outputs, feeds)
-        return dict(zip(self._outputs, values))
+        logits, *values = self._session.run(self._outputs, feeds)
+        return logits, dict(zip(self._stats, values))
+
+    def measure(self, x: np.ndarray, params: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return self.run(x, params)[1]
+
+
+class BatchStatisticsModel:
+    """Inference that normalises each batch with its own statistics: the `bn` reference, forward
+    only. Each batch's statistics also fold into running estimates, which ride on uploads so the
+    cloud distils under what the device sees. Same interface as `SwappableModel`; no session is
+    ever rebuilt, because every normalization tensor is a feed.
+    """
+
+    def __init__(self, stats_onnx: bytes, params: dict[str, np.ndarray], version: int, threads: int = 0,
+                 momentum: float = 0.2) -> None:
+        self._probe = StatisticsProbe(stats_onnx, threads)
+        self._momentum = momentum
+        self._lock = threading.Lock()
+        self._version = version
+        self._params = dict(params)
+
+    @property
+    def version(self) -> int:
+        return self._version
+
+    @property
+    def params(self) -> dict[str, np.ndarray]:
+        return self._params
+
+    def run(self, x: np.ndarray) -> tuple[np.ndarray, int]:
+        with self._lock:
+            params, version = self._params, self._version
+        logits, stats = self._probe.run(x, params)
+        with self._lock:
+            self._params = fold_batch_statistics(self._params, stats, self._momentum)
+        return logits, version
+
+    def install(self, params: dict[str, np.ndarray], version: int) -> bool:
+        with self._lock:
+            if version <= self._version:
+                return False
+            self._params, self._version = self._params | params, version
+        return True

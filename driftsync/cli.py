@@ -22,7 +22,13 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
     add(p, "--replay-per-step", 96, int, help="replayed uploads per step (CEMA: 96)")
     add(p, "--stats-momentum", 0.3, float, help="momentum of the student's BN statistics re-estimation")
     add(p, "--adapt-teacher", True, parse_bool, help="adapt the teacher's norm layers too")
+    add(p, "--teacher-optimizer", "sgd", help="teacher's optimizer: sgd (CEMA) or adam (TENT's CIFAR setting)")
+    add(p, "--teacher-lr", 2.5e-4, float, help="teacher learning rate (CEMA: 2.5e-4 with SGD)")
+    add(p, "--teacher-augmentations", 0, int, help="extra augmented views averaged into the teacher's soft labels")
+    add(p, "--student-lr", 2.5e-3, float, help="student distillation learning rate (CEMA: 2.5e-3)")
+    add(p, "--student-steps", 1, int, help="distillation steps per adaptation step")
     add(p, "--step-max-wait-s", 2.0, float, help="step with fewer samples once the oldest waited this long")
+    add(p, "--step-min-samples", 8, int, help="fewest new samples a step takes after waiting")
     add(p, "--torch-threads", 0, int, help="torch intra-op threads (0: torch's default)")
 
 
@@ -32,9 +38,9 @@ def _device_args(p: argparse.ArgumentParser) -> None:
     add(p, "--name", "device", help="device name shown to operators")
     add(p, "--cohort", None, optional(str), help="share adaptation state with devices of this cohort")
     add(p, "--enrolment-token", None, optional(str), help="fleet enrolment token")
-    add(p, "--source", "embedded", help="replay source: embedded or npz")
-    add(p, "--data", None, optional(str), help="npz path for --source npz (keys x, y)")
-    add(p, "--data-key", "x", help="image key in the npz (e.g. x_exact1000)")
+    add(p, "--source", "embedded", help="replay source: embedded, npz, or stream (a stream file `driftsync replay` wrote)")
+    add(p, "--data", None, optional(str), help="npz path for --source npz (keys x, y), directory for --source stream")
+    add(p, "--data-key", "x", help="image key in the npz (e.g. x_exact1000; labels: y_exact1000)")
     add(p, "--corruptions", "all", help="comma list, 'all' (CoTTA order) or 'none'")
     add(p, "--severity", 5, int, help="corruption severity 1-5 (gradual: the peak)")
     add(p, "--setting", "continual", help="continual, reset_each_shift, gradual, mixed or correlated")
@@ -44,6 +50,8 @@ def _device_args(p: argparse.ArgumentParser) -> None:
     add(p, "--domain-offset", 0, int, help="start the domain cycle this many domains in")
     add(p, "--batch-size", 16, int, help="frames per inference call")
     add(p, "--fps", 30.0, optional(float), help="replay rate in frames/s ('none': as fast as possible)")
+    add(p, "--lockstep-timeout-s", None, optional(float),
+        help="evaluation pacing: before each batch, wait up to this long for a delta that includes the uploads so far")
     add(p, "--seed", 0, int, help="corruption seed")
     add(p, "--codec", "webp", help="upload image codec: webp (lossless), png, jpeg or raw")
     add(p, "--upload-batch", 32, int, help="samples per upload request")
@@ -57,7 +65,8 @@ def _device_args(p: argparse.ArgumentParser) -> None:
     add(p, "--records", None, optional(str), help="write one JSON line per prediction here")
     add(p, "--summary", None, optional(str), help="write the replay summary JSON here")
     add(p, "--threads", 0, int, help="onnxruntime intra-op threads (0: all cores)")
-    add(p, "--local-statistics", True, parse_bool, help="estimate BN statistics on the device from every frame")
+    add(p, "--normalization", "running", help="running (fused, statistics estimated from frames in the background), "
+        "batch (each batch by its own statistics, forward only; batches of 16+) or cloud (estimated from uploads)")
     add(p, "--stats-momentum", 0.2, float, help="momentum of the device's statistics estimate, per batch")
 
 
@@ -73,6 +82,31 @@ def _demo_args(p: argparse.ArgumentParser) -> None:
     add(p, "--port", 0, int, help="server port (0: a free one)")
 
 
+def _replay_args(p: argparse.ArgumentParser) -> None:
+    add(p, "--dataset", "embedded", help="embedded, cifar10 (npz x/y), cifar10-c, imagenet-c or folder (class per folder)")
+    add(p, "--data", None, optional(str), help="dataset path (npz file, CIFAR-10-C or ImageNet-C root, image folder)")
+    add(p, "--data-key", "x", help="npz image key; x_exact1000 selects CIFAR-10's 1000 bit-exact test images")
+    add(p, "--class-index", None, optional(str), help="ImageNet-C: wnids in the model's class order, one per line")
+    add(p, "--student", "embedded-student", help="device model NAME[:CHECKPOINT]")
+    add(p, "--teacher", "embedded-teacher", help="cloud model NAME[:CHECKPOINT]")
+    add(p, "--method", "source,bn,tent,cema", help="comma list of cema, source, bn, tent, eata, cotta")
+    add(p, "--setting", "continual", help="continual, reset_each_shift, gradual, mixed or correlated")
+    add(p, "--severity", 5, int, help="corruption severity 1-5 (gradual: the peak)")
+    add(p, "--corruptions", "all", help="comma list, 'all' (CoTTA order) or 'none' (clean)")
+    add(p, "--samples-per-domain", 200, optional(int), help="images per domain ('none': all)")
+    add(p, "--batch-size", 64, int, help="frames per batch, for every method")
+    add(p, "--devices", 1, int, help="devices replaying the stream in one cohort (collaborative methods)")
+    add(p, "--seed", 0, int, help="corruption and order seed")
+    add(p, "--out", "driftsync-replay", help="report directory")
+    add(p, "--fps", None, optional(float), help="real-time pacing in frames/s per device ('none': lockstep)")
+    add(p, "--lockstep-timeout-s", 60.0, float, help="lockstep: longest wait for a delta before the next batch")
+    add(p, "--normalization", "batch", help="device normalization for collaborative methods: batch, running or cloud")
+    add(p, "--dirichlet", 0.1, float, help="label-burst concentration for the correlated setting")
+    add(p, "--torch-threads", 0, int, help="torch threads for the server and on-device methods (0: torch's default)")
+    add(p, "--server-args", "", help="extra `driftsync serve` flags, e.g. '--teacher-augmentations 8'")
+    add(p, "--device-args", "", help="extra `driftsync device` flags, e.g. '--e-min-factor 0.02'")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="driftsync", description=__doc__)
     add(parser, "--log-level", "INFO", help="logging level")
@@ -80,6 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     _serve_args(sub.add_parser("serve", help="run the cloud server (needs the server extra)"))
     _device_args(sub.add_parser("device", help="run a device on a replay stream (no torch)"))
     _demo_args(sub.add_parser("demo", help="server + simulated devices on the embedded default, then a report"))
+    _replay_args(sub.add_parser("replay", help="evaluate methods side by side on one identical stream, with costs"))
     export = sub.add_parser("export", help="export the student: ONNX graph, norm side file, statistics graph")
     add(export, "--student", "embedded-student", help="student model NAME[:CHECKPOINT]")
     add(export, "--out", "student-onnx", help="output directory")
@@ -97,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request drowns the progress
-    handler = {"serve": _serve, "device": _device, "demo": _demo, "export": _export, "train": _train}[args.command]
+    handler = {"serve": _serve, "device": _device, "demo": _demo, "replay": _replay, "export": _export, "train": _train}[args.command]
     return handler(args) or 0
 
 
@@ -111,7 +146,9 @@ def _serve(args: argparse.Namespace) -> int:
         enrolment_token=args.enrolment_token, max_body_bytes=args.max_body_bytes,
         new_per_step=args.new_per_step, replay_per_step=args.replay_per_step,
         stats_momentum=args.stats_momentum, adapt_teacher=args.adapt_teacher,
-        step_max_wait_s=args.step_max_wait_s, torch_threads=args.torch_threads,
+        teacher_optimizer=args.teacher_optimizer, teacher_lr=args.teacher_lr,
+        teacher_augmentations=args.teacher_augmentations, student_lr=args.student_lr, student_steps=args.student_steps,
+        step_max_wait_s=args.step_max_wait_s, step_min_samples=args.step_min_samples, torch_threads=args.torch_threads,
     )
     uvicorn.run(build_app(opts), host=args.host, port=args.port, log_level=args.log_level.lower())
     return 0
@@ -123,30 +160,36 @@ def _device(args: argparse.Namespace) -> int:
     from device_client.state import atomic_write
     from driftsync.data import streams
 
-    corruptions = streams.parse_corruptions(args.corruptions)
-    corruptions = streams.rotate(corruptions, args.domain_offset)
-    if args.source == "embedded":
-        images, labels = streams.embedded_base(args.samples_per_domain, args.image_offset)
-    elif args.source == "npz":
+    if args.source == "stream":
         if not args.data:
-            raise SystemExit("--source npz needs --data PATH")
-        images, labels = streams.npz_base(Path(args.data), args.samples_per_domain, key=args.data_key)
+            raise SystemExit("--source stream needs --data DIR (a stream `driftsync replay` wrote)")
+        chunks, total = streams.read_stream(Path(args.data)), streams.stream_file_length(Path(args.data))
     else:
-        raise SystemExit(f"unknown --source {args.source!r}; choose embedded or npz")
+        corruptions = streams.rotate(streams.parse_corruptions(args.corruptions), args.domain_offset)
+        if args.source == "embedded":
+            images, labels = streams.embedded_base(args.samples_per_domain, args.image_offset)
+        elif args.source == "npz":
+            if not args.data:
+                raise SystemExit("--source npz needs --data PATH")
+            images, labels = streams.npz_base(Path(args.data), args.samples_per_domain, key=args.data_key,
+                                              label_key=streams.label_key_for(args.data_key))
+        else:
+            raise SystemExit(f"unknown --source {args.source!r}; choose embedded, npz or stream")
+        chunks = streams.stream(args.setting, streams.corrupting(images, labels, args.seed), corruptions, args.severity,
+                                args.batch_size, seed=args.seed, dirichlet=args.dirichlet)
+        total = streams.stream_length(args.setting, len(images), corruptions, args.severity)
     cfg = DeviceConfig(
         server=args.server, state_dir=Path(args.state_dir), name=args.name, cohort=args.cohort,
         enrolment_token=args.enrolment_token, codec=args.codec, upload_batch=args.upload_batch,
         upload_samples_per_s=args.upload_samples_per_s, upload_bytes_per_s=args.upload_bytes_per_s,
         e_max_factor=args.e_max_factor, dynamic_lambda=args.dynamic_lambda, entropy_ema=args.entropy_ema,
         e_min_factor=args.e_min_factor, redundancy_margin=args.redundancy_margin, threads=args.threads,
-        local_statistics=args.local_statistics, stats_momentum=args.stats_momentum,
+        normalization=args.normalization, stats_momentum=args.stats_momentum,
     )
     client = DeviceClient(cfg).start()
-    chunks = streams.stream(args.setting, images, labels, corruptions, args.severity, args.batch_size,
-                            seed=args.seed, dirichlet=args.dirichlet)
     summary = run_replay(
-        client, chunks, fps=args.fps, records_path=Path(args.records) if args.records else None,
-        total=streams.stream_length(args.setting, len(images), corruptions, args.severity),
+        client, chunks, fps=args.fps, records_path=Path(args.records) if args.records else None, total=total,
+        lockstep_timeout_s=args.lockstep_timeout_s,
     )
     if args.summary:
         atomic_write(Path(args.summary), json.dumps(summary).encode())
@@ -166,6 +209,28 @@ def _demo(args: argparse.Namespace) -> int:
         batch_size=args.batch_size, port=args.port,
     ))
     return 0 if report else 1
+
+
+def _replay(args: argparse.Namespace) -> int:
+    import shlex
+
+    from driftsync.replay import ReplayOptions, run
+
+    try:
+        opts = ReplayOptions(
+            dataset=args.dataset, data=Path(args.data) if args.data else None, data_key=args.data_key,
+            class_index=Path(args.class_index) if args.class_index else None, student=args.student, teacher=args.teacher,
+            methods=tuple(m.strip() for m in args.method.split(",") if m.strip()), setting=args.setting,
+            severity=args.severity, corruptions=args.corruptions, samples_per_domain=args.samples_per_domain,
+            batch_size=args.batch_size, devices=args.devices, seed=args.seed, out=Path(args.out), fps=args.fps,
+            lockstep_timeout_s=args.lockstep_timeout_s, normalization=args.normalization, dirichlet=args.dirichlet,
+            torch_threads=args.torch_threads, server_args=tuple(shlex.split(args.server_args)),
+            device_args=tuple(shlex.split(args.device_args)),
+        )
+    except ValueError as exc:
+        raise SystemExit(f"driftsync replay: {exc}") from exc
+    run(opts)
+    return 0
 
 
 def _export(args: argparse.Namespace) -> int:

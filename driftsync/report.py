@@ -96,8 +96,11 @@ def _smooth(values: np.ndarray, window: int) -> np.ndarray:
     return np.convolve(padded, kernel, mode="valid")
 
 
-def plot(curve: list[dict], path: Path, title: str) -> None:
-    """Online accuracy of adapted vs source, smoothed, with domain boundaries."""
+PALETTE = ((30, 90, 200), (200, 60, 60), (40, 150, 70), (150, 80, 180), (230, 140, 20), (20, 160, 170), (120, 120, 120))
+
+
+def plot(lines: dict[str, np.ndarray], domains: list[str], path: Path, title: str) -> None:
+    """Online accuracy per named line over the stream, smoothed, with domain boundaries."""
     width, height, left, right, top, bottom = 1100, 460, 60, 20, 40, 90
     img = Image.new("RGB", (width, height), "white")
     draw = ImageDraw.Draw(img)
@@ -109,26 +112,29 @@ def plot(curve: list[dict], path: Path, title: str) -> None:
         y = top + ph * (1 - frac)
         draw.line([left, y, left + pw, y], fill=(225, 225, 225))
         draw.text((8, y - 6), f"{frac:.0%}", fill="black", font=font)
-    if curve:
-        n = len(curve)
+    n = len(domains)
+    if n:
         xs = np.linspace(left, left + pw, n)
         window = max(1, n // 60)
-        for key, colour in (("accuracy_source", (200, 60, 60)), ("accuracy", (30, 90, 200))):
-            ys = top + ph * (1 - _smooth(np.array([c[key] for c in curve], dtype=float), window))
+        for (name, values), colour in zip(lines.items(), PALETTE):
+            if len(values) != n:
+                continue
+            ys = top + ph * (1 - _smooth(np.asarray(values, dtype=float), window))
             draw.line(list(zip(xs.tolist(), ys.tolist())), fill=colour, width=2)
         previous = None
-        for i, c in enumerate(curve):
-            if c["domain"] != previous:
+        for i, domain in enumerate(domains):
+            if domain != previous:
                 x = float(xs[i])
                 draw.line([x, top, x, top + ph], fill=(150, 150, 150))
                 label = Image.new("RGBA", (80, 12), (255, 255, 255, 0))
-                ImageDraw.Draw(label).text((0, 0), c["domain"][:13], fill="black", font=font)
+                ImageDraw.Draw(label).text((0, 0), domain[:13], fill="black", font=font)
                 img.paste(label.rotate(90, expand=True), (int(x) - 6, top + ph + 4), label.rotate(90, expand=True))
-                previous = c["domain"]
-    draw.line([width - 260, 18, width - 240, 18], fill=(30, 90, 200), width=3)
-    draw.text((width - 235, 12), "adapted (online)", fill="black", font=font)
-    draw.line([width - 130, 18, width - 110, 18], fill=(200, 60, 60), width=3)
-    draw.text((width - 105, 12), "source", fill="black", font=font)
+                previous = domain
+    x = left + 250
+    for name, colour in zip(lines, PALETTE):
+        draw.line([x, 18, x + 20, 18], fill=colour, width=3)
+        draw.text((x + 25, 12), name, fill="black", font=font)
+        x += 35 + 7 * len(name)
     img.save(path)
 
 
@@ -136,4 +142,58 @@ def write_report(report: dict, curve: list[dict], out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "report.json").write_text(json.dumps(report, indent=2))
     (out / "report.md").write_text(markdown(report))
-    plot(curve, out / "report.png", f"{report['method']} on {report['dataset']}: online accuracy (moving average)")
+    lines = {"adapted (online)": np.array([c["accuracy"] for c in curve]),
+             "source": np.array([c["accuracy_source"] for c in curve])}
+    plot(lines, [c["domain"] for c in curve], out / "report.png",
+         f"{report['method']} on {report['dataset']}: online accuracy (moving average)")
+
+
+def markdown_methods(report: dict) -> str:
+    """One row per method: error per domain and mean, then what it cost."""
+    methods = report["methods"]
+    domains = [d["name"] for d in methods[0]["domains"]]
+    lines = [
+        f"# driftsync replay: {report['dataset']} ({report['setting']}, severity {report['severity']})",
+        "",
+        f"Student `{report['student']}`, teacher `{report['teacher']}`, batch {report.get('batch_size')}, "
+        f"{report['samples']} samples, corruption constants: {report.get('corruption_constants')}, "
+        f"pacing: {report.get('pacing')}.",
+        "",
+        "## Online error % per domain",
+        "",
+        "| method | mean | " + " | ".join(domains) + " |",
+        "|---|---:|" + "---:|" * len(domains),
+        f"| source (no adaptation) | {methods[0]['mean_error_source']:.1f} | "
+        + " | ".join(f"{d['error_source']:.1f}" for d in methods[0]["domains"]) + " |",
+    ]
+    for m in methods:
+        by_name = {d["name"]: d["error"] for d in m["domains"]}
+        lines.append(f"| {m['method']} | **{m['mean_error']:.1f}** | "
+                     + " | ".join(f"{by_name.get(d, float('nan')):.1f}" for d in domains) + " |")
+    lines += [
+        "",
+        "## Cost",
+        "",
+        "| method | where | upload ratio | uplink B/sample | downlink B | deltas | freshness p50 / p95 s "
+        "| device fwd/sample | device bwd/sample | seconds |",
+        "|---|---|---:|---:|---:|---:|---|---:|---:|---:|",
+    ]
+    for m in methods:
+        fresh = f"{m['freshness_p50_s']} / {m['freshness_p95_s']}" if m["freshness_p50_s"] is not None else "-"
+        lines.append(
+            f"| {m['method']} | {m['where']} | {m['upload_ratio']:.3f} | {m['uplink_bytes_per_sample']} | "
+            f"{m['downlink_bytes']} | {m['deltas_applied']} | {fresh} | {m['forward_passes_per_sample']} | "
+            f"{m['backward_passes_per_sample']} | {m['seconds']} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def write_methods_report(report: dict, curves: dict[str, list[dict]], out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "report.json").write_text(json.dumps(report, indent=2))
+    (out / "report.md").write_text(markdown_methods(report))
+    first = next(iter(curves.values()))
+    lines = {"source": np.array([c["accuracy_source"] for c in first])}
+    lines |= {name: np.array([c["accuracy"] for c in curve]) for name, curve in curves.items()}
+    plot(lines, [c["domain"] for c in first], out / "report.png",
+         f"{report['dataset']}, {report['setting']}: online accuracy (moving average)")

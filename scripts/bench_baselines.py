@@ -45,7 +45,7 @@ def main() -> None:
     images, labels = streams.npz_base(args.data, args.count, key=args.data_key, label_key=args.label_key)
     corruptions = streams.parse_corruptions(args.corruptions)
     info = model_info(args.model)
-    chunks = list(streams.stream(args.setting, images, labels, corruptions, args.severity, args.batch_size, seed=args.seed))
+    chunks = list(streams.stream(args.setting, streams.corrupting(images, labels, args.seed), corruptions, args.severity, args.batch_size, seed=args.seed))
     results = {}
     for name in args.methods.split(","):
         method = build_method(name, build_model(args.model).to(args.device), info.num_classes)

@@ -1,5 +1,5 @@
-"""The collaborative loop in one process, without HTTP, on the embedded stream: for comparing
-configurations quickly.
+"""The collaborative loop in one process, without HTTP: for comparing cloud and device
+configurations quickly, on the embedded stream or a real npz (e.g. CIFAR-10's exact 1000).
 
 The device is the student in torch, forward only, optionally folding each batch's
 statistics into its running estimates (as the ONNX statistics graph does on a real
@@ -7,11 +7,16 @@ device). Selection and the cloud step are the product's own code; a step's delta
 applied before the device's next batch, so this is the loop with zero latency.
 
     python scripts/simulate_loop.py [--samples-per-domain 200] [--local-statistics 0.2] [--no-cloud]
+    python scripts/simulate_loop.py --data ../shared/data/cifar10/test.npz --data-key x_exact1000 \\
+        --label-key y_exact1000 --samples-per-domain 1000 --batch-size 200 \\
+        --student resnet20:../shared/models/cifar10-resnet/resnet20-12fca82f.th \\
+        --teacher resnet56:../shared/models/cifar10-resnet/resnet56-4bfd9763.th --device-norm batch
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -27,11 +32,24 @@ from server.norm import load_norm_state, norm_layers, norm_state
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--samples-per-domain", type=int, default=200)
+    parser.add_argument("--data", type=Path, default=None, help="npz base set (default: embedded)")
+    parser.add_argument("--data-key", default="x")
+    parser.add_argument("--label-key", default="y")
+    parser.add_argument("--student", default="embedded-student")
+    parser.add_argument("--teacher", default="embedded-teacher")
+    parser.add_argument("--device-norm", choices=("running", "batch"), default="running",
+                        help="device normalises with running estimates, or with each batch's statistics")
+    parser.add_argument("--teacher-optimizer", default="sgd")
+    parser.add_argument("--teacher-lr", type=float, default=2.5e-4)
+    parser.add_argument("--teacher-augmentations", type=int, default=0)
+    parser.add_argument("--student-steps", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--corruptions", default="all")
     parser.add_argument("--severity", type=int, default=5)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--e-max-factor", type=float, default=0.4)
     parser.add_argument("--dynamic-lambda", type=float, default=0.6, help="negative: static E_max")
+    parser.add_argument("--e-min-factor", type=float, default=0.0, help="E_min = factor * ln C")
     parser.add_argument("--entropy-ema", type=float, default=0.8, help="negative: mean over the whole stream")
     parser.add_argument("--local-statistics", type=float, default=0.2, help="device statistics momentum; 0: cloud-estimated")
     parser.add_argument("--no-cloud", action="store_true", help="never step: what the device does alone")
@@ -41,30 +59,41 @@ def main() -> None:
     parser.add_argument("--replay-per-step", type=int, default=96)
     args = parser.parse_args()
     torch.manual_seed(0)
+    torch.set_num_threads(args.threads)
 
-    info = model_info("embedded-student")
+    info = model_info(args.student)
     cfg = CemaConfig(num_classes=info.num_classes, student_lr=args.student_lr, weight_entropy=args.weight_entropy,
-                     new_per_step=args.new_per_step, replay_per_step=args.replay_per_step)
-    engine = CemaEngine(build_model("embedded-student"), build_model("embedded-teacher"), cfg)
+                     new_per_step=args.new_per_step, replay_per_step=args.replay_per_step,
+                     teacher_optimizer=args.teacher_optimizer, teacher_lr=args.teacher_lr,
+                     teacher_augmentations=args.teacher_augmentations, student_steps=args.student_steps)
+    engine = CemaEngine(build_model(args.student), build_model(args.teacher), cfg)
     state = engine.new_state()
-    device, source = build_model("embedded-student").eval(), build_model("embedded-student").eval()
+    device, source = build_model(args.student).eval(), build_model(args.student).eval()
     selector = CemaSelector(SelectionConfig(
         num_classes=info.num_classes, e_max_factor=args.e_max_factor,
         dynamic_lambda=None if args.dynamic_lambda < 0 else args.dynamic_lambda,
-        entropy_ema=None if args.entropy_ema < 0 else args.entropy_ema,
+        entropy_ema=None if args.entropy_ema < 0 else args.entropy_ema, e_min_factor=args.e_min_factor,
     ))
     local = args.local_statistics > 0
-    images, labels = streams.embedded_base(args.samples_per_domain)
+    if args.data is None:
+        images, labels = streams.embedded_base(args.samples_per_domain)
+    else:
+        images, labels = streams.npz_base(args.data, args.samples_per_domain, key=args.data_key, label_key=args.label_key)
     domains = streams.continual_domains(streams.parse_corruptions(args.corruptions), args.severity)
     rows: dict[str, list[int]] = {}
     pending = np.zeros((0, *images.shape[1:]), np.uint8)
     uploaded = seen = 0
-    for chunk in streams.replay(images, labels, domains, args.batch_size):
+    for chunk in streams.replay(streams.corrupting(images, labels), domains, args.batch_size):
         x = to_input(chunk.images)
         with torch.no_grad():
+            if args.device_norm == "batch":  # normalise with this batch's statistics, fold them in too
+                for layer in norm_layers(device).values():
+                    layer.train()
+                    layer.momentum = args.local_statistics
             probs = softmax(device(x).numpy())
+            device.eval()
             wrong_source = int((source(x).argmax(1).numpy() != chunk.labels).sum())
-            if local:  # fold this batch's statistics in, as the device's statistics thread does
+            if local and args.device_norm == "running":  # fold this batch's statistics in after predicting
                 for layer in norm_layers(device).values():
                     layer.train()
                     layer.momentum = args.local_statistics

@@ -73,6 +73,7 @@ def build_parts(
     *,
     queue_max_jobs: int = 256,
     step_max_wait_s: float = 2.0,
+    step_min_samples: int = 8,
 ) -> ServerParts:
     uploads = InProcessQueue(queue_max_jobs)
     board = VersionBoard()
@@ -91,7 +92,8 @@ def build_parts(
         step_hist.observe(seconds)
         steps.inc()
 
-    worker = AdaptationWorker(engine, uploads, store, board, max_wait_s=step_max_wait_s, on_step=on_step)
+    worker = AdaptationWorker(engine, uploads, store, board, max_wait_s=step_max_wait_s,
+                             min_step_samples=step_min_samples, on_step=on_step)
     descriptor = ModelDescriptor(
         name=model_name,
         num_classes=len(class_names),

@@ -64,11 +64,14 @@ def export_student(model: nn.Module, input_shape: tuple[int, int, int]) -> Stude
 
 
 def statistics_graph(onnx_bytes: bytes, parameters: dict[str, tuple[int, ...]]) -> bytes:
-    """The student with norm tensors as graph inputs and, per BatchNorm layer, the mean and
-    (biased) variance of its input over batch and space as extra outputs `<layer>.batch_mean`
-    and `<layer>.batch_var`. Fed the current parameters, it measures the statistics of the
-    current domain under the current normalisation, which a device folds into its own
-    running estimates. It is unfused, so a device runs it off the inference path.
+    """The student normalising with each batch's own statistics (torch's train-mode BN, forward
+    only), with the affine tensors as graph inputs and, per BatchNorm layer, the batch mean and
+    biased variance of its input as extra outputs `<layer>.batch_mean` and `<layer>.batch_var`.
+
+    One graph serves two uses on a device: its logits are test-batch-statistics inference
+    (the `bn` reference, without backprop), and its statistics fold into the running
+    estimates that the fused inference graph and the cloud's distillation use. It is
+    unfused, so it is slower than the inference graph.
     """
     model = onnx.load_from_string(onnx_bytes)
     graph = model.graph
@@ -76,25 +79,47 @@ def statistics_graph(onnx_bytes: bytes, parameters: dict[str, tuple[int, ...]]) 
     del graph.initializer[:]
     graph.initializer.extend(kept)
     for name, shape in parameters.items():
-        graph.input.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, list(shape)))
+        if name.rsplit(".", 1)[1] in ("weight", "bias"):
+            graph.input.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, list(shape)))
     helper = onnx.helper
     for node in [n for n in graph.node if n.op_type == "BatchNormalization"]:
         layer = node.input[1].rsplit(".", 1)[0]
         x, mean, var = node.input[0], f"{layer}.batch_mean", f"{layer}.batch_var"
+        centred, mean_nc11 = f"{layer}.stats_centred", f"{layer}.stats_mean_nc11"
         graph.node.extend([
+            helper.make_node("ReduceMean", [x], [mean_nc11], axes=[0, 2, 3], keepdims=1),
             helper.make_node("ReduceMean", [x], [mean], axes=[0, 2, 3], keepdims=0),
-            helper.make_node("Mul", [x, x], [f"{layer}.stats_sq"]),
-            helper.make_node("ReduceMean", [f"{layer}.stats_sq"], [f"{layer}.stats_mean_sq"], axes=[0, 2, 3], keepdims=0),
-            helper.make_node("Mul", [mean, mean], [f"{layer}.stats_sq_mean"]),
-            helper.make_node("Sub", [f"{layer}.stats_mean_sq", f"{layer}.stats_sq_mean"], [var]),
+            helper.make_node("Sub", [x, mean_nc11], [centred]),
+            helper.make_node("Mul", [centred, centred], [f"{layer}.stats_sq"]),
+            helper.make_node("ReduceMean", [f"{layer}.stats_sq"], [var], axes=[0, 2, 3], keepdims=0),
         ])
+        node.input[3], node.input[4] = mean, var
         channels = list(parameters[f"{layer}.weight"])
         graph.output.extend([
             helper.make_tensor_value_info(mean, onnx.TensorProto.FLOAT, channels),
             helper.make_tensor_value_info(var, onnx.TensorProto.FLOAT, channels),
         ])
+    _topological_sort(graph)
     onnx.checker.check_model(model)
     return model.SerializeToString()
+
+
+def _topological_sort(graph: onnx.GraphProto) -> None:
+    """Nodes appended for a layer's statistics now feed that layer's BN: restore the order ONNX requires."""
+    available = {i.name for i in graph.input} | {t.name for t in graph.initializer}
+    pending = list(graph.node)
+    ordered: list[onnx.NodeProto] = []
+    while pending:
+        ready = [n for n in pending if all(not i or i in available for i in n.input)]
+        if not ready:
+            raise RuntimeError("the statistics graph has a cycle")
+        for n in ready:
+            ordered.append(n)
+            available.update(n.output)
+        done = {id(n) for n in ready}
+        pending = [n for n in pending if id(n) not in done]
+    del graph.node[:]
+    graph.node.extend(ordered)
 
 
 def _scope_of(node_name: str) -> str:

@@ -29,7 +29,13 @@ class ServeOptions:
     replay_per_step: int = 96
     stats_momentum: float = 0.3
     adapt_teacher: bool = True
+    teacher_optimizer: str = "sgd"
+    teacher_lr: float = 2.5e-4
+    teacher_augmentations: int = 0
+    student_lr: float = 2.5e-3
+    student_steps: int = 1
     step_max_wait_s: float = 2.0
+    step_min_samples: int = 8
     torch_threads: int = 0
     seed: int = 0
 
@@ -49,6 +55,11 @@ def build_app(opts: ServeOptions) -> FastAPI:
         new_per_step=opts.new_per_step,
         replay_per_step=opts.replay_per_step,
         stats_momentum=opts.stats_momentum,
+        teacher_optimizer=opts.teacher_optimizer,
+        teacher_lr=opts.teacher_lr,
+        teacher_augmentations=opts.teacher_augmentations,
+        student_lr=opts.student_lr,
+        student_steps=opts.student_steps,
     )
     engine = CemaEngine(student, teacher, cfg, seed=opts.seed, student_input_shape=info.input_shape)
     store = SqliteStore(opts.state_dir / "driftsync.sqlite")
@@ -56,6 +67,7 @@ def build_app(opts: ServeOptions) -> FastAPI:
     parts = build_parts(
         engine, artifact, opts.student, list(info.class_names), info.input_shape, store, settings,
         queue_max_jobs=opts.queue_max_jobs, step_max_wait_s=opts.step_max_wait_s,
+        step_min_samples=opts.step_min_samples,
     )
     log.info("student %s (%d norm tensors), teacher %s", opts.student, len(artifact.parameters), opts.teacher)
     return create_app(parts)

@@ -17,7 +17,7 @@ def serve_in_thread(app):
     """A real uvicorn server on loopback; yields its base URL."""
     import uvicorn
 
-    from driftsync.demo import free_port
+    from driftsync.processes import free_port
 
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on"))

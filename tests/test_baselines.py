@@ -10,7 +10,8 @@ import pytest
 import torch
 from torch import nn
 
-from server.baselines import build_method, cotta_augment
+from server.augment import cotta_augment
+from server.baselines import build_method
 from server.engine import entropy
 from server.norm import affine_parameters
 

@@ -29,7 +29,7 @@ from driftsync.data.loaders import (
     parse_severities,
     write_corrupted_tree,
 )
-from driftsync.data.streams import Domain, replay
+from driftsync.data.streams import Domain, corrupting, replay
 
 PER_SEVERITY = 20
 WNIDS = ["n01440764", "n01443537"]
@@ -292,7 +292,7 @@ def test_corrupt_cached_writes_then_reads(tmp_path: Path, monkeypatch: pytest.Mo
     files = list(cache.iterdir())
     assert len(files) == 1 and files[0].suffix == ".npy"
     # seeded as replay seeds it: a cached stream equals the replayed one
-    chunk = next(replay(images, np.zeros(6, np.int64), [Domain("gaussian_noise", 3)], batch_size=6, seed=11))
+    chunk = next(replay(corrupting(images, np.zeros(6, np.int64), 11), [Domain("gaussian_noise", 3)], batch_size=6, seed=11))
     np.testing.assert_array_equal(first, chunk.images)
 
     def fail(*args, **kwargs):

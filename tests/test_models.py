@@ -103,15 +103,31 @@ def test_cifar_resnet_parameter_counts(name: str, params: int) -> None:
 
 
 def test_registry_names_and_info() -> None:
-    assert model_names() == ["embedded-student", "embedded-teacher", "resnet20", "resnet32", "resnet44", "resnet56"]
+    assert model_names() == ["embedded-student", "embedded-teacher", "resnet20", "resnet32", "resnet44", "resnet56",
+                             "resnet18", "resnet34", "resnet50", "resnet101", "resnet152"]
     info = model_info("embedded-student")
     assert info.num_classes == len(info.class_names) == len(synthetic.CLASS_NAMES)
     assert info.input_size == (32, 32) and info.input_shape == (3, 32, 32)
     assert model_info("resnet56:/some/path.th").class_names[0] == "airplane"
+    assert model_info("resnet50:/x.pth").input_shape == (3, 224, 224) and model_info("resnet50").num_classes == 1000
     with pytest.raises(ValueError, match="unknown model"):
-        model_info("resnet18")
+        model_info("vgg16")
     with pytest.raises(ValueError, match="needs a checkpoint"):
         build_model("resnet20")
+    with pytest.raises(ValueError, match="torchvision state dict"):
+        build_model("resnet18")
+
+
+# torchvision's parameter counts and state-dict sizes (torchvision.models docs / len(state_dict()))
+@pytest.mark.parametrize("name,params,keys", [("resnet18", 11_689_512, 122), ("resnet50", 25_557_032, 320)])
+def test_imagenet_resnets_match_torchvision(tmp_path: Path, name: str, params: int, keys: int) -> None:
+    net = untrained_model(name).net
+    assert sum(p.numel() for p in net.parameters()) == params and len(net.state_dict()) == keys
+    assert {"conv1.weight", "bn1.running_mean", "layer1.0.conv1.weight", "layer4.0.downsample.1.weight", "fc.bias"} \
+        <= set(net.state_dict())
+    torch.save({"state_dict": {f"module.{k}": v for k, v in net.state_dict().items()}}, tmp_path / "ckpt.pth")
+    loaded = build_model(f"{name}:{tmp_path / 'ckpt.pth'}")  # DataParallel-style keys load too
+    torch.testing.assert_close(loaded.net.fc.weight, net.fc.weight)
 
 
 def test_wrapper_normalises_inside(tmp_path: Path) -> None:

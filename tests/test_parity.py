@@ -11,7 +11,7 @@ from server.export import export_student
 from server.models import embedded
 from server.models.cifar_resnet import cifar_resnet
 from server.models.registry import IMAGENET_MEAN, IMAGENET_STD, InputNormalization
-from server.norm import load_norm_state, norm_state
+from server.norm import load_norm_state, norm_layers, norm_state
 
 
 def _random_norm(model: torch.nn.Module, rng: np.random.Generator) -> dict[str, np.ndarray]:
@@ -61,7 +61,8 @@ def test_ort_matches_torch_for_random_norm_parameters(arch, tmp_path):
 
 
 @pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
-def test_statistics_graph_measures_what_torch_sees(arch):
+def test_statistics_graph_is_torch_train_mode_batchnorm(arch):
+    """Logits and per-layer statistics match torch with BN normalising by the batch's statistics."""
     from device_client.statistics import StatisticsProbe, fold_batch_statistics
 
     torch.manual_seed(1)
@@ -75,14 +76,21 @@ def test_statistics_graph_measures_what_torch_sees(arch):
         if isinstance(layer, torch.nn.modules.batchnorm._BatchNorm):
             layer.register_forward_hook(lambda mod, inputs, out, name=name: seen.__setitem__(name, inputs[0]))
     x = rng.random((8, 3, 32, 32), dtype=np.float32)
+    for layer in norm_layers(model).values():
+        layer.train()
+        layer.track_running_stats = False  # normalise with batch statistics, leave the running ones
     with torch.no_grad():
-        model(torch.from_numpy(x))
-    measured = StatisticsProbe(artifact.stats_onnx).measure(x, params)
+        expected_logits = model(torch.from_numpy(x)).numpy()
+    logits, measured = StatisticsProbe(artifact.stats_onnx).run(x, params)
+    assert np.abs(logits - expected_logits).max() <= 1e-3
     assert len(measured) == 2 * len(seen)
     for name, value in seen.items():
         np.testing.assert_allclose(measured[f"{name}.batch_mean"], value.mean(dim=(0, 2, 3)).numpy(), atol=1e-4)
         np.testing.assert_allclose(measured[f"{name}.batch_var"], value.var(dim=(0, 2, 3), unbiased=False).numpy(),
                                    rtol=1e-3, atol=1e-4)
+    # the running statistics do not enter the graph: changing them changes nothing
+    shifted = {k: (v + 1.0 if k.endswith("running_mean") else v) for k, v in params.items()}
+    np.testing.assert_array_equal(StatisticsProbe(artifact.stats_onnx).run(x, shifted)[0], logits)
     folded = fold_batch_statistics(params, measured, momentum=0.25)
     layer = next(iter(seen))
     np.testing.assert_allclose(folded[f"{layer}.running_mean"],

@@ -221,7 +221,7 @@ def test_replay_tallies_per_sample_domains_of_a_mixed_stream(tiny_server, tmp_pa
     url, _ = tiny_server
     device = _device(url, tmp_path)
     images, labels = streams.embedded_base(16)
-    summary = run_replay(device, streams.stream("mixed", images, labels, ["fog", "contrast"], 5, 8), fps=None)
+    summary = run_replay(device, streams.stream("mixed", streams.corrupting(images, labels), ["fog", "contrast"], 5, 8), fps=None)
     rows = {d["name"]: d for d in summary["domains"]}
     assert set(rows) == {"fog", "contrast"}
     assert all(r["samples"] == 16 for r in rows.values())

@@ -14,7 +14,7 @@ def base():
 
 def _collect(setting, base, corruptions=("gaussian_noise", "fog"), severity=5, batch_size=10, **kw):
     images, labels = base
-    return list(streams.stream(setting, images, labels, list(corruptions), severity, batch_size, seed=3, **kw))
+    return list(streams.stream(setting, streams.corrupting(images, labels, 3), list(corruptions), severity, batch_size, seed=3, **kw))
 
 
 def test_continual_visits_each_domain_once_in_order_on_the_same_images(base):
@@ -59,8 +59,8 @@ def test_mixed_shuffles_all_domains_together_and_keeps_per_sample_domains(base):
 
 def test_correlated_orders_labels_in_bursts(base):
     images, labels = streams.embedded_base(400)
-    chunks = list(streams.stream("correlated", images, labels, ["fog"], 5, 20, seed=1, dirichlet=0.05))
-    continual = list(streams.stream("continual", images, labels, ["fog"], 5, 20, seed=1))
+    chunks = list(streams.stream("correlated", streams.corrupting(images, labels, 1), ["fog"], 5, 20, seed=1, dirichlet=0.05))
+    continual = list(streams.stream("continual", streams.corrupting(images, labels, 1), ["fog"], 5, 20, seed=1))
     distinct = lambda cs: np.mean([len(np.unique(c.labels)) for c in cs])  # noqa: E731
     assert distinct(chunks) < 0.7 * distinct(continual)
     assert sorted(np.concatenate([c.labels for c in chunks]).tolist()) == sorted(labels.tolist())

@@ -10,7 +10,10 @@ Settings, as the practitioners' framework (mariodoebler/test-time-adaptation) na
 """
 from __future__ import annotations
 
-from collections.abc import Iterator
+import itertools
+import json
+import shutil
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -93,6 +96,11 @@ def npz_base(path: Path, count: int | None, key: str = "x", label_key: str = "y"
     return x, y.astype(np.int64)
 
 
+def label_key_for(image_key: str) -> str:
+    """x -> y, x_exact1000 -> y_exact1000: the npz convention of ../shared/data/cifar10."""
+    return "y" + image_key[1:] if image_key.startswith("x") else "y"
+
+
 def gradual_domains(corruptions: list[str], peak: int = 5) -> list[Domain]:
     ramp = list(range(1, peak + 1)) + list(range(peak - 1, 0, -1))
     return [Domain(name, severity, f"{name}@{severity}") for name in corruptions for severity in ramp]
@@ -110,6 +118,15 @@ def corrupted(images: np.ndarray, domain: Domain, seed: int) -> np.ndarray:
     return corrupt(images, domain.name, domain.severity, corruption_rng(seed, domain.name, domain.severity), constants=constants)
 
 
+DomainSource = Callable[[Domain], tuple[np.ndarray, np.ndarray]]
+"""A domain's labelled images: corrupted on the fly from a base set, or read from disk (CIFAR-10-C)."""
+
+
+def corrupting(images: np.ndarray, labels: np.ndarray, seed: int = 0,
+               corrupt_fn: Callable[[np.ndarray, Domain, int], np.ndarray] = corrupted) -> DomainSource:
+    return lambda domain: (corrupt_fn(images, domain, seed), labels)
+
+
 def dirichlet_order(labels: np.ndarray, concentration: float, slots: int, rng: np.random.Generator) -> np.ndarray:
     """A permutation whose labels arrive in bursts: each class spreads over time slots by Dir(concentration)."""
     slot_of = np.empty(len(labels), dtype=np.int64)
@@ -121,8 +138,7 @@ def dirichlet_order(labels: np.ndarray, concentration: float, slots: int, rng: n
 
 
 def replay(
-    images: np.ndarray,
-    labels: np.ndarray,
+    source: DomainSource,
     domains: list[Domain],
     batch_size: int,
     seed: int = 0,
@@ -130,25 +146,23 @@ def replay(
     reset_each_shift: bool = False,
     dirichlet: float | None = None,
 ) -> Iterator[Chunk]:
-    """Corrupt the base set once per domain and yield it in batches, in schedule order."""
+    """Each domain's images in batches, in schedule order."""
     for domain in domains:
-        x, y = corrupted(images, domain, seed), labels
+        x, y = source(domain)
         if dirichlet is not None:
-            rng = np.random.default_rng([seed, 7919, len(labels)])
-            order = dirichlet_order(labels, dirichlet, max(1, len(labels) // batch_size), rng)
+            rng = np.random.default_rng([seed, 7919, len(y)])
+            order = dirichlet_order(y, dirichlet, max(1, len(y) // batch_size), rng)
             x, y = x[order], y[order]
-        for start in range(0, len(images), batch_size):
+        for start in range(0, len(y), batch_size):
             yield Chunk(domain, x[start : start + batch_size], y[start : start + batch_size],
                         reset=reset_each_shift and start == 0)
 
 
-def replay_mixed(
-    images: np.ndarray, labels: np.ndarray, domains: list[Domain], batch_size: int, seed: int = 0
-) -> Iterator[Chunk]:
+def replay_mixed(source: DomainSource, domains: list[Domain], batch_size: int, seed: int = 0) -> Iterator[Chunk]:
     """All domains' images shuffled into one stream; each sample keeps its domain's name."""
-    xs = [corrupted(images, d, seed) for d in domains]
-    x, y = np.concatenate(xs), np.tile(labels, len(domains))
-    names = np.repeat([d.key for d in domains], len(labels))
+    pairs = [source(d) for d in domains]
+    x, y = np.concatenate([p[0] for p in pairs]), np.concatenate([p[1] for p in pairs])
+    names = np.concatenate([np.full(len(p[1]), d.key) for d, p in zip(domains, pairs)])
     order = np.random.default_rng([seed, 104729]).permutation(len(y))
     mixed = Domain("mixed", domains[0].severity if domains else 0)
     for start in range(0, len(order), batch_size):
@@ -162,10 +176,17 @@ def stream_length(setting: str, samples: int, corruptions: list[str], severity: 
     return samples * max(1, len(corruptions))
 
 
+def schedule(setting: str, corruptions: list[str], severity: int) -> list[Domain]:
+    if setting not in SETTINGS:
+        raise ValueError(f"unknown setting {setting!r}; choose from {list(SETTINGS)}")
+    if setting == "gradual" and corruptions:
+        return gradual_domains(corruptions, severity)
+    return continual_domains(corruptions, severity)
+
+
 def stream(
     setting: str,
-    images: np.ndarray,
-    labels: np.ndarray,
+    source: DomainSource,
     corruptions: list[str],
     severity: int,
     batch_size: int,
@@ -173,13 +194,70 @@ def stream(
     dirichlet: float = 0.1,
 ) -> Iterator[Chunk]:
     """The stream for a named setting; every method given the same arguments sees the same frames."""
-    if setting not in SETTINGS:
-        raise ValueError(f"unknown setting {setting!r}; choose from {list(SETTINGS)}")
-    if setting == "gradual":
-        domains = gradual_domains(corruptions, severity) if corruptions else continual_domains([], severity)
-        return replay(images, labels, domains, batch_size, seed)
-    domains = continual_domains(corruptions, severity)
+    domains = schedule(setting, corruptions, severity)
     if setting == "mixed":
-        return replay_mixed(images, labels, domains, batch_size, seed)
-    return replay(images, labels, domains, batch_size, seed, reset_each_shift=setting == "reset_each_shift",
+        return replay_mixed(source, domains, batch_size, seed)
+    return replay(source, domains, batch_size, seed, reset_each_shift=setting == "reset_each_shift",
                   dirichlet=dirichlet if setting == "correlated" else None)
+
+
+# --------------------------------------------------------------------------- stream files
+
+STREAM_META = "stream.json"
+
+
+def write_stream(chunks: Iterable[Chunk], directory: Path, progress: Callable[[int], None] | None = None) -> int:
+    """Persist a stream exactly as replayed (images, labels, batch boundaries, domains, resets),
+    so that every method, in this process or in a device process, replays identical frames.
+    Images go to a .npy that readers memory-map. Returns the number of samples."""
+    directory.mkdir(parents=True, exist_ok=True)
+    chunks = iter(chunks)
+    first = next(chunks, None)
+    if first is None:
+        raise ValueError("the stream is empty")
+    parts: list[dict] = []
+    images_tmp, labels, domains = directory / "images.raw", [], []
+    total = 0
+    with images_tmp.open("wb") as raw:
+        for chunk in itertools.chain([first], chunks):
+            raw.write(np.ascontiguousarray(chunk.images, dtype=np.uint8).tobytes())
+            labels.append(chunk.labels.astype(np.int64))
+            domains.extend(chunk.domain_names())
+            parts.append({"size": len(chunk.labels), "domain": chunk.domain.name, "severity": chunk.domain.severity,
+                          "label": chunk.domain.label, "reset": chunk.reset, "mixed": chunk.sample_domains is not None})
+            total += len(chunk.labels)
+            if progress is not None:
+                progress(total)
+    header = {"descr": "|u1", "fortran_order": False, "shape": (total, *first.images.shape[1:])}
+    with (directory / "images.npy").open("wb") as out, images_tmp.open("rb") as raw:
+        np.lib.format.write_array_header_1_0(out, header)
+        shutil.copyfileobj(raw, out, 16 << 20)  # bounded memory, even for ImageNet-sized streams
+    images_tmp.unlink()
+    names = list(dict.fromkeys(domains))
+    np.save(directory / "labels.npy", np.concatenate(labels), allow_pickle=False)
+    np.save(directory / "domains.npy", np.array([names.index(d) for d in domains], dtype=np.int32), allow_pickle=False)
+    (directory / STREAM_META).write_text(json.dumps({"version": 1, "domain_names": names, "chunks": parts}, indent=1))
+    return total
+
+
+def stream_file_length(directory: Path) -> int:
+    return sum(c["size"] for c in json.loads((directory / STREAM_META).read_text())["chunks"])
+
+
+def read_stream(directory: Path) -> Iterator[Chunk]:
+    """The chunks `write_stream` saved, in order; images are memory-mapped, never unpickled."""
+    meta_path = directory / STREAM_META
+    if not meta_path.is_file():
+        raise FileNotFoundError(f"{directory} is not a stream file (no {STREAM_META}); `driftsync replay` writes them")
+    meta = json.loads(meta_path.read_text())
+    images = np.load(directory / "images.npy", mmap_mode="r", allow_pickle=False)
+    labels = np.load(directory / "labels.npy", allow_pickle=False)
+    domains = np.load(directory / "domains.npy", allow_pickle=False)
+    names = meta["domain_names"]
+    start = 0
+    for part in meta["chunks"]:
+        stop = start + part["size"]
+        domain = Domain(part["domain"], part["severity"], part["label"])
+        sample_domains = tuple(names[i] for i in domains[start:stop]) if part["mixed"] else None
+        yield Chunk(domain, np.array(images[start:stop]), labels[start:stop], sample_domains, part["reset"])
+        start = stop

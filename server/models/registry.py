@@ -19,6 +19,8 @@ from torch import nn
 from driftsync.data import synthetic
 from server.models import embedded
 from server.models.cifar_resnet import DEPTHS, cifar_resnet, load_cifar_resnet
+from server.models.imagenet_resnet import ARCHITECTURES as IMAGENET_ARCHITECTURES
+from server.models.imagenet_resnet import ImageNetResNet
 
 CIFAR10_CLASSES: tuple[str, ...] = (
     "airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck",
@@ -56,6 +58,11 @@ _INFOS: dict[str, ModelInfo] = {
     **{
         name: ModelInfo(name, 10, (32, 32), CIFAR10_CLASSES, IMAGENET_MEAN, IMAGENET_STD, needs_checkpoint=True)
         for name in DEPTHS
+    },
+    **{  # torchvision-format state dicts, given by the user (no model hub here)
+        name: ModelInfo(name, 1000, (224, 224), tuple(f"class {i}" for i in range(1000)), IMAGENET_MEAN, IMAGENET_STD,
+                        needs_checkpoint=True)
+        for name in IMAGENET_ARCHITECTURES
     },
 }
 
@@ -102,6 +109,11 @@ def build_model(spec: str, home: Path | None = None, log: Callable[[str], None] 
         if ckpt is None:
             raise ValueError(f"{name} needs a checkpoint: use '{name}:PATH' (akamaster .th format)")
         net = load_cifar_resnet(name, ckpt)
+    elif name in IMAGENET_ARCHITECTURES:
+        if ckpt is None:
+            raise ValueError(f"{name} needs a checkpoint: use '{name}:PATH' (a torchvision state dict)")
+        net = ImageNetResNet(name)
+        net.load_state_dict(load_state_dict(ckpt))
     elif ckpt is None:
         net = embedded.load_trained(name, home, log)
     else:
@@ -123,5 +135,10 @@ def load_state_dict(path: Path) -> dict[str, torch.Tensor]:
 def untrained_model(name: str) -> InputNormalization:
     """Randomly initialised wrapped model (architecture checks, export tests)."""
     info = _INFOS[parse_spec(name)[0]]
-    net = cifar_resnet(info.name) if info.name in DEPTHS else embedded.build_embedded(info.name)
+    if info.name in DEPTHS:
+        net = cifar_resnet(info.name)
+    elif info.name in IMAGENET_ARCHITECTURES:
+        net = ImageNetResNet(info.name)
+    else:
+        net = embedded.build_embedded(info.name)
     return InputNormalization(net, info.mean, info.std).eval()

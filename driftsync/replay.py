@@ -1,0 +1,308 @@
+"""`driftsync replay`: several methods on one identical stream, one table with what each cost.
+
+The stream is built once and written to a stream file, so that every method sees
+the same frames in the same order and batches:
+- collaborative methods (`cema`) run as they would in production: `driftsync serve`
+  and N `driftsync device` processes over HTTP, onnxruntime on the device;
+- on-device references (`source`, `bn`, `tent`, `eata`, `cotta`) run in this process in
+  torch, with full backprop, as a device that could afford it would.
+Online error throughout: each prediction is scored with the parameters its device had
+when it made it.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from driftsync.config import home
+from driftsync.data import streams
+from driftsync.data.corruptions import constants_for_size
+from driftsync.processes import mean_curve, run_fleet
+from driftsync.report import build_report, markdown_methods, write_methods_report
+
+log = logging.getLogger("driftsync.replay")
+
+DATASETS = ("embedded", "cifar10", "cifar10-c", "imagenet-c", "folder")
+COLLABORATIVE = ("cema",)
+ON_DEVICE = ("source", "bn", "tent", "eata", "cotta")
+
+
+@dataclass(frozen=True)
+class ReplayOptions:
+    dataset: str = "embedded"
+    data: Path | None = None
+    data_key: str = "x"
+    class_index: Path | None = None  # ImageNet-C: wnids in the model's class order, one per line
+    student: str = "embedded-student"
+    teacher: str = "embedded-teacher"
+    methods: tuple[str, ...] = ("source", "bn", "tent", "cema")
+    setting: str = "continual"
+    severity: int = 5
+    corruptions: str = "all"
+    samples_per_domain: int | None = 200
+    batch_size: int = 64
+    devices: int = 1
+    seed: int = 0
+    out: Path = Path("driftsync-replay")
+    fps: float | None = None  # None: lockstep pacing
+    lockstep_timeout_s: float = 60.0
+    normalization: str = "batch"
+    dirichlet: float = 0.1
+    torch_threads: int = 0
+    server_args: tuple[str, ...] = ()
+    device_args: tuple[str, ...] = field(default_factory=tuple)
+
+    def __post_init__(self) -> None:
+        if self.dataset not in DATASETS:
+            raise ValueError(f"unknown dataset {self.dataset!r}; choose from {list(DATASETS)}")
+        if self.dataset != "embedded" and self.data is None:
+            raise ValueError(f"--dataset {self.dataset} needs --data PATH")
+        unknown = [m for m in self.methods if m not in COLLABORATIVE + ON_DEVICE]
+        if unknown:
+            raise ValueError(f"unknown methods {unknown}; choose from {list(COLLABORATIVE + ON_DEVICE)}")
+        if not self.methods:
+            raise ValueError("give at least one method")
+        if self.setting not in streams.SETTINGS:
+            raise ValueError(f"unknown setting {self.setting!r}; choose from {list(streams.SETTINGS)}")
+        if self.devices < 1 or self.batch_size < 1:
+            raise ValueError("devices and batch size must be at least 1")
+
+
+# --------------------------------------------------------------------------- the stream
+
+
+@dataclass(frozen=True)
+class StreamSpec:
+    source: streams.DomainSource
+    samples_per_domain: int
+    image_size: tuple[int, int]
+    corruption_constants: str
+
+
+def _cached_corruption(cache_dir: Path) -> Callable[[np.ndarray, streams.Domain, int], np.ndarray]:
+    from driftsync.data.loaders import corrupt_cached
+
+    def corrupt_fn(images: np.ndarray, domain: streams.Domain, seed: int) -> np.ndarray:
+        if domain.name == streams.CLEAN:
+            return images
+        return corrupt_cached(images, domain.name, domain.severity, seed, cache_dir)
+
+    return corrupt_fn
+
+
+def imagenet_wnids(opts: ReplayOptions, num_classes: int) -> list[str]:
+    """The model's class order. Sorted wnids are torchvision's order, but only when every class
+    is on disk: with a subset, sorting would shift the labels, so a class index is required."""
+    from driftsync.data import loaders
+
+    if opts.class_index is not None:
+        wnids = [line.split()[0] for line in opts.class_index.read_text().splitlines() if line.strip()]
+    else:
+        wnids = loaders.imagenet_c_wnids(opts.data)
+        if len(wnids) != num_classes:
+            raise ValueError(f"{opts.data} has {len(wnids)} class folders but the model has {num_classes} classes; "
+                             "give --class-index FILE (one wnid per line, in the model's class order)")
+    if len(wnids) != num_classes:
+        raise ValueError(f"{opts.class_index} lists {len(wnids)} wnids; the model has {num_classes} classes")
+    return wnids
+
+
+def stream_spec(opts: ReplayOptions, input_size: int, num_classes: int) -> StreamSpec:
+    """Where each domain's images come from: corrupted on the fly (and cached), or read as released."""
+    from driftsync.data import loaders
+
+    count = opts.samples_per_domain
+    cache = home() / "cache" / "corruptions"
+    if opts.dataset in ("embedded", "cifar10", "folder"):
+        if opts.dataset == "embedded":
+            images, labels = streams.embedded_base(count or 200)
+        elif opts.dataset == "cifar10":
+            images, labels = streams.npz_base(opts.data, count, key=opts.data_key,
+                                              label_key=streams.label_key_for(opts.data_key))
+        else:
+            images, labels, _ = loaders.load_class_folder(opts.data, size=input_size, count=count, seed=opts.seed)
+        source = streams.corrupting(images, labels, opts.seed, _cached_corruption(cache))
+        h, w = images.shape[1:3]
+        return StreamSpec(source, len(labels), (h, w), constants_for_size(h, w))
+    if opts.dataset == "cifar10-c":
+        def read_cifar10c(domain: streams.Domain) -> tuple[np.ndarray, np.ndarray]:
+            if domain.name == streams.CLEAN:
+                raise ValueError("CIFAR-10-C has no clean split: use --dataset cifar10 for --corruptions none")
+            return loaders.load_cifar10c(opts.data, domain.name, domain.severity, count)
+        first = read_cifar10c(streams.Domain(_first_corruption(opts), opts.severity))
+        return StreamSpec(read_cifar10c, len(first[1]), first[0].shape[1:3], "as released (CIFAR-10-C files)")
+    wnids = imagenet_wnids(opts, num_classes)
+
+    def read_imagenet_c(domain: streams.Domain) -> tuple[np.ndarray, np.ndarray]:
+        if domain.name == streams.CLEAN:
+            raise ValueError("ImageNet-C has no clean split; replay a class folder with --dataset folder instead")
+        folder = loaders.ImageNetCFolder(opts.data, domain.name, domain.severity, wnids=wnids, count=count,
+                                         seed=opts.seed, size=input_size)
+        return folder.load_all()
+    probe = loaders.ImageNetCFolder(opts.data, _first_corruption(opts), opts.severity, wnids=wnids, count=count,
+                                    seed=opts.seed, size=input_size)
+    return StreamSpec(read_imagenet_c, len(probe), (input_size, input_size), "as released (ImageNet-C files)")
+
+
+def _first_corruption(opts: ReplayOptions) -> str:
+    corruptions = streams.parse_corruptions(opts.corruptions)
+    if not corruptions:
+        raise ValueError(f"--dataset {opts.dataset} is corrupted already: give --corruptions, not 'none'")
+    return corruptions[0]
+
+
+def build_stream(opts: ReplayOptions, spec: StreamSpec, directory: Path) -> int:
+    corruptions = streams.parse_corruptions(opts.corruptions)
+    total = streams.stream_length(opts.setting, spec.samples_per_domain, corruptions, opts.severity)
+    chunks = streams.stream(opts.setting, spec.source, corruptions, opts.severity, opts.batch_size,
+                            seed=opts.seed, dirichlet=opts.dirichlet)
+    def progress(done: int) -> None:
+        if done * 10 // total != (done - opts.batch_size) * 10 // total or done == total:
+            print(f"[replay] stream: {done}/{total} samples prepared", flush=True)
+
+    return streams.write_stream(chunks, directory, progress)
+
+
+# --------------------------------------------------------------------------- on-device methods
+
+
+def source_predictions(opts: ReplayOptions, stream_dir: Path) -> np.ndarray:
+    """The source model's predictions over the stream, once, for every method's source column."""
+    return run_on_device("source", opts, stream_dir, None)["predictions"]
+
+
+def run_on_device(name: str, opts: ReplayOptions, stream_dir: Path, source_pred: np.ndarray | None) -> dict:
+    """An in-process torch reference, summarised like a device replay so one report covers both."""
+    import torch
+
+    from server.baselines import build_method
+    from server.engine import to_input
+    from server.models.registry import build_model, model_info
+
+    if opts.torch_threads:
+        torch.set_num_threads(opts.torch_threads)
+    torch.manual_seed(opts.seed)
+    method = build_method(name, build_model(opts.student), model_info(opts.student).num_classes)
+    total = streams.stream_file_length(stream_dir)
+    tallies: dict[str, dict] = {}
+    curve: list[dict] = []
+    predictions = np.empty(total, dtype=np.int64)
+    done, started = 0, time.monotonic()
+    for chunk in streams.read_stream(stream_dir):
+        if chunk.reset:
+            method.reset()
+        predicted = method.predict_and_adapt(to_input(chunk.images)).argmax(dim=1).numpy()
+        predictions[done : done + len(predicted)] = predicted
+        src = source_pred[done : done + len(predicted)] if source_pred is not None else predicted
+        for domain, wrong, wrong_src in zip(chunk.domain_names(), predicted != chunk.labels, src != chunk.labels):
+            t = tallies.setdefault(domain, {"name": domain, "severity": chunk.domain.severity, "samples": 0, "errors": 0,
+                                            "errors_source": 0, "uploaded": 0, "uplink_bytes": 0})
+            t["samples"] += 1
+            t["errors"] += int(wrong)
+            t["errors_source"] += int(wrong_src)
+        curve.append({"sample": done, "domain": chunk.domain.key, "version": 0,
+                      "accuracy": float((predicted == chunk.labels).mean()),
+                      "accuracy_source": float((src == chunk.labels).mean())})
+        done += len(predicted)
+        if done * 10 // total != (done - len(predicted)) * 10 // total:
+            print(f"[replay] {name}: {done}/{total} samples, {time.monotonic() - started:.0f}s", flush=True)
+    return {
+        "domains": list(tallies.values()),
+        "curve": curve,
+        "freshness_s": [],
+        "seconds": time.monotonic() - started,
+        "predictions": predictions,
+        "status": {
+            "uploads": {"sent": 0, "sent_bytes": 0, "dropped_queue_full": 0, "dropped_budget": 0, "dropped_failed": 0},
+            "deltas": {"applied": 0, "bytes": 0},
+            "passes": {"forward_samples": method.forward_passes, "backward_samples": method.backward_passes},
+        },
+    }
+
+
+# --------------------------------------------------------------------------- collaborative methods
+
+
+def run_collaborative(name: str, opts: ReplayOptions, stream_dir: Path, work: Path) -> list[dict]:
+    """A real server and N device processes on loopback, each device replaying the stream file."""
+    server = ["--student", opts.student, "--teacher", opts.teacher, "--torch-threads", str(opts.torch_threads)]
+    if opts.fps is None:  # lockstep: step on whatever arrived, promptly
+        server += ["--step-max-wait-s", "0.5", "--step-min-samples", "1"]
+    pacing = ["--fps", str(opts.fps)] if opts.fps else ["--fps", "none", "--lockstep-timeout-s", str(opts.lockstep_timeout_s)]
+    devices = [
+        ["--name", f"replay-{i}", "--cohort", "replay", "--source", "stream", "--data", str(stream_dir),
+         "--normalization", opts.normalization, "--threads", "1", *pacing, *opts.device_args]
+        for i in range(opts.devices)
+    ]
+    return run_fleet([*server, *opts.server_args], devices, work,
+                     report=lambda elapsed, progress: print(f"[replay] {name}: {elapsed:4.0f}s {progress}", flush=True))
+
+
+# --------------------------------------------------------------------------- the run
+
+
+def method_report(name: str, summaries: list[dict], meta: dict) -> dict:
+    report = build_report(summaries, dict(meta, method=name))
+    samples = report["samples"]
+    forward = sum(s["status"].get("passes", {}).get("forward_samples", 0) for s in summaries)
+    backward = sum(s["status"].get("passes", {}).get("backward_samples", 0) for s in summaries)
+    report.update({
+        "where": "collaborative" if name in COLLABORATIVE else "on-device",
+        "forward_passes_per_sample": round(forward / samples, 2) if samples else 0.0,
+        "backward_passes_per_sample": round(backward / samples, 2) if samples else 0.0,
+        "seconds": round(max(s["seconds"] for s in summaries), 1),
+        "lockstep_timeouts": sum(s.get("lockstep_timeouts", 0) for s in summaries),
+    })
+    return report
+
+
+def run(opts: ReplayOptions) -> dict:
+    from server.models.registry import model_info
+
+    started = time.monotonic()
+    out = opts.out
+    out.mkdir(parents=True, exist_ok=True)
+    info = model_info(opts.student)
+    spec = stream_spec(opts, info.input_shape[1], info.num_classes)
+    if tuple(spec.image_size) != tuple(info.input_shape[1:]):
+        raise ValueError(f"the stream's images are {spec.image_size[0]}x{spec.image_size[1]} but {opts.student} "
+                         f"takes {info.input_shape[1]}x{info.input_shape[2]}")
+    stream_dir = out / "stream"
+    total = build_stream(opts, spec, stream_dir)
+    meta = {
+        "dataset": opts.dataset, "data": str(opts.data) if opts.data else None, "setting": opts.setting,
+        "severity": opts.severity, "student": opts.student, "teacher": opts.teacher,
+        "corruption_constants": spec.corruption_constants, "batch_size": opts.batch_size, "seed": opts.seed,
+        "samples_per_domain": spec.samples_per_domain,
+        "pacing": f"{opts.fps:g} frames/s" if opts.fps else "lockstep",
+    }
+    print(f"[replay] {total} samples; methods {', '.join(opts.methods)}", flush=True)
+    source_pred = source_predictions(opts, stream_dir)
+    reports: list[dict] = []
+    curves: dict[str, list[dict]] = {}
+    for name in opts.methods:
+        if name in COLLABORATIVE:
+            summaries = run_collaborative(name, opts, stream_dir, out / "runs" / name)
+            meta_m = dict(meta, devices=opts.devices, normalization=opts.normalization)
+        else:
+            summary = run_on_device(name, opts, stream_dir, source_pred)
+            summary.pop("predictions")
+            summaries = [summary]
+            meta_m = dict(meta, devices=1)
+        reports.append(method_report(name, summaries, meta_m))
+        curves[name] = mean_curve(summaries)
+        print(f"[replay] {name}: mean error {reports[-1]['mean_error']:.1f}% "
+              f"(source {reports[-1]['mean_error_source']:.1f}%), upload ratio {reports[-1]['upload_ratio']:.3f}", flush=True)
+    report = dict(reports[0])  # the demo's keys, for the first method; every method under "methods"
+    report["methods"] = reports
+    report["seconds_total"] = round(time.monotonic() - started, 1)
+    write_methods_report(report, curves, out)
+    print(markdown_methods(report))
+    print(f"[replay] wrote {out}/report.json, report.md, report.png", flush=True)
+    return report
+
