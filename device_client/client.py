@@ -57,6 +57,7 @@ class DeviceConfig:
     normalization: str = "running"  # see NORMALIZATIONS
     stats_momentum: float = 0.2
     stats_batch: int = 16
+    stats_every_s: float = 2.0  # how often an upload carries the device's statistics (0: every upload)
 
     def __post_init__(self) -> None:
         if self.normalization not in NORMALIZATIONS:
@@ -77,8 +78,15 @@ class DeltaLog:
     applied: int = 0
     refused: Counter[str] = field(default_factory=Counter)
     bytes: int = 0
-    freshness_s: list[float] = field(default_factory=list)
+    freshness_s: list[float] = field(default_factory=list)  # per uploaded sample: capture -> first delta with it
     newest_upload_at: float = 0.0  # capture time of the newest upload the applied parameters include
+    awaiting: deque[float] = field(default_factory=deque)  # capture times of uploads no delta includes yet
+
+    def record(self, newest_upload_at: float, now: float) -> None:
+        """A delta includes every upload captured up to its newest (the server steps in arrival order)."""
+        while self.awaiting and self.awaiting[0] <= newest_upload_at:
+            self.freshness_s.append(max(0.0, now - self.awaiting.popleft()))
+        self.newest_upload_at = max(self.newest_upload_at, newest_upload_at)
 
 
 class DeviceClient:
@@ -146,6 +154,7 @@ class DeviceClient:
             flush_s=self.cfg.upload_flush_s,
             max_attempts=self.cfg.upload_max_attempts,
             stats_source=None if self.cfg.normalization == "cloud" else self._current_statistics,
+            stats_every_s=self.cfg.stats_every_s,
         )
         self.uploader.start()
         if self.cfg.normalization == "running":
@@ -183,6 +192,7 @@ class DeviceClient:
                 self._frames_ready.notify()
         if keep.any():
             now = np.full(len(images), time.time()) if captured_at is None else captured_at
+            self.deltas.awaiting.extend(now[keep].tolist())
             self.uploader.offer(images[keep], ent[keep], now[keep], version)
         return Predictions(probs.argmax(axis=1), probs.max(axis=1), ent, keep, version)
 
@@ -225,8 +235,7 @@ class DeviceClient:
                 return False
             self.state.save_delta(delta)
             self.deltas.applied += 1
-            self.deltas.freshness_s.append(max(0.0, time.time() - delta.newest_upload_at))
-            self.deltas.newest_upload_at = max(self.deltas.newest_upload_at, delta.newest_upload_at)
+            self.deltas.record(delta.newest_upload_at, time.time())
             return True
 
     def wait_for_delta_covering(self, captured_at: float, timeout: float) -> bool:

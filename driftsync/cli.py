@@ -68,6 +68,7 @@ def _device_args(p: argparse.ArgumentParser) -> None:
     add(p, "--normalization", "running", help="running (fused, statistics estimated from frames in the background), "
         "batch (each batch by its own statistics, forward only; batches of 16+) or cloud (estimated from uploads)")
     add(p, "--stats-momentum", 0.2, float, help="momentum of the device's statistics estimate, per batch")
+    add(p, "--stats-every-s", 2.0, float, help="send the device's statistics with an upload at most this often (0: every upload)")
 
 
 def _demo_args(p: argparse.ArgumentParser) -> None:
@@ -185,6 +186,7 @@ def _device(args: argparse.Namespace) -> int:
         e_max_factor=args.e_max_factor, dynamic_lambda=args.dynamic_lambda, entropy_ema=args.entropy_ema,
         e_min_factor=args.e_min_factor, redundancy_margin=args.redundancy_margin, threads=args.threads,
         normalization=args.normalization, stats_momentum=args.stats_momentum,
+        stats_every_s=args.stats_every_s,
     )
     client = DeviceClient(cfg).start()
     summary = run_replay(

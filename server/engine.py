@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import math
+from collections import deque
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -81,29 +82,43 @@ def distillation_loss(
     )
 
 
+@dataclass(frozen=True)
+class ReplayGroup:
+    """One step's uploads with the teacher's soft labels and the device statistics they were
+    seen under: a replayed sample must be normalised as its device normalised it, not with
+    today's statistics (which belong to another domain and wreck the distillation)."""
+
+    images: np.ndarray
+    probs: np.ndarray
+    stats: dict[str, np.ndarray] | None
+
+
 class ReplayBuffer:
-    """FIFO of uploads with the teacher's soft labels, kept as uint8 to bound memory."""
+    """FIFO of upload groups, bounded in samples, kept as uint8 images to bound memory."""
 
     def __init__(self, capacity: int) -> None:
         self.capacity = capacity
-        self.images: np.ndarray | None = None
-        self.probs: np.ndarray | None = None
-        self._next = 0
+        self.groups: deque[ReplayGroup] = deque()
         self.size = 0
 
-    def add(self, images: np.ndarray, probs: np.ndarray) -> None:
-        if self.images is None:
-            self.images = np.zeros((self.capacity, *images.shape[1:]), dtype=np.uint8)
-            self.probs = np.zeros((self.capacity, probs.shape[1]), dtype=np.float32)
-        for image, prob in zip(images, probs):
-            self.images[self._next] = image
-            self.probs[self._next] = prob
-            self._next = (self._next + 1) % self.capacity
-            self.size = min(self.size + 1, self.capacity)
+    def add(self, images: np.ndarray, probs: np.ndarray, stats: dict[str, np.ndarray] | None = None) -> None:
+        self.groups.append(ReplayGroup(images.copy(), probs.astype(np.float32), stats))
+        self.size += len(images)
+        while self.size > self.capacity:
+            self.size -= len(self.groups.popleft().images)
 
-    def sample(self, count: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-        idx = rng.integers(0, self.size, size=count)
-        return self.images[idx], self.probs[idx]
+    def sample(self, count: int, rng: np.random.Generator) -> list[ReplayGroup]:
+        """About `count` samples, drawn uniformly over groups and then within each group."""
+        out: list[ReplayGroup] = []
+        for g in rng.permutation(len(self.groups)):
+            group = self.groups[g]
+            take = min(count, len(group.images))
+            idx = rng.choice(len(group.images), size=take, replace=False)
+            out.append(ReplayGroup(group.images[idx], group.probs[idx], group.stats))
+            count -= take
+            if count <= 0:
+                break
+        return out
 
 
 @dataclass
@@ -200,19 +215,17 @@ class CemaEngine:
         """One adaptation step on new uploads; returns the tensors the delta must carry.
 
         With `device_stats` the device estimates its statistics itself: the student copy
-        distils under them and only the affine parameters go back. Without, the cloud
-        re-estimates the statistics from the (filtered, so biased) uploads and sends them too.
+        distils each group of samples under the statistics its device had when it sent them,
+        and only the affine parameters go back. Without, the cloud re-estimates the statistics
+        from the (filtered, so biased) uploads and sends them too.
         """
         cfg = self.cfg
         probs_new = self.teacher_probs(images, state)
+        groups = [ReplayGroup(images, probs_new.numpy(), device_stats)]
         replay = state.replay
         if replay.size >= cfg.replay_min and cfg.replay_per_step > 0:
-            old_images, old_probs = replay.sample(cfg.replay_per_step, self._rng)
-            batch_images = np.concatenate([images, old_images])
-            batch_probs = torch.cat([probs_new, torch.from_numpy(old_probs)])
-        else:
-            batch_images, batch_probs = images, probs_new
-        replay.add(images, probs_new.numpy())
+            groups += replay.sample(cfg.replay_per_step, self._rng)
+        replay.add(images, probs_new.numpy(), device_stats)
 
         if device_stats is not None:
             state.student_norm.update(device_stats)
@@ -221,17 +234,28 @@ class CemaEngine:
             with torch.no_grad():  # re-estimate statistics from the new domain only
                 _set_norm_mode(self.student, train=True, momentum=cfg.stats_momentum)
                 self.student(to_input(images))
+            state.student_norm = norm_state(self.student)
         _set_norm_mode(self.student, train=False)
         opt = torch.optim.SGD(self._student_params, lr=cfg.student_lr, momentum=cfg.momentum)
         if state.student_opt:
             opt.load_state_dict(state.student_opt)
+        total = sum(len(g.images) for g in groups)
         for _ in range(cfg.student_steps):
             opt.zero_grad(set_to_none=True)
-            distillation_loss(self.student(to_input(batch_images)), batch_probs, cfg).backward()
+            for group in groups:
+                if group.stats is not None:
+                    load_norm_state(self.student, group.stats)
+                loss = distillation_loss(self.student(to_input(group.images)), torch.from_numpy(group.probs), cfg)
+                (loss * (len(group.images) / total)).backward()
             opt.step()
+        load_norm_state(self.student, {k: v for k, v in state.student_norm.items() if not _is_affine(k)})
         state.student_opt = opt.state_dict()
         state.student_norm = norm_state(self.student)
         state.steps += 1
         if device_stats is None:
             return state.student_norm
-        return {k: v for k, v in state.student_norm.items() if k.rsplit(".", 1)[1] in ("weight", "bias")}
+        return {k: v for k, v in state.student_norm.items() if _is_affine(k)}
+
+
+def _is_affine(name: str) -> bool:
+    return name.rsplit(".", 1)[1] in ("weight", "bias")
