@@ -133,7 +133,7 @@ class DeviceClient:
                 log.warning("ignoring the saved delta: %s", exc)
         batch_norm = self.cfg.normalization == "batch"
         if batch_norm:
-            self.model = BatchStatisticsModel(stats_onnx, params, version, self.cfg.threads, self.cfg.stats_momentum)
+            self.model = BatchStatisticsModel(stats_onnx, params, version, self.cfg.threads)
         else:
             self.model = SwappableModel(onnx_bytes, params, version, self.cfg.threads)
         self.selector = CemaSelector(
@@ -153,8 +153,9 @@ class DeviceClient:
             batch_size=self.cfg.upload_batch,
             flush_s=self.cfg.upload_flush_s,
             max_attempts=self.cfg.upload_max_attempts,
-            stats_source=None if self.cfg.normalization == "cloud" else self._current_statistics,
+            stats_source=self._current_statistics if self.cfg.normalization == "running" else None,
             stats_every_s=self.cfg.stats_every_s,
+            batch_statistics=batch_norm,
         )
         self.uploader.start()
         if self.cfg.normalization == "running":

@@ -57,16 +57,14 @@ class StatisticsProbe:
 
 
 class BatchStatisticsModel:
-    """Inference that normalises each batch with its own statistics: the `bn` reference, forward
-    only. Each batch's statistics also fold into running estimates, which ride on uploads so the
-    cloud distils under what the device sees. Same interface as `SwappableModel`; no session is
-    ever rebuilt, because every normalization tensor is a feed.
+    """Inference that normalises each batch by its own statistics: the `bn` reference, forward
+    only, for streams that come in batches (about 16 frames or more). Same interface as
+    `SwappableModel`; no session is ever rebuilt, because the affine tensors are feeds.
+    Uploads say so (`batch_statistics`), and the cloud distils the same way.
     """
 
-    def __init__(self, stats_onnx: bytes, params: dict[str, np.ndarray], version: int, threads: int = 0,
-                 momentum: float = 0.2) -> None:
+    def __init__(self, stats_onnx: bytes, params: dict[str, np.ndarray], version: int, threads: int = 0) -> None:
         self._probe = StatisticsProbe(stats_onnx, threads)
-        self._momentum = momentum
         self._lock = threading.Lock()
         self._version = version
         self._params = dict(params)
@@ -82,10 +80,7 @@ class BatchStatisticsModel:
     def run(self, x: np.ndarray) -> tuple[np.ndarray, int]:
         with self._lock:
             params, version = self._params, self._version
-        logits, stats = self._probe.run(x, params)
-        with self._lock:
-            self._params = fold_batch_statistics(self._params, stats, self._momentum)
-        return logits, version
+        return self._probe.run(x, params)[0], version
 
     def install(self, params: dict[str, np.ndarray], version: int) -> bool:
         with self._lock:

@@ -49,8 +49,10 @@ class Uploader:
         max_attempts: int = 5,
         stats_source: Callable[[], dict[str, Tensor]] | None = None,
         stats_every_s: float = 2.0,
+        batch_statistics: bool = False,
     ) -> None:
         self.stats_source = stats_source
+        self.batch_statistics = batch_statistics
         self.stats_every_s = stats_every_s
         self._stats_sent_at = float("-inf")
         self.api = api
@@ -136,6 +138,7 @@ class Uploader:
             entropy=entropy,
             captured_at=captured,
             norm_stats=self._statistics_due(now),
+            batch_statistics=self.batch_statistics,
         )
         for attempt in range(1, self.max_attempts + 1):
             try:

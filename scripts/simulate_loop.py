@@ -42,6 +42,7 @@ def main() -> None:
     parser.add_argument("--teacher-optimizer", default="sgd")
     parser.add_argument("--teacher-lr", type=float, default=2.5e-4)
     parser.add_argument("--teacher-augmentations", type=int, default=0)
+    parser.add_argument("--no-teacher-adaptation", action="store_true")
     parser.add_argument("--student-steps", type=int, default=1)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--corruptions", default="all")
@@ -65,7 +66,8 @@ def main() -> None:
     cfg = CemaConfig(num_classes=info.num_classes, student_lr=args.student_lr, weight_entropy=args.weight_entropy,
                      new_per_step=args.new_per_step, replay_per_step=args.replay_per_step,
                      teacher_optimizer=args.teacher_optimizer, teacher_lr=args.teacher_lr,
-                     teacher_augmentations=args.teacher_augmentations, student_steps=args.student_steps)
+                     teacher_augmentations=args.teacher_augmentations, student_steps=args.student_steps,
+                     adapt_teacher=not args.no_teacher_adaptation)
     engine = CemaEngine(build_model(args.student), build_model(args.teacher), cfg)
     state = engine.new_state()
     device, source = build_model(args.student).eval(), build_model(args.student).eval()
@@ -109,8 +111,8 @@ def main() -> None:
         seen += len(chunk.labels)
         pending = np.concatenate([pending, chunk.images[keep]])
         while not args.no_cloud and len(pending) >= cfg.new_per_step:
-            stats = {k: v for k, v in norm_state(device).items() if "running" in k} if local else None
-            delta = engine.step(pending[: cfg.new_per_step], state, stats)
+            stats = {k: v.copy() for k, v in norm_state(device).items() if "running" in k} if local else None
+            delta = engine.step(pending[: cfg.new_per_step], state, stats, batch_statistics=args.device_norm == "batch")
             pending = pending[cfg.new_per_step :]
             load_norm_state(device, delta)
 

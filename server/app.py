@@ -237,7 +237,7 @@ def create_app(parts: ServerParts) -> FastAPI:
         if not np.isfinite(captured).all():
             raise ApiError(400, "bad_timestamp", "captured_at contains NaN or Inf")
         stats = _device_statistics(batch, parts.descriptor)
-        job = UploadJob(device.cohort, device.device_id, images, captured, time.time(), stats)
+        job = UploadJob(device.cohort, device.device_id, images, captured, time.time(), stats, batch.batch_statistics)
         if not parts.uploads.offer(job):
             retry = str(parts.settings.queue_retry_after_s)
             raise ApiError(429, "queue_full", "adaptation queue is full; retry later", {"Retry-After": retry})

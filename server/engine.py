@@ -91,6 +91,7 @@ class ReplayGroup:
     images: np.ndarray
     probs: np.ndarray
     stats: dict[str, np.ndarray] | None
+    batch_statistics: bool = False  # the device normalised with each batch's own statistics
 
 
 class ReplayBuffer:
@@ -101,9 +102,9 @@ class ReplayBuffer:
         self.groups: deque[ReplayGroup] = deque()
         self.size = 0
 
-    def add(self, images: np.ndarray, probs: np.ndarray, stats: dict[str, np.ndarray] | None = None) -> None:
-        self.groups.append(ReplayGroup(images.copy(), probs.astype(np.float32), stats))
-        self.size += len(images)
+    def add(self, group: ReplayGroup) -> None:
+        self.groups.append(group)
+        self.size += len(group.images)
         while self.size > self.capacity:
             self.size -= len(self.groups.popleft().images)
 
@@ -114,7 +115,7 @@ class ReplayBuffer:
             group = self.groups[g]
             take = min(count, len(group.images))
             idx = rng.choice(len(group.images), size=take, replace=False)
-            out.append(ReplayGroup(group.images[idx], group.probs[idx], group.stats))
+            out.append(ReplayGroup(group.images[idx], group.probs[idx], group.stats, group.batch_statistics))
             count -= take
             if count <= 0:
                 break
@@ -210,27 +211,32 @@ class CemaEngine:
         raise ValueError(f"unknown optimizer {kind!r}; choose sgd or adam")
 
     def step(
-        self, images: np.ndarray, state: CohortState, device_stats: dict[str, np.ndarray] | None = None
+        self, images: np.ndarray, state: CohortState, device_stats: dict[str, np.ndarray] | None = None,
+        batch_statistics: bool = False,
     ) -> dict[str, np.ndarray]:
         """One adaptation step on new uploads; returns the tensors the delta must carry.
 
-        With `device_stats` the device estimates its statistics itself: the student copy
-        distils each group of samples under the statistics its device had when it sent them,
-        and only the affine parameters go back. Without, the cloud re-estimates the statistics
-        from the (filtered, so biased) uploads and sends them too.
+        The student copy must normalise each sample the way its device did, or the affine
+        parameters it learns do the wrong thing on the device (measured: the stream collapses
+        to 80% error). So each group of uploads is distilled under the device's running
+        statistics from when it was sent (`device_stats`), or, when the device normalises
+        every batch by its own statistics (`batch_statistics`), with batch statistics too.
+        Either way only the affine parameters go back. Without device statistics the cloud
+        re-estimates them from the (filtered, so biased) uploads and sends them too.
         """
         cfg = self.cfg
         probs_new = self.teacher_probs(images, state)
-        groups = [ReplayGroup(images, probs_new.numpy(), device_stats)]
+        new = ReplayGroup(images.copy(), probs_new.numpy(), device_stats, batch_statistics)
+        groups = [new]
         replay = state.replay
         if replay.size >= cfg.replay_min and cfg.replay_per_step > 0:
             groups += replay.sample(cfg.replay_per_step, self._rng)
-        replay.add(images, probs_new.numpy(), device_stats)
+        replay.add(new)
 
         if device_stats is not None:
             state.student_norm.update(device_stats)
         load_norm_state(self.student, state.student_norm)
-        if device_stats is None:
+        if device_stats is None and not batch_statistics:
             with torch.no_grad():  # re-estimate statistics from the new domain only
                 _set_norm_mode(self.student, train=True, momentum=cfg.stats_momentum)
                 self.student(to_input(images))
@@ -243,16 +249,21 @@ class CemaEngine:
         for _ in range(cfg.student_steps):
             opt.zero_grad(set_to_none=True)
             for group in groups:
-                if group.stats is not None:
-                    load_norm_state(self.student, group.stats)
+                if group.batch_statistics:
+                    _set_norm_mode(self.student, train=True, momentum=0.0)
+                else:
+                    _set_norm_mode(self.student, train=False)
+                    if group.stats is not None:
+                        load_norm_state(self.student, group.stats)
                 loss = distillation_loss(self.student(to_input(group.images)), torch.from_numpy(group.probs), cfg)
                 (loss * (len(group.images) / total)).backward()
             opt.step()
+        _set_norm_mode(self.student, train=False)
         load_norm_state(self.student, {k: v for k, v in state.student_norm.items() if not _is_affine(k)})
         state.student_opt = opt.state_dict()
         state.student_norm = norm_state(self.student)
         state.steps += 1
-        if device_stats is None:
+        if device_stats is None and not batch_statistics:
             return state.student_norm
         return {k: v for k, v in state.student_norm.items() if _is_affine(k)}
 

@@ -20,6 +20,7 @@ class UploadJob:
     captured_at: np.ndarray  # float64 N, device clock, seconds
     received_at: float
     norm_stats: dict[str, np.ndarray] | None = None  # the device's own statistics, if it sent them
+    batch_statistics: bool = False  # the device normalises each batch by its own statistics
 
 
 class UploadQueue(Protocol):

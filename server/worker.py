@@ -60,6 +60,7 @@ class _Pending:
     captured_at: list[np.ndarray] = field(default_factory=list)
     first_at: float = 0.0
     norm_stats: dict[str, np.ndarray] | None = None
+    batch_statistics: bool = False
 
     def count(self) -> int:
         return sum(len(x) for x in self.images)
@@ -136,6 +137,7 @@ class AdaptationWorker:
         pending.captured_at.append(job.captured_at)
         if job.norm_stats is not None:
             pending.norm_stats = job.norm_stats
+        pending.batch_statistics = job.batch_statistics
 
     def _ready(self, cohort: str) -> bool:
         pending = self._pending[cohort]
@@ -152,9 +154,9 @@ class AdaptationWorker:
         take = self.engine.cfg.new_per_step
         batch, rest = images[:take], images[take:]
         batch_captured, rest_captured = captured[:take], captured[take:]
-        stats = pending.norm_stats
-        self._pending[cohort] = (
-            _Pending([rest], [rest_captured], time.monotonic(), stats) if len(rest) else _Pending(norm_stats=stats)
+        stats, batch_statistics = pending.norm_stats, pending.batch_statistics
+        self._pending[cohort] = _Pending(
+            [rest] if len(rest) else [], [rest_captured] if len(rest) else [], time.monotonic(), stats, batch_statistics
         )
 
         state = self._states.get(cohort)
@@ -163,7 +165,7 @@ class AdaptationWorker:
             latest = self.store.latest_version(cohort)
             self._versions[cohort] = latest.version if latest else 0
         started = time.perf_counter()
-        norm = self.engine.step(batch, state, stats)
+        norm = self.engine.step(batch, state, stats, batch_statistics)
         elapsed = time.perf_counter() - started
         version = self._versions[cohort] + 1
         params = {k: Tensor.from_numpy(v) for k, v in norm.items()}

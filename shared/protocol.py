@@ -80,6 +80,9 @@ class UploadBatch(_Message):
     norm_stats: dict[str, Tensor] | None = Field(
         default=None, description="The device's own running statistics, when it estimates them."
     )
+    batch_statistics: bool = Field(
+        default=False, description="The device normalises each batch by its own statistics (the cloud distils likewise)."
+    )
 
     @model_validator(mode="after")
     def _check_lengths(self) -> "UploadBatch":

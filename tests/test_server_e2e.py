@@ -181,6 +181,34 @@ def test_device_estimates_statistics_locally_and_gets_affine_only_deltas(tiny_se
     device.stop()
 
 
+def test_batch_statistics_device_predicts_as_train_mode_bn_and_gets_affine_only_deltas(tiny_server, tmp_path):
+    """Forward-only `bn`: each batch normalised by its own statistics; the cloud distils the same way."""
+    import torch
+
+    from server.baselines import use_batch_statistics
+    from server.engine import to_input
+    from tests.conftest import tiny_pair
+
+    url, _ = tiny_server
+    device = _device(url, tmp_path, normalization="batch")
+    frames = _images(16, seed=3)
+    out = device.predict(frames)
+    with torch.no_grad():
+        expected = use_batch_statistics(tiny_pair()[0])(to_input(frames)).softmax(dim=1)
+    np.testing.assert_allclose(out.confidence, expected.max(dim=1).values.numpy(), atol=1e-4)
+    _wait_for(lambda: device.deltas.applied >= 1)
+    r = httpx.get(f"{url}/v1/deltas", params={"since": 0}, headers=_auth(device.identity.token))
+    from shared.codec import decode
+    delta = decode(r.content, Delta)
+    assert delta.params and all(k.endswith((".weight", ".bias")) for k in delta.params)
+    after = device.predict(frames)
+    assert after.version >= 1 and np.abs(after.confidence - out.confidence).max() > 0  # the delta is in use
+    status = device.status()
+    assert status["statistics"] == {"normalization": "batch", "updates": 0}
+    assert status["passes"]["forward_samples"] == 32 and device.deltas.freshness_s
+    device.stop()
+
+
 def test_bad_device_statistics_are_refused(tiny_server):
     url, parts = tiny_server
     token = _register(url)["token"]

@@ -1,0 +1,68 @@
+"""The cloud step as pure functions: what a delta carries in each device normalization mode,
+the replay groups, and the teacher's options."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from server.engine import CemaConfig, CemaEngine, ReplayBuffer, ReplayGroup
+from tests.conftest import tiny_pair
+
+
+def _engine(**cfg) -> CemaEngine:
+    student, teacher = tiny_pair()
+    return CemaEngine(student, teacher, CemaConfig(num_classes=10, new_per_step=8, replay_per_step=8, replay_min=8, **cfg))
+
+
+def _images(n: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, size=(n, 32, 32, 3), dtype=np.uint8)
+
+
+def test_replay_buffer_is_bounded_in_samples_and_keeps_groups_whole() -> None:
+    buffer = ReplayBuffer(capacity=20)
+    for i in range(5):
+        buffer.add(ReplayGroup(np.full((8, 2, 2, 3), i, np.uint8), np.zeros((8, 10), np.float32), {"s": np.array([i])}, i % 2 == 1))
+    assert buffer.size == 16 and len(buffer.groups) == 2  # the oldest groups went first
+    drawn = buffer.sample(12, np.random.default_rng(0))
+    assert sum(len(g.images) for g in drawn) == 12
+    for g in drawn:  # a drawn sample keeps the statistics and mode of the batch it came from
+        value = int(g.images[0, 0, 0, 0])
+        assert (g.images == value).all() and g.stats["s"][0] == value and g.batch_statistics == (value % 2 == 1)
+
+
+@pytest.mark.parametrize("mode", ["cloud", "running", "batch"])
+def test_step_returns_what_the_device_needs(mode: str) -> None:
+    engine = _engine()
+    state = engine.new_state()
+    stats_names = [k for k in state.student_norm if k.endswith(("running_mean", "running_var"))]
+    device_stats = {k: state.student_norm[k] * 1.2 + 0.01 for k in stats_names} if mode == "running" else None
+    before = {k: v.copy() for k, v in state.student_norm.items()}
+    for seed in range(3):  # the third step replays earlier groups
+        delta = engine.step(_images(8, seed), state, device_stats, batch_statistics=mode == "batch")
+    affine_only = all(k.endswith((".weight", ".bias")) for k in delta)
+    assert affine_only == (mode != "cloud")
+    assert any(np.abs(delta[k] - before[k]).max() > 0 for k in delta if k.endswith(".weight"))
+    if mode == "running":  # the state keeps the device's statistics, not its own estimate
+        np.testing.assert_allclose(state.student_norm[stats_names[0]], device_stats[stats_names[0]])
+    if mode == "cloud":
+        assert np.abs(delta[stats_names[0]] - before[stats_names[0]]).max() > 0
+    assert state.replay.size == 24 and state.steps == 3
+
+
+def test_teacher_options_change_the_soft_labels() -> None:
+    images = _images(8, 5)
+    plain = _engine(adapt_teacher=False, teacher_flip_average=False)
+    views = _engine(adapt_teacher=False, teacher_flip_average=True, teacher_augmentations=4)
+    p_plain = plain.teacher_probs(images, plain.new_state())
+    p_views = views.teacher_probs(images, views.new_state())
+    assert torch.allclose(p_plain.sum(dim=1), torch.ones(8)) and torch.allclose(p_views.sum(dim=1), torch.ones(8))
+    assert (p_plain - p_views).abs().max() > 1e-4
+    adam = _engine(teacher_optimizer="adam", teacher_lr=1e-3)
+    state = adam.new_state()
+    adam.teacher_probs(images, state)
+    assert "exp_avg" in str(state.teacher_opt) and any(
+        np.abs(state.teacher_norm[k] - adam._source_teacher[k]).max() > 0 for k in state.teacher_norm if k.endswith(".weight")
+    )
+    with pytest.raises(ValueError, match="unknown optimizer"):
+        _engine(teacher_optimizer="rmsprop").teacher_probs(images, adam.new_state())
