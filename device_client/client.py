@@ -21,7 +21,12 @@ from device_client.runtime import SwappableModel, split_norm_file
 from device_client.scoring import entropy, softmax, to_model_input
 from device_client.selection import CemaSelector, SelectionConfig, UploadBudget
 from device_client.state import DeviceStateDir, Identity
-from device_client.statistics import BatchStatisticsModel, StatisticsProbe, fold_batch_statistics, statistic_names
+from device_client.statistics import (
+    BatchStatisticsModel,
+    StatisticsProbe,
+    fold_batch_statistics,
+    statistic_names,
+)
 from device_client.transport import ServerApi, ServerError
 from device_client.uploader import Uploader
 from shared.protocol import Delta, ImageCodec, RegisterRequest
@@ -103,7 +108,7 @@ class DeviceClient:
         self._frames_ready = threading.Condition()
 
     # -- provisioning -------------------------------------------------------------
-    def start(self) -> "DeviceClient":
+    def start(self) -> DeviceClient:
         identity = self.state.load_identity(self.cfg.server)
         api = ServerApi(self.cfg.server, identity.token if identity else None)
         if identity is None:

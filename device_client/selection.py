@@ -9,7 +9,6 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-
 import numpy as np
 
 
@@ -120,7 +119,7 @@ class UploadBudget:
     bytes: TokenBucket
 
     @classmethod
-    def from_rates(cls, samples_per_s: float | None, bytes_per_s: float | None, burst_s: float = 2.0) -> "UploadBudget":
+    def from_rates(cls, samples_per_s: float | None, bytes_per_s: float | None, burst_s: float = 2.0) -> UploadBudget:
         return cls(
             TokenBucket(samples_per_s, (samples_per_s or 0) * burst_s + 1),
             TokenBucket(bytes_per_s, (bytes_per_s or 0) * burst_s + 65536),

@@ -6,7 +6,14 @@ import hashlib
 import httpx
 
 from shared.codec import MSGPACK_MEDIA_TYPE, CodecError, decode, pack
-from shared.protocol import Delta, ModelDescriptor, RegisterRequest, RegisterResponse, UploadAck, UploadBatch
+from shared.protocol import (
+    Delta,
+    ModelDescriptor,
+    RegisterRequest,
+    RegisterResponse,
+    UploadAck,
+    UploadBatch,
+)
 
 
 class ServerError(Exception):

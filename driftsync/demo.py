@@ -32,7 +32,9 @@ class DemoOptions:
 
 
 def run_demo(opts: DemoOptions) -> dict:
-    from server.models.embedded import ensure_trained  # torch: the demo runs the server too
+    from server.models.embedded import (
+        ensure_trained,  # torch: the demo runs the server too
+    )
 
     out = opts.out
     out.mkdir(parents=True, exist_ok=True)

@@ -33,7 +33,6 @@ from shared.protocol import (
 )
 
 
-
 class ApiError(Exception):
     def __init__(self, status: int, error: str, detail: str, headers: dict[str, str] | None = None) -> None:
         super().__init__(detail)

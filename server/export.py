@@ -13,12 +13,11 @@ from __future__ import annotations
 import hashlib
 import io
 import warnings
+from dataclasses import dataclass
 
 import numpy as np
 import onnx
 import torch
-from dataclasses import dataclass
-
 from onnx import numpy_helper
 from onnx.external_data_helper import set_external_data
 from torch import nn

@@ -85,7 +85,7 @@ class UploadBatch(_Message):
     )
 
     @model_validator(mode="after")
-    def _check_lengths(self) -> "UploadBatch":
+    def _check_lengths(self) -> UploadBatch:
         n = len(self.images)
         if len(self.entropy) != n or len(self.captured_at) != n:
             raise ValueError("images, entropy and captured_at must have the same length")
@@ -118,7 +118,7 @@ class Delta(_Message):
     sha256: str
 
     @model_validator(mode="after")
-    def _check_versions(self) -> "Delta":
+    def _check_versions(self) -> Delta:
         if self.new_version <= self.base_version:
             raise ValueError("new_version must be greater than base_version")
         return self

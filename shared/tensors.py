@@ -33,7 +33,7 @@ class Tensor(BaseModel):
     data: bytes
 
     @model_validator(mode="after")
-    def _check_size(self) -> "Tensor":
+    def _check_size(self) -> Tensor:
         if any(d < 0 for d in self.shape):
             raise ValueError(f"negative dimension in shape {self.shape}")
         count = math.prod(self.shape)
@@ -47,7 +47,7 @@ class Tensor(BaseModel):
         return self
 
     @classmethod
-    def from_numpy(cls, array: np.ndarray) -> "Tensor":
+    def from_numpy(cls, array: np.ndarray) -> Tensor:
         name = str(array.dtype)
         if name not in _NUMPY_DTYPES:
             raise ValueError(f"unsupported dtype {name}")

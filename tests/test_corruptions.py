@@ -5,7 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from driftsync.data.corruptions import CONSTANTS, CORRUPTIONS, constants_for_size, corrupt
+from driftsync.data.corruptions import (
+    CONSTANTS,
+    CORRUPTIONS,
+    constants_for_size,
+    corrupt,
+)
 
 # Corruptions whose output does not depend on the rng.
 DETERMINISTIC = {"defocus_blur", "zoom_blur", "brightness", "contrast", "pixelate", "jpeg_compression"}

@@ -152,7 +152,6 @@ def test_replay_refuses_bad_options(tmp_path: Path) -> None:
         ReplayOptions(dataset="cifar10")
     with pytest.raises(ValueError, match="unknown methods"):
         ReplayOptions(methods=("sar",))
-    x, _ = embedded_images(4)
     big = np.zeros((4, 48, 48, 3), np.uint8)
     np.savez(tmp_path / "big.npz", x=big, y=np.zeros(4, np.int64))
     with pytest.raises(ValueError, match="takes 32x32"):

@@ -6,7 +6,12 @@ import math
 import numpy as np
 
 from device_client.scoring import entropy, softmax, to_model_input
-from device_client.selection import CemaSelector, SelectionConfig, TokenBucket, UploadBudget
+from device_client.selection import (
+    CemaSelector,
+    SelectionConfig,
+    TokenBucket,
+    UploadBudget,
+)
 
 
 def _probs_with_entropy(values: list[float], classes: int = 10) -> tuple[np.ndarray, np.ndarray]:

@@ -61,7 +61,7 @@ def test_correlated_orders_labels_in_bursts(base):
     images, labels = streams.embedded_base(400)
     chunks = list(streams.stream("correlated", streams.corrupting(images, labels, 1), ["fog"], 5, 20, seed=1, dirichlet=0.05))
     continual = list(streams.stream("continual", streams.corrupting(images, labels, 1), ["fog"], 5, 20, seed=1))
-    distinct = lambda cs: np.mean([len(np.unique(c.labels)) for c in cs])  # noqa: E731
+    distinct = lambda cs: np.mean([len(np.unique(c.labels)) for c in cs])
     assert distinct(chunks) < 0.7 * distinct(continual)
     assert sorted(np.concatenate([c.labels for c in chunks]).tolist()) == sorted(labels.tolist())
 

@@ -16,7 +16,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
-from functools import lru_cache
+from functools import cache, lru_cache
 from pathlib import Path
 
 import torch
@@ -153,7 +153,7 @@ def _file_lock(path: Path) -> Iterator[None]:
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-@lru_cache(maxsize=None)
+@cache
 def _dataset_fingerprint(seed: int) -> str:
     """Hash of a few generated images: detects any change to the synthetic generator."""
     x, y = synthetic.generate(0, 64, seed)

@@ -85,7 +85,7 @@ class ImageNetResNet(nn.Module):
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
 
-    def _stage(self, block: type[BasicBlock] | type[Bottleneck], width: int, count: int, stride: int = 1) -> nn.Sequential:
+    def _stage(self, block: type[BasicBlock | Bottleneck], width: int, count: int, stride: int = 1) -> nn.Sequential:
         downsample = None
         if stride != 1 or self.inplanes != width * block.expansion:
             downsample = nn.Sequential(_conv1x1(self.inplanes, width * block.expansion, stride),
