@@ -104,6 +104,7 @@ def _replay_args(p: argparse.ArgumentParser) -> None:
     add(p, "--normalization", "batch", help="device normalization for collaborative methods: batch, running or cloud")
     add(p, "--dirichlet", 0.1, float, help="label-burst concentration for the correlated setting")
     add(p, "--torch-threads", 0, int, help="torch threads for the server and on-device methods (0: torch's default)")
+    add(p, "--torch-device", "cpu", help="torch device for the on-device references (e.g. cuda)")
     add(p, "--server-args", "", help="extra `driftsync serve` flags, e.g. '--teacher-augmentations 8'")
     add(p, "--device-args", "", help="extra `driftsync device` flags, e.g. '--e-min-factor 0.02'")
 
@@ -226,7 +227,7 @@ def _replay(args: argparse.Namespace) -> int:
             severity=args.severity, corruptions=args.corruptions, samples_per_domain=args.samples_per_domain,
             batch_size=args.batch_size, devices=args.devices, seed=args.seed, out=Path(args.out), fps=args.fps,
             lockstep_timeout_s=args.lockstep_timeout_s, normalization=args.normalization, dirichlet=args.dirichlet,
-            torch_threads=args.torch_threads, server_args=tuple(shlex.split(args.server_args)),
+            torch_threads=args.torch_threads, torch_device=args.torch_device, server_args=tuple(shlex.split(args.server_args)),
             device_args=tuple(shlex.split(args.device_args)),
         )
     except ValueError as exc:

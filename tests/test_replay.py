@@ -33,7 +33,7 @@ def embedded_images(count: int) -> tuple[np.ndarray, np.ndarray]:
 def test_replay_runs_every_method_on_one_stream(tmp_path: Path) -> None:
     methods = ("source", "bn", "tent", "eata", "cotta", "cema")
     report = run(ReplayOptions(methods=methods, corruptions="fog,contrast", samples_per_domain=48, batch_size=16,
-                               out=tmp_path, torch_threads=1))
+                               devices=2, out=tmp_path, torch_threads=1))
     assert set(REPORT_KEYS) <= set(report)
     assert report["method"] == "source"  # the demo's keys describe the first method
     by_name = {m["method"]: m for m in report["methods"]}
@@ -41,7 +41,8 @@ def test_replay_runs_every_method_on_one_stream(tmp_path: Path) -> None:
     for m in by_name.values():
         assert set(REPORT_KEYS) <= set(m)
         assert [d["name"] for d in m["domains"]] == ["fog", "contrast"]
-        assert [d["samples"] for d in m["domains"]] == [48, 48]  # the identical stream
+        devices = 2 if m["where"] == "collaborative" else 1  # each device replays the identical stream
+        assert m["devices"] == devices and [d["samples"] for d in m["domains"]] == [48 * devices, 48 * devices]
         assert m["mean_error_source"] == by_name["source"]["mean_error"]  # ORT and torch agree on source
     cema = by_name["cema"]
     assert cema["where"] == "collaborative" and cema["deltas_applied"] > 0 and cema["downlink_bytes"] > 0
@@ -169,3 +170,17 @@ def test_replay_resnet20_clean_error_on_the_exact_1000(tmp_path: Path) -> None:
                                samples_per_domain=None, batch_size=200, out=tmp_path))
     assert report["samples"] == 1000
     assert 8.0 <= report["mean_error"] <= 9.0
+
+
+@needs_assets
+def test_replay_cema_with_resnet20_student_and_resnet56_teacher(tmp_path: Path) -> None:
+    """The real pair through the real system, on a short CIFAR-10 stream."""
+    teacher = RESNET20.parent / "resnet56-4bfd9763.th"
+    report = run(ReplayOptions(dataset="cifar10", data=CIFAR_NPZ, data_key="x_exact1000", corruptions="fog,contrast",
+                               methods=("cema", "bn"), student=f"resnet20:{RESNET20}", teacher=f"resnet56:{teacher}",
+                               samples_per_domain=200, batch_size=100, out=tmp_path,
+                               device_args=("--e-min-factor", "0.02", "--entropy-ema", "none")))
+    cema, bn = report["methods"]
+    assert cema["method"] == "cema" and cema["deltas_applied"] > 0 and 0 < cema["upload_ratio"] <= 0.5
+    assert cema["mean_error"] < cema["mean_error_source"] - 10  # contrast alone is 73% wrong at the source
+    assert abs(cema["mean_error"] - bn["mean_error"]) < 8  # same normalization; the deltas only refine it
