@@ -27,6 +27,8 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
     add(p, "--teacher-augmentations", 0, int, help="extra augmented views averaged into the teacher's soft labels")
     add(p, "--student-lr", 2.5e-3, float, help="student distillation learning rate (CEMA: 2.5e-3)")
     add(p, "--student-steps", 1, int, help="distillation steps per adaptation step")
+    add(p, "--prompt", None, optional(str), help="give the student an input prompt: padding:WIDTH or lowres:SIZE")
+    add(p, "--learn", "norm", help="what deltas move: norm (CEMA), prompt, or norm+prompt")
     add(p, "--step-max-wait-s", 2.0, float, help="step with fewer samples once the oldest waited this long")
     add(p, "--step-min-samples", 8, int, help="fewest new samples a step takes after waiting")
     add(p, "--torch-threads", 0, int, help="torch intra-op threads (0: torch's default)")
@@ -90,7 +92,8 @@ def _replay_args(p: argparse.ArgumentParser) -> None:
     add(p, "--class-index", None, optional(str), help="ImageNet-C: wnids in the model's class order, one per line")
     add(p, "--student", "embedded-student", help="device model NAME[:CHECKPOINT]")
     add(p, "--teacher", "embedded-teacher", help="cloud model NAME[:CHECKPOINT]")
-    add(p, "--method", "source,bn,tent,cema", help="comma list of cema, source, bn, tent, eata, cotta")
+    add(p, "--method", "source,bn,tent,cema", help="comma list of cema, prompt, cema+prompt, source, bn, tent, eata, cotta")
+    add(p, "--prompt", "lowres:8", help="input prompt of the prompt methods: lowres:SIZE or padding:WIDTH")
     add(p, "--setting", "continual", help="continual, reset_each_shift, gradual, mixed or correlated")
     add(p, "--severity", 5, int, help="corruption severity 1-5 (gradual: the peak)")
     add(p, "--corruptions", "all", help="comma list, 'all' (CoTTA order) or 'none' (clean)")
@@ -151,6 +154,7 @@ def _serve(args: argparse.Namespace) -> int:
         teacher_optimizer=args.teacher_optimizer, teacher_lr=args.teacher_lr,
         teacher_augmentations=args.teacher_augmentations, student_lr=args.student_lr, student_steps=args.student_steps,
         step_max_wait_s=args.step_max_wait_s, step_min_samples=args.step_min_samples, torch_threads=args.torch_threads,
+        prompt=args.prompt, learn=args.learn,
     )
     uvicorn.run(build_app(opts), host=args.host, port=args.port, log_level=args.log_level.lower())
     return 0
@@ -226,7 +230,7 @@ def _replay(args: argparse.Namespace) -> int:
             methods=tuple(m.strip() for m in args.method.split(",") if m.strip()), setting=args.setting,
             severity=args.severity, corruptions=args.corruptions, samples_per_domain=args.samples_per_domain,
             batch_size=args.batch_size, devices=args.devices, seed=args.seed, out=Path(args.out), fps=args.fps,
-            lockstep_timeout_s=args.lockstep_timeout_s, normalization=args.normalization, dirichlet=args.dirichlet,
+            lockstep_timeout_s=args.lockstep_timeout_s, normalization=args.normalization, prompt=args.prompt, dirichlet=args.dirichlet,
             torch_threads=args.torch_threads, torch_device=args.torch_device, server_args=tuple(shlex.split(args.server_args)),
             device_args=tuple(shlex.split(args.device_args)),
         )

@@ -28,7 +28,8 @@ from driftsync.report import build_report, markdown_methods, write_methods_repor
 log = logging.getLogger("driftsync.replay")
 
 DATASETS = ("embedded", "cifar10", "cifar10-c", "imagenet-c", "folder")
-COLLABORATIVE = ("cema",)
+COLLABORATIVE = ("cema", "prompt", "cema+prompt")
+LEARNS = {"cema": "norm", "prompt": "prompt", "cema+prompt": "norm+prompt"}
 ON_DEVICE = ("source", "bn", "tent", "eata", "cotta")
 
 
@@ -52,6 +53,7 @@ class ReplayOptions:
     fps: float | None = None  # None: lockstep pacing
     lockstep_timeout_s: float = 60.0
     normalization: str = "batch"
+    prompt: str = "lowres:8"  # the input prompt of the prompt methods
     dirichlet: float = 0.1
     torch_threads: int = 0
     torch_device: str = "cpu"  # where the on-device references compute (cuda: CoTTA's 32 views are slow on CPU)
@@ -232,7 +234,10 @@ def run_on_device(name: str, opts: ReplayOptions, stream_dir: Path, source_pred:
 
 def run_collaborative(name: str, opts: ReplayOptions, stream_dir: Path, work: Path) -> list[dict]:
     """A real server and N device processes on loopback, each device replaying the stream file."""
-    server = ["--student", opts.student, "--teacher", opts.teacher, "--torch-threads", str(opts.torch_threads)]
+    server = ["--student", opts.student, "--teacher", opts.teacher, "--torch-threads", str(opts.torch_threads),
+              "--learn", LEARNS[name]]
+    if "prompt" in LEARNS[name]:
+        server += ["--prompt", opts.prompt]
     if opts.fps is None:  # lockstep: step on whatever arrived, promptly
         server += ["--step-max-wait-s", "0.5", "--step-min-samples", "1"]
     pacing = ["--fps", str(opts.fps)] if opts.fps else ["--fps", "none", "--lockstep-timeout-s", str(opts.lockstep_timeout_s)]
@@ -246,6 +251,13 @@ def run_collaborative(name: str, opts: ReplayOptions, stream_dir: Path, work: Pa
 
 
 # --------------------------------------------------------------------------- the run
+
+
+def prompt_bytes(spec: str, input_size: tuple[int, int]) -> int:
+    """float32 bytes of the prompt tensors a delta carries."""
+    from server.prompt import InputPrompt, parse_prompt
+
+    return 4 * sum(p.numel() for p in InputPrompt(*parse_prompt(spec), input_size).parameters())
 
 
 def method_report(name: str, summaries: list[dict], meta: dict) -> dict:
@@ -290,7 +302,8 @@ def run(opts: ReplayOptions) -> dict:
     for name in opts.methods:
         if name in COLLABORATIVE:
             summaries = run_collaborative(name, opts, stream_dir, out / "runs" / name)
-            meta_m = dict(meta, devices=opts.devices, normalization=opts.normalization)
+            meta_m = dict(meta, devices=opts.devices, normalization=opts.normalization,
+                          prompt_bytes=prompt_bytes(opts.prompt, info.input_size) if "prompt" in LEARNS[name] else 0)
         else:
             summary = run_on_device(name, opts, stream_dir, source_pred)
             summary.pop("predictions")

@@ -175,15 +175,15 @@ def markdown_methods(report: dict) -> str:
         "## Cost",
         "",
         "| method | where | upload ratio | uplink B/sample | downlink B | deltas | freshness p50 / p95 s "
-        "| device fwd/sample | device bwd/sample | seconds |",
-        "|---|---|---:|---:|---:|---:|---|---:|---:|---:|",
+        "| device fwd/sample | device bwd/sample | prompt B | seconds |",
+        "|---|---|---:|---:|---:|---:|---|---:|---:|---:|---:|",
     ]
     for m in methods:
         fresh = f"{m['freshness_p50_s']} / {m['freshness_p95_s']}" if m["freshness_p50_s"] is not None else "-"
         lines.append(
             f"| {m['method']} | {m['where']} | {m['upload_ratio']:.3f} | {m['uplink_bytes_per_sample']} | "
             f"{m['downlink_bytes']} | {m['deltas_applied']} | {fresh} | {m['forward_passes_per_sample']} | "
-            f"{m['backward_passes_per_sample']} | {m['seconds']} |"
+            f"{m['backward_passes_per_sample']} | {m.get('prompt_bytes', 0)} | {m['seconds']} |"
         )
     return "\n".join(lines) + "\n"
 

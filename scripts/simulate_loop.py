@@ -26,7 +26,7 @@ from device_client.selection import CemaSelector, SelectionConfig
 from driftsync.data import streams
 from server.engine import CemaConfig, CemaEngine, to_input
 from server.models.registry import build_model, model_info
-from server.norm import load_norm_state, norm_layers, norm_state
+from server.norm import load_replaceable_state, norm_layers, replaceable_state
 
 
 def main() -> None:
@@ -111,10 +111,10 @@ def main() -> None:
         seen += len(chunk.labels)
         pending = np.concatenate([pending, chunk.images[keep]])
         while not args.no_cloud and len(pending) >= cfg.new_per_step:
-            stats = {k: v.copy() for k, v in norm_state(device).items() if "running" in k} if local else None
+            stats = {k: v.copy() for k, v in replaceable_state(device).items() if "running" in k} if local else None
             delta = engine.step(pending[: cfg.new_per_step], state, stats, batch_statistics=args.device_norm == "batch")
             pending = pending[cfg.new_per_step :]
-            load_norm_state(device, delta)
+            load_replaceable_state(device, delta)
 
     print("| domain | source error % | adapted error % | selected |")
     print("|---|---:|---:|---:|")

@@ -17,7 +17,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from server.augment import cotta_augment
-from server.norm import freeze_all_but_affine, load_norm_state, norm_layers, norm_state
+from server.prompt import PREFIX as PROMPT_PREFIX
+from server.prompt import prompt_parameters
+from server.norm import freeze_all_but_affine, load_replaceable_state, norm_layers, replaceable_state
+
+
+LEARN_MODES = ("norm", "prompt", "norm+prompt")
 
 
 @dataclass(frozen=True)
@@ -41,10 +46,34 @@ class CemaConfig:
     replay_capacity: int = 10_000
     replay_min: int = 256
     stats_momentum: float = 0.3
+    learn: str = "norm"  # what the deltas move: "norm" (CEMA), "prompt" (U-VPA style) or "norm+prompt"
+    prompt_lr: float = 5e-3  # Adam, on the input-space prompt
+    prompt_consistency: float = 1.0  # confident uploads keep the prompted prediction on the plain one
+    prompt_ema: float = 0.9  # deltas carry this EMA of the prompt, so a quiet stream cannot drag it away
+
+    def __post_init__(self) -> None:
+        if self.learn not in LEARN_MODES:
+            raise ValueError(f"learn must be one of {LEARN_MODES}, not {self.learn!r}")
 
     @property
     def e_max(self) -> float:
         return self.e_max_factor * math.log(self.num_classes)
+
+
+def prompt_loss(
+    prompted_logits: torch.Tensor, plain_logits: torch.Tensor, teacher_probs: torch.Tensor, cfg: CemaConfig
+) -> torch.Tensor:
+    """VPLU, uncertainty-guided: the student's own uncertainty u = H / ln C on each upload
+    weights how much the teacher drives the prompt there (u · KL(teacher‖prompted)); confident
+    uploads regularise it instead ((1 - u) · KL(plain‖prompted)), so the prompt fixes what the
+    student gets wrong without moving what it already gets right."""
+    log_p = prompted_logits.log_softmax(dim=1)
+    plain = plain_logits.softmax(dim=1)
+    u = (entropy(plain_logits) / math.log(plain_logits.shape[1])).clamp(0, 1)
+    teacher_probs = teacher_probs.clamp_min(1e-8)
+    drive = (teacher_probs * (teacher_probs.log() - log_p)).sum(dim=1)
+    keep = (plain * (plain.clamp_min(1e-8).log() - log_p)).sum(dim=1)
+    return (u * drive).mean() + cfg.prompt_consistency * ((1 - u) * keep).mean()
 
 
 def entropy(logits: torch.Tensor) -> torch.Tensor:
@@ -130,6 +159,8 @@ class CohortState:
     teacher_norm: dict[str, np.ndarray]
     student_opt: dict = field(default_factory=dict)
     teacher_opt: dict = field(default_factory=dict)
+    prompt_opt: dict = field(default_factory=dict)
+    prompt_ema: dict[str, np.ndarray] = field(default_factory=dict)
     replay: ReplayBuffer | None = None
     steps: int = 0
 
@@ -158,10 +189,18 @@ class CemaEngine:
         self.student_input_shape = student_input_shape
         self.student = copy.deepcopy(student)
         self.teacher = copy.deepcopy(teacher)
-        self._student_params = freeze_all_but_affine(self.student)
+        affine = freeze_all_but_affine(self.student)
+        self._prompt_params = list(prompt_parameters(self.student).values())
+        if "prompt" in cfg.learn and not self._prompt_params:
+            raise ValueError(f"learn={cfg.learn!r} needs a prompted student (serve --prompt padding:W or lowres:R)")
+        self._student_params = affine if "norm" in cfg.learn else []
+        for p in affine:
+            p.requires_grad_("norm" in cfg.learn)
+        for p in self._prompt_params:
+            p.requires_grad_("prompt" in cfg.learn)
         self._teacher_params = freeze_all_but_affine(self.teacher)
-        self._source_student = norm_state(self.student)
-        self._source_teacher = norm_state(self.teacher)
+        self._source_student = replaceable_state(self.student)
+        self._source_teacher = replaceable_state(self.teacher)
         self._rng = np.random.default_rng(seed)
         self._generator = torch.Generator().manual_seed(seed)
 
@@ -179,7 +218,7 @@ class CemaEngine:
         `teacher_augmentations` random views makes the labels it distils markedly better.
         """
         cfg = self.cfg
-        load_norm_state(self.teacher, state.teacher_norm)
+        load_replaceable_state(self.teacher, state.teacher_norm)
         _set_norm_mode(self.teacher, train=True, momentum=0.1)
         x = to_input(images)
         with torch.set_grad_enabled(cfg.adapt_teacher):
@@ -200,7 +239,7 @@ class CemaEngine:
             for _ in range(cfg.teacher_augmentations):
                 views.append(self.teacher(cotta_augment(x, self._generator)).softmax(dim=1))
             probs = torch.stack(views).mean(dim=0)
-        state.teacher_norm = norm_state(self.teacher)
+        state.teacher_norm = replaceable_state(self.teacher)
         return probs
 
     def _optimizer(self, params: list[nn.Parameter], kind: str, lr: float) -> torch.optim.Optimizer:
@@ -235,38 +274,78 @@ class CemaEngine:
 
         if device_stats is not None:
             state.student_norm.update(device_stats)
-        load_norm_state(self.student, state.student_norm)
-        if device_stats is None and not batch_statistics:
+        load_replaceable_state(self.student, state.student_norm)
+        if device_stats is None and not batch_statistics and "norm" in cfg.learn:
             with torch.no_grad():  # re-estimate statistics from the new domain only
                 _set_norm_mode(self.student, train=True, momentum=cfg.stats_momentum)
                 self.student(to_input(images))
-            state.student_norm = norm_state(self.student)
+            state.student_norm = replaceable_state(self.student)
         _set_norm_mode(self.student, train=False)
-        opt = torch.optim.SGD(self._student_params, lr=cfg.student_lr, momentum=cfg.momentum)
-        if state.student_opt:
-            opt.load_state_dict(state.student_opt)
+        opts = self._student_optimizers(state)
         total = sum(len(g.images) for g in groups)
         for _ in range(cfg.student_steps):
-            opt.zero_grad(set_to_none=True)
+            for opt in opts.values():
+                opt.zero_grad(set_to_none=True)
             for group in groups:
                 if group.batch_statistics:
                     _set_norm_mode(self.student, train=True, momentum=0.0)
                 else:
                     _set_norm_mode(self.student, train=False)
                     if group.stats is not None:
-                        load_norm_state(self.student, group.stats)
-                loss = distillation_loss(self.student(to_input(group.images)), torch.from_numpy(group.probs), cfg)
-                (loss * (len(group.images) / total)).backward()
-            opt.step()
+                        load_replaceable_state(self.student, group.stats)
+                (self._group_loss(group) * (len(group.images) / total)).backward()
+            for opt in opts.values():
+                opt.step()
         _set_norm_mode(self.student, train=False)
-        load_norm_state(self.student, {k: v for k, v in state.student_norm.items() if not _is_affine(k)})
-        state.student_opt = opt.state_dict()
-        state.student_norm = norm_state(self.student)
+        load_replaceable_state(self.student, {k: v for k, v in state.student_norm.items() if _is_statistic(k)})
+        for name, opt in opts.items():
+            setattr(state, name, opt.state_dict())
+        state.student_norm = replaceable_state(self.student)
         state.steps += 1
-        if device_stats is None and not batch_statistics:
-            return state.student_norm
-        return {k: v for k, v in state.student_norm.items() if _is_affine(k)}
+        return self._delta_tensors(state, cloud_statistics=device_stats is None and not batch_statistics)
+
+    def _student_optimizers(self, state: CohortState) -> dict[str, torch.optim.Optimizer]:
+        """SGD on the affine parameters (CEMA's), Adam on the prompt; keyed by their state field."""
+        opts: dict[str, torch.optim.Optimizer] = {}
+        if self._student_params:
+            opts["student_opt"] = torch.optim.SGD(self._student_params, lr=self.cfg.student_lr, momentum=self.cfg.momentum)
+        if "prompt" in self.cfg.learn:
+            opts["prompt_opt"] = torch.optim.Adam(self._prompt_params, lr=self.cfg.prompt_lr)
+        for name, opt in opts.items():
+            if getattr(state, name):
+                opt.load_state_dict(getattr(state, name))
+        return opts
+
+    def _group_loss(self, group: ReplayGroup) -> torch.Tensor:
+        x, probs = to_input(group.images), torch.from_numpy(group.probs)
+        logits = self.student(x)
+        loss = distillation_loss(logits, probs, self.cfg) if "norm" in self.cfg.learn else logits.new_zeros(())
+        if "prompt" in self.cfg.learn:
+            with torch.no_grad():
+                plain = self.student.model(x)  # the same student without its prompt
+            loss = loss + prompt_loss(logits, plain, probs, self.cfg)
+        return loss
+
+    def _delta_tensors(self, state: CohortState, cloud_statistics: bool) -> dict[str, np.ndarray]:
+        """What moved: affine parameters and/or the prompt's EMA, plus statistics the cloud estimated."""
+        out = {}
+        for name, value in state.student_norm.items():
+            if _is_prompt(name):
+                if "prompt" in self.cfg.learn:
+                    previous = state.prompt_ema.get(name, self._source_student[name])
+                    state.prompt_ema[name] = self.cfg.prompt_ema * previous + (1 - self.cfg.prompt_ema) * value
+                    out[name] = state.prompt_ema[name].astype(np.float32)
+            elif _is_statistic(name):
+                if cloud_statistics and "norm" in self.cfg.learn:
+                    out[name] = value
+            elif "norm" in self.cfg.learn:
+                out[name] = value
+        return out
 
 
-def _is_affine(name: str) -> bool:
-    return name.rsplit(".", 1)[1] in ("weight", "bias")
+def _is_statistic(name: str) -> bool:
+    return name.rsplit(".", 1)[1] in ("running_mean", "running_var")
+
+
+def _is_prompt(name: str) -> bool:
+    return name.startswith(f"{PROMPT_PREFIX}.")

@@ -23,6 +23,7 @@ from onnx.external_data_helper import set_external_data
 from torch import nn
 
 from server.norm import NORM_FIELDS, norm_layers
+from server.prompt import prompt_parameters
 
 INPUT_NAME = "input"
 OUTPUT_NAME = "logits"
@@ -43,7 +44,7 @@ class StudentArtifact:
 
 def export_student(model: nn.Module, input_shape: tuple[int, int, int]) -> StudentArtifact:
     graph_model = onnx.load_from_string(export_onnx(model, input_shape))
-    names = [f"{layer}.{field}" for layer in norm_layers(model) for field in NORM_FIELDS]
+    names = [f"{layer}.{field}" for layer in norm_layers(model) for field in NORM_FIELDS] + list(prompt_parameters(model))
     by_name = {t.name: t for t in graph_model.graph.initializer}
     chunks: list[bytes] = []
     parameters: dict[str, tuple[int, ...]] = {}
@@ -78,7 +79,7 @@ def statistics_graph(onnx_bytes: bytes, parameters: dict[str, tuple[int, ...]]) 
     del graph.initializer[:]
     graph.initializer.extend(kept)
     for name, shape in parameters.items():
-        if name.rsplit(".", 1)[1] in ("weight", "bias"):
+        if name.rsplit(".", 1)[1] not in ("running_mean", "running_var"):  # affine and prompt tensors
             graph.input.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, list(shape)))
     helper = onnx.helper
     for node in [n for n in graph.node if n.op_type == "BatchNormalization"]:
@@ -136,9 +137,20 @@ def _scope_of(node_name: str) -> str:
 
 
 def export_onnx(model: nn.Module, input_shape: tuple[int, int, int]) -> bytes:
+    """ONNX with every replaceable tensor as its own named initializer.
+
+    A prompt starts at zero, and the exporter would merge equal initializers (the four zero
+    strips of a padding prompt): it exports with distinct random values, and the real values
+    are written into the named initializers afterwards.
+    """
     model = model.eval()
     dummy = torch.zeros(1, *input_shape)
     buf = io.BytesIO()
+    prompt = prompt_parameters(model)
+    real = {name: p.detach().clone() for name, p in prompt.items()}
+    with torch.no_grad():
+        for p in prompt.values():
+            p.copy_(torch.rand_like(p))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(
@@ -153,7 +165,15 @@ def export_onnx(model: nn.Module, input_shape: tuple[int, int, int]) -> bytes:
             do_constant_folding=False,
             training=torch.onnx.TrainingMode.EVAL,
         )
+    with torch.no_grad():
+        for name, p in prompt.items():
+            p.copy_(real[name])
     graph_model = onnx.load_from_string(buf.getvalue())
+    by_name = {t.name: t for t in graph_model.graph.initializer}
+    for name, value in real.items():
+        if name not in by_name:
+            raise RuntimeError(f"prompt tensor {name} is not an initializer of the exported graph")
+        by_name[name].CopyFrom(numpy_helper.from_array(value.numpy().astype(np.float32), name))
     _canonicalise_norm_inputs(graph_model, model)
     onnx.checker.check_model(graph_model)
     return graph_model.SerializeToString()

@@ -12,6 +12,7 @@ from server.app import ServerSettings, build_parts, create_app
 from server.engine import CemaConfig, CemaEngine
 from server.export import export_student
 from server.models.registry import build_model, model_info
+from server.prompt import InputPrompt, PromptedModel, parse_prompt
 from server.store import SqliteStore
 
 log = logging.getLogger("driftsync.server")
@@ -36,6 +37,8 @@ class ServeOptions:
     student_steps: int = 1
     step_max_wait_s: float = 2.0
     step_min_samples: int = 8
+    prompt: str | None = None  # "padding:W" or "lowres:R": the student gets an input prompt
+    learn: str = "norm"
     torch_threads: int = 0
     seed: int = 0
 
@@ -48,6 +51,9 @@ def build_app(opts: ServeOptions) -> FastAPI:
     student = build_model(opts.student)
     teacher = build_model(opts.teacher)
     info = model_info(opts.student)
+    prompt = parse_prompt(opts.prompt)
+    if prompt is not None:
+        student = PromptedModel(student, InputPrompt(*prompt, info.input_size))
     artifact = export_student(student, info.input_shape)
     cfg = CemaConfig(
         num_classes=info.num_classes,
@@ -60,6 +66,7 @@ def build_app(opts: ServeOptions) -> FastAPI:
         teacher_augmentations=opts.teacher_augmentations,
         student_lr=opts.student_lr,
         student_steps=opts.student_steps,
+        learn=opts.learn,
     )
     engine = CemaEngine(student, teacher, cfg, seed=opts.seed, student_input_shape=info.input_shape)
     store = SqliteStore(opts.state_dir / "driftsync.sqlite")

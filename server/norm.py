@@ -1,13 +1,16 @@
-"""The student's replaceable tensors: normalization affine parameters and statistics.
+"""The student's replaceable tensors: normalization affine parameters and statistics, and the
+input prompt when there is one.
 
 These names are the contract between the server's torch model, the ONNX graph
-and every delta: `<module path>.{weight,bias,running_mean,running_var}`.
+and every delta: `<module path>.{weight,bias,running_mean,running_var}` and `prompt.<field>`.
 """
 from __future__ import annotations
 
 import numpy as np
 import torch
 from torch import nn
+
+from server.prompt import prompt_parameters
 
 NORM_FIELDS = ("weight", "bias", "running_mean", "running_var")
 
@@ -28,26 +31,29 @@ def affine_parameters(model: nn.Module) -> list[nn.Parameter]:
     return params
 
 
-def norm_state(model: nn.Module) -> dict[str, np.ndarray]:
+def replaceable_state(model: nn.Module) -> dict[str, np.ndarray]:
+    """Copies of every tensor a delta may replace, by its delta name."""
     state: dict[str, np.ndarray] = {}
     for name, layer in norm_layers(model).items():
         for field in NORM_FIELDS:
             value = getattr(layer, field)
             if value is not None:
                 state[f"{name}.{field}"] = value.detach().cpu().numpy().astype(np.float32, copy=True)
+    for name, param in prompt_parameters(model).items():
+        state[name] = param.detach().cpu().numpy().astype(np.float32, copy=True)
     return state
 
 
-def norm_shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:
-    return {name: tuple(v.shape) for name, v in norm_state(model).items()}
-
-
 @torch.no_grad()
-def load_norm_state(model: nn.Module, state: dict[str, np.ndarray | torch.Tensor]) -> None:
+def load_replaceable_state(model: nn.Module, state: dict[str, np.ndarray | torch.Tensor]) -> None:
     layers = norm_layers(model)
+    prompt = prompt_parameters(model)
     for key, value in state.items():
-        layer_name, field = key.rsplit(".", 1)
-        target = getattr(layers[layer_name], field)
+        if key in prompt:
+            target = prompt[key]
+        else:
+            layer_name, field = key.rsplit(".", 1)
+            target = getattr(layers[layer_name], field)
         target.copy_(torch.as_tensor(np.asarray(value)) if not isinstance(value, torch.Tensor) else value)
 
 

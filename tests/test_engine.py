@@ -66,3 +66,33 @@ def test_teacher_options_change_the_soft_labels() -> None:
     )
     with pytest.raises(ValueError, match="unknown optimizer"):
         _engine(teacher_optimizer="rmsprop").teacher_probs(images, adam.new_state())
+
+
+def _prompted_engine(learn: str) -> CemaEngine:
+    from server.prompt import InputPrompt, PromptedModel
+
+    student, teacher = tiny_pair()
+    prompted = PromptedModel(student, InputPrompt("lowres", 4, (32, 32)))
+    return CemaEngine(prompted, teacher, CemaConfig(num_classes=10, new_per_step=8, replay_per_step=8, replay_min=8,
+                                                    learn=learn))
+
+
+@pytest.mark.parametrize("learn", ["prompt", "norm+prompt"])
+def test_prompt_modes_ship_the_prompt_ema(learn: str) -> None:
+    engine = _prompted_engine(learn)
+    state = engine.new_state()
+    delta = engine.step(_images(8), state, batch_statistics=True)
+    assert ("prompt.lowres" in delta) and any(k.endswith(".weight") for k in delta) == (learn == "norm+prompt")
+    raw = state.student_norm["prompt.lowres"]
+    assert np.abs(raw).max() > 0  # the prompt learnt something
+    np.testing.assert_allclose(delta["prompt.lowres"], 0.1 * raw, rtol=1e-5, atol=1e-8)  # EMA 0.9 from zero
+    frozen = {k: v for k, v in state.student_norm.items() if k.endswith(".weight")}
+    if learn == "prompt":  # the student's own tensors never move
+        assert all(np.array_equal(v, engine._source_student[k]) for k, v in frozen.items())
+
+
+def test_prompt_learning_needs_a_prompted_student() -> None:
+    with pytest.raises(ValueError, match="prompted student"):
+        _engine(learn="prompt")
+    with pytest.raises(ValueError, match="learn must be"):
+        CemaConfig(num_classes=10, learn="weights")

@@ -11,12 +11,13 @@ from server.export import export_student
 from server.models import embedded
 from server.models.cifar_resnet import cifar_resnet
 from server.models.registry import IMAGENET_MEAN, IMAGENET_STD, InputNormalization
-from server.norm import load_norm_state, norm_layers, norm_state
+from server.norm import load_replaceable_state, norm_layers, replaceable_state
+from server.prompt import InputPrompt, PromptedModel
 
 
 def _random_norm(model: torch.nn.Module, rng: np.random.Generator) -> dict[str, np.ndarray]:
     out = {}
-    for name, value in norm_state(model).items():
+    for name, value in replaceable_state(model).items():
         if name.endswith("running_var"):
             out[name] = rng.uniform(0.2, 3.0, value.shape).astype(np.float32)
         else:
@@ -27,6 +28,9 @@ def _random_norm(model: torch.nn.Module, rng: np.random.Generator) -> dict[str, 
 ARCHITECTURES = {
     "embedded-student": lambda: InputNormalization(embedded.build_embedded("embedded-student"), embedded.MEAN, embedded.STD),
     "resnet20": lambda: InputNormalization(cifar_resnet("resnet20"), IMAGENET_MEAN, IMAGENET_STD),
+    # prompted students: the prompt is one more replaceable tensor set, in the same graph and deltas
+    "embedded-student+padding:4": lambda: PromptedModel(ARCHITECTURES["embedded-student"](), InputPrompt("padding", 4, (32, 32))),
+    "resnet20+lowres:8": lambda: PromptedModel(ARCHITECTURES["resnet20"](), InputPrompt("lowres", 8, (32, 32))),
 }
 
 
@@ -35,7 +39,7 @@ def test_ort_matches_torch_for_random_norm_parameters(arch, tmp_path):
     torch.manual_seed(0)
     rng = np.random.default_rng(0)
     model = ARCHITECTURES[arch]().eval()
-    load_norm_state(model, _random_norm(model, rng))  # the shipped values are random too
+    load_replaceable_state(model, _random_norm(model, rng))  # the shipped values are random too
     artifact = export_student(model, (3, 32, 32))
     x = rng.random((8, 3, 32, 32), dtype=np.float32)
 
@@ -52,7 +56,7 @@ def test_ort_matches_torch_for_random_norm_parameters(arch, tmp_path):
     for version in (1, 2):
         new = _random_norm(model, rng)
         assert device.install(new, version)
-        load_norm_state(model, new)
+        load_replaceable_state(model, new)
         with torch.no_grad():
             expected = model(torch.from_numpy(x)).numpy()
         logits, used = device.run(x)
@@ -69,7 +73,7 @@ def test_statistics_graph_is_torch_train_mode_batchnorm(arch):
     rng = np.random.default_rng(1)
     model = ARCHITECTURES[arch]().eval()
     params = _random_norm(model, rng)
-    load_norm_state(model, params)
+    load_replaceable_state(model, params)
     artifact = export_student(model, (3, 32, 32))
     seen: dict[str, torch.Tensor] = {}
     for name, layer in model.named_modules():
@@ -101,7 +105,7 @@ def test_statistics_graph_is_torch_train_mode_batchnorm(arch):
 def test_export_names_every_norm_tensor_and_refuses_going_backwards():
     model = ARCHITECTURES["resnet20"]().eval()
     artifact = export_student(model, (3, 32, 32))
-    assert set(artifact.parameters) == set(norm_state(model))
+    assert set(artifact.parameters) == set(replaceable_state(model))
     assert len(artifact.norm) == 4 * sum(int(np.prod(s)) for s in artifact.parameters.values())
     device = SwappableModel(artifact.onnx, split_norm_file(artifact.norm, artifact.parameters), version=3)
     assert not device.install(split_norm_file(artifact.norm, artifact.parameters), 2)
@@ -120,3 +124,34 @@ def test_export_command_writes_files_that_plain_onnxruntime_loads(tmp_path):
     assert {p.name for p in out.iterdir()} == {"student.onnx", "student.norm.bin", "student.stats.onnx", "parameters.json"}
     session = ort.InferenceSession(str(out / "student.onnx"), providers=["CPUExecutionProvider"])
     assert session.run(None, {"input": np.zeros((2, 3, 32, 32), np.float32)})[0].shape == (2, 10)
+
+
+def test_corrupted_prompt_delta_is_refused():
+    """A prompt delta passes the same integrity checks as a BN delta."""
+    from device_client.deltas import DeltaRefused, verify_delta
+    from shared.protocol import Delta, ModelDescriptor
+    from shared.tensors import Tensor, tensors_digest
+
+    model = ARCHITECTURES["resnet20+lowres:8"]().eval()
+    artifact = export_student(model, (3, 32, 32))
+    descriptor = ModelDescriptor(name="r20p", num_classes=10, class_names=[str(i) for i in range(10)],
+                                 input_shape=(3, 32, 32), onnx_sha256="0" * 64, onnx_bytes=0, norm_sha256="0" * 64,
+                                 stats_sha256="0" * 64, parameters=artifact.parameters)
+    prompt = {"prompt.lowres": Tensor.from_numpy(np.full((1, 3, 8, 8), 0.1, np.float32))}
+    good = Delta(cohort="c", base_version=0, new_version=1, created_at=0.0, newest_upload_at=0.0,
+                 params=prompt, sha256=tensors_digest(prompt))
+    np.testing.assert_array_equal(verify_delta(good, 0, descriptor)["prompt.lowres"], np.full((1, 3, 8, 8), 0.1, np.float32))
+    flipped = bytearray(prompt["prompt.lowres"].data)
+    flipped[5] ^= 0x40
+    tampered = good.model_copy(update={"params": {"prompt.lowres": prompt["prompt.lowres"].model_copy(update={"data": bytes(flipped)})}})
+    nan = {"prompt.lowres": Tensor.from_numpy(np.full((1, 3, 8, 8), np.nan, np.float32))}
+    wrong_shape = {"prompt.lowres": Tensor.from_numpy(np.zeros((1, 3, 4, 4), np.float32))}
+    for delta, reason in (
+        (tampered, "hash_mismatch"),
+        (good.model_copy(update={"params": nan, "sha256": tensors_digest(nan)}), "non_finite"),
+        (good.model_copy(update={"params": wrong_shape, "sha256": tensors_digest(wrong_shape)}), "bad_tensor"),
+        (good.model_copy(update={"new_version": 0}), "stale"),
+    ):
+        with pytest.raises(DeltaRefused) as refused:
+            verify_delta(delta, 0, descriptor)
+        assert refused.value.reason == reason

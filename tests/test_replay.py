@@ -61,6 +61,17 @@ def test_replay_runs_every_method_on_one_stream(tmp_path: Path) -> None:
     assert Image.open(tmp_path / "report.png").size == (1100, 460)
 
 
+@pytest.mark.parametrize("prompt", ["lowres:8", "padding:2"])
+def test_replay_prompt_methods(tmp_path: Path, prompt: str) -> None:
+    report = run(ReplayOptions(methods=("prompt", "cema+prompt"), corruptions="contrast", samples_per_domain=64,
+                               batch_size=16, prompt=prompt, out=tmp_path, torch_threads=1))
+    expected = 4 * 3 * 8 * 8 if prompt == "lowres:8" else 4 * 3 * (2 * 2 * 32 + 2 * 2 * 28)
+    for m in report["methods"]:
+        assert m["where"] == "collaborative" and m["deltas_applied"] > 0 and m["prompt_bytes"] == expected
+    prompt_only, joint = report["methods"]
+    assert prompt_only["downlink_bytes"] / prompt_only["deltas_applied"] < joint["downlink_bytes"] / joint["deltas_applied"]
+
+
 @pytest.mark.parametrize("setting", streams.SETTINGS)
 def test_replay_settings(tmp_path: Path, setting: str) -> None:
     report = run(ReplayOptions(methods=("bn",), setting=setting, corruptions="fog,contrast", severity=3,
