@@ -18,8 +18,8 @@ import numpy as np
 
 from device_client.deltas import DeltaRefused, verify_delta
 from device_client.runtime import SwappableModel, split_norm_file
-from device_client.scoring import entropy, softmax, to_model_input
-from device_client.selection import CemaSelector, SelectionConfig, UploadBudget
+from device_client.scoring import cheap_views, entropy, softmax, to_model_input, view_variance
+from device_client.selection import CemaSelector, SelectionConfig, UgsConfig, UgsSelector, UploadBudget
 from device_client.state import DeviceStateDir, Identity
 from device_client.statistics import (
     BatchStatisticsModel,
@@ -60,11 +60,16 @@ class DeviceConfig:
     poll_wait_s: float = 20.0
     threads: int = 0
     normalization: str = "running"  # see NORMALIZATIONS
+    selection: str = "cema"  # or "ugs": the most uncertain share of each batch, by view variance
+    ugs_views: int = 4
+    ugs_keep: float = 0.25
     stats_momentum: float = 0.2
     stats_batch: int = 16
     stats_every_s: float = 2.0  # how often an upload carries the device's statistics (0: every upload)
 
     def __post_init__(self) -> None:
+        if self.selection not in ("cema", "ugs"):
+            raise ValueError(f"selection must be cema or ugs, not {self.selection!r}")
         if self.normalization not in NORMALIZATIONS:
             raise ValueError(f"normalization must be one of {NORMALIZATIONS}, not {self.normalization!r}")
 
@@ -141,6 +146,7 @@ class DeviceClient:
             self.model = BatchStatisticsModel(stats_onnx, params, version, self.cfg.threads)
         else:
             self.model = SwappableModel(onnx_bytes, params, version, self.cfg.threads)
+        self.ugs = UgsSelector(UgsConfig(self.cfg.ugs_views, self.cfg.ugs_keep))
         self.selector = CemaSelector(
             SelectionConfig(
                 num_classes=self.descriptor.num_classes,
@@ -191,7 +197,13 @@ class DeviceClient:
         self.forward_samples += len(images)
         probs = softmax(logits)
         ent = entropy(probs)
-        keep = self.selector.select(probs, ent)
+        if self.cfg.selection == "ugs":
+            views = self.cfg.ugs_views
+            view_logits, _ = self.model.run(to_model_input(cheap_views(images, views)))  # one call for all views
+            self.forward_samples += views * len(images)
+            keep = self.ugs.select(view_variance(softmax(view_logits).reshape(views, len(images), -1)))
+        else:
+            keep = self.selector.select(probs, ent)
         if self.cfg.normalization == "running":
             with self._frames_ready:
                 self._frames.extend(images)
@@ -294,7 +306,8 @@ class DeviceClient:
                 "queued": self.uploader.queued(), "dropped_queue_full": up.dropped_queue_full,
                 "dropped_budget": up.dropped_budget, "dropped_failed": up.dropped_failed,
             },
-            "selection": dict(self.selector.counts) | {"e_max": self.selector.e_max(), "e_min": self.selector.e_min},
+            "selection": (dict(self.ugs.counts) | {"policy": "ugs"} if self.cfg.selection == "ugs" else
+                          dict(self.selector.counts) | {"policy": "cema", "e_max": self.selector.e_max(), "e_min": self.selector.e_min}),
             "statistics": {"normalization": self.cfg.normalization, "updates": self.stats_updates},
             "passes": {"forward_samples": self.forward_samples, "backward_samples": 0},
             "deltas": {"applied": self.deltas.applied, "refused": dict(self.deltas.refused), "bytes": self.deltas.bytes},

@@ -19,3 +19,23 @@ def softmax(logits: np.ndarray) -> np.ndarray:
 
 def entropy(probs: np.ndarray) -> np.ndarray:
     return -(probs * np.log(np.clip(probs, 1e-12, 1.0))).sum(axis=1)
+
+
+def cheap_views(images: np.ndarray, views: int) -> np.ndarray:
+    """`views` deterministic cheap augmentations of uint8 NHWC images, stacked view-major
+    (views * N, H, W, 3): horizontal flip and 2-pixel shifts with edge padding. No resampling,
+    so a weak device pays only the extra forward passes."""
+    h, w = images.shape[1:3]
+    padded = np.pad(images, ((0, 0), (2, 2), (2, 2), (0, 0)), mode="edge")
+    shifts = [(0, 0, True), (2, 0, False), (0, 2, False), (-2, 0, True), (0, -2, True), (2, 2, False), (-2, -2, False)]
+    out = []
+    for dy, dx, flip in shifts[:views]:
+        view = padded[:, 2 + dy : 2 + dy + h, 2 + dx : 2 + dx + w]
+        out.append(view[:, :, ::-1] if flip else view)
+    return np.concatenate(out)
+
+
+def view_variance(view_probs: np.ndarray) -> np.ndarray:
+    """ViDA's uncertainty: variance of the class probabilities over views, summed over classes.
+    view_probs is (views, N, C); the result is (N,)."""
+    return view_probs.var(axis=0).sum(axis=1)

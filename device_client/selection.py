@@ -89,6 +89,30 @@ class CemaSelector:
         return keep
 
 
+@dataclass(frozen=True)
+class UgsConfig:
+    views: int = 4  # cheap augmented views per frame, run in one onnxruntime call
+    keep: float = 0.25  # fraction of each batch uploaded: the most uncertain ones
+
+
+@dataclass
+class UgsSelector:
+    """U-VPA's uncertainty-guided sampling: upload the frames whose prediction varies most over
+    cheap augmentations. A fixed share of each batch, so the uplink is bounded by design."""
+
+    cfg: UgsConfig
+    counts: dict[str, int] = field(default_factory=lambda: {"kept": 0, "below_rank": 0})
+
+    def select(self, variance: np.ndarray) -> np.ndarray:
+        keep = np.zeros(len(variance), dtype=bool)
+        k = int(round(self.cfg.keep * len(variance)))
+        if k > 0:
+            keep[np.argsort(-variance, kind="stable")[:k]] = True
+        self.counts["kept"] += int(keep.sum())
+        self.counts["below_rank"] += int((~keep).sum())
+        return keep
+
+
 @dataclass
 class TokenBucket:
     """rate tokens per second, up to `burst`; None rate means unlimited."""

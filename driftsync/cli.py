@@ -64,6 +64,9 @@ def _device_args(p: argparse.ArgumentParser) -> None:
     add(p, "--entropy-ema", 0.8, optional(float), help="per-batch EMA for the dynamic E_max's mean entropy ('none': mean over the whole stream)")
     add(p, "--e-min-factor", 0.0, float, help="E_min = factor * ln C (0: off)")
     add(p, "--redundancy-margin", None, optional(float), help="EATA cosine margin ('none': off)")
+    add(p, "--selection", "cema", help="upload policy: cema (entropy window) or ugs (variance over cheap views)")
+    add(p, "--ugs-views", 4, int, help="ugs: augmented views per frame (one onnxruntime call)")
+    add(p, "--ugs-keep", 0.25, float, help="ugs: share of each batch uploaded, most uncertain first")
     add(p, "--records", None, optional(str), help="write one JSON line per prediction here")
     add(p, "--summary", None, optional(str), help="write the replay summary JSON here")
     add(p, "--threads", 0, int, help="onnxruntime intra-op threads (0: all cores)")
@@ -190,6 +193,7 @@ def _device(args: argparse.Namespace) -> int:
         upload_samples_per_s=args.upload_samples_per_s, upload_bytes_per_s=args.upload_bytes_per_s,
         e_max_factor=args.e_max_factor, dynamic_lambda=args.dynamic_lambda, entropy_ema=args.entropy_ema,
         e_min_factor=args.e_min_factor, redundancy_margin=args.redundancy_margin, threads=args.threads,
+        selection=args.selection, ugs_views=args.ugs_views, ugs_keep=args.ugs_keep,
         normalization=args.normalization, stats_momentum=args.stats_momentum,
         stats_every_s=args.stats_every_s,
     )

@@ -28,8 +28,9 @@ from driftsync.report import build_report, markdown_methods, write_methods_repor
 log = logging.getLogger("driftsync.replay")
 
 DATASETS = ("embedded", "cifar10", "cifar10-c", "imagenet-c", "folder")
-COLLABORATIVE = ("cema", "prompt", "cema+prompt")
 LEARNS = {"cema": "norm", "prompt": "prompt", "cema+prompt": "norm+prompt"}
+UGS = "@ugs"  # suffix: the same method with uncertainty-guided sampling on the device
+COLLABORATIVE = tuple(LEARNS) + tuple(f"{m}{UGS}" for m in LEARNS)
 ON_DEVICE = ("source", "bn", "tent", "eata", "cotta")
 
 
@@ -234,16 +235,18 @@ def run_on_device(name: str, opts: ReplayOptions, stream_dir: Path, source_pred:
 
 def run_collaborative(name: str, opts: ReplayOptions, stream_dir: Path, work: Path) -> list[dict]:
     """A real server and N device processes on loopback, each device replaying the stream file."""
+    learn = LEARNS[name.removesuffix(UGS)]
     server = ["--student", opts.student, "--teacher", opts.teacher, "--torch-threads", str(opts.torch_threads),
-              "--learn", LEARNS[name]]
-    if "prompt" in LEARNS[name]:
+              "--learn", learn]
+    if "prompt" in learn:
         server += ["--prompt", opts.prompt]
     if opts.fps is None:  # lockstep: step on whatever arrived, promptly
         server += ["--step-max-wait-s", "0.5", "--step-min-samples", "1"]
     pacing = ["--fps", str(opts.fps)] if opts.fps else ["--fps", "none", "--lockstep-timeout-s", str(opts.lockstep_timeout_s)]
     devices = [
         ["--name", f"replay-{i}", "--cohort", "replay", "--source", "stream", "--data", str(stream_dir),
-         "--normalization", opts.normalization, "--threads", "1", *pacing, *opts.device_args]
+         "--normalization", opts.normalization, "--threads", "1", *pacing,
+         *(["--selection", "ugs"] if name.endswith(UGS) else []), *opts.device_args]
         for i in range(opts.devices)
     ]
     return run_fleet([*server, *opts.server_args], devices, work,
@@ -303,7 +306,7 @@ def run(opts: ReplayOptions) -> dict:
         if name in COLLABORATIVE:
             summaries = run_collaborative(name, opts, stream_dir, out / "runs" / name)
             meta_m = dict(meta, devices=opts.devices, normalization=opts.normalization,
-                          prompt_bytes=prompt_bytes(opts.prompt, info.input_size) if "prompt" in LEARNS[name] else 0)
+                          prompt_bytes=prompt_bytes(opts.prompt, info.input_size) if "prompt" in name else 0)
         else:
             summary = run_on_device(name, opts, stream_dir, source_pred)
             summary.pop("predictions")

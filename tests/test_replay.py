@@ -72,6 +72,15 @@ def test_replay_prompt_methods(tmp_path: Path, prompt: str) -> None:
     assert prompt_only["downlink_bytes"] / prompt_only["deltas_applied"] < joint["downlink_bytes"] / joint["deltas_applied"]
 
 
+def test_replay_uncertainty_guided_sampling(tmp_path: Path) -> None:
+    report = run(ReplayOptions(methods=("cema@ugs", "prompt@ugs"), corruptions="fog", samples_per_domain=64,
+                               batch_size=16, out=tmp_path, torch_threads=1))
+    for m in report["methods"]:
+        assert m["upload_ratio"] == 0.25  # 4 of every 16, the most uncertain
+        assert m["forward_passes_per_sample"] == 5.0  # the frame and 4 cheap views
+        assert m["deltas_applied"] > 0
+
+
 @pytest.mark.parametrize("setting", streams.SETTINGS)
 def test_replay_settings(tmp_path: Path, setting: str) -> None:
     report = run(ReplayOptions(methods=("bn",), setting=setting, corruptions="fog,contrast", severity=3,

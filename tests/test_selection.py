@@ -75,3 +75,28 @@ def test_budget_needs_both_samples_and_bytes():
     sample_tokens = budget.samples.tokens
     assert not budget.allow(10**6, now=0.0)
     assert budget.samples.tokens == sample_tokens  # a refused sample spends nothing
+
+
+def test_cheap_views_and_their_variance() -> None:
+    from device_client.scoring import cheap_views, view_variance
+
+    images = np.random.default_rng(0).integers(0, 256, (3, 8, 8, 3), dtype=np.uint8)
+    views = cheap_views(images, 4)
+    assert views.shape == (12, 8, 8, 3) and views.dtype == np.uint8
+    np.testing.assert_array_equal(views[:3], images[:, :, ::-1])  # view 0: the flip
+    np.testing.assert_array_equal(views[3:6, :-2], images[:, 2:])  # view 1: shifted by 2 rows
+    same = np.tile(np.eye(4)[None, :2], (5, 1, 1))  # 5 views agreeing: no variance
+    split = np.stack([np.eye(4)[[0, 1]], np.eye(4)[[0, 2]]])  # sample 1 flips between classes
+    assert np.allclose(view_variance(same), 0)
+    assert view_variance(split)[0] == 0 and view_variance(split)[1] > 0
+
+
+def test_ugs_keeps_the_most_uncertain_share() -> None:
+    from device_client.selection import UgsConfig, UgsSelector
+
+    selector = UgsSelector(UgsConfig(views=4, keep=0.25))
+    variance = np.array([0.1, 0.9, 0.0, 0.5, 0.3, 0.8, 0.2, 0.05])
+    keep = selector.select(variance)
+    assert keep.tolist() == [False, True, False, False, False, True, False, False]
+    assert selector.counts == {"kept": 2, "below_rank": 6}
+    assert not UgsSelector(UgsConfig(keep=0.0)).select(variance).any()
