@@ -4,7 +4,10 @@ Cases, measured in interleaved rounds so machine noise hits them alike:
 - static: the exported student as shipped (onnxruntime fuses Conv+BN);
 - adapted: the session a device builds after a delta (external initializers, fused again);
 - bn-inputs: the alternative where norm tensors are graph inputs fed per run (no fusion);
-- torch: the same student in torch eager mode.
+- torch: the same student in torch eager mode;
+- prompted: the student with a low-res 8x8 input prompt (issue 6), fused as shipped;
+- ugs-select: what uncertainty-guided sampling adds per frame: 4 cheap views, one
+  onnxruntime call over them, and the variance (the frame's own prediction not included).
 Also the cost of device-side statistics: one pass of the statistics graph and one
 session rebuild per statistics update, both off the inference path.
 
@@ -24,9 +27,11 @@ import onnxruntime as ort
 import torch
 
 from device_client.runtime import SwappableModel, build_session, split_norm_file
+from device_client.scoring import cheap_views, softmax, to_model_input, view_variance
 from device_client.statistics import StatisticsProbe, fold_batch_statistics
 from server.export import export_student
 from server.models.registry import build_model, model_info
+from server.prompt import InputPrompt, PromptedModel
 
 
 def norm_as_inputs(onnx_bytes: bytes, norm: bytes, parameters: dict) -> bytes:
@@ -78,9 +83,19 @@ def main() -> None:
                                           providers=["CPUExecutionProvider"])
 
     probe = StatisticsProbe(artifact.stats_onnx, args.threads)
+    prompted_model = PromptedModel(build_model(args.student), InputPrompt("lowres", 8, info.input_size)).eval()
+    prompted_artifact = export_student(prompted_model, info.input_shape)
+    prompted = build_session(prompted_artifact.onnx, split_norm_file(prompted_artifact.norm, prompted_artifact.parameters),
+                             args.threads)
+
+    def ugs_select(frames: np.ndarray) -> np.ndarray:
+        logits = static.run(None, {"input": to_model_input(cheap_views(frames, 4))})[0]
+        return view_variance(softmax(logits).reshape(4, len(frames), -1))
+
     results = []
     for batch in (1, 32):
         x = rng.random((batch, *info.input_shape), dtype=np.float32)
+        frames = (x.transpose(0, 2, 3, 1) * 255).astype(np.uint8)
         xt = torch.from_numpy(x)
         feeds = {"input": x} | adapted_params
         cases = {
@@ -89,6 +104,8 @@ def main() -> None:
             "bn-inputs": lambda: inputs_session.run(None, feeds),
             "torch": lambda: model(xt),
             "stats-probe": lambda: probe.measure(x, adapted_params),
+            "prompted": lambda: prompted.run(None, {"input": x}),
+            "ugs-select": lambda: ugs_select(frames),
         }
         samples: dict[str, list[float]] = {k: [] for k in cases}
         with torch.inference_mode():
@@ -112,12 +129,14 @@ def main() -> None:
             "torch": torch.__version__, "student": args.student, "delta_install_ms": round(install_ms, 1)}
     print(f"# device throughput, {args.student}, {args.threads} thread(s), median of {args.rounds} rounds")
     meta["statistics_update_ms_batch16"] = round(float(np.median(rebuilds)), 1)
-    print("| batch | static fused img/s | adapted img/s | adapted/static | bn-as-inputs img/s | torch eager img/s | statistics graph img/s |")
-    print("|---:|---:|---:|---:|---:|---:|---:|")
+    print("| batch | static fused img/s | adapted img/s | adapted/static | bn-as-inputs img/s | torch eager img/s "
+          "| statistics graph img/s | prompted img/s | UGS extra ms/frame |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in results:
         m = r["images_per_s"]
         print(f"| {r['batch']} | {m['static']:.0f} | {m['adapted']:.0f} | {r['adapted_over_static']:.3f} | "
-              f"{m['bn-inputs']:.0f} | {m['torch']:.0f} | {m['stats-probe']:.0f} |")
+              f"{m['bn-inputs']:.0f} | {m['torch']:.0f} | {m['stats-probe']:.0f} | {m['prompted']:.0f} | "
+              f"{1000 / m['ugs-select']:.3f} |")
     print(f"\ndelta install (session rebuild, off the inference path): {install_ms:.1f} ms")
     print(f"statistics update per 16-frame batch (statistics graph + session rebuild, off the inference path): "
           f"{meta['statistics_update_ms_batch16']} ms median")
