@@ -28,7 +28,7 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
     add(p, "--student-lr", 2.5e-3, float, help="student distillation learning rate (CEMA: 2.5e-3)")
     add(p, "--student-steps", 1, int, help="distillation steps per adaptation step")
     add(p, "--prompt", None, optional(str), help="give the student an input prompt: padding:WIDTH or lowres:SIZE")
-    add(p, "--learn", "norm", help="what deltas move: norm (CEMA), prompt, or norm+prompt")
+    add(p, "--learn", "norm", help="what deltas move: norm (CEMA), prompt, norm+prompt (jointly) or norm/prompt (alternating steps)")
     add(p, "--step-max-wait-s", 2.0, float, help="step with fewer samples once the oldest waited this long")
     add(p, "--step-min-samples", 8, int, help="fewest new samples a step takes after waiting")
     add(p, "--torch-threads", 0, int, help="torch intra-op threads (0: torch's default)")
@@ -95,7 +95,8 @@ def _replay_args(p: argparse.ArgumentParser) -> None:
     add(p, "--class-index", None, optional(str), help="ImageNet-C: wnids in the model's class order, one per line")
     add(p, "--student", "embedded-student", help="device model NAME[:CHECKPOINT]")
     add(p, "--teacher", "embedded-teacher", help="cloud model NAME[:CHECKPOINT]")
-    add(p, "--method", "source,bn,tent,cema", help="comma list of cema, prompt, cema+prompt, source, bn, tent, eata, cotta")
+    add(p, "--method", "source,bn,tent,cema", help="comma list of cema, prompt, cema+prompt (joint), cema/prompt (alternating), each also with @ugs; "
+        "source, bn, tent, eata, cotta")
     add(p, "--prompt", "lowres:8", help="input prompt of the prompt methods: lowres:SIZE or padding:WIDTH")
     add(p, "--setting", "continual", help="continual, reset_each_shift, gradual, mixed or correlated")
     add(p, "--severity", 5, int, help="corruption severity 1-5 (gradual: the peak)")

@@ -28,7 +28,7 @@ from driftsync.report import build_report, markdown_methods, write_methods_repor
 log = logging.getLogger("driftsync.replay")
 
 DATASETS = ("embedded", "cifar10", "cifar10-c", "imagenet-c", "folder")
-LEARNS = {"cema": "norm", "prompt": "prompt", "cema+prompt": "norm+prompt"}
+LEARNS = {"cema": "norm", "prompt": "prompt", "cema+prompt": "norm+prompt", "cema/prompt": "norm/prompt"}
 UGS = "@ugs"  # suffix: the same method with uncertainty-guided sampling on the device
 COLLABORATIVE = tuple(LEARNS) + tuple(f"{m}{UGS}" for m in LEARNS)
 ON_DEVICE = ("source", "bn", "tent", "eata", "cotta")

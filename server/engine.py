@@ -22,7 +22,7 @@ from server.prompt import prompt_parameters
 from server.norm import freeze_all_but_affine, load_replaceable_state, norm_layers, replaceable_state
 
 
-LEARN_MODES = ("norm", "prompt", "norm+prompt")
+LEARN_MODES = ("norm", "prompt", "norm+prompt", "norm/prompt")  # "/": alternate steps, "+": jointly
 
 
 @dataclass(frozen=True)
@@ -46,7 +46,7 @@ class CemaConfig:
     replay_capacity: int = 10_000
     replay_min: int = 256
     stats_momentum: float = 0.3
-    learn: str = "norm"  # what the deltas move: "norm" (CEMA), "prompt" (U-VPA style) or "norm+prompt"
+    learn: str = "norm"  # what the deltas move: "norm" (CEMA), "prompt" (U-VPA style), both jointly or alternately
     prompt_lr: float = 5e-3  # Adam, on the input-space prompt
     prompt_consistency: float = 1.0  # confident uploads keep the prompted prediction on the plain one
     prompt_ema: float = 0.9  # deltas carry this EMA of the prompt, so a quiet stream cannot drag it away
@@ -281,7 +281,8 @@ class CemaEngine:
                 self.student(to_input(images))
             state.student_norm = replaceable_state(self.student)
         _set_norm_mode(self.student, train=False)
-        opts = self._student_optimizers(state)
+        active = self._active_parts(state.steps)
+        opts = self._student_optimizers(state, active)
         total = sum(len(g.images) for g in groups)
         for _ in range(cfg.student_steps):
             for opt in opts.values():
@@ -293,7 +294,7 @@ class CemaEngine:
                     _set_norm_mode(self.student, train=False)
                     if group.stats is not None:
                         load_replaceable_state(self.student, group.stats)
-                (self._group_loss(group) * (len(group.images) / total)).backward()
+                (self._group_loss(group, active) * (len(group.images) / total)).backward()
             for opt in opts.values():
                 opt.step()
         _set_norm_mode(self.student, train=False)
@@ -304,23 +305,29 @@ class CemaEngine:
         state.steps += 1
         return self._delta_tensors(state, cloud_statistics=device_stats is None and not batch_statistics)
 
-    def _student_optimizers(self, state: CohortState) -> dict[str, torch.optim.Optimizer]:
+    def _active_parts(self, step: int) -> str:
+        """What this step trains: everything learnt, or, alternating, norm on even steps and prompt on odd."""
+        if self.cfg.learn == "norm/prompt":
+            return "norm" if step % 2 == 0 else "prompt"
+        return self.cfg.learn
+
+    def _student_optimizers(self, state: CohortState, active: str) -> dict[str, torch.optim.Optimizer]:
         """SGD on the affine parameters (CEMA's), Adam on the prompt; keyed by their state field."""
         opts: dict[str, torch.optim.Optimizer] = {}
-        if self._student_params:
+        if self._student_params and "norm" in active:
             opts["student_opt"] = torch.optim.SGD(self._student_params, lr=self.cfg.student_lr, momentum=self.cfg.momentum)
-        if "prompt" in self.cfg.learn:
+        if "prompt" in active:
             opts["prompt_opt"] = torch.optim.Adam(self._prompt_params, lr=self.cfg.prompt_lr)
         for name, opt in opts.items():
             if getattr(state, name):
                 opt.load_state_dict(getattr(state, name))
         return opts
 
-    def _group_loss(self, group: ReplayGroup) -> torch.Tensor:
+    def _group_loss(self, group: ReplayGroup, active: str) -> torch.Tensor:
         x, probs = to_input(group.images), torch.from_numpy(group.probs)
         logits = self.student(x)
-        loss = distillation_loss(logits, probs, self.cfg) if "norm" in self.cfg.learn else logits.new_zeros(())
-        if "prompt" in self.cfg.learn:
+        loss = distillation_loss(logits, probs, self.cfg) if "norm" in active else logits.new_zeros(())
+        if "prompt" in active:
             with torch.no_grad():
                 plain = self.student.model(x)  # the same student without its prompt
             loss = loss + prompt_loss(logits, plain, probs, self.cfg)

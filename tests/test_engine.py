@@ -96,3 +96,16 @@ def test_prompt_learning_needs_a_prompted_student() -> None:
         _engine(learn="prompt")
     with pytest.raises(ValueError, match="learn must be"):
         CemaConfig(num_classes=10, learn="weights")
+
+
+def test_alternating_mode_trains_norm_then_prompt() -> None:
+    engine = _prompted_engine("norm/prompt")
+    state = engine.new_state()
+    weight = next(k for k in state.student_norm if k.endswith(".weight"))
+    engine.step(_images(8, 1), state, batch_statistics=True)  # step 0: norm
+    assert not np.array_equal(state.student_norm[weight], engine._source_student[weight])
+    assert not np.abs(state.student_norm["prompt.lowres"]).any()
+    after_norm = state.student_norm[weight].copy()
+    delta = engine.step(_images(8, 2), state, batch_statistics=True)  # step 1: prompt
+    np.testing.assert_array_equal(state.student_norm[weight], after_norm)
+    assert np.abs(state.student_norm["prompt.lowres"]).max() > 0 and {weight, "prompt.lowres"} <= set(delta)
