@@ -28,6 +28,7 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
     add(p, "--student-lr", 2.5e-3, float, help="student distillation learning rate (CEMA: 2.5e-3)")
     add(p, "--student-steps", 1, int, help="distillation steps per adaptation step")
     add(p, "--prompt", None, optional(str), help="give the student an input prompt: padding:WIDTH or lowres:SIZE")
+    add(p, "--prompt-lr", 5e-3, float, help="Adam learning rate of the prompt")
     add(p, "--learn", "norm", help="what deltas move: norm (CEMA), prompt, norm+prompt (jointly) or norm/prompt (alternating steps)")
     add(p, "--step-max-wait-s", 2.0, float, help="step with fewer samples once the oldest waited this long")
     add(p, "--step-min-samples", 8, int, help="fewest new samples a step takes after waiting")
@@ -158,7 +159,7 @@ def _serve(args: argparse.Namespace) -> int:
         teacher_optimizer=args.teacher_optimizer, teacher_lr=args.teacher_lr,
         teacher_augmentations=args.teacher_augmentations, student_lr=args.student_lr, student_steps=args.student_steps,
         step_max_wait_s=args.step_max_wait_s, step_min_samples=args.step_min_samples, torch_threads=args.torch_threads,
-        prompt=args.prompt, learn=args.learn,
+        prompt=args.prompt, learn=args.learn, prompt_lr=args.prompt_lr,
     )
     uvicorn.run(build_app(opts), host=args.host, port=args.port, log_level=args.log_level.lower())
     return 0

@@ -39,6 +39,7 @@ class ServeOptions:
     step_min_samples: int = 8
     prompt: str | None = None  # "padding:W" or "lowres:R": the student gets an input prompt
     learn: str = "norm"
+    prompt_lr: float = 5e-3
     torch_threads: int = 0
     seed: int = 0
 
@@ -67,6 +68,7 @@ def build_app(opts: ServeOptions) -> FastAPI:
         student_lr=opts.student_lr,
         student_steps=opts.student_steps,
         learn=opts.learn,
+        prompt_lr=opts.prompt_lr,
     )
     engine = CemaEngine(student, teacher, cfg, seed=opts.seed, student_input_shape=info.input_shape)
     store = SqliteStore(opts.state_dir / "driftsync.sqlite")
