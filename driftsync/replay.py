@@ -11,10 +11,9 @@ when it made it.
 """
 from __future__ import annotations
 
-import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -24,8 +23,6 @@ from driftsync.data import streams
 from driftsync.data.corruptions import constants_for_size
 from driftsync.processes import mean_curve, run_fleet
 from driftsync.report import build_report, markdown_methods, write_methods_report
-
-log = logging.getLogger("driftsync.replay")
 
 DATASETS = ("embedded", "cifar10", "cifar10-c", "imagenet-c", "folder")
 LEARNS = {"cema": "norm", "prompt": "prompt", "cema+prompt": "norm+prompt", "cema/prompt": "norm/prompt"}
@@ -59,7 +56,7 @@ class ReplayOptions:
     torch_threads: int = 0
     torch_device: str = "cpu"  # where the on-device references compute (cuda: CoTTA's 32 views are slow on CPU)
     server_args: tuple[str, ...] = ()
-    device_args: tuple[str, ...] = field(default_factory=tuple)
+    device_args: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.dataset not in DATASETS:

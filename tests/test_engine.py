@@ -109,3 +109,14 @@ def test_alternating_mode_trains_norm_then_prompt() -> None:
     delta = engine.step(_images(8, 2), state, batch_statistics=True)  # step 1: prompt
     np.testing.assert_array_equal(state.student_norm[weight], after_norm)
     assert np.abs(state.student_norm["prompt.lowres"]).max() > 0 and {weight, "prompt.lowres"} <= set(delta)
+
+
+def test_prompt_specs_are_checked() -> None:
+    from server.prompt import InputPrompt, parse_prompt
+
+    assert parse_prompt("lowres:8") == ("lowres", 8) and parse_prompt("none") is None and parse_prompt(None) is None
+    for bad in ("lowres", "lowres:0", "frame:4", "padding:x"):
+        with pytest.raises(ValueError, match="prompt must be"):
+            parse_prompt(bad)
+    with pytest.raises(ValueError, match="does not fit"):
+        InputPrompt("padding", 16, (32, 32))
