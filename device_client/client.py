@@ -37,6 +37,7 @@ log = logging.getLogger("driftsync.device")
 # batch: each batch normalised by its own statistics (needs batches of about 16 or more);
 # cloud: the device measures nothing, the cloud re-estimates statistics from the uploads.
 NORMALIZATIONS = ("running", "batch", "cloud")
+FRESHNESS_KEPT = 100_000
 
 
 @dataclass(frozen=True)
@@ -88,9 +89,11 @@ class DeltaLog:
     applied: int = 0
     refused: Counter[str] = field(default_factory=Counter)
     bytes: int = 0
-    freshness_s: list[float] = field(default_factory=list)  # per uploaded sample: capture -> first delta with it
+    # per uploaded sample: capture -> first delta with it; both bounded, so a device that runs for
+    # months (or whose server is away) does not grow them without end
+    freshness_s: deque[float] = field(default_factory=lambda: deque(maxlen=FRESHNESS_KEPT))
     newest_upload_at: float = 0.0  # capture time of the newest upload the applied parameters include
-    awaiting: deque[float] = field(default_factory=deque)  # capture times of uploads no delta includes yet
+    awaiting: deque[float] = field(default_factory=lambda: deque(maxlen=FRESHNESS_KEPT))  # not yet in a delta
 
     def record(self, newest_upload_at: float, now: float) -> None:
         """A delta includes every upload captured up to its newest (the server steps in arrival order)."""
@@ -146,17 +149,20 @@ class DeviceClient:
             self.model = BatchStatisticsModel(stats_onnx, params, version, self.cfg.threads)
         else:
             self.model = SwappableModel(onnx_bytes, params, version, self.cfg.threads)
-        self.ugs = UgsSelector(UgsConfig(self.cfg.ugs_views, self.cfg.ugs_keep))
-        self.selector = CemaSelector(
-            SelectionConfig(
-                num_classes=self.descriptor.num_classes,
-                e_max_factor=self.cfg.e_max_factor,
-                dynamic_lambda=self.cfg.dynamic_lambda,
-                entropy_ema=self.cfg.entropy_ema,
-                e_min_factor=self.cfg.e_min_factor,
-                redundancy_margin=self.cfg.redundancy_margin,
+        self.selector: CemaSelector | UgsSelector
+        if self.cfg.selection == "ugs":
+            self.selector = UgsSelector(UgsConfig(self.cfg.ugs_views, self.cfg.ugs_keep))
+        else:
+            self.selector = CemaSelector(
+                SelectionConfig(
+                    num_classes=self.descriptor.num_classes,
+                    e_max_factor=self.cfg.e_max_factor,
+                    dynamic_lambda=self.cfg.dynamic_lambda,
+                    entropy_ema=self.cfg.entropy_ema,
+                    e_min_factor=self.cfg.e_min_factor,
+                    redundancy_margin=self.cfg.redundancy_margin,
+                )
             )
-        )
         self.uploader = Uploader(
             ServerApi(self.cfg.server, identity.token),
             UploadBudget.from_rates(self.cfg.upload_samples_per_s, self.cfg.upload_bytes_per_s),
@@ -201,7 +207,7 @@ class DeviceClient:
             views = self.cfg.ugs_views
             view_logits, _ = self.model.run(to_model_input(cheap_views(images, views)))  # one call for all views
             self.forward_samples += views * len(images)
-            keep = self.ugs.select(view_variance(softmax(view_logits).reshape(views, len(images), -1)))
+            keep = self.selector.select(view_variance(softmax(view_logits).reshape(views, len(images), -1)))
         else:
             keep = self.selector.select(probs, ent)
         if self.cfg.normalization == "running":
@@ -295,6 +301,11 @@ class DeviceClient:
         if self.cfg.normalization == "running":  # onnxruntime must not be mid-call when the process exits
             self._statistics.join(timeout=10)
 
+    def _selection_thresholds(self) -> dict:
+        if isinstance(self.selector, UgsSelector):
+            return {"policy": "ugs", "keep": self.selector.cfg.keep}
+        return {"policy": "cema", "e_max": self.selector.e_max(), "e_min": self.selector.e_min}
+
     def status(self) -> dict:
         up = self.uploader.stats
         return {
@@ -306,8 +317,7 @@ class DeviceClient:
                 "queued": self.uploader.queued(), "dropped_queue_full": up.dropped_queue_full,
                 "dropped_budget": up.dropped_budget, "dropped_failed": up.dropped_failed,
             },
-            "selection": (dict(self.ugs.counts) | {"policy": "ugs"} if self.cfg.selection == "ugs" else
-                          dict(self.selector.counts) | {"policy": "cema", "e_max": self.selector.e_max(), "e_min": self.selector.e_min}),
+            "selection": dict(self.selector.counts) | self._selection_thresholds(),
             "statistics": {"normalization": self.cfg.normalization, "updates": self.stats_updates},
             "passes": {"forward_samples": self.forward_samples, "backward_samples": 0},
             "deltas": {"applied": self.deltas.applied, "refused": dict(self.deltas.refused), "bytes": self.deltas.bytes},

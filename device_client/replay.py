@@ -118,7 +118,7 @@ def run_replay(
         "domains": [asdict(t) for t in tallies.values()],
         "curve": curve,
         "status": client.status(),
-        "freshness_s": client.deltas.freshness_s,
+        "freshness_s": list(client.deltas.freshness_s),
         "seconds": time.monotonic() - started,
         "lockstep_timeouts": lockstep_timeouts,
     }

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import shutil
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -216,11 +215,13 @@ def write_stream(chunks: Iterable[Chunk], directory: Path, progress: Callable[[i
     if first is None:
         raise ValueError("the stream is empty")
     parts: list[dict] = []
-    images_tmp, labels, domains = directory / "images.raw", [], []
+    labels, domains = [], []
     total = 0
-    with images_tmp.open("wb") as raw:
+    frame_shape = first.images.shape[1:]
+    with (directory / "images.npy").open("wb") as out:  # images stream straight to disk: bounded memory
+        header_size = _npy_header(out, (0, *frame_shape))
         for chunk in itertools.chain([first], chunks):
-            raw.write(np.ascontiguousarray(chunk.images, dtype=np.uint8).tobytes())
+            out.write(np.ascontiguousarray(chunk.images, dtype=np.uint8).tobytes())
             labels.append(chunk.labels.astype(np.int64))
             domains.extend(chunk.domain_names())
             parts.append({"size": len(chunk.labels), "domain": chunk.domain.name, "severity": chunk.domain.severity,
@@ -228,16 +229,22 @@ def write_stream(chunks: Iterable[Chunk], directory: Path, progress: Callable[[i
             total += len(chunk.labels)
             if progress is not None:
                 progress(total)
-    header = {"descr": "|u1", "fortran_order": False, "shape": (total, *first.images.shape[1:])}
-    with (directory / "images.npy").open("wb") as out, images_tmp.open("rb") as raw:
-        np.lib.format.write_array_header_1_0(out, header)
-        shutil.copyfileobj(raw, out, 16 << 20)  # bounded memory, even for ImageNet-sized streams
-    images_tmp.unlink()
+        out.seek(0)
+        if _npy_header(out, (total, *frame_shape)) != header_size:
+            raise RuntimeError("the .npy header changed size; cannot finish the stream file in place")
     names = list(dict.fromkeys(domains))
     np.save(directory / "labels.npy", np.concatenate(labels), allow_pickle=False)
     np.save(directory / "domains.npy", np.array([names.index(d) for d in domains], dtype=np.int32), allow_pickle=False)
     (directory / STREAM_META).write_text(json.dumps({"version": 1, "domain_names": names, "chunks": parts}, indent=1))
     return total
+
+
+def _npy_header(out, shape: tuple[int, ...]) -> int:
+    """Write a uint8 .npy header for `shape`; its size is fixed by the 64-byte alignment, so the
+    final count can overwrite the placeholder written before the count was known."""
+    start = out.tell()
+    np.lib.format.write_array_header_1_0(out, {"descr": "|u1", "fortran_order": False, "shape": shape})
+    return out.tell() - start
 
 
 def stream_file_length(directory: Path) -> int:
