@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import random
 import threading
 import time
 from collections import Counter, deque
@@ -18,8 +17,21 @@ import numpy as np
 
 from device_client.deltas import DeltaRefused, verify_delta
 from device_client.runtime import SwappableModel, split_norm_file
-from device_client.scoring import cheap_views, entropy, softmax, to_model_input, view_variance
-from device_client.selection import CemaSelector, SelectionConfig, UgsConfig, UgsSelector, UploadBudget
+from device_client.scoring import (
+    cheap_views,
+    entropy,
+    softmax,
+    to_model_input,
+    view_variance,
+)
+from device_client.selection import (
+    CemaSelector,
+    SelectionConfig,
+    UgsConfig,
+    UgsSelector,
+    UploadBudget,
+)
+from device_client.spool import Spool
 from device_client.state import DeviceStateDir, Identity
 from device_client.statistics import (
     BatchStatisticsModel,
@@ -27,7 +39,7 @@ from device_client.statistics import (
     fold_batch_statistics,
     statistic_names,
 )
-from device_client.transport import ServerApi, ServerError
+from device_client.transport import Backoff, ServerApi, ServerError
 from device_client.uploader import Uploader
 from shared.protocol import Delta, ImageCodec, RegisterRequest
 from shared.tensors import Tensor
@@ -50,7 +62,7 @@ class DeviceConfig:
     codec: ImageCodec = "webp"
     upload_batch: int = 32
     upload_flush_s: float = 0.5
-    upload_max_attempts: int = 5
+    spool_max_bytes: int = 64 * 1024 * 1024  # selected uploads kept on disk while the server is away
     upload_samples_per_s: float | None = None
     upload_bytes_per_s: float | None = None
     e_max_factor: float = 0.4
@@ -73,6 +85,21 @@ class DeviceConfig:
             raise ValueError(f"selection must be cema or ugs, not {self.selection!r}")
         if self.normalization not in NORMALIZATIONS:
             raise ValueError(f"normalization must be one of {NORMALIZATIONS}, not {self.normalization!r}")
+
+
+@dataclass
+class HealthWindow:
+    """Label-free health since the last telemetry report: mean entropy and confidence."""
+
+    frames: int = 0
+    entropy_sum: float = 0.0
+    confidence_sum: float = 0.0
+    started: float = field(default_factory=time.monotonic)
+
+    def add(self, ent: np.ndarray, confidence: np.ndarray) -> None:
+        self.frames += len(ent)
+        self.entropy_sum += float(ent.sum())
+        self.confidence_sum += float(confidence.sum())
 
 
 @dataclass(frozen=True)
@@ -103,26 +130,31 @@ class DeltaLog:
 
 
 class DeviceClient:
-    def __init__(self, cfg: DeviceConfig) -> None:
+    def __init__(self, cfg: DeviceConfig, stop: threading.Event | None = None) -> None:
         self.cfg = cfg
         self.state = DeviceStateDir(cfg.state_dir)
         self.deltas = DeltaLog()
         self.downloaded_model = False
         self.stats_updates = 0
         self.forward_samples = 0  # inference and statistics passes, for the cost columns
-        self._stop = threading.Event()
+        self.frames = 0  # frames predicted
+        self._window = HealthWindow()
+        self._window_lock = threading.Lock()
+        self._stop = stop or threading.Event()
         self._apply_lock = threading.Lock()  # no delta lands after stop() returns
         self._frames: deque[np.ndarray] = deque(maxlen=4 * cfg.stats_batch)
         self._frames_ready = threading.Condition()
 
     # -- provisioning -------------------------------------------------------------
     def start(self) -> DeviceClient:
+        """Provision (or reuse the saved identity and cached model: then no network is
+        needed, and a device whose server is away starts predicting at once)."""
         identity = self.state.load_identity(self.cfg.server)
         api = ServerApi(self.cfg.server, identity.token if identity else None)
         if identity is None:
-            reply = api.register(
+            reply = self._until_reachable("register", lambda: api.register(
                 RegisterRequest(device_name=self.cfg.name, cohort=self.cfg.cohort, enrolment_token=self.cfg.enrolment_token)
-            )
+            ))
             identity = Identity(
                 server=self.cfg.server.rstrip("/"), device_id=reply.device_id, token=reply.token,
                 cohort=reply.cohort, model=reply.model,
@@ -141,7 +173,7 @@ class DeviceClient:
         saved = self.state.load_delta()
         if saved is not None:
             try:
-                params, version = params | verify_delta(saved, 0, self.descriptor), saved.new_version
+                params, version = params | verify_delta(saved, 0, self.descriptor, saved.cohort), saved.new_version
             except DeltaRefused as exc:
                 log.warning("ignoring the saved delta: %s", exc)
         batch_norm = self.cfg.normalization == "batch"
@@ -166,10 +198,10 @@ class DeviceClient:
         self.uploader = Uploader(
             ServerApi(self.cfg.server, identity.token),
             UploadBudget.from_rates(self.cfg.upload_samples_per_s, self.cfg.upload_bytes_per_s),
+            Spool(self.state.root / "spool", self.cfg.spool_max_bytes),
             codec=self.cfg.codec,
             batch_size=self.cfg.upload_batch,
             flush_s=self.cfg.upload_flush_s,
-            max_attempts=self.cfg.upload_max_attempts,
             stats_source=self._current_statistics if self.cfg.normalization == "running" else None,
             stats_every_s=self.cfg.stats_every_s,
             batch_statistics=batch_norm,
@@ -184,6 +216,20 @@ class DeviceClient:
         log.info("device ready at v%d", version)
         return self
 
+    def _until_reachable(self, what: str, call):
+        """Retry while the server is unreachable or busy; a refusal (4xx) is final."""
+        backoff = Backoff()
+        while True:
+            try:
+                return call()
+            except ServerError as exc:
+                if exc.status is not None and 400 <= exc.status < 500 and exc.status != 429:
+                    raise
+                delay = backoff.next_delay(exc.retry_after)
+                log.warning("cannot %s yet (%s); retrying in %.1fs", what, exc, delay)
+                if self._stop.wait(delay):
+                    raise
+
     def _model_file(self, api: ServerApi, part: str, sha256: str) -> bytes:
         """Use the cached file when its hash matches, so a restart needs no download."""
         path = self.state.model_file(part)
@@ -192,7 +238,7 @@ class DeviceClient:
             if hashlib.sha256(data).hexdigest() == sha256:
                 return data
             log.warning("cached %s does not match its hash; downloading again", part)
-        data = api.download(part, sha256)
+        data = self._until_reachable(f"download {part}", lambda: api.download(part, sha256))
         self.state.save_model_file(part, data)
         self.downloaded_model = True
         return data
@@ -201,8 +247,12 @@ class DeviceClient:
     def predict(self, images: np.ndarray, captured_at: np.ndarray | None = None) -> Predictions:
         logits, version = self.model.run(to_model_input(images))
         self.forward_samples += len(images)
+        self.frames += len(images)
         probs = softmax(logits)
         ent = entropy(probs)
+        confidence = probs.max(axis=1)
+        with self._window_lock:
+            self._window.add(ent, confidence)
         if self.cfg.selection == "ugs":
             views = self.cfg.ugs_views
             view_logits, _ = self.model.run(to_model_input(cheap_views(images, views)))  # one call for all views
@@ -218,7 +268,7 @@ class DeviceClient:
             now = np.full(len(images), time.time()) if captured_at is None else captured_at
             self.deltas.awaiting.extend(now[keep].tolist())
             self.uploader.offer(images[keep], ent[keep], now[keep], version)
-        return Predictions(probs.argmax(axis=1), probs.max(axis=1), ent, keep, version)
+        return Predictions(probs.argmax(axis=1), confidence, ent, keep, version)
 
     # -- local statistics ---------------------------------------------------------------
     def _estimate_statistics(self) -> None:
@@ -249,15 +299,20 @@ class DeviceClient:
             if self._stop.is_set():
                 return False
             try:
-                params = verify_delta(delta, self.model.version, self.descriptor)
+                params = verify_delta(delta, self.model.version, self.descriptor, self.identity.cohort)
             except DeltaRefused as exc:
                 self.deltas.refused[exc.reason] += 1
                 log.warning("refused delta v%d: %s", delta.new_version, exc)
                 return False
-            if not self.model.install(params, delta.new_version):
+            moved = delta.cohort != self.identity.cohort
+            if not self.model.install(params, delta.new_version, new_line=moved):
                 self.deltas.refused["stale"] += 1
                 return False
             self.state.save_delta(delta)
+            if moved:
+                log.info("moved from cohort %s to %s, now at its v%d", self.identity.cohort, delta.cohort, delta.new_version)
+                self.identity = self.identity.model_copy(update={"cohort": delta.cohort})
+                self.state.save_identity(self.identity)
             self.deltas.applied += 1
             self.deltas.record(delta.newest_upload_at, time.time())
             return True
@@ -273,14 +328,13 @@ class DeviceClient:
 
     def _poll_deltas(self) -> None:
         api = ServerApi(self.cfg.server, self.identity.token)
-        failures = 0
+        backoff = Backoff()
         while not self._stop.is_set():
             try:
-                delta, size = api.poll_delta(self.model.version, self.cfg.poll_wait_s)
-                failures = 0
+                delta, size = api.poll_delta(self.identity.cohort, self.model.version, self.cfg.poll_wait_s)
+                backoff.reset()
             except ServerError as exc:
-                failures += 1
-                delay = exc.retry_after or min(30.0, 0.5 * 2**min(failures, 6)) * (0.5 + random.random())
+                delay = backoff.next_delay(exc.retry_after)
                 log.warning("delta poll failed (%s); retrying in %.1fs", exc, delay)
                 self._stop.wait(delay)
                 continue
@@ -306,16 +360,28 @@ class DeviceClient:
             return {"policy": "ugs", "keep": self.selector.cfg.keep}
         return {"policy": "cema", "e_max": self.selector.e_max(), "e_min": self.selector.e_min}
 
+    def take_health_window(self) -> HealthWindow:
+        """The health since the last call, for a telemetry report; starts a new window."""
+        with self._window_lock:
+            window, self._window = self._window, HealthWindow()
+        return window
+
     def status(self) -> dict:
         up = self.uploader.stats
+        spool = self.uploader.spool
         return {
             "device_id": self.identity.device_id,
+            "name": self.cfg.name,
             "cohort": self.identity.cohort,
             "version": self.model.version,
+            "frames": self.frames,
+            "model_downloaded": self.downloaded_model,
             "uploads": {
                 "offered": up.offered, "sent": up.sent, "sent_bytes": up.sent_bytes, "requests": up.requests,
-                "queued": self.uploader.queued(), "dropped_queue_full": up.dropped_queue_full,
-                "dropped_budget": up.dropped_budget, "dropped_failed": up.dropped_failed,
+                "retries": up.retries, "queued": self.uploader.queued(), "spooled": spool.samples(),
+                "spooled_batches": len(spool), "dropped": self.uploader.dropped(),
+                "dropped_queue_full": up.dropped_queue_full, "dropped_budget": up.dropped_budget,
+                "dropped_spool_full": spool.dropped_samples, "refused": up.refused,
             },
             "selection": dict(self.selector.counts) | self._selection_thresholds(),
             "statistics": {"normalization": self.cfg.normalization, "updates": self.stats_updates},

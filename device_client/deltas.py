@@ -12,13 +12,18 @@ class DeltaRefused(ValueError):
         self.reason = reason
 
 
-def verify_delta(delta: Delta, applied_version: int, descriptor: ModelDescriptor) -> dict[str, np.ndarray]:
+def verify_delta(
+    delta: Delta, applied_version: int, descriptor: ModelDescriptor, cohort: str | None = None
+) -> dict[str, np.ndarray]:
     """Return the decoded tensors, or raise DeltaRefused saying why.
 
     A delta may carry any subset of the replaceable tensors: with device-side
-    statistics the cloud sends only the affine parameters.
+    statistics the cloud sends only the affine parameters. A delta from another
+    cohort than `cohort` means the server moved this device: that cohort's version
+    line starts afresh, so any version is accepted, with every other check kept.
     """
-    if delta.new_version <= applied_version:
+    moved = cohort is not None and delta.cohort != cohort
+    if delta.new_version <= applied_version and not moved:
         raise DeltaRefused("stale", f"v{delta.new_version} is not newer than the applied v{applied_version}")
     if not delta.payload_ok():
         raise DeltaRefused("hash_mismatch", f"payload does not hash to {delta.sha256[:12]}")

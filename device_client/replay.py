@@ -6,21 +6,24 @@ frames, so one run gives both columns of the table.
 """
 from __future__ import annotations
 
-import json
 import logging
+import threading
 import time
-from collections.abc import Iterable
+from collections import deque
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import numpy as np
 
 from device_client.client import DeviceClient
+from device_client.daemon import prediction_records
 from device_client.runtime import build_session
+from device_client.sinks import Sink
 from device_client.scoring import to_model_input
 from driftsync.data.streams import Chunk
 
 log = logging.getLogger("driftsync.device.replay")
+CURVE_KEPT = 100_000
 
 
 @dataclass
@@ -54,69 +57,79 @@ def _tally(
         unallocated -= share
 
 
+def _chunks(chunks: Iterable[Chunk], repeat: bool) -> Iterable[Chunk]:
+    """The stream once, or (held in memory) forever."""
+    if not repeat:
+        yield from chunks
+        return
+    held = list(chunks)
+    while True:
+        yield from held
+
+
 def run_replay(
     client: DeviceClient,
     chunks: Iterable[Chunk],
     *,
     fps: float | None,
-    records_path: Path | None = None,
+    sinks: Sequence[Sink] = (),
     total: int | None = None,
     lockstep_timeout_s: float | None = None,
+    stop: threading.Event | None = None,
+    repeat: bool = False,
 ) -> dict:
     """Replay `chunks` through the device, paced in real time (`fps`) or in lockstep: before each
     batch, wait until a delta includes every upload so far (bounded by `lockstep_timeout_s`),
-    which is the zero-latency protocol that research tables assume."""
+    which is the zero-latency protocol that research tables assume. `repeat` replays the
+    stream again and again until `stop` is set (a simulated device in a fleet)."""
+    stop = stop or threading.Event()
     source = build_session(client.onnx_bytes, client.source_params, client.cfg.threads)
     tallies: dict[str, DomainTally] = {}
-    curve: list[dict] = []
+    curve: deque[dict] = deque(maxlen=CURVE_KEPT)  # bounded: a repeating device runs for days
     sent_before = 0
-    records = records_path.open("w") if records_path else None
     started = time.monotonic()
     done = 0
     last_uploaded_at = 0.0
     lockstep_timeouts = 0
-    try:
-        for chunk in chunks:
-            if fps:
-                lag = started + done / fps - time.monotonic()
-                if lag > 0:
-                    time.sleep(lag)
-            if lockstep_timeout_s and last_uploaded_at and not client.wait_for_delta_covering(last_uploaded_at, lockstep_timeout_s):
-                lockstep_timeouts += 1
-            now = time.time()
-            captured = now + 1e-6 * np.arange(len(chunk.images))  # distinct, so a delta's coverage is exact
-            out = client.predict(chunk.images, captured)
-            if out.uploaded.any():
-                last_uploaded_at = float(captured[out.uploaded].max())
-            source_pred = source.run(None, {"input": to_model_input(chunk.images)})[0].argmax(axis=1)
-            names = chunk.domain_names()
-            sent_now = client.uploader.stats.sent_bytes
-            _tally(tallies, chunk, names, out.labels, source_pred, out.uploaded, sent_now - sent_before)
-            sent_before = sent_now
-            wrong = out.labels != chunk.labels
-            curve.append({
-                "sample": done, "domain": chunk.domain.key, "version": out.version,
-                "accuracy": float(1 - wrong.mean()), "accuracy_source": float((source_pred == chunk.labels).mean()),
-            })
-            if records is not None:
-                for i in range(len(chunk.labels)):
-                    records.write(json.dumps({
-                        "domain": names[i], "label": int(chunk.labels[i]), "prediction": int(out.labels[i]),
-                        "confidence": round(float(out.confidence[i]), 5), "entropy": round(float(out.entropy[i]), 5),
-                        "uploaded": bool(out.uploaded[i]), "version": out.version, "time": now,
-                    }) + "\n")
-            done += len(chunk.labels)
-            if total and done % max(1, total // 10) < len(chunk.labels):
-                log.info("replayed %d/%d samples, v%d, %d uploads", done, total, out.version, client.uploader.stats.offered)
-    finally:
-        if records is not None:
-            records.close()
+    for chunk in _chunks(chunks, repeat):
+        if stop.is_set():
+            break
+        if fps:
+            lag = started + done / fps - time.monotonic()
+            if lag > 0 and stop.wait(lag):
+                break
+        if lockstep_timeout_s and last_uploaded_at and not client.wait_for_delta_covering(last_uploaded_at, lockstep_timeout_s):
+            lockstep_timeouts += 1
+        now = time.time()
+        captured = now + 1e-6 * np.arange(len(chunk.images))  # distinct, so a delta's coverage is exact
+        out = client.predict(chunk.images, captured)
+        if out.uploaded.any():
+            last_uploaded_at = float(captured[out.uploaded].max())
+        source_pred = source.run(None, {"input": to_model_input(chunk.images)})[0].argmax(axis=1)
+        names = chunk.domain_names()
+        sent_now = client.uploader.stats.sent_bytes
+        _tally(tallies, chunk, names, out.labels, source_pred, out.uploaded, sent_now - sent_before)
+        sent_before = sent_now
+        wrong = out.labels != chunk.labels
+        curve.append({
+            "sample": done, "domain": chunk.domain.key, "version": out.version,
+            "accuracy": float(1 - wrong.mean()), "accuracy_source": float((source_pred == chunk.labels).mean()),
+        })
+        if sinks:
+            extra = [{"domain": names[i], "label": int(chunk.labels[i])} for i in range(len(names))]
+            ids = [str(done + i) for i in range(len(names))]
+            records = prediction_records(out, ids, client.descriptor.class_names, now, extra)
+            for sink in sinks:
+                sink.write(records)
+        done += len(chunk.labels)
+        if total and done % max(1, total // 10) < len(chunk.labels):
+            log.info("replayed %d/%d samples, v%d, %d uploads", done, total, out.version, client.uploader.stats.offered)
     client.stop()
     if tallies:  # bytes still in flight at the end belong to the last domain played
         list(tallies.values())[-1].uplink_bytes += client.uploader.stats.sent_bytes - sent_before
     return {
         "domains": [asdict(t) for t in tallies.values()],
-        "curve": curve,
+        "curve": list(curve),
         "status": client.status(),
         "freshness_s": list(client.deltas.freshness_s),
         "seconds": time.monotonic() - started,

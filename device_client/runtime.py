@@ -75,10 +75,11 @@ class SwappableModel:
         active = self._active
         return active.session.run(None, {INPUT_NAME: x})[0], active.version
 
-    def install(self, params: dict[str, np.ndarray], version: int) -> bool:
-        """Apply a delta's tensors over the current ones; refuses a version that is not newer."""
+    def install(self, params: dict[str, np.ndarray], version: int, new_line: bool = False) -> bool:
+        """Apply a delta's tensors over the current ones; refuses a version that is not newer,
+        unless the device has moved to another cohort (`new_line`), whose versions start afresh."""
         with self._update_lock:
-            if version <= self._active.version:
+            if version <= self._active.version and not new_line:
                 return False
             merged = self._active.params | params
             self._active = _Active(build_session(self._onnx, merged, self._threads), version, merged)

@@ -82,9 +82,9 @@ class BatchStatisticsModel:
             params, version = self._params, self._version
         return self._probe.run(x, params)[0], version
 
-    def install(self, params: dict[str, np.ndarray], version: int) -> bool:
+    def install(self, params: dict[str, np.ndarray], version: int, new_line: bool = False) -> bool:
         with self._lock:
-            if version <= self._version:
+            if version <= self._version and not new_line:
                 return False
             self._params, self._version = self._params | params, version
         return True

@@ -2,17 +2,19 @@
 from __future__ import annotations
 
 import hashlib
+import random
+from dataclasses import dataclass, field
 
 import httpx
 
-from shared.codec import MSGPACK_MEDIA_TYPE, CodecError, decode, pack
+from shared.codec import MSGPACK_MEDIA_TYPE, CodecError, decode
 from shared.protocol import (
     Delta,
     ModelDescriptor,
     RegisterRequest,
     RegisterResponse,
+    Telemetry,
     UploadAck,
-    UploadBatch,
 )
 
 
@@ -23,6 +25,27 @@ class ServerError(Exception):
         super().__init__(message)
         self.status = status
         self.retry_after = retry_after
+
+
+@dataclass
+class Backoff:
+    """Exponential backoff with jitter that honours Retry-After, so a fleet whose server
+    comes back does not return as one synchronised retry storm."""
+
+    base_s: float = 0.5
+    cap_s: float = 30.0
+    failures: int = 0
+    rng: random.Random = field(default_factory=random.Random)
+
+    def next_delay(self, retry_after: float | None = None) -> float:
+        self.failures += 1
+        if retry_after is not None:  # the server said when; spread the fleet above it, never below
+            return retry_after * (1.0 + 0.25 * self.rng.random())
+        ceiling = min(self.cap_s, self.base_s * 2 ** min(self.failures - 1, 16))
+        return ceiling * (0.5 + 0.5 * self.rng.random())
+
+    def reset(self) -> None:
+        self.failures = 0
 
 
 def _raise_for(response: httpx.Response) -> None:
@@ -79,15 +102,21 @@ class ServerApi:
             raise ServerError(f"{part} sha256 {actual[:12]} does not match the descriptor's {expected_sha256[:12]}")
         return data
 
-    def upload(self, batch: UploadBatch) -> tuple[UploadAck, int]:
-        """The server's acknowledgement and the body size actually sent."""
-        body = pack(batch)
+    def upload(self, body: bytes) -> UploadAck:
+        """Post one packed UploadBatch (the spool keeps bodies packed)."""
         response = self._call("POST", "/v1/uploads", content=body, headers={"Content-Type": MSGPACK_MEDIA_TYPE})
-        return UploadAck.model_validate(response.json()), len(body)
+        return UploadAck.model_validate(response.json())
 
-    def poll_delta(self, since: int, wait: float) -> tuple[Delta | None, int]:
-        """(delta or None, bytes received). Decoding errors surface as ServerError."""
-        response = self._call("GET", "/v1/deltas", params={"since": since, "wait": wait}, timeout=wait + 30.0)
+    def telemetry(self, report: Telemetry) -> None:
+        self._call("POST", "/v1/telemetry", json=report.model_dump())
+
+    def poll_delta(self, cohort: str, since: int, wait: float) -> tuple[Delta | None, int]:
+        """(delta or None, bytes received). When the server has moved this device to another
+        cohort, the reply is that cohort's latest delta whatever `since` says.
+        Decoding errors surface as ServerError."""
+        response = self._call(
+            "GET", "/v1/deltas", params={"cohort": cohort, "since": since, "wait": wait}, timeout=wait + 30.0
+        )
         if response.status_code == 204:
             return None, 0
         try:

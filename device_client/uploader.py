@@ -1,12 +1,13 @@
-"""A bounded background uploader: inference hands samples over and never waits.
+"""The uplink: inference hands samples over and never waits.
 
-Samples are encoded, budgeted and posted in batches on this thread. When the
-queue is full the oldest samples go first; every drop is counted.
+Two threads. The encoder batches, budgets and encodes samples and writes each
+batch to the disk spool; the sender posts the spool oldest first. A dead server
+therefore only grows the spool (bounded, oldest dropped and counted), and what was
+selected survives a restart. Retries back off with jitter and honour Retry-After.
 """
 from __future__ import annotations
 
 import logging
-import random
 import threading
 import time
 from collections import deque
@@ -16,12 +17,15 @@ from dataclasses import dataclass
 import numpy as np
 
 from device_client.selection import UploadBudget
-from device_client.transport import ServerApi, ServerError
+from device_client.spool import Spool
+from device_client.transport import Backoff, ServerApi, ServerError
+from shared.codec import pack
 from shared.images import encode_image
 from shared.protocol import ImageCodec, UploadBatch
 from shared.tensors import Tensor
 
 log = logging.getLogger("driftsync.device.uploader")
+REFUSED_FOR_GOOD = (400, 413, 415, 422)  # the same body can never succeed; anything else is retried
 
 
 @dataclass
@@ -32,7 +36,7 @@ class UploadStats:
     requests: int = 0
     dropped_queue_full: int = 0
     dropped_budget: int = 0
-    dropped_failed: int = 0
+    refused: int = 0
     retries: int = 0
 
 
@@ -41,35 +45,40 @@ class Uploader:
         self,
         api: ServerApi,
         budget: UploadBudget,
+        spool: Spool,
         *,
         codec: ImageCodec = "webp",
         batch_size: int = 32,
         flush_s: float = 0.5,
         max_queue: int = 2048,
-        max_attempts: int = 5,
         stats_source: Callable[[], dict[str, Tensor]] | None = None,
         stats_every_s: float = 2.0,
         batch_statistics: bool = False,
+        backoff: Backoff | None = None,
     ) -> None:
-        self.stats_source = stats_source
-        self.batch_statistics = batch_statistics
-        self.stats_every_s = stats_every_s
-        self._stats_sent_at = float("-inf")
         self.api = api
         self.budget = budget
+        self.spool = spool
         self.codec = codec
         self.batch_size = batch_size
         self.flush_s = flush_s
-        self.max_attempts = max_attempts
+        self.stats_source = stats_source
+        self.stats_every_s = stats_every_s
+        self.batch_statistics = batch_statistics
+        self.backoff = backoff or Backoff()
         self.stats = UploadStats()
+        self._stats_sent_at = float("-inf")
         self._queue: deque[tuple[np.ndarray, float, float, int]] = deque()
         self._max_queue = max_queue
         self._cond = threading.Condition()
-        self._closing = False
-        self._thread = threading.Thread(target=self._run, name="uploader", daemon=True)
+        self._spooled = threading.Condition()
+        self._closing = threading.Event()
+        self._encoder = threading.Thread(target=self._encode_loop, name="upload-encoder", daemon=True)
+        self._sender = threading.Thread(target=self._send_loop, name="upload-sender", daemon=True)
 
     def start(self) -> None:
-        self._thread.start()
+        self._encoder.start()
+        self._sender.start()
 
     def offer(self, images: np.ndarray, entropy: np.ndarray, captured_at: np.ndarray, version: int) -> None:
         with self._cond:
@@ -82,33 +91,42 @@ class Uploader:
             self._cond.notify()
 
     def close(self, flush_timeout: float = 10.0) -> None:
-        """Send what is queued, within the timeout, then stop."""
+        """Spool what is queued, try to send the spool within the timeout, then stop.
+        Whatever is left stays on disk for the next start."""
+        deadline = time.monotonic() + flush_timeout
+        self._closing.set()
         with self._cond:
-            self._closing = True
             self._cond.notify()
-        self._thread.join(timeout=flush_timeout)
+        self._encoder.join(timeout=flush_timeout)
+        with self._spooled:
+            self._spooled.notify()
+        self._sender.join(timeout=max(0.0, deadline - time.monotonic()))
 
     def queued(self) -> int:
         return len(self._queue)
 
+    def dropped(self) -> int:
+        s = self.stats
+        return s.dropped_queue_full + s.dropped_budget + s.refused + self.spool.dropped_samples
+
+    # -- encoder: memory queue -> spool -------------------------------------------------
     def _next_batch(self) -> list[tuple[np.ndarray, float, float, int]]:
         with self._cond:
             deadline = time.monotonic() + self.flush_s
-            while len(self._queue) < self.batch_size and not self._closing:
+            while len(self._queue) < self.batch_size and not self._closing.is_set():
                 remaining = deadline - time.monotonic()
                 if remaining <= 0 and self._queue:
                     break
                 self._cond.wait(timeout=max(remaining, 0.05) if self._queue else 0.5)
             return [self._queue.popleft() for _ in range(min(self.batch_size, len(self._queue)))]
 
-    def _run(self) -> None:
+    def _encode_loop(self) -> None:
         while True:
             batch = self._next_batch()
-            if not batch:
-                if self._closing:
-                    return
-                continue
-            self._send(batch)
+            if batch:
+                self._spool(batch)
+            elif self._closing.is_set():
+                return
 
     def _statistics_due(self, now: float) -> dict[str, Tensor] | None:
         """The device's statistics ride along at most every `stats_every_s`: the server keeps
@@ -118,7 +136,7 @@ class Uploader:
         self._stats_sent_at = now
         return self.stats_source()
 
-    def _send(self, batch: list[tuple[np.ndarray, float, float, int]]) -> None:
+    def _spool(self, batch: list[tuple[np.ndarray, float, float, int]]) -> None:
         now = time.monotonic()
         images, entropy, captured = [], [], []
         for image, ent, ts, _ in batch:
@@ -140,22 +158,39 @@ class Uploader:
             norm_stats=self._statistics_due(now),
             batch_statistics=self.batch_statistics,
         )
-        for attempt in range(1, self.max_attempts + 1):
+        self.spool.put(pack(upload), len(images))
+        with self._spooled:
+            self._spooled.notify()
+
+    # -- sender: spool -> server ---------------------------------------------------------
+    def _send_loop(self) -> None:
+        while True:
+            entry = self.spool.oldest()
+            if entry is None:
+                if self._closing.is_set() and not self._encoder.is_alive():
+                    return
+                with self._spooled:
+                    self._spooled.wait(timeout=0.5)
+                continue
             try:
-                _, body_bytes = self.api.upload(upload)
-                self.stats.sent += len(images)
-                self.stats.sent_bytes += body_bytes
-                self.stats.requests += 1
-                return
+                body = entry.path.read_bytes()
+                self.api.upload(body)
+            except FileNotFoundError:  # dropped by the bound while we were reading it
+                continue
             except ServerError as exc:
-                if exc.status is not None and 400 <= exc.status < 500 and exc.status != 429:
-                    log.error("server refused an upload of %d samples: %s", len(images), exc)
-                    break
+                if exc.status in REFUSED_FOR_GOOD:
+                    log.error("server refused a spooled batch of %d samples for good: %s", entry.samples, exc)
+                    self.stats.refused += entry.samples
+                    self.spool.remove(entry)
+                    continue
                 self.stats.retries += 1
-                delay = exc.retry_after if exc.retry_after is not None else min(8.0, 0.25 * 2**attempt)
-                delay *= 1 + 0.25 * random.random()
-                log.warning("upload failed (%s); retry %d in %.1fs", exc, attempt, delay)
-                if self._closing:
-                    break
-                time.sleep(delay)
-        self.stats.dropped_failed += len(images)
+                delay = self.backoff.next_delay(exc.retry_after)
+                log.warning("upload failed (%s); %d samples spooled; retry in %.1fs", exc, self.spool.samples(), delay)
+                if self._closing.wait(delay):
+                    return  # shutting down: the spool keeps it for the next start
+                continue
+            self.backoff.reset()
+            self.spool.remove(entry)
+            self.stats.sent += entry.samples
+            self.stats.sent_bytes += len(body)
+            self.stats.requests += 1

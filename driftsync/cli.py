@@ -2,12 +2,15 @@
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
+import socket
 import sys
 from pathlib import Path
 
 from driftsync.config import add, home, optional, parse_bool
+from driftsync.fleet import add_fleet_parser, run_fleet_command
 
 
 def _serve_args(p: argparse.ArgumentParser) -> None:
@@ -17,6 +20,7 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
     add(p, "--student", "embedded-student", help="student model NAME[:CHECKPOINT]")
     add(p, "--teacher", "embedded-teacher", help="teacher model NAME[:CHECKPOINT]")
     add(p, "--enrolment-token", None, optional(str), help="token a device must present to register")
+    add(p, "--admin-token", None, optional(str), help="token for fleet operations, the fleet API and the dashboard (unset: off)")
     add(p, "--max-body-bytes", 8 * 1024 * 1024, int, help="largest accepted request body")
     add(p, "--new-per-step", 32, int, help="new uploads per adaptation step (CEMA: 32)")
     add(p, "--replay-per-step", 96, int, help="replayed uploads per step (CEMA: 96)")
@@ -37,22 +41,36 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
 
 def _device_args(p: argparse.ArgumentParser) -> None:
     add(p, "--server", "http://127.0.0.1:8700", help="server base URL")
-    add(p, "--state-dir", str(home() / "device"), help="identity, cached model, applied delta")
-    add(p, "--name", "device", help="device name shown to operators")
+    add(p, "--name", socket.gethostname(), help="device name shown to operators (default: the hostname)")
+    add(p, "--state-dir", str(home() / "device" / "{name}"),
+        help="identity, cached model, applied delta, spool and status; '{name}' expands to --name")
     add(p, "--cohort", None, optional(str), help="share adaptation state with devices of this cohort")
     add(p, "--enrolment-token", None, optional(str), help="fleet enrolment token")
-    add(p, "--source", "embedded", help="replay source: embedded, npz, or stream (a stream file `driftsync replay` wrote)")
-    add(p, "--data", None, optional(str), help="npz path for --source npz (keys x, y), directory for --source stream")
+    add(p, "--source", "embedded", help="folder (watched), video (file or URL, needs driftsync[camera]), camera (index or "
+        "rtsp:// URL, needs driftsync[camera]), stdin (raw RGB24 frames), or a labelled replay: embedded, npz, "
+        "imagenet-c, stream (a stream file `driftsync replay` wrote)")
+    add(p, "--data", None, optional(str), help="the source's path or URL: folder, video file, camera index/URL, npz file, "
+        "ImageNet-C root, stream directory")
+    add(p, "--frame-size", None, optional(str), help="stdin: WIDTHxHEIGHT of each raw RGB24 frame")
+    add(p, "--reconnect-s", 5.0, optional(float), help="camera: reopen a dropped stream after this long ('none': stop)")
+    add(p, "--sink", "", help="where predictions go, comma list: jsonl:- (stdout), jsonl:PATH, webhook:URL")
+    add(p, "--status-file", None, optional(str), help="status JSON rewritten every 2 s (default: STATE_DIR/status.json)")
+    add(p, "--status-port", None, optional(int), help="serve the status on http://127.0.0.1:PORT/status (0: any free port)")
+    add(p, "--telemetry-every-s", 5.0, optional(float), help="send label-free health to the server this often ('none': never)")
+    add(p, "--spool-max-bytes", 64 * 1024 * 1024, int, help="uploads kept on disk while the server is away; oldest dropped beyond")
     add(p, "--data-key", "x", help="image key in the npz (e.g. x_exact1000; labels: y_exact1000)")
+    add(p, "--class-index", None, optional(str), help="imagenet-c: wnids in the model's class order, one per line")
     add(p, "--corruptions", "all", help="comma list, 'all' (CoTTA order) or 'none'")
     add(p, "--severity", 5, int, help="corruption severity 1-5 (gradual: the peak)")
     add(p, "--setting", "continual", help="continual, reset_each_shift, gradual, mixed or correlated")
     add(p, "--dirichlet", 0.1, float, help="label-burst concentration for the correlated setting")
-    add(p, "--samples-per-domain", 200, int, help="images per domain")
+    add(p, "--samples-per-domain", 200, optional(int), help="images per domain ('none': all)")
     add(p, "--image-offset", 0, int, help="first embedded image index (devices see different scenes)")
-    add(p, "--domain-offset", 0, int, help="start the domain cycle this many domains in")
+    add(p, "--domain-offset", "0", help="start the domain cycle this many domains in; 'auto': derived from --name, "
+        "so each replica of a fleet drifts differently")
+    add(p, "--repeat", False, parse_bool, help="replay sources: loop the stream until stopped")
     add(p, "--batch-size", 16, int, help="frames per inference call")
-    add(p, "--fps", 30.0, optional(float), help="replay rate in frames/s ('none': as fast as possible)")
+    add(p, "--fps", 30.0, optional(float), help="pace replay and file sources at this many frames/s ('none': as fast as possible)")
     add(p, "--lockstep-timeout-s", None, optional(float),
         help="evaluation pacing: before each batch, wait up to this long for a delta that includes the uploads so far")
     add(p, "--seed", 0, int, help="corruption seed")
@@ -68,8 +86,7 @@ def _device_args(p: argparse.ArgumentParser) -> None:
     add(p, "--selection", "cema", help="upload policy: cema (entropy window) or ugs (variance over cheap views)")
     add(p, "--ugs-views", 4, int, help="ugs: augmented views per frame (one onnxruntime call)")
     add(p, "--ugs-keep", 0.25, float, help="ugs: share of each batch uploaded, most uncertain first")
-    add(p, "--records", None, optional(str), help="write one JSON line per prediction here")
-    add(p, "--summary", None, optional(str), help="write the replay summary JSON here")
+    add(p, "--summary", None, optional(str), help="replay sources: write the replay summary JSON here")
     add(p, "--threads", 0, int, help="onnxruntime intra-op threads (0: all cores)")
     add(p, "--normalization", "running", help="running (fused, statistics estimated from frames in the background), "
         "batch (each batch by its own statistics, forward only; batches of 16+) or cloud (estimated from uploads)")
@@ -125,6 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     _device_args(sub.add_parser("device", help="run a device on a replay stream (no torch)"))
     _demo_args(sub.add_parser("demo", help="server + simulated devices on the embedded default, then a report"))
     _replay_args(sub.add_parser("replay", help="evaluate methods side by side on one identical stream, with costs"))
+    add_fleet_parser(sub)
     export = sub.add_parser("export", help="export the student: ONNX graph, norm side file, statistics graph")
     add(export, "--student", "embedded-student", help="student model NAME[:CHECKPOINT]")
     add(export, "--out", "student-onnx", help="output directory")
@@ -142,7 +160,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request drowns the progress
-    handler = {"serve": _serve, "device": _device, "demo": _demo, "replay": _replay, "export": _export, "train": _train}[args.command]
+    handler = {"serve": _serve, "device": _device, "demo": _demo, "replay": _replay, "export": _export, "train": _train,
+               "fleet": run_fleet_command}[args.command]
     return handler(args) or 0
 
 
@@ -153,7 +172,7 @@ def _serve(args: argparse.Namespace) -> int:
 
     opts = ServeOptions(
         state_dir=Path(args.state_dir), student=args.student, teacher=args.teacher,
-        enrolment_token=args.enrolment_token, max_body_bytes=args.max_body_bytes,
+        enrolment_token=args.enrolment_token, admin_token=args.admin_token, max_body_bytes=args.max_body_bytes,
         new_per_step=args.new_per_step, replay_per_step=args.replay_per_step,
         stats_momentum=args.stats_momentum, adapt_teacher=args.adapt_teacher,
         teacher_optimizer=args.teacher_optimizer, teacher_lr=args.teacher_lr,
@@ -167,50 +186,130 @@ def _serve(args: argparse.Namespace) -> int:
 
 def _device(args: argparse.Namespace) -> int:
     from device_client.client import DeviceClient, DeviceConfig
+    from device_client.daemon import run_live, stop_on_signals
     from device_client.replay import run_replay
+    from device_client.sinks import open_sink
     from device_client.state import atomic_write
-    from driftsync.data import streams
+    from device_client.status import StatusReporter
 
-    if args.source == "stream":
-        if not args.data:
-            raise SystemExit("--source stream needs --data DIR (a stream `driftsync replay` wrote)")
-        chunks, total = streams.read_stream(Path(args.data)), streams.stream_file_length(Path(args.data))
-    else:
-        corruptions = streams.rotate(streams.parse_corruptions(args.corruptions), args.domain_offset)
-        if args.source == "embedded":
-            images, labels = streams.embedded_base(args.samples_per_domain, args.image_offset)
-        elif args.source == "npz":
-            if not args.data:
-                raise SystemExit("--source npz needs --data PATH")
-            images, labels = streams.npz_base(Path(args.data), args.samples_per_domain, key=args.data_key,
-                                              label_key=streams.label_key_for(args.data_key))
-        else:
-            raise SystemExit(f"unknown --source {args.source!r}; choose embedded, npz or stream")
-        chunks = streams.stream(args.setting, streams.corrupting(images, labels, args.seed), corruptions, args.severity,
-                                args.batch_size, seed=args.seed, dirichlet=args.dirichlet)
-        total = streams.stream_length(args.setting, len(images), corruptions, args.severity)
+    log = logging.getLogger("driftsync.device")
+    state_dir = Path(args.state_dir.replace("{name}", args.name))
     cfg = DeviceConfig(
-        server=args.server, state_dir=Path(args.state_dir), name=args.name, cohort=args.cohort,
+        server=args.server, state_dir=state_dir, name=args.name, cohort=args.cohort,
         enrolment_token=args.enrolment_token, codec=args.codec, upload_batch=args.upload_batch,
         upload_samples_per_s=args.upload_samples_per_s, upload_bytes_per_s=args.upload_bytes_per_s,
+        spool_max_bytes=args.spool_max_bytes,
         e_max_factor=args.e_max_factor, dynamic_lambda=args.dynamic_lambda, entropy_ema=args.entropy_ema,
         e_min_factor=args.e_min_factor, redundancy_margin=args.redundancy_margin, threads=args.threads,
         selection=args.selection, ugs_views=args.ugs_views, ugs_keep=args.ugs_keep,
         normalization=args.normalization, stats_momentum=args.stats_momentum,
         stats_every_s=args.stats_every_s,
     )
-    client = DeviceClient(cfg).start()
-    summary = run_replay(
-        client, chunks, fps=args.fps, records_path=Path(args.records) if args.records else None, total=total,
-        lockstep_timeout_s=args.lockstep_timeout_s,
-    )
-    if args.summary:
-        atomic_write(Path(args.summary), json.dumps(summary).encode())
-    status = summary["status"]
-    logging.getLogger("driftsync.device").info(
-        "done: v%d, %d uploaded, %d deltas applied", status["version"], status["uploads"]["sent"], status["deltas"]["applied"]
-    )
+    stop = stop_on_signals()
+    client = DeviceClient(cfg, stop=stop)  # a signal during provisioning ends its retries too
+    try:
+        client.start()
+    except Exception as exc:  # noqa: BLE001 (a refusal or a stop while provisioning: say why and exit)
+        log.error("device not started: %s", exc)
+        return 1
+    sinks = [open_sink(spec.strip()) for spec in args.sink.split(",") if spec.strip()]
+    reporter = StatusReporter(
+        client, Path(args.status_file) if args.status_file else state_dir / "status.json",
+        telemetry_every_s=args.telemetry_every_s, port=args.status_port,
+    ).start()
+    try:
+        if args.source in REPLAY_SOURCES:
+            chunks, total = _replay_chunks(args, client.descriptor)
+            summary = run_replay(client, chunks, fps=args.fps, sinks=sinks, total=total,
+                                 lockstep_timeout_s=args.lockstep_timeout_s, stop=stop, repeat=args.repeat)
+            if args.summary:
+                atomic_write(Path(args.summary), json.dumps(summary).encode())
+        else:
+            frames = run_live(client, _live_source(args, client.descriptor).frames(stop), sinks, stop,
+                              fps=args.fps if args.source == "video" else None)
+            log.info("source ended after %d frames", frames)
+    finally:
+        client.stop()  # flushes uploads into the spool and sends what it can
+        for sink in sinks:
+            sink.close()
+        reporter.stop()
+    status = client.status()
+    log.info("stopped at v%d: %d uploaded, %d spooled, %d deltas applied", status["version"],
+             status["uploads"]["sent"], status["uploads"]["spooled"], status["deltas"]["applied"])
     return 0
+
+
+REPLAY_SOURCES = ("embedded", "npz", "imagenet-c", "stream")
+
+
+def _domain_offset(text: str, name: str, domains: int) -> int:
+    """'auto': a stable offset from the device's name, so replicas of one fleet drift differently:
+    a name ending in -N (device-3) starts N domains in, any other name at a hash of it."""
+    if text != "auto":
+        return int(text)
+    stem, _, number = name.rpartition("-")
+    index = int(number) if stem and number.isdigit() else int(hashlib.sha256(name.encode()).hexdigest(), 16)
+    return index % max(domains, 1)
+
+
+def _replay_chunks(args: argparse.Namespace, descriptor) -> tuple:
+    """A labelled stream, as `driftsync replay` builds it, for evaluation and simulated fleets."""
+    from driftsync.data import loaders, streams
+
+    if args.source == "stream":
+        if not args.data:
+            raise SystemExit("--source stream needs --data DIR (a stream `driftsync replay` wrote)")
+        return streams.read_stream(Path(args.data)), streams.stream_file_length(Path(args.data))
+    corruptions = streams.parse_corruptions(args.corruptions)
+    corruptions = streams.rotate(corruptions, _domain_offset(args.domain_offset, args.name, len(corruptions)))
+    count = args.samples_per_domain
+    if args.source == "imagenet-c":
+        if not args.data:
+            raise SystemExit("--source imagenet-c needs --data ROOT (<corruption>/<severity>/<wnid>/*.JPEG)")
+        wnids = ([line.split()[0] for line in Path(args.class_index).read_text().splitlines() if line.strip()]
+                 if args.class_index else loaders.imagenet_c_wnids(Path(args.data)))
+
+        def source(domain):
+            return loaders.ImageNetCFolder(Path(args.data), domain.name, domain.severity, wnids=wnids, count=count,
+                                           seed=args.seed, size=descriptor.input_shape[1]).load_all()
+        samples = len(loaders.ImageNetCFolder(Path(args.data), corruptions[0], args.severity, wnids=wnids, count=count))
+    else:
+        if args.source == "embedded":
+            images, labels = streams.embedded_base(count or 200, args.image_offset)
+        else:
+            if not args.data:
+                raise SystemExit("--source npz needs --data PATH")
+            images, labels = streams.npz_base(Path(args.data), count, key=args.data_key,
+                                              label_key=streams.label_key_for(args.data_key))
+        source, samples = streams.corrupting(images, labels, args.seed), len(labels)
+    chunks = streams.stream(args.setting, source, corruptions, args.severity, args.batch_size, seed=args.seed,
+                            dirichlet=args.dirichlet)
+    return chunks, streams.stream_length(args.setting, samples, corruptions, args.severity)
+
+
+def _live_source(args: argparse.Namespace, descriptor):
+    from device_client.sources import (
+        FolderSource,
+        OpenCvSource,
+        RawStdinSource,
+        parse_size,
+    )
+
+    size = descriptor.input_shape[1]
+    if args.source == "folder":
+        if not args.data:
+            raise SystemExit("--source folder needs --data DIR (the folder to watch)")
+        return FolderSource(Path(args.data), size, batch=args.batch_size)
+    if args.source in ("video", "camera"):
+        if not args.data:
+            raise SystemExit(f"--source {args.source} needs --data (a file, an rtsp:// URL or a camera index)")
+        return OpenCvSource(args.data, size, batch=1 if args.source == "camera" else args.batch_size,
+                            reconnect_s=args.reconnect_s if args.source == "camera" else None)
+    if args.source == "stdin":
+        if not args.frame_size:
+            raise SystemExit("--source stdin needs --frame-size WIDTHxHEIGHT")
+        return RawStdinSource(parse_size(args.frame_size), size, batch=1)
+    raise SystemExit(f"unknown --source {args.source!r}")
 
 
 def _demo(args: argparse.Namespace) -> int:

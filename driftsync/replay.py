@@ -220,7 +220,7 @@ def run_on_device(name: str, opts: ReplayOptions, stream_dir: Path, source_pred:
         "seconds": time.monotonic() - started,
         "predictions": predictions,
         "status": {
-            "uploads": {"sent": 0, "sent_bytes": 0, "dropped_queue_full": 0, "dropped_budget": 0, "dropped_failed": 0},
+            "uploads": {"sent": 0, "sent_bytes": 0, "dropped": 0},
             "deltas": {"applied": 0, "bytes": 0},
             "passes": {"forward_samples": method.forward_passes, "backward_samples": method.backward_passes},
         },

@@ -57,9 +57,7 @@ def build_report(summaries: list[dict], meta: dict) -> dict:
         "freshness_p95_s": round(float(np.percentile(fresh, 95)), 3) if fresh.size else None,
         "devices": len(summaries),
         "samples": samples,
-        "uploads_dropped": sum(
-            s["status"]["uploads"][k] for s in summaries for k in ("dropped_queue_full", "dropped_budget", "dropped_failed")
-        ),
+        "uploads_dropped": sum(s["status"]["uploads"]["dropped"] for s in summaries),
     })
     return report
 

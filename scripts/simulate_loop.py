@@ -11,6 +11,11 @@ applied before the device's next batch, so this is the loop with zero latency.
         --label-key y_exact1000 --samples-per-domain 1000 --batch-size 200 \\
         --student resnet20:../shared/models/cifar10-resnet/resnet20-12fca82f.th \\
         --teacher resnet56:../shared/models/cifar10-resnet/resnet56-4bfd9763.th --device-norm batch
+
+A prompted student (`--prompt lowres:8`, `--learn prompt`): the device adds the prompt the cloud
+last shipped (its EMA, as in a delta) to every input. `--local-statistics 0 --device-norm running`
+keeps the device on the source running statistics, never updated; with `--learn prompt` the
+cloud then moves nothing but the prompt, so the student is frozen and only the prompt adapts.
 """
 from __future__ import annotations
 
@@ -24,8 +29,9 @@ import torch
 from device_client.scoring import entropy, softmax
 from device_client.selection import CemaSelector, SelectionConfig
 from driftsync.data import streams
-from server.engine import CemaConfig, CemaEngine, to_input
+from server.engine import LEARN_MODES, CemaConfig, CemaEngine, to_input
 from server.models.registry import build_model, model_info
+from server.prompt import InputPrompt, PromptedModel, parse_prompt
 from server.norm import load_replaceable_state, norm_layers, replaceable_state
 
 
@@ -58,6 +64,16 @@ def main() -> None:
     parser.add_argument("--weight-entropy", type=float, default=3.0)
     parser.add_argument("--new-per-step", type=int, default=32)
     parser.add_argument("--replay-per-step", type=int, default=96)
+    parser.add_argument("--upload-all", action="store_true", help="the device uploads every sample, no selection")
+    parser.add_argument("--prompt", default=None, help="padding:W or lowres:R: the student adds an input prompt")
+    parser.add_argument("--learn", choices=LEARN_MODES, default="norm", help="what the deltas move")
+    defaults = CemaConfig(num_classes=2)
+    parser.add_argument("--prompt-lr", type=float, default=defaults.prompt_lr)
+    parser.add_argument("--prompt-consistency", type=float, default=defaults.prompt_consistency)
+    parser.add_argument("--prompt-ema", type=float, default=defaults.prompt_ema)
+    parser.add_argument("--prompt-drive-floor", type=float, default=defaults.prompt_drive_floor)
+    parser.add_argument("--prompt-ce", type=float, default=defaults.prompt_ce)
+    parser.add_argument("--prompt-anchor", type=float, default=defaults.prompt_anchor)
     args = parser.parse_args()
     torch.manual_seed(0)
     torch.set_num_threads(args.threads)
@@ -67,10 +83,19 @@ def main() -> None:
                      new_per_step=args.new_per_step, replay_per_step=args.replay_per_step,
                      teacher_optimizer=args.teacher_optimizer, teacher_lr=args.teacher_lr,
                      teacher_augmentations=args.teacher_augmentations, student_steps=args.student_steps,
-                     adapt_teacher=not args.no_teacher_adaptation)
-    engine = CemaEngine(build_model(args.student), build_model(args.teacher), cfg)
+                     adapt_teacher=not args.no_teacher_adaptation, learn=args.learn, prompt_lr=args.prompt_lr,
+                     prompt_consistency=args.prompt_consistency, prompt_ema=args.prompt_ema,
+                     prompt_drive_floor=args.prompt_drive_floor, prompt_ce=args.prompt_ce,
+                     prompt_anchor=args.prompt_anchor)
+    prompt = parse_prompt(args.prompt)
+
+    def student() -> torch.nn.Module:
+        model = build_model(args.student)
+        return model if prompt is None else PromptedModel(model, InputPrompt(*prompt, info.input_size))
+
+    engine = CemaEngine(student(), build_model(args.teacher), cfg)
     state = engine.new_state()
-    device, source = build_model(args.student).eval(), build_model(args.student).eval()
+    device, source = student().eval(), build_model(args.student).eval()
     selector = CemaSelector(SelectionConfig(
         num_classes=info.num_classes, e_max_factor=args.e_max_factor,
         dynamic_lambda=None if args.dynamic_lambda < 0 else args.dynamic_lambda,
@@ -82,10 +107,11 @@ def main() -> None:
     else:
         images, labels = streams.npz_base(args.data, args.samples_per_domain, key=args.data_key, label_key=args.label_key)
     domains = streams.continual_domains(streams.parse_corruptions(args.corruptions), args.severity)
+    source_of = streams.corrupting(images, labels)
     rows: dict[str, list[int]] = {}
     pending = np.zeros((0, *images.shape[1:]), np.uint8)
     uploaded = seen = 0
-    for chunk in streams.replay(streams.corrupting(images, labels), domains, args.batch_size):
+    for chunk in streams.replay(source_of, domains, args.batch_size):
         x = to_input(chunk.images)
         with torch.no_grad():
             if args.device_norm == "batch":  # normalise with this batch's statistics, fold them in too
@@ -101,7 +127,7 @@ def main() -> None:
                     layer.momentum = args.local_statistics
                 device(x)
                 device.eval()
-        keep = selector.select(probs, entropy(probs))
+        keep = np.ones(len(probs), bool) if args.upload_all else selector.select(probs, entropy(probs))
         row = rows.setdefault(chunk.domain.name, [0, 0, 0, 0])
         row[0] += len(chunk.labels)
         row[1] += int((probs.argmax(1) != chunk.labels).sum())

@@ -1,19 +1,22 @@
 """The HTTP front: validates, authenticates, enqueues and serves versions. It never trains."""
 from __future__ import annotations
 
+import hmac
 import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 from fastapi import Depends, FastAPI, Header, Query, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from server.engine import CemaEngine
 from server.export import StudentArtifact, sha256_hex
+from server.fleet import FleetView
 from server.metrics import Registry
 from server.queueing import InProcessQueue, UploadJob, UploadQueue
 from server.store import DeviceRecord, Store
@@ -23,11 +26,17 @@ from shared.images import ImageDecodeError, decode_image
 from shared.protocol import (
     MAX_BODY_BYTES,
     PROTOCOL_VERSION,
+    CohortSummary,
     Delta,
+    DeviceSummary,
     ErrorBody,
+    FleetReport,
     ModelDescriptor,
+    MoveRequest,
     RegisterRequest,
     RegisterResponse,
+    ServerSummary,
+    Telemetry,
     UploadAck,
     UploadBatch,
 )
@@ -44,6 +53,7 @@ class ServerSettings:
     max_body_bytes: int = MAX_BODY_BYTES
     max_wait_s: float = 30.0
     enrolment_token: str | None = None
+    admin_token: str | None = None  # fleet operations and the fleet API; unset: they are refused
     queue_retry_after_s: int = 1
 
 
@@ -59,6 +69,8 @@ class ServerParts:
     artifact: StudentArtifact
     descriptor: ModelDescriptor
     metrics: Registry
+    fleet: FleetView
+    started_at: float
 
 
 def build_parts(
@@ -82,14 +94,16 @@ def build_parts(
             board.publish(device.cohort, latest.version)
     metrics = Registry()
     step_hist = metrics.histogram(
-        "driftsync_adaptation_step_seconds", "Wall time of one adaptation step.",
-        (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0),
+        "driftsync_adaptation_step_seconds", "Wall time of one worker step (all cohorts it batched).",
+        (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0),
     )
-    steps = metrics.counter("driftsync_adaptation_steps_total", "Adaptation steps run.")
+    steps = metrics.counter("driftsync_adaptation_steps_total", "Cohort adaptation steps run (versions published).")
+    adapted = metrics.counter("driftsync_adaptation_samples_total", "New samples adapted on.")
 
-    def on_step(samples: int, seconds: float) -> None:
+    def on_step(cohorts: int, samples: int, seconds: float) -> None:
         step_hist.observe(seconds)
-        steps.inc()
+        steps.inc(cohorts)
+        adapted.inc(samples)
 
     worker = AdaptationWorker(engine, uploads, store, board, max_wait_s=step_max_wait_s,
                              min_step_samples=step_min_samples, on_step=on_step)
@@ -107,7 +121,8 @@ def build_parts(
     metrics.gauge("driftsync_upload_queue_jobs", "Upload batches waiting for the worker.", uploads.depth)
     metrics.gauge("driftsync_pending_samples", "Samples waiting to fill a step.", worker.pending_samples)
     metrics.gauge("driftsync_devices", "Registered devices.", lambda: len(store.devices()))
-    return ServerParts(settings, store, uploads, board, worker, artifact, descriptor, metrics)
+    metrics.gauge("driftsync_cohorts", "Cohorts with at least one device.", lambda: len({d.cohort for d in store.devices()}))
+    return ServerParts(settings, store, uploads, board, worker, artifact, descriptor, metrics, FleetView(), time.time())
 
 
 def _error(status: int, error: str, detail: str, headers: dict[str, str] | None = None) -> JSONResponse:
@@ -122,6 +137,8 @@ def create_app(parts: ServerParts) -> FastAPI:
     auth_failures = m.counter("driftsync_auth_failures_total", "Requests with a missing or wrong token.")
     deltas_served = m.counter("driftsync_deltas_served_total", "Deltas sent to devices.")
     delta_bytes = m.counter("driftsync_delta_bytes_total", "Bytes of deltas sent to devices.")
+    telemetry_reports = m.counter("driftsync_telemetry_reports_total", "Telemetry reports received from devices.")
+    cohort_moves = m.counter("driftsync_cohort_moves_total", "Devices moved to another cohort.")
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -162,7 +179,17 @@ def create_app(parts: ServerParts) -> FastAPI:
         if device is None:
             auth_failures.inc()
             raise ApiError(401, "unauthorized", "unknown device token", {"WWW-Authenticate": "Bearer"})
+        parts.fleet.seen(device.device_id)
         return device
+
+    def admin(authorization: str | None = Header(default=None)) -> None:
+        expected = parts.settings.admin_token
+        if expected is None:
+            raise ApiError(403, "admin_disabled", "fleet operations are off: start the server with --admin-token")
+        given = (authorization or "").removeprefix("Bearer ").strip()
+        if not hmac.compare_digest(given.encode(), expected.encode()):
+            auth_failures.inc()
+            raise ApiError(401, "unauthorized", "missing or wrong admin token", {"WWW-Authenticate": "Bearer"})
 
     async def read_body(request: Request) -> bytes:
         limit = parts.settings.max_body_bytes
@@ -242,6 +269,7 @@ def create_app(parts: ServerParts) -> FastAPI:
             raise ApiError(429, "queue_full", "adaptation queue is full; retry later", {"Retry-After": retry})
         uploads_total.inc(len(images))
         upload_bytes.inc(len(body))
+        parts.fleet.seen(device.device_id, uploaded=len(images))
         return UploadAck(accepted=len(images), queue_depth=parts.uploads.depth())
 
     @app.get(
@@ -252,13 +280,20 @@ def create_app(parts: ServerParts) -> FastAPI:
     async def deltas(
         since: int = Query(ge=0),
         wait: float = Query(default=0.0, ge=0.0, le=120.0),
+        cohort: str | None = Query(default=None, max_length=128, description="the cohort the device thinks it is in"),
         device: DeviceRecord = Depends(device_from_token),
     ) -> Response:
         latest = parts.board.latest(device.cohort)
-        if since > latest:
+        moved = cohort is not None and cohort != device.cohort
+        if not moved and since > latest:
             raise ApiError(409, "version_ahead", f"device is at v{since} but the server's latest is v{latest}")
-        if latest <= since and wait > 0:
-            latest = await parts.board.wait_newer(device.cohort, since, min(wait, parts.settings.max_wait_s))
+        if not moved and latest <= since and wait > 0:
+            await parts.board.wait_newer(device.cohort, since, min(wait, parts.settings.max_wait_s))
+            device = parts.store.device(device.device_id) or device  # a move ends the wait too
+            moved = cohort is not None and cohort != device.cohort
+            latest = parts.board.latest(device.cohort)
+        if moved:
+            since = 0  # the new cohort's version line is new to the device
         if latest <= since:
             return Response(status_code=204)
         record = await run_in_threadpool(parts.store.latest_version, device.cohort)
@@ -276,7 +311,58 @@ def create_app(parts: ServerParts) -> FastAPI:
         delta_bytes.inc(len(data))
         return Response(data, media_type=MSGPACK_MEDIA_TYPE)
 
+    @app.post("/v1/telemetry", status_code=204, response_class=Response)
+    def telemetry(body: Telemetry, device: DeviceRecord = Depends(device_from_token)) -> Response:
+        parts.fleet.report(device.device_id, body)
+        telemetry_reports.inc()
+        return Response(status_code=204)
+
+    @app.get("/v1/fleet", response_model=FleetReport, dependencies=[Depends(admin)])
+    def fleet() -> FleetReport:
+        return fleet_report(parts)
+
+    @app.post("/v1/devices/{device_id}/cohort", response_model=FleetReport, dependencies=[Depends(admin)])
+    def move(device_id: str, body: MoveRequest) -> FleetReport:
+        """Move a device to another cohort: it takes that cohort's latest version on its next poll."""
+        parts.worker.seed_cohort(body.cohort)
+        if parts.store.move_device(device_id, body.cohort) is None:
+            raise ApiError(404, "not_found", f"no device {device_id!r}")
+        parts.board.wake_all()
+        cohort_moves.inc()
+        return fleet_report(parts)
+
+    @app.get("/dashboard", response_class=HTMLResponse, include_in_schema=False)
+    def dashboard() -> HTMLResponse:
+        return HTMLResponse(DASHBOARD.read_text())
+
     return app
+
+
+DASHBOARD = Path(__file__).with_name("dashboard.html")
+
+
+def fleet_report(parts: ServerParts) -> FleetReport:
+    worker = parts.worker.stats
+    steps_per_s, samples_per_s = worker.rates()
+    devices, cohorts = [], {}
+    for record in parts.store.devices():
+        view = parts.fleet.get(record.device_id)
+        cohorts.setdefault(record.cohort, []).append(record.device_id)
+        devices.append(DeviceSummary(
+            device_id=record.device_id, name=record.name, cohort=record.cohort, registered_at=record.created_at,
+            last_seen=view.last_seen or None, device_version=view.version,
+            cohort_version=parts.board.latest(record.cohort), uploaded_samples=view.uploaded_samples,
+            trend=list(view.trend),
+        ))
+    return FleetReport(
+        server=ServerSummary(
+            uptime_s=time.time() - parts.started_at, queue_depth=parts.uploads.depth(),
+            pending_samples=parts.worker.pending_samples(), steps_total=worker.steps, samples_total=worker.samples,
+            steps_per_s=steps_per_s, samples_per_s=samples_per_s,
+        ),
+        cohorts=[CohortSummary(cohort=c, version=parts.board.latest(c), devices=ids) for c, ids in sorted(cohorts.items())],
+        devices=devices,
+    )
 
 
 

@@ -17,10 +17,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from server.augment import cotta_augment
+from server.grouped import bounds_of, grouped_batch_norm
+from server.norm import (
+    freeze_all_but_affine,
+    load_replaceable_state,
+    norm_layers,
+    replaceable_state,
+)
 from server.prompt import PREFIX as PROMPT_PREFIX
 from server.prompt import prompt_parameters
-from server.norm import freeze_all_but_affine, load_replaceable_state, norm_layers, replaceable_state
-
 
 LEARN_MODES = ("norm", "prompt", "norm+prompt", "norm/prompt")  # "/": alternate steps, "+": jointly
 
@@ -50,6 +55,9 @@ class CemaConfig:
     prompt_lr: float = 5e-3  # Adam, on the input-space prompt
     prompt_consistency: float = 1.0  # confident uploads keep the prompted prediction on the plain one
     prompt_ema: float = 0.9  # deltas carry this EMA of the prompt, so a quiet stream cannot drag it away
+    prompt_drive_floor: float = 0.0  # teacher-KL weight is floor + (1 - floor)·u; 1: the teacher drives every upload
+    prompt_ce: float = 0.0  # weight of CE on the teacher's argmax, (reliability-weighted like CEMA's)
+    prompt_anchor: float = 0.0  # L2 pull of the prompt toward zero (the plain student), per pixel-channel mean
 
     def __post_init__(self) -> None:
         if self.learn not in LEARN_MODES:
@@ -73,7 +81,13 @@ def prompt_loss(
     teacher_probs = teacher_probs.clamp_min(1e-8)
     drive = (teacher_probs * (teacher_probs.log() - log_p)).sum(dim=1)
     keep = (plain * (plain.clamp_min(1e-8).log() - log_p)).sum(dim=1)
-    return (u * drive).mean() + cfg.prompt_consistency * ((1 - u) * keep).mean()
+    floor = cfg.prompt_drive_floor
+    loss = ((floor + (1 - floor) * u) * drive).mean() + cfg.prompt_consistency * ((1 - u) * keep).mean()
+    if cfg.prompt_ce:
+        teacher_ent = -(teacher_probs * teacher_probs.log()).sum(dim=1)
+        ce = F.nll_loss(log_p, teacher_probs.argmax(dim=1), reduction="none")
+        loss = loss + cfg.prompt_ce * (reliability_weight(teacher_ent, cfg.e_max) * ce).mean()
+    return loss
 
 
 def entropy(logits: torch.Tensor) -> torch.Tensor:
@@ -151,6 +165,16 @@ class ReplayBuffer:
         return out
 
 
+@dataclass(frozen=True)
+class StepInput:
+    """One cohort's new uploads for a step, and how its devices normalised them."""
+
+    images: np.ndarray
+    state: CohortState
+    device_stats: dict[str, np.ndarray] | None = None
+    batch_statistics: bool = False
+
+
 @dataclass
 class CohortState:
     """Everything that makes one cohort's adaptation differ from another's."""
@@ -198,9 +222,10 @@ class CemaEngine:
             p.requires_grad_("norm" in cfg.learn)
         for p in self._prompt_params:
             p.requires_grad_("prompt" in cfg.learn)
-        self._teacher_params = freeze_all_but_affine(self.teacher)
+        freeze_all_but_affine(self.teacher)
         self._source_student = replaceable_state(self.student)
         self._source_teacher = replaceable_state(self.teacher)
+        self._teacher_affine = [name for name in self._source_teacher if not _is_statistic(name)]
         self._rng = np.random.default_rng(seed)
         self._generator = torch.Generator().manual_seed(seed)
 
@@ -211,36 +236,46 @@ class CemaEngine:
             replay=ReplayBuffer(self.cfg.replay_capacity),
         )
 
-    def teacher_probs(self, images: np.ndarray, state: CohortState) -> torch.Tensor:
-        """The teacher's soft labels under test-batch statistics; adapts it if configured.
+    def source_delta(self) -> dict[str, np.ndarray]:
+        """The tensors a delta carries, at their source values: a new cohort's first version."""
+        return self._delta_tensors(self.new_state(), cloud_statistics=False)
+
+    def teacher_probs(self, batches: list[tuple[np.ndarray, CohortState]]) -> list[torch.Tensor]:
+        """The teacher's soft labels for several cohorts' uploads in ONE forward pass (each
+        cohort under its own test-batch statistics and affine parameters: `grouped_batch_norm`),
+        adapting each cohort's teacher if configured.
 
         The cloud can afford what a device cannot: averaging over a flip and over
         `teacher_augmentations` random views makes the labels it distils markedly better.
         """
         cfg = self.cfg
-        load_replaceable_state(self.teacher, state.teacher_norm)
-        _set_norm_mode(self.teacher, train=True, momentum=0.1)
-        x = to_input(images)
-        with torch.set_grad_enabled(cfg.adapt_teacher):
-            logits = self.teacher(x)
-            if cfg.adapt_teacher:
-                opt = self._optimizer(self._teacher_params, cfg.teacher_optimizer, cfg.teacher_lr)
-                if state.teacher_opt:
-                    opt.load_state_dict(state.teacher_opt)
-                opt.zero_grad(set_to_none=True)
-                teacher_loss(logits, cfg.e_max).backward()
-                opt.step()
-                state.teacher_opt = opt.state_dict()
-        with torch.no_grad():
-            views = [logits.detach().softmax(dim=1)]
-            _set_norm_mode(self.teacher, train=True, momentum=0.0)
-            if cfg.teacher_flip_average:
-                views.append(self.teacher(x.flip(dims=[3])).softmax(dim=1))
-            for _ in range(cfg.teacher_augmentations):
-                views.append(self.teacher(cotta_augment(x, self._generator)).softmax(dim=1))
-            probs = torch.stack(views).mean(dim=0)
-        state.teacher_norm = replaceable_state(self.teacher)
-        return probs
+        affine = [
+            {name: torch.tensor(state.teacher_norm[name], requires_grad=cfg.adapt_teacher) for name in self._teacher_affine}
+            for _, state in batches
+        ]
+        bounds = bounds_of([len(images) for images, _ in batches])
+        x = to_input(np.concatenate([images for images, _ in batches]))
+        with grouped_batch_norm(self.teacher, bounds, affine):
+            with torch.set_grad_enabled(cfg.adapt_teacher):
+                logits = self.teacher(x)
+                if cfg.adapt_teacher:  # group g's loss reaches only group g's parameters
+                    sum(teacher_loss(logits[a:b], cfg.e_max) for a, b in bounds).backward()
+                    for (_, state), params in zip(batches, affine):
+                        opt = self._optimizer(list(params.values()), cfg.teacher_optimizer, cfg.teacher_lr)
+                        if state.teacher_opt:
+                            opt.load_state_dict(state.teacher_opt)
+                        opt.step()
+                        state.teacher_opt = opt.state_dict()
+            with torch.no_grad():
+                views = [logits.detach().softmax(dim=1)]
+                if cfg.teacher_flip_average:
+                    views.append(self.teacher(x.flip(dims=[3])).softmax(dim=1))
+                for _ in range(cfg.teacher_augmentations):
+                    views.append(self.teacher(cotta_augment(x, self._generator)).softmax(dim=1))
+                probs = torch.stack(views).mean(dim=0)
+        for (_, state), params in zip(batches, affine):
+            state.teacher_norm.update({name: p.detach().numpy().copy() for name, p in params.items()})
+        return [probs[a:b] for a, b in bounds]
 
     def _optimizer(self, params: list[nn.Parameter], kind: str, lr: float) -> torch.optim.Optimizer:
         if kind == "adam":
@@ -253,7 +288,13 @@ class CemaEngine:
         self, images: np.ndarray, state: CohortState, device_stats: dict[str, np.ndarray] | None = None,
         batch_statistics: bool = False,
     ) -> dict[str, np.ndarray]:
-        """One adaptation step on new uploads; returns the tensors the delta must carry.
+        """One adaptation step of one cohort; see `step_many`."""
+        return self.step_many([StepInput(images, state, device_stats, batch_statistics)])[0]
+
+    def step_many(self, inputs: list[StepInput]) -> list[dict[str, np.ndarray]]:
+        """One adaptation step for each of several cohorts; returns the tensors each delta must
+        carry. The teacher's forward pass is batched across all of them (the fleet's gain);
+        each student distils on its own.
 
         The student copy must normalise each sample the way its device did, or the affine
         parameters it learns do the wrong thing on the device (measured: the stream collapses
@@ -263,8 +304,12 @@ class CemaEngine:
         Either way only the affine parameters go back. Without device statistics the cloud
         re-estimates them from the (filtered, so biased) uploads and sends them too.
         """
+        probs = self.teacher_probs([(item.images, item.state) for item in inputs])
+        return [self._distil(item, p) for item, p in zip(inputs, probs)]
+
+    def _distil(self, item: StepInput, probs_new: torch.Tensor) -> dict[str, np.ndarray]:
         cfg = self.cfg
-        probs_new = self.teacher_probs(images, state)
+        images, state, device_stats, batch_statistics = item.images, item.state, item.device_stats, item.batch_statistics
         new = ReplayGroup(images.copy(), probs_new.numpy(), device_stats, batch_statistics)
         groups = [new]
         replay = state.replay
@@ -331,6 +376,8 @@ class CemaEngine:
             with torch.no_grad():
                 plain = self.student.model(x)  # the same student without its prompt
             loss = loss + prompt_loss(logits, plain, probs, self.cfg)
+            if self.cfg.prompt_anchor:
+                loss = loss + self.cfg.prompt_anchor * sum(p.square().mean() for p in self._prompt_params)
         return loss
 
     def _delta_tensors(self, state: CohortState, cloud_statistics: bool) -> dict[str, np.ndarray]:

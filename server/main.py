@@ -24,6 +24,7 @@ class ServeOptions:
     student: str = "embedded-student"
     teacher: str = "embedded-teacher"
     enrolment_token: str | None = None
+    admin_token: str | None = None
     max_body_bytes: int = 8 * 1024 * 1024
     queue_max_jobs: int = 256
     new_per_step: int = 32
@@ -72,7 +73,8 @@ def build_app(opts: ServeOptions) -> FastAPI:
     )
     engine = CemaEngine(student, teacher, cfg, seed=opts.seed, student_input_shape=info.input_shape)
     store = SqliteStore(opts.state_dir / "driftsync.sqlite")
-    settings = ServerSettings(max_body_bytes=opts.max_body_bytes, enrolment_token=opts.enrolment_token)
+    settings = ServerSettings(max_body_bytes=opts.max_body_bytes, enrolment_token=opts.enrolment_token,
+                              admin_token=opts.admin_token)
     parts = build_parts(
         engine, artifact, opts.student, list(info.class_names), info.input_shape, store, settings,
         queue_max_jobs=opts.queue_max_jobs, step_max_wait_s=opts.step_max_wait_s,

@@ -42,8 +42,11 @@ class Store(Protocol):
     def add_device(self, name: str, cohort: str | None) -> tuple[DeviceRecord, str]: ...
     def device_for_token(self, token: str) -> DeviceRecord | None: ...
     def devices(self) -> list[DeviceRecord]: ...
+    def device(self, device_id: str) -> DeviceRecord | None: ...
+    def move_device(self, device_id: str, cohort: str) -> DeviceRecord | None: ...
     def put_version(self, record: VersionRecord) -> None: ...
     def latest_version(self, cohort: str) -> VersionRecord | None: ...
+    def version_number(self, cohort: str) -> int: ...
     def close(self) -> None: ...
 
 
@@ -112,6 +115,19 @@ class SqliteStore:
             ).fetchall()
         return [DeviceRecord(*r) for r in rows]
 
+    def device(self, device_id: str) -> DeviceRecord | None:
+        with self._lock:
+            row = self._conn.execute(
+                "SELECT device_id, name, cohort, created_at FROM devices WHERE device_id = ?", (device_id,)
+            ).fetchone()
+        return DeviceRecord(*row) if row else None
+
+    def move_device(self, device_id: str, cohort: str) -> DeviceRecord | None:
+        """Put a device in another cohort; None when there is no such device."""
+        with self._lock:
+            self._conn.execute("UPDATE devices SET cohort = ? WHERE device_id = ?", (cohort, device_id))
+        return self.device(device_id)
+
     def put_version(self, record: VersionRecord) -> None:
         blob = pack({k: v.model_dump() for k, v in record.params.items()})
         with self._lock:
@@ -123,6 +139,12 @@ class SqliteStore:
                 "DELETE FROM versions WHERE cohort = ? AND version <= ?",
                 (record.cohort, record.version - self._keep),
             )
+
+    def version_number(self, cohort: str) -> int:
+        """The cohort's latest version, 0 when it has none."""
+        with self._lock:
+            row = self._conn.execute("SELECT MAX(version) FROM versions WHERE cohort = ?", (cohort,)).fetchone()
+        return row[0] or 0
 
     def latest_version(self, cohort: str) -> VersionRecord | None:
         with self._lock:

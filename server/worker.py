@@ -5,17 +5,18 @@ import asyncio
 import logging
 import threading
 import time
-from collections import defaultdict
+from collections import defaultdict, deque
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from server.engine import CemaEngine, CohortState
+from server.engine import CemaEngine, CohortState, StepInput
 from server.queueing import UploadJob, UploadQueue
 from server.store import Store, VersionRecord
 from shared.tensors import Tensor, tensors_digest
 
 log = logging.getLogger("driftsync.worker")
+MAX_DRAIN = 256  # upload jobs taken before the worker looks for ready cohorts
 
 
 class VersionBoard:
@@ -24,6 +25,7 @@ class VersionBoard:
     def __init__(self) -> None:
         self._latest: dict[str, int] = {}
         self._waiters: dict[str, list[tuple[asyncio.AbstractEventLoop, asyncio.Event]]] = defaultdict(list)
+        self._generation = 0  # bumped by wake_all: a device's cohort may have changed
         self._lock = threading.Lock()
 
     def latest(self, cohort: str) -> int:
@@ -36,12 +38,23 @@ class VersionBoard:
         for loop, event in waiters:
             loop.call_soon_threadsafe(event.set)
 
+    def wake_all(self) -> None:
+        """End every long poll now (after a cohort move, so the moved device hears at once)."""
+        with self._lock:
+            self._generation += 1
+            waiters = [w for ws in self._waiters.values() for w in ws]
+            self._waiters.clear()
+        for loop, event in waiters:
+            loop.call_soon_threadsafe(event.set)
+
     async def wait_newer(self, cohort: str, since: int, timeout: float) -> int:
+        """The cohort's latest version once it exceeds `since`, or at the timeout or a wake_all."""
         deadline = time.monotonic() + timeout
+        generation = self._generation
         while True:
             with self._lock:
                 latest = self._latest.get(cohort, 0)
-                if latest > since:
+                if latest > since or self._generation != generation:
                     return latest
                 event = asyncio.Event()
                 self._waiters[cohort].append((asyncio.get_running_loop(), event))
@@ -72,6 +85,13 @@ class WorkerStats:
     samples: int = 0
     step_seconds_total: float = 0.0
     last_step_at: float = 0.0
+    recent: deque[tuple[float, int]] = field(default_factory=lambda: deque(maxlen=4096))  # (time, samples) per step
+
+    def rates(self, window_s: float = 60.0) -> tuple[float, float]:
+        """Steps/s and samples/s over the last `window_s`."""
+        since = time.time() - window_s
+        recent = [(t, n) for t, n in list(self.recent) if t >= since]
+        return len(recent) / window_s, sum(n for _, n in recent) / window_s
 
 
 class AdaptationWorker:
@@ -86,6 +106,7 @@ class AdaptationWorker:
         *,
         max_wait_s: float = 2.0,
         min_step_samples: int = 8,
+        max_cohorts_per_step: int = 32,
         on_step=None,
     ) -> None:
         self.engine = engine
@@ -94,11 +115,12 @@ class AdaptationWorker:
         self.board = board
         self.max_wait_s = max_wait_s
         self.min_step_samples = min_step_samples
+        self.max_cohorts_per_step = max_cohorts_per_step
         self.stats = WorkerStats()
         self._states: dict[str, CohortState] = {}
-        self._versions: dict[str, int] = {}
         self._pending: dict[str, _Pending] = defaultdict(_Pending)
         self._stop = threading.Event()
+        self._publish = threading.Lock()  # version numbers of a cohort are assigned one at a time
         self._thread = threading.Thread(target=self._run, name="adaptation-worker", daemon=True)
         self._on_step = on_step
 
@@ -117,17 +139,38 @@ class AdaptationWorker:
     def pending_samples(self) -> int:
         return sum(p.count() for p in list(self._pending.values()))
 
+    def _put(self, cohort: str, tensors: dict[str, np.ndarray], newest_upload_at: float) -> int:
+        """Store and announce the cohort's next version."""
+        params = {k: Tensor.from_numpy(v) for k, v in tensors.items()}
+        with self._publish:
+            version = self.store.version_number(cohort) + 1
+            self.store.put_version(VersionRecord(
+                cohort=cohort, version=version, created_at=time.time(), newest_upload_at=newest_upload_at,
+                params=params, sha256=tensors_digest(params),
+            ))
+        self.board.publish(cohort, version)
+        return version
+
+    def seed_cohort(self, cohort: str) -> None:
+        """Give a cohort with no versions a first one at the source parameters, so a device
+        moved into it has a version to move to."""
+        if self.store.version_number(cohort) == 0:
+            self._put(cohort, self.engine.source_delta(), 0.0)
+
     def _run(self) -> None:
         while not self._stop.is_set():
             job = self.uploads.take(timeout=0.1)
-            if job is not None:
+            drained = 0
+            while job is not None:  # take what is queued, so one step sees every cohort that is ready
                 self._add(job)
-            for cohort in list(self._pending):
-                if self._ready(cohort):
-                    try:
-                        self._step(cohort)
-                    except Exception:  # a bad step must not kill the worker
-                        log.exception("adaptation step failed for cohort %s", cohort)
+                drained += 1
+                job = self.uploads.take(timeout=0) if drained < MAX_DRAIN else None
+            ready = [cohort for cohort in list(self._pending) if self._ready(cohort)]
+            if ready:
+                try:
+                    self._step(ready[: self.max_cohorts_per_step])
+                except Exception:  # a bad step must not kill the worker
+                    log.exception("adaptation step failed for cohorts %s", ready)
 
     def _add(self, job: UploadJob) -> None:
         pending = self._pending[job.cohort]
@@ -147,43 +190,37 @@ class AdaptationWorker:
         waited = time.monotonic() - pending.first_at
         return n >= self.min_step_samples and waited >= self.max_wait_s
 
-    def _step(self, cohort: str) -> None:
+    def _take(self, cohort: str) -> tuple[StepInput, float]:
+        """The cohort's next step's samples (the rest wait), and the newest capture time among them."""
         pending = self._pending[cohort]
         images = np.concatenate(pending.images)
         captured = np.concatenate(pending.captured_at)
         take = self.engine.cfg.new_per_step
-        batch, rest = images[:take], images[take:]
-        batch_captured, rest_captured = captured[:take], captured[take:]
+        rest, rest_captured = images[take:], captured[take:]
         stats, batch_statistics = pending.norm_stats, pending.batch_statistics
         self._pending[cohort] = _Pending(
             [rest] if len(rest) else [], [rest_captured] if len(rest) else [], time.monotonic(), stats, batch_statistics
         )
-
         state = self._states.get(cohort)
         if state is None:
             state = self._states[cohort] = self.engine.new_state()
-            latest = self.store.latest_version(cohort)
-            self._versions[cohort] = latest.version if latest else 0
+        return StepInput(images[:take], state, stats, batch_statistics), float(captured[:take].max())
+
+    def _step(self, cohorts: list[str]) -> None:
+        """Step several cohorts at once: the teacher's forward pass is shared by all of them."""
+        inputs, newest = zip(*(self._take(cohort) for cohort in cohorts))
         started = time.perf_counter()
-        norm = self.engine.step(batch, state, stats, batch_statistics)
+        deltas = self.engine.step_many(list(inputs))
         elapsed = time.perf_counter() - started
-        version = self._versions[cohort] + 1
-        params = {k: Tensor.from_numpy(v) for k, v in norm.items()}
-        record = VersionRecord(
-            cohort=cohort,
-            version=version,
-            created_at=time.time(),
-            newest_upload_at=float(batch_captured.max()),
-            params=params,
-            sha256=tensors_digest(params),
-        )
-        self.store.put_version(record)
-        self._versions[cohort] = version
-        self.board.publish(cohort, version)
-        self.stats.steps += 1
-        self.stats.samples += len(batch)
+        samples = sum(len(item.images) for item in inputs)
+        versions = [self._put(c, d, n) for c, d, n in zip(cohorts, deltas, newest)]
+        self.stats.steps += len(cohorts)
+        self.stats.samples += samples
         self.stats.step_seconds_total += elapsed
         self.stats.last_step_at = time.time()
+        for item in inputs:
+            self.stats.recent.append((self.stats.last_step_at, len(item.images)))
         if self._on_step is not None:
-            self._on_step(len(batch), elapsed)
-        log.info("cohort %s -> v%d (%d samples, %.0f ms)", cohort, version, len(batch), elapsed * 1000)
+            self._on_step(len(cohorts), samples, elapsed)
+        log.info("%s (%d samples, %.0f ms)", ", ".join(f"{c} -> v{v}" for c, v in zip(cohorts, versions)),
+                 samples, elapsed * 1000)

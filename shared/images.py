@@ -9,6 +9,7 @@ from PIL import Image
 from shared.protocol import ImageCodec
 
 JPEG_QUALITY = 90
+RESIZE_RATIO = 256 / 224  # ImageNet eval recipe: shorter side 256, centre crop 224
 WEBP_QUALITY = 90
 
 
@@ -54,3 +55,22 @@ def decode_image(data: bytes, codec: ImageCodec, shape: tuple[int, int]) -> np.n
         raise
     except Exception as exc:  # PIL raises many types for corrupt data
         raise ImageDecodeError(f"cannot decode {codec} image: {exc}") from exc
+
+
+def fit_image(image: Image.Image, size: int) -> np.ndarray:
+    """RGB uint8 HxWx3 at ``size`` x ``size``: untouched when already that size, else
+    shorter side to round(size * 256/224) (bilinear) then a centre crop, as torchvision's
+    Resize + CenterCrop."""
+    image = image.convert("RGB")
+    if image.size != (size, size):
+        width, height = image.size
+        short = round(size * RESIZE_RATIO)
+        if width <= height:
+            new = (short, int(short * height / width))
+        else:
+            new = (int(short * width / height), short)
+        image = image.resize(new, Image.Resampling.BILINEAR)
+        left = round((new[0] - size) / 2.0)
+        top = round((new[1] - size) / 2.0)
+        image = image.crop((left, top, left + size, top + size))
+    return np.asarray(image, dtype=np.uint8)

@@ -101,6 +101,21 @@ class UploadAck(_Message):
     queue_depth: int
 
 
+class Telemetry(_Message):
+    """A device's label-free health over the last few seconds, for the fleet dashboard.
+    Mean entropy and confidence are its accuracy proxies: drift raises one and lowers the other."""
+
+    protocol_version: int = PROTOCOL_VERSION
+    version: int = Field(ge=0, description="Parameter version the device runs.")
+    window_s: float = Field(gt=0, le=3600, allow_inf_nan=False)
+    frames: int = Field(ge=0, description="Frames predicted in the window.")
+    mean_entropy: float | None = Field(default=None, ge=0, allow_inf_nan=False)
+    mean_confidence: float | None = Field(default=None, ge=0, le=1, allow_inf_nan=False)
+    uploads_sent: int = Field(ge=0, description="Samples the server accepted, since the device started.")
+    uploads_spooled: int = Field(ge=0, description="Samples waiting on the device's disk now.")
+    uploads_dropped: int = Field(ge=0, description="Samples dropped (queue, budget, spool), since the device started.")
+
+
 class Delta(_Message):
     """A versioned parameter update: full values of the replaceable tensors.
 
@@ -125,3 +140,57 @@ class Delta(_Message):
 
     def payload_ok(self) -> bool:
         return tensors_digest(self.params) == self.sha256
+
+
+class MoveRequest(_Message):
+    """Admin: put a device in another cohort (one shared adapted state per cohort)."""
+
+    cohort: str = Field(min_length=1, max_length=MAX_NAME_LENGTH, pattern=NAME_PATTERN)
+
+
+class TrendPoint(_Message):
+    at: float
+    version: int
+    frames_per_s: float
+    uploads_per_s: float
+    mean_entropy: float | None
+    mean_confidence: float | None
+    spooled: int
+    dropped: int
+
+
+class DeviceSummary(_Message):
+    device_id: str
+    name: str
+    cohort: str
+    registered_at: float
+    last_seen: float | None = Field(description="Last authenticated request from the device (server clock).")
+    device_version: int | None = Field(description="Version the device last reported running.")
+    cohort_version: int
+    uploaded_samples: int = Field(description="Samples accepted since the server started.")
+    trend: list[TrendPoint]
+
+
+class CohortSummary(_Message):
+    cohort: str
+    version: int
+    devices: list[str]
+
+
+class ServerSummary(_Message):
+    uptime_s: float
+    queue_depth: int = Field(description="Upload batches waiting for the adaptation worker.")
+    pending_samples: int
+    steps_total: int
+    samples_total: int
+    steps_per_s: float = Field(description="Adaptation steps per second over the last minute.")
+    samples_per_s: float
+
+
+class FleetReport(_Message):
+    """The fleet API and the dashboard's one data source; per-device detail lives here,
+    not in Prometheus labels."""
+
+    server: ServerSummary
+    cohorts: list[CohortSummary]
+    devices: list[DeviceSummary]

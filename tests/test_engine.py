@@ -54,18 +54,38 @@ def test_teacher_options_change_the_soft_labels() -> None:
     images = _images(8, 5)
     plain = _engine(adapt_teacher=False, teacher_flip_average=False)
     views = _engine(adapt_teacher=False, teacher_flip_average=True, teacher_augmentations=4)
-    p_plain = plain.teacher_probs(images, plain.new_state())
-    p_views = views.teacher_probs(images, views.new_state())
+    [p_plain] = plain.teacher_probs([(images, plain.new_state())])
+    [p_views] = views.teacher_probs([(images, views.new_state())])
     assert torch.allclose(p_plain.sum(dim=1), torch.ones(8)) and torch.allclose(p_views.sum(dim=1), torch.ones(8))
     assert (p_plain - p_views).abs().max() > 1e-4
     adam = _engine(teacher_optimizer="adam", teacher_lr=1e-3)
     state = adam.new_state()
-    adam.teacher_probs(images, state)
+    adam.teacher_probs([(images, state)])
     assert "exp_avg" in str(state.teacher_opt) and any(
         np.abs(state.teacher_norm[k] - adam._source_teacher[k]).max() > 0 for k in state.teacher_norm if k.endswith(".weight")
     )
     with pytest.raises(ValueError, match="unknown optimizer"):
-        _engine(teacher_optimizer="rmsprop").teacher_probs(images, adam.new_state())
+        _engine(teacher_optimizer="rmsprop").teacher_probs([(images, adam.new_state())])
+
+
+def test_one_batched_teacher_pass_equals_separate_passes_per_cohort() -> None:
+    """Batching the teacher across cohorts must not mix them: each keeps its own batch
+    statistics, affine parameters and optimizer state, step after step."""
+    together, apart = _engine(teacher_lr=1e-2), _engine(teacher_lr=1e-2)
+    sizes = (8, 5, 12)
+    states_t = [together.new_state() for _ in sizes]
+    states_a = [apart.new_state() for _ in sizes]
+    for step in range(3):
+        batches = [_images(n, seed=10 * step + i) for i, n in enumerate(sizes)]
+        batched = together.teacher_probs(list(zip(batches, states_t)))
+        separate = [apart.teacher_probs([(x, st)])[0] for x, st in zip(batches, states_a)]
+        for b, s in zip(batched, separate):
+            torch.testing.assert_close(b, s, atol=1e-5, rtol=1e-4)
+    for st, sa in zip(states_t, states_a):
+        for name in together._teacher_affine:
+            np.testing.assert_allclose(st.teacher_norm[name], sa.teacher_norm[name], atol=1e-5)
+    moved = [k for k in together._teacher_affine if np.abs(states_t[0].teacher_norm[k] - states_t[1].teacher_norm[k]).max() > 1e-6]
+    assert moved, "cohorts that saw different images must have adapted differently"
 
 
 def _prompted_engine(learn: str) -> CemaEngine:

@@ -22,7 +22,6 @@ from driftsync.data.loaders import (
     corrupt_cached,
     corrupt_main,
     corruption_rng,
-    fit_image,
     imagenet_c_wnids,
     load_cifar10c,
     load_class_folder,
@@ -30,6 +29,7 @@ from driftsync.data.loaders import (
     write_corrupted_tree,
 )
 from driftsync.data.streams import Domain, corrupting, replay
+from shared.images import fit_image
 
 PER_SEVERITY = 20
 WNIDS = ["n01440764", "n01443537"]

@@ -48,7 +48,7 @@ def test_device_registers_uploads_and_applies_deltas(tiny_server, tmp_path):
     _wait_for(lambda: device.deltas.applied >= 1)
     assert device.deltas.applied >= 1 and device.deltas.bytes > 0
     status = device.status()
-    assert status["uploads"]["sent"] > 0 and status["uploads"]["dropped_failed"] == 0
+    assert status["uploads"]["sent"] > 0 and status["uploads"]["dropped"] == 0
     device.stop()
     metrics = httpx.get(f"{url}/metrics").text
     assert "driftsync_adaptation_steps_total" in metrics and "driftsync_upload_samples_total" in metrics
@@ -227,19 +227,20 @@ def test_bad_device_statistics_are_refused(tiny_server):
         assert r.json()["error"] == "bad_statistics"
 
 
-def test_device_keeps_predicting_when_the_server_dies(tmp_path):
+def test_device_keeps_predicting_and_spools_when_the_server_dies(tmp_path):
     from server.app import create_app
     from tests.conftest import build_test_parts, serve_in_thread
 
     with serve_in_thread(create_app(build_test_parts(tmp_path / "server"))) as url:
-        device = _device(url, tmp_path, upload_max_attempts=2)
+        device = _device(url, tmp_path)
     for i in range(4):  # the server is gone now
         out = device.predict(_images(8, seed=40 + i))
         assert out.labels.shape == (8,) and out.version == 0
-    _wait_for(lambda: device.uploader.stats.dropped_failed > 0)
+    _wait_for(lambda: device.uploader.stats.retries > 0 and device.status()["uploads"]["spooled"] == 32)
     status = device.status()
-    assert status["uploads"]["sent"] == 0 and status["uploads"]["dropped_failed"] > 0
+    assert status["uploads"]["sent"] == 0 and status["uploads"]["dropped"] == 0
     device.stop(flush_timeout=5)
+    assert len(list((tmp_path / "device" / "spool").glob("*.upload"))) == status["uploads"]["spooled_batches"]
 
 
 def test_replay_tallies_per_sample_domains_of_a_mixed_stream(tiny_server, tmp_path):

@@ -19,13 +19,13 @@ from PIL import Image
 
 from driftsync.data.corruptions import CORRUPTIONS, constants_for_size, corrupt
 from driftsync.data.streams import corruption_rng, parse_corruptions
+from shared.images import fit_image
 
 log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp"})
 SEVERITIES = (1, 2, 3, 4, 5)
 IMAGENET_SIZE = 224
-RESIZE_RATIO = 256 / 224  # ImageNet eval recipe: shorter side 256, centre crop 224
 JPEG_QUALITY = 85  # ImageNet-C saved every corrupted image at this quality
 _WRITE_BATCH = 32  # images corrupted together by write_corrupted_tree (bounds memory)
 _CACHE_VERSION = "1"  # bump when corrupt() changes its output for equal inputs
@@ -74,25 +74,6 @@ def _image_files(directory: Path) -> list[Path]:
 def _subdirs(directory: Path) -> list[str]:
     with os.scandir(directory) as entries:
         return sorted(e.name for e in entries if e.is_dir() and not e.name.startswith("."))
-
-
-def fit_image(image: Image.Image, size: int) -> np.ndarray:
-    """RGB uint8 HxWx3 at ``size`` x ``size``: untouched when already that size, else
-    shorter side to round(size * 256/224) (bilinear) then a centre crop, as torchvision's
-    Resize + CenterCrop."""
-    image = image.convert("RGB")
-    if image.size != (size, size):
-        width, height = image.size
-        short = round(size * RESIZE_RATIO)
-        if width <= height:
-            new = (short, int(short * height / width))
-        else:
-            new = (int(short * width / height), short)
-        image = image.resize(new, Image.Resampling.BILINEAR)
-        left = round((new[0] - size) / 2.0)
-        top = round((new[1] - size) / 2.0)
-        image = image.crop((left, top, left + size, top + size))
-    return np.asarray(image, dtype=np.uint8)
 
 
 def _read(path: Path, size: int | None) -> np.ndarray:
