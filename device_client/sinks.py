@@ -53,7 +53,8 @@ class WebhookSink:
         self._queue: deque[dict] = deque()
         self._max = max_records
         self._cond = threading.Condition()
-        self._closing = threading.Event()
+        self._closing = threading.Event()  # no more records will come: exit once the queue is empty
+        self._abandon = threading.Event()  # the close timeout passed: stop retrying
         self._client = httpx.Client(timeout=timeout_s)
         self._thread = threading.Thread(target=self._run, name="webhook-sink", daemon=True)
         self._thread.start()
@@ -82,7 +83,7 @@ class WebhookSink:
             except httpx.HTTPError as exc:
                 delay = backoff.next_delay()
                 log.warning("webhook %s failed (%s); retrying in %.1fs", self.url, exc, delay)
-                if self._closing.wait(delay):
+                if self._abandon.wait(delay):
                     return
                 continue
             backoff.reset()
@@ -92,10 +93,16 @@ class WebhookSink:
             self.sent += len(batch)
 
     def close(self, timeout: float = 5.0) -> None:
+        """Deliver what is queued within the timeout; the rest is dropped and counted."""
         self._closing.set()
         with self._cond:
             self._cond.notify()
         self._thread.join(timeout)
+        self._abandon.set()
+        self._thread.join(1.0)
+        with self._cond:
+            self.dropped += len(self._queue)
+            self._queue.clear()
         self._client.close()
 
 
