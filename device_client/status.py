@@ -6,7 +6,6 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -27,10 +26,8 @@ class StatusReporter:
         every_s: float = 2.0,
         telemetry_every_s: float | None = 5.0,
         port: int | None = None,
-        extra: Callable[[], dict] | None = None,
     ) -> None:
         self.client, self.path, self.every_s, self.telemetry_every_s = client, Path(path), every_s, telemetry_every_s
-        self.extra = extra or dict
         self.telemetry_sent = 0
         self._throughput = 0.0
         self._last = (time.monotonic(), client.frames)
@@ -50,8 +47,9 @@ class StatusReporter:
         status = self.client.status()
         status["uploads"]["telemetry_reports"] = self.telemetry_sent
         thresholds = status.pop("selection")
+        endpoint = {"status_url": f"http://127.0.0.1:{self.port}/status"} if self._http else {}
         return status | {"state": state, "frames_per_s": round(self._throughput, 2), "selection": thresholds,
-                         "updated_at": time.time()} | self.extra()
+                         "updated_at": time.time()} | endpoint
 
     def start(self) -> StatusReporter:
         self._thread.start()

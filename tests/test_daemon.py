@@ -45,7 +45,7 @@ def _device(url: str, tmp: Path, log: Path) -> subprocess.Popen:
         cli("device", "--server", url, "--name", "cam-1", "--state-dir", str(tmp / "device" / "{name}"),
             "--enrolment-token", ENROL, "--source", "folder", "--data", str(tmp / "inbox"), "--batch-size", "8",
             "--sink", f"jsonl:{tmp / 'predictions.jsonl'}", "--e-max-factor", "2", "--dynamic-lambda", "none",
-            "--upload-batch", "8", "--telemetry-every-s", "1"),
+            "--upload-batch", "8", "--telemetry-every-s", "1", "--status-port", "0"),
         stdout=log.open("a"), stderr=subprocess.STDOUT, env=dict(os.environ, PYTHONUNBUFFERED="1"),
     )
 
@@ -94,6 +94,8 @@ def test_daemon_watches_a_folder_spools_offline_and_survives_kill_9(tmp_path):
             assert 0.0 <= r["confidence"] <= 1.0 and r["entropy"] >= 0.0
         first = _wait_for(lambda: (s := _status(tmp_path)).get("version", 0) >= 1 and s, what="a first delta")
         assert first["model_downloaded"] is True and first["uploads"]["sent"] > 0
+        served = httpx.get(first["status_url"]).json()  # the same status, live, on loopback
+        assert served["device_id"] == first["device_id"] and served["frames"] >= 16
 
         # 2. the server dies: predictions go on, uploads are spooled
         _stop(server, signal.SIGKILL)
