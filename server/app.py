@@ -2,12 +2,12 @@
 from __future__ import annotations
 
 import hmac
+import logging
 import time
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
-import numpy as np
 from fastapi import Depends, FastAPI, Header, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
@@ -20,9 +20,9 @@ from server.fleet import FleetView
 from server.metrics import Registry
 from server.queueing import InProcessQueue, UploadJob, UploadQueue
 from server.store import DeviceRecord, Store
+from server.uploads import UploadRejected, parse_upload
 from server.worker import AdaptationWorker, VersionBoard
-from shared.codec import MSGPACK_MEDIA_TYPE, CodecError, decode, pack
-from shared.images import ImageDecodeError, decode_image
+from shared.codec import MSGPACK_MEDIA_TYPE, pack
 from shared.protocol import (
     MAX_BODY_BYTES,
     PROTOCOL_VERSION,
@@ -38,8 +38,9 @@ from shared.protocol import (
     ServerSummary,
     Telemetry,
     UploadAck,
-    UploadBatch,
 )
+
+log = logging.getLogger("driftsync.server")
 
 
 class ApiError(Exception):
@@ -142,6 +143,7 @@ def create_app(parts: ServerParts) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
+        recover_uploads(parts)
         parts.worker.start()
         try:
             yield
@@ -248,25 +250,22 @@ def create_app(parts: ServerParts) -> FastAPI:
     @app.post("/v1/uploads", response_model=UploadAck, status_code=202)
     async def upload(request: Request, device: DeviceRecord = Depends(device_from_token)) -> UploadAck:
         body = await read_body(request)
-        try:
-            batch = decode(body, UploadBatch, max_bytes=parts.settings.max_body_bytes)
-        except CodecError as exc:
-            raise ApiError(400, "bad_msgpack", str(exc)) from exc
-        height, width = parts.descriptor.input_shape[1:]
-        try:
-            images = await run_in_threadpool(
-                lambda: np.stack([decode_image(b, batch.codec, (height, width)) for b in batch.images])
-            )
-        except ImageDecodeError as exc:
-            raise ApiError(400, "bad_image", str(exc)) from exc
-        captured = np.asarray(batch.captured_at, dtype=np.float64)
-        if not np.isfinite(captured).all():
-            raise ApiError(400, "bad_timestamp", "captured_at contains NaN or Inf")
-        stats = _device_statistics(batch, parts.descriptor)
-        job = UploadJob(device.cohort, device.device_id, images, captured, time.time(), stats, batch.batch_statistics)
-        if not parts.uploads.offer(job):
-            retry = str(parts.settings.queue_retry_after_s)
-            raise ApiError(429, "queue_full", "adaptation queue is full; retry later", {"Retry-After": retry})
+
+        def accept() -> UploadJob:
+            """Check everything, persist, then queue: a 2xx means the upload is on disk."""
+            try:
+                job = parse_upload(body, parts.descriptor, parts.settings.max_body_bytes, cohort=device.cohort,
+                                   device_id=device.device_id, received_at=time.time())
+            except UploadRejected as exc:
+                raise ApiError(400, exc.error, str(exc)) from exc
+            job = replace(job, upload_id=parts.store.add_upload(device.cohort, device.device_id, body, len(job.images)))
+            if not parts.uploads.offer(job):
+                parts.store.discard_upload(job.upload_id)
+                retry = str(parts.settings.queue_retry_after_s)
+                raise ApiError(429, "queue_full", "adaptation queue is full; retry later", {"Retry-After": retry})
+            return job
+
+        images = (await run_in_threadpool(accept)).images
         uploads_total.inc(len(images))
         upload_bytes.inc(len(body))
         parts.fleet.seen(device.device_id, uploaded=len(images))
@@ -341,6 +340,23 @@ def create_app(parts: ServerParts) -> FastAPI:
 DASHBOARD = Path(__file__).with_name("dashboard.html")
 
 
+def recover_uploads(parts: ServerParts) -> None:
+    """Hand the worker every upload accepted before a restart that no version has learnt from."""
+    stored = parts.store.pending_uploads()
+    for upload in stored:
+        try:
+            job = parse_upload(upload.body, parts.descriptor, parts.settings.max_body_bytes, cohort=upload.cohort,
+                               device_id=upload.device_id, received_at=upload.received_at, upload_id=upload.upload_id)
+        except UploadRejected as exc:  # it passed these checks once; a changed model may refuse it now
+            log.error("dropping stored upload %d: %s", upload.upload_id, exc)
+            parts.store.discard_upload(upload.upload_id)
+            continue
+        parts.worker.restore(job, upload.remaining)
+    if stored:
+        log.info("recovered %d accepted uploads (%d samples) from before the restart",
+                 len(stored), sum(u.remaining for u in stored))
+
+
 def fleet_report(parts: ServerParts) -> FleetReport:
     worker = parts.worker.stats
     steps_per_s, samples_per_s = worker.rates()
@@ -360,27 +376,7 @@ def fleet_report(parts: ServerParts) -> FleetReport:
             pending_samples=parts.worker.pending_samples(), steps_total=worker.steps, samples_total=worker.samples,
             steps_per_s=steps_per_s, samples_per_s=samples_per_s,
         ),
-        cohorts=[CohortSummary(cohort=c, version=parts.board.latest(c), devices=ids) for c, ids in sorted(cohorts.items())],
+        cohorts=[CohortSummary(cohort=c, version=parts.board.latest(c), devices=ids, learnt_samples=parts.store.learnt_samples(c))
+                 for c, ids in sorted(cohorts.items())],
         devices=devices,
     )
-
-
-
-def _device_statistics(batch: UploadBatch, descriptor: ModelDescriptor) -> dict[str, np.ndarray] | None:
-    """Check the statistics a device sent: known names, right shapes, finite, variances positive."""
-    if batch.norm_stats is None:
-        return None
-    stats: dict[str, np.ndarray] = {}
-    for name, tensor in batch.norm_stats.items():
-        if name not in descriptor.parameters or not name.endswith((".running_mean", ".running_var")):
-            raise ApiError(400, "bad_statistics", f"{name!r} is not a normalization statistic of the model")
-        if tuple(tensor.shape) != tuple(descriptor.parameters[name]) or tensor.dtype != "float32":
-            raise ApiError(400, "bad_statistics", f"{name} must be float32{list(descriptor.parameters[name])}")
-        try:
-            value = tensor.to_numpy()
-        except ValueError as exc:
-            raise ApiError(400, "bad_statistics", f"{name}: {exc}") from exc
-        if name.endswith(".running_var") and (value <= 0).any():
-            raise ApiError(400, "bad_statistics", f"{name} has non-positive variances")
-        stats[name] = value
-    return stats

@@ -57,7 +57,7 @@ class CemaConfig:
     prompt_ema: float = 0.9  # deltas carry this EMA of the prompt, so a quiet stream cannot drag it away
     prompt_drive_floor: float = 0.0  # teacher-KL weight is floor + (1 - floor)·u; 1: the teacher drives every upload
     prompt_ce: float = 0.0  # weight of CE on the teacher's argmax, (reliability-weighted like CEMA's)
-    prompt_anchor: float = 0.0  # L2 pull of the prompt toward zero (the plain student), per pixel-channel mean
+    prompt_anchor: float = 0.0  # weight of ‖prompt‖² (sum of squares): pulls it back to zero, the plain student
 
     def __post_init__(self) -> None:
         if self.learn not in LEARN_MODES:
@@ -377,7 +377,7 @@ class CemaEngine:
                 plain = self.student.model(x)  # the same student without its prompt
             loss = loss + prompt_loss(logits, plain, probs, self.cfg)
             if self.cfg.prompt_anchor:
-                loss = loss + self.cfg.prompt_anchor * sum(p.square().mean() for p in self._prompt_params)
+                loss = loss + self.cfg.prompt_anchor * sum(p.square().sum() for p in self._prompt_params)
         return loss
 
     def _delta_tensors(self, state: CohortState, cloud_statistics: bool) -> dict[str, np.ndarray]:

@@ -21,6 +21,7 @@ class UploadJob:
     received_at: float
     norm_stats: dict[str, np.ndarray] | None = None  # the device's own statistics, if it sent them
     batch_statistics: bool = False  # the device normalises each batch by its own statistics
+    upload_id: int | None = None  # its durable record in the store, deleted once learnt from
 
 
 class UploadQueue(Protocol):

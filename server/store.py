@@ -1,7 +1,11 @@
-"""Where the server keeps devices and parameter versions, behind a small interface.
+"""Where the server keeps what must survive it, behind a small interface.
 
-SQLite in WAL mode is the embedded default; another backend only has to
-implement `Store`.
+Devices, parameter versions, each cohort's adaptation state, and every accepted
+upload until a published version has learnt from it: an upload answered 2xx is
+written here first, so a kill -9 right after the answer loses nothing (it is
+processed at least once). A step's version, the cohort state it produced and the
+uploads it consumed are committed in one transaction. SQLite in WAL mode is the
+embedded default; another backend only has to implement `Store`.
 """
 from __future__ import annotations
 
@@ -29,6 +33,16 @@ class DeviceRecord:
 
 
 @dataclass(frozen=True)
+class StoredUpload:
+    upload_id: int
+    cohort: str
+    device_id: str
+    received_at: float
+    remaining: int  # samples no published version has learnt from yet
+    body: bytes  # the UploadBatch exactly as the device sent it
+
+
+@dataclass(frozen=True)
 class VersionRecord:
     cohort: str
     version: int
@@ -36,6 +50,7 @@ class VersionRecord:
     newest_upload_at: float
     params: dict[str, Tensor]
     sha256: str
+    samples: int = 0  # new uploads this version learnt from (the store also keeps the cohort's running total)
 
 
 class Store(Protocol):
@@ -44,8 +59,15 @@ class Store(Protocol):
     def devices(self) -> list[DeviceRecord]: ...
     def device(self, device_id: str) -> DeviceRecord | None: ...
     def move_device(self, device_id: str, cohort: str) -> DeviceRecord | None: ...
-    def put_version(self, record: VersionRecord) -> None: ...
+    def put_version(self, record: VersionRecord, state: bytes | None = None,
+                    consumed: dict[int, int] | None = None) -> None: ...
     def latest_version(self, cohort: str) -> VersionRecord | None: ...
+    def version(self, cohort: str, version: int) -> VersionRecord | None: ...
+    def load_state(self, cohort: str) -> bytes | None: ...
+    def learnt_samples(self, cohort: str) -> int: ...
+    def add_upload(self, cohort: str, device_id: str, body: bytes, samples: int) -> int: ...
+    def pending_uploads(self) -> list[StoredUpload]: ...
+    def discard_upload(self, upload_id: int) -> None: ...
     def version_number(self, cohort: str) -> int: ...
     def close(self) -> None: ...
 
@@ -69,7 +91,22 @@ CREATE TABLE IF NOT EXISTS versions (
     newest_upload_at REAL NOT NULL,
     params BLOB NOT NULL,
     sha256 TEXT NOT NULL,
+    samples INTEGER NOT NULL DEFAULT 0,
+    learnt_total INTEGER NOT NULL DEFAULT 0,
     PRIMARY KEY (cohort, version)
+);
+CREATE TABLE IF NOT EXISTS cohort_state (
+    cohort TEXT PRIMARY KEY,
+    version INTEGER NOT NULL,
+    state BLOB NOT NULL
+);
+CREATE TABLE IF NOT EXISTS uploads (
+    upload_id INTEGER PRIMARY KEY AUTOINCREMENT,
+    cohort TEXT NOT NULL,
+    device_id TEXT NOT NULL,
+    received_at REAL NOT NULL,
+    remaining INTEGER NOT NULL,
+    body BLOB NOT NULL
 );
 """
 
@@ -128,17 +165,72 @@ class SqliteStore:
             self._conn.execute("UPDATE devices SET cohort = ? WHERE device_id = ?", (cohort, device_id))
         return self.device(device_id)
 
-    def put_version(self, record: VersionRecord) -> None:
+    def put_version(self, record: VersionRecord, state: bytes | None = None,
+                    consumed: dict[int, int] | None = None) -> None:
+        """One transaction: the version, the cohort state that produced it, and the uploads it
+        consumed (upload id -> samples), which are deleted once nothing of them is left."""
         blob = pack({k: v.model_dump() for k, v in record.params.items()})
         with self._lock:
-            self._conn.execute(
-                "INSERT INTO versions VALUES (?, ?, ?, ?, ?, ?)",
-                (record.cohort, record.version, record.created_at, record.newest_upload_at, blob, record.sha256),
+            self._conn.execute("BEGIN IMMEDIATE")
+            try:
+                self._conn.execute(
+                    "INSERT INTO versions SELECT ?, ?, ?, ?, ?, ?, ?, ? + COALESCE((SELECT learnt_total FROM versions "
+                    "WHERE cohort = ? ORDER BY version DESC LIMIT 1), 0)",
+                    (record.cohort, record.version, record.created_at, record.newest_upload_at, blob, record.sha256,
+                     record.samples, record.samples, record.cohort),
+                )
+                self._conn.execute(
+                    "DELETE FROM versions WHERE cohort = ? AND version <= ?",
+                    (record.cohort, record.version - self._keep),
+                )
+                if state is not None:
+                    self._conn.execute(
+                        "INSERT OR REPLACE INTO cohort_state VALUES (?, ?, ?)", (record.cohort, record.version, state)
+                    )
+                for upload_id, samples in (consumed or {}).items():
+                    self._conn.execute(
+                        "UPDATE uploads SET remaining = remaining - ? WHERE upload_id = ?", (samples, upload_id)
+                    )
+                self._conn.execute("DELETE FROM uploads WHERE remaining <= 0")
+            except BaseException:
+                self._conn.execute("ROLLBACK")
+                raise
+            self._conn.execute("COMMIT")
+
+    def learnt_samples(self, cohort: str) -> int:
+        """New uploads the cohort has learnt from, over all its versions."""
+        with self._lock:
+            row = self._conn.execute(
+                "SELECT learnt_total FROM versions WHERE cohort = ? ORDER BY version DESC LIMIT 1", (cohort,)
+            ).fetchone()
+        return row[0] if row else 0
+
+    def load_state(self, cohort: str) -> bytes | None:
+        with self._lock:
+            row = self._conn.execute("SELECT state FROM cohort_state WHERE cohort = ?", (cohort,)).fetchone()
+        return row[0] if row else None
+
+    def add_upload(self, cohort: str, device_id: str, body: bytes, samples: int) -> int:
+        """Durable before the 2xx: returns the upload's id."""
+        with self._lock:
+            cursor = self._conn.execute(
+                "INSERT INTO uploads (cohort, device_id, received_at, remaining, body) VALUES (?, ?, ?, ?, ?)",
+                (cohort, device_id, time.time(), samples, body),
             )
-            self._conn.execute(
-                "DELETE FROM versions WHERE cohort = ? AND version <= ?",
-                (record.cohort, record.version - self._keep),
-            )
+        return int(cursor.lastrowid)
+
+    def discard_upload(self, upload_id: int) -> None:
+        """An upload refused after all (queue full): it was never acknowledged."""
+        with self._lock:
+            self._conn.execute("DELETE FROM uploads WHERE upload_id = ?", (upload_id,))
+
+    def pending_uploads(self) -> list[StoredUpload]:
+        """Accepted uploads not yet fully learnt from, oldest first (to replay after a restart)."""
+        with self._lock:
+            rows = self._conn.execute(
+                "SELECT upload_id, cohort, device_id, received_at, remaining, body FROM uploads ORDER BY upload_id"
+            ).fetchall()
+        return [StoredUpload(*row) for row in rows]
 
     def version_number(self, cohort: str) -> int:
         """The cohort's latest version, 0 when it has none."""
@@ -147,16 +239,19 @@ class SqliteStore:
         return row[0] or 0
 
     def latest_version(self, cohort: str) -> VersionRecord | None:
+        return self.version(cohort, self.version_number(cohort))
+
+    def version(self, cohort: str, version: int) -> VersionRecord | None:
         with self._lock:
             row = self._conn.execute(
-                "SELECT cohort, version, created_at, newest_upload_at, params, sha256 FROM versions "
-                "WHERE cohort = ? ORDER BY version DESC LIMIT 1",
-                (cohort,),
+                "SELECT cohort, version, created_at, newest_upload_at, params, sha256, samples FROM versions "
+                "WHERE cohort = ? AND version = ?",
+                (cohort, version),
             ).fetchone()
         if row is None:
             return None
         params = {k: Tensor.model_validate(v) for k, v in unpack(row[4], max_bytes=1 << 30).items()}
-        return VersionRecord(row[0], row[1], row[2], row[3], params, row[5])
+        return VersionRecord(row[0], row[1], row[2], row[3], params, row[5], row[6])
 
     def close(self) -> None:
         with self._lock:

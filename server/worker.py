@@ -6,11 +6,12 @@ import logging
 import threading
 import time
 from collections import defaultdict, deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
 from server.engine import CemaEngine, CohortState, StepInput
+from server.persist import decode_state, encode_state
 from server.queueing import UploadJob, UploadQueue
 from server.store import Store, VersionRecord
 from shared.tensors import Tensor, tensors_digest
@@ -74,9 +75,25 @@ class _Pending:
     first_at: float = 0.0
     norm_stats: dict[str, np.ndarray] | None = None
     batch_statistics: bool = False
+    sources: list[list] = field(default_factory=list)  # [upload id, samples], in the order of `images`
 
     def count(self) -> int:
         return sum(len(x) for x in self.images)
+
+    def consume(self, samples: int) -> dict[int, int]:
+        """Take `samples` from the front of `sources`: how many came from each stored upload."""
+        consumed: dict[int, int] = {}
+        while samples > 0 and self.sources:
+            upload_id, count = self.sources[0]
+            n = min(samples, count)
+            if upload_id is not None:
+                consumed[upload_id] = consumed.get(upload_id, 0) + n
+            samples -= n
+            if n == count:
+                self.sources.pop(0)
+            else:
+                self.sources[0][1] = count - n
+        return consumed
 
 
 @dataclass
@@ -132,6 +149,12 @@ class AdaptationWorker:
                          self.engine.new_state())
         self._thread.start()
 
+    def restore(self, job: UploadJob, remaining: int) -> None:
+        """Before start: an upload accepted before a restart, of which `remaining` samples (its
+        last ones) no published version has learnt from yet."""
+        keep = slice(len(job.images) - remaining, None)
+        self._add(replace(job, images=job.images[keep], captured_at=job.captured_at[keep]))
+
     def stop(self) -> None:
         self._stop.set()
         self._thread.join(timeout=30)
@@ -139,15 +162,17 @@ class AdaptationWorker:
     def pending_samples(self) -> int:
         return sum(p.count() for p in list(self._pending.values()))
 
-    def _put(self, cohort: str, tensors: dict[str, np.ndarray], newest_upload_at: float) -> int:
-        """Store and announce the cohort's next version."""
+    def _put(self, cohort: str, tensors: dict[str, np.ndarray], newest_upload_at: float, state: bytes | None = None,
+             consumed: dict[int, int] | None = None, samples: int = 0) -> int:
+        """Store (with the state that produced it and the uploads it used up) and announce the
+        cohort's next version."""
         params = {k: Tensor.from_numpy(v) for k, v in tensors.items()}
         with self._publish:
             version = self.store.version_number(cohort) + 1
             self.store.put_version(VersionRecord(
                 cohort=cohort, version=version, created_at=time.time(), newest_upload_at=newest_upload_at,
-                params=params, sha256=tensors_digest(params),
-            ))
+                params=params, sha256=tensors_digest(params), samples=samples,
+            ), state, consumed)
         self.board.publish(cohort, version)
         return version
 
@@ -178,6 +203,7 @@ class AdaptationWorker:
             pending.first_at = time.monotonic()
         pending.images.append(job.images)
         pending.captured_at.append(job.captured_at)
+        pending.sources.append([job.upload_id, len(job.images)])
         if job.norm_stats is not None:
             pending.norm_stats = job.norm_stats
         pending.batch_statistics = job.batch_statistics
@@ -190,30 +216,42 @@ class AdaptationWorker:
         waited = time.monotonic() - pending.first_at
         return n >= self.min_step_samples and waited >= self.max_wait_s
 
-    def _take(self, cohort: str) -> tuple[StepInput, float]:
-        """The cohort's next step's samples (the rest wait), and the newest capture time among them."""
+    def _take(self, cohort: str) -> tuple[StepInput, float, dict[int, int]]:
+        """The cohort's next step's samples (the rest wait), the newest capture time among them,
+        and how many samples each stored upload gave."""
         pending = self._pending[cohort]
         images = np.concatenate(pending.images)
         captured = np.concatenate(pending.captured_at)
         take = self.engine.cfg.new_per_step
+        consumed = pending.consume(min(take, len(images)))
         rest, rest_captured = images[take:], captured[take:]
         stats, batch_statistics = pending.norm_stats, pending.batch_statistics
         self._pending[cohort] = _Pending(
-            [rest] if len(rest) else [], [rest_captured] if len(rest) else [], time.monotonic(), stats, batch_statistics
+            [rest] if len(rest) else [], [rest_captured] if len(rest) else [], time.monotonic(), stats, batch_statistics,
+            pending.sources,
         )
+        return StepInput(images[:take], self._state(cohort), stats, batch_statistics), float(captured[:take].max()), consumed
+
+    def _state(self, cohort: str) -> CohortState:
+        """The cohort's state: in memory, else as the store kept it (a restart), else the source."""
         state = self._states.get(cohort)
         if state is None:
-            state = self._states[cohort] = self.engine.new_state()
-        return StepInput(images[:take], state, stats, batch_statistics), float(captured[:take].max())
+            saved = self.store.load_state(cohort)
+            state = decode_state(saved, self.engine.cfg.replay_capacity) if saved else self.engine.new_state()
+            self._states[cohort] = state
+        return state
 
     def _step(self, cohorts: list[str]) -> None:
         """Step several cohorts at once: the teacher's forward pass is shared by all of them."""
-        inputs, newest = zip(*(self._take(cohort) for cohort in cohorts))
+        inputs, newest, consumed = zip(*(self._take(cohort) for cohort in cohorts))
         started = time.perf_counter()
         deltas = self.engine.step_many(list(inputs))
         elapsed = time.perf_counter() - started
         samples = sum(len(item.images) for item in inputs)
-        versions = [self._put(c, d, n) for c, d, n in zip(cohorts, deltas, newest)]
+        versions = [
+            self._put(c, d, n, encode_state(item.state), used, len(item.images))
+            for c, d, n, item, used in zip(cohorts, deltas, newest, inputs, consumed)
+        ]
         self.stats.steps += len(cohorts)
         self.stats.samples += samples
         self.stats.step_seconds_total += elapsed

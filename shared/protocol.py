@@ -175,6 +175,7 @@ class CohortSummary(_Message):
     cohort: str
     version: int
     devices: list[str]
+    learnt_samples: int = Field(description="New uploads the cohort has learnt from, over all its versions.")
 
 
 class ServerSummary(_Message):
