@@ -31,8 +31,8 @@ from device_client.selection import CemaSelector, SelectionConfig
 from driftsync.data import streams
 from server.engine import LEARN_MODES, CemaConfig, CemaEngine, to_input
 from server.models.registry import build_model, model_info
-from server.prompt import InputPrompt, PromptedModel, parse_prompt
 from server.norm import load_replaceable_state, norm_layers, replaceable_state
+from server.prompt import InputPrompt, PromptedModel, parse_prompt
 
 
 def main() -> None:
@@ -71,9 +71,6 @@ def main() -> None:
     parser.add_argument("--prompt-lr", type=float, default=defaults.prompt_lr)
     parser.add_argument("--prompt-consistency", type=float, default=defaults.prompt_consistency)
     parser.add_argument("--prompt-ema", type=float, default=defaults.prompt_ema)
-    parser.add_argument("--prompt-drive-floor", type=float, default=defaults.prompt_drive_floor)
-    parser.add_argument("--prompt-ce", type=float, default=defaults.prompt_ce)
-    parser.add_argument("--prompt-anchor", type=float, default=defaults.prompt_anchor)
     args = parser.parse_args()
     torch.manual_seed(0)
     torch.set_num_threads(args.threads)
@@ -84,9 +81,7 @@ def main() -> None:
                      teacher_optimizer=args.teacher_optimizer, teacher_lr=args.teacher_lr,
                      teacher_augmentations=args.teacher_augmentations, student_steps=args.student_steps,
                      adapt_teacher=not args.no_teacher_adaptation, learn=args.learn, prompt_lr=args.prompt_lr,
-                     prompt_consistency=args.prompt_consistency, prompt_ema=args.prompt_ema,
-                     prompt_drive_floor=args.prompt_drive_floor, prompt_ce=args.prompt_ce,
-                     prompt_anchor=args.prompt_anchor)
+                     prompt_consistency=args.prompt_consistency, prompt_ema=args.prompt_ema)
     prompt = parse_prompt(args.prompt)
 
     def student() -> torch.nn.Module:

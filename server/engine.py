@@ -55,9 +55,6 @@ class CemaConfig:
     prompt_lr: float = 5e-3  # Adam, on the input-space prompt
     prompt_consistency: float = 1.0  # confident uploads keep the prompted prediction on the plain one
     prompt_ema: float = 0.9  # deltas carry this EMA of the prompt, so a quiet stream cannot drag it away
-    prompt_drive_floor: float = 0.0  # teacher-KL weight is floor + (1 - floor)·u; 1: the teacher drives every upload
-    prompt_ce: float = 0.0  # weight of CE on the teacher's argmax, (reliability-weighted like CEMA's)
-    prompt_anchor: float = 0.0  # weight of ‖prompt‖² (sum of squares): pulls it back to zero, the plain student
 
     def __post_init__(self) -> None:
         if self.learn not in LEARN_MODES:
@@ -81,13 +78,7 @@ def prompt_loss(
     teacher_probs = teacher_probs.clamp_min(1e-8)
     drive = (teacher_probs * (teacher_probs.log() - log_p)).sum(dim=1)
     keep = (plain * (plain.clamp_min(1e-8).log() - log_p)).sum(dim=1)
-    floor = cfg.prompt_drive_floor
-    loss = ((floor + (1 - floor) * u) * drive).mean() + cfg.prompt_consistency * ((1 - u) * keep).mean()
-    if cfg.prompt_ce:
-        teacher_ent = -(teacher_probs * teacher_probs.log()).sum(dim=1)
-        ce = F.nll_loss(log_p, teacher_probs.argmax(dim=1), reduction="none")
-        loss = loss + cfg.prompt_ce * (reliability_weight(teacher_ent, cfg.e_max) * ce).mean()
-    return loss
+    return (u * drive).mean() + cfg.prompt_consistency * ((1 - u) * keep).mean()
 
 
 def entropy(logits: torch.Tensor) -> torch.Tensor:
@@ -376,8 +367,6 @@ class CemaEngine:
             with torch.no_grad():
                 plain = self.student.model(x)  # the same student without its prompt
             loss = loss + prompt_loss(logits, plain, probs, self.cfg)
-            if self.cfg.prompt_anchor:
-                loss = loss + self.cfg.prompt_anchor * sum(p.square().sum() for p in self._prompt_params)
         return loss
 
     def _delta_tensors(self, state: CohortState, cloud_statistics: bool) -> dict[str, np.ndarray]:
