@@ -63,6 +63,7 @@ class DeviceConfig:
     upload_batch: int = 32
     upload_flush_s: float = 0.5
     spool_max_bytes: int = 64 * 1024 * 1024  # selected uploads kept on disk while the server is away
+    ca_file: str | None = None  # PEM bundle to verify an https server against (default: the system's CAs)
     upload_samples_per_s: float | None = None
     upload_bytes_per_s: float | None = None
     e_max_factor: float = 0.4
@@ -150,7 +151,7 @@ class DeviceClient:
         """Provision (or reuse the saved identity and cached model: then no network is
         needed, and a device whose server is away starts predicting at once)."""
         identity = self.state.load_identity(self.cfg.server)
-        api = ServerApi(self.cfg.server, identity.token if identity else None)
+        api = self.open_api(identity.token if identity else None)
         if identity is None:
             reply = self._until_reachable("register", lambda: api.register(
                 RegisterRequest(device_name=self.cfg.name, cohort=self.cfg.cohort, enrolment_token=self.cfg.enrolment_token)
@@ -196,7 +197,7 @@ class DeviceClient:
                 )
             )
         self.uploader = Uploader(
-            ServerApi(self.cfg.server, identity.token),
+            self.open_api(identity.token),
             UploadBudget.from_rates(self.cfg.upload_samples_per_s, self.cfg.upload_bytes_per_s),
             Spool(self.state.root / "spool", self.cfg.spool_max_bytes),
             codec=self.cfg.codec,
@@ -215,6 +216,11 @@ class DeviceClient:
         self._poller.start()
         log.info("device ready at v%d", version)
         return self
+
+    def open_api(self, token: str | None, timeout: float = 30.0) -> ServerApi:
+        """A client for one thread; TLS is checked against `ca_file` when the server's
+        certificate is not from a public CA (a self-signed one, say)."""
+        return ServerApi(self.cfg.server, token, timeout=timeout, verify=self.cfg.ca_file or True)
 
     def _until_reachable(self, what: str, call):
         """Retry while the server is unreachable or busy; a refusal (4xx) is final."""
@@ -327,7 +333,7 @@ class DeviceClient:
         return True
 
     def _poll_deltas(self) -> None:
-        api = ServerApi(self.cfg.server, self.identity.token)
+        api = self.open_api(self.identity.token)
         backoff = Backoff()
         while not self._stop.is_set():
             try:

@@ -18,8 +18,8 @@ import numpy as np
 from device_client.client import DeviceClient
 from device_client.daemon import prediction_records
 from device_client.runtime import build_session
-from device_client.sinks import Sink
 from device_client.scoring import to_model_input
+from device_client.sinks import Sink
 from driftsync.data.streams import Chunk
 
 log = logging.getLogger("driftsync.device.replay")

@@ -66,7 +66,7 @@ class StatusReporter:
         atomic_write(self.path, json.dumps(self.snapshot(state), indent=2).encode())
 
     def _run(self) -> None:
-        api = ServerApi(self.client.cfg.server, self.client.identity.token, timeout=10.0)
+        api = self.client.open_api(self.client.identity.token, timeout=10.0)
         next_telemetry = time.monotonic() + (self.telemetry_every_s or 0)
         while not self._stop.wait(self.every_s):
             now, frames = time.monotonic(), self.client.frames

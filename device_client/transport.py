@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import random
+import ssl
 from dataclasses import dataclass, field
 
 import httpx
@@ -67,10 +68,11 @@ def _raise_for(response: httpx.Response) -> None:
 class ServerApi:
     """One httpx client per thread is the caller's business; this is stateless but for the token."""
 
-    def __init__(self, base_url: str, token: str | None = None, timeout: float = 30.0) -> None:
+    def __init__(self, base_url: str, token: str | None = None, timeout: float = 30.0, verify: str | bool = True) -> None:
         self.base_url = base_url.rstrip("/")
         self.token = token
-        self._client = httpx.Client(base_url=self.base_url, timeout=timeout)
+        context = ssl.create_default_context(cafile=verify) if isinstance(verify, str) else verify
+        self._client = httpx.Client(base_url=self.base_url, timeout=timeout, verify=context)
 
     def close(self) -> None:
         self._client.close()

@@ -101,6 +101,8 @@ class Uploader:
         with self._spooled:
             self._spooled.notify()
         self._sender.join(timeout=max(0.0, deadline - time.monotonic()))
+        if not self._sender.is_alive():  # an open keep-alive connection would hold up a TLS server's shutdown
+            self.api.close()
 
     def queued(self) -> int:
         return len(self._queue)

@@ -21,6 +21,8 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
     add(p, "--enrolment-token", None, optional(str), help="token a device must present to register")
     add(p, "--admin-token", None, optional(str), help="token for fleet operations, the fleet API and the dashboard (unset: off)")
     add(p, "--max-body-bytes", 8 * 1024 * 1024, int, help="largest accepted request body")
+    add(p, "--device-samples-per-s", 100.0, optional(float), help="per-device upload rate limit ('none': off)")
+    add(p, "--device-burst-samples", 1000.0, float, help="per-device upload burst above the rate")
     add(p, "--new-per-step", 32, int, help="new uploads per adaptation step (CEMA: 32)")
     add(p, "--replay-per-step", 96, int, help="replayed uploads per step (CEMA: 96)")
     add(p, "--stats-momentum", 0.3, float, help="momentum of the student's BN statistics re-estimation")
@@ -33,9 +35,17 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
     add(p, "--prompt", None, optional(str), help="give the student an input prompt: padding:WIDTH or lowres:SIZE")
     add(p, "--prompt-lr", 5e-3, float, help="Adam learning rate of the prompt")
     add(p, "--learn", "norm", help="what deltas move: norm (CEMA), prompt, norm+prompt (jointly) or norm/prompt (alternating steps)")
+    add(p, "--guarded-push", False, parse_bool, help="hold out every 8th upload and withhold a delta that agrees less "
+        "with the teacher on the held-out ones than the devices' current parameters")
+    add(p, "--guard-tolerance", 0.0, float, help="guarded push: agreement may drop by this much before a delta is withheld")
+    add(p, "--collapse-marginal", 0.2, float, help="reset a cohort to source when the entropy of its predicted-class "
+        "histogram falls below this x ln C (0: off)")
+    add(p, "--collapse-window", 512, int, help="recent predictions on new uploads the collapse check looks at")
     add(p, "--step-max-wait-s", 2.0, float, help="step with fewer samples once the oldest waited this long")
     add(p, "--step-min-samples", 8, int, help="fewest new samples a step takes after waiting")
     add(p, "--torch-threads", 0, int, help="torch intra-op threads (0: torch's default)")
+    add(p, "--ssl-certfile", None, optional(str), help="serve https with this PEM certificate (chain)")
+    add(p, "--ssl-keyfile", None, optional(str), help="the certificate's private key")
 
 
 def _device_args(p: argparse.ArgumentParser) -> None:
@@ -45,6 +55,7 @@ def _device_args(p: argparse.ArgumentParser) -> None:
         help="identity, cached model, applied delta, spool and status; '{name}' expands to --name")
     add(p, "--cohort", None, optional(str), help="share adaptation state with devices of this cohort")
     add(p, "--enrolment-token", None, optional(str), help="fleet enrolment token")
+    add(p, "--ca-file", None, optional(str), help="PEM CA bundle to verify an https server (e.g. its self-signed certificate)")
     add(p, "--source", "embedded", help="folder (watched), video (file or URL, needs driftsync[camera]), camera (index or "
         "rtsp:// URL, needs driftsync[camera]), stdin (raw RGB24 frames), or a labelled replay: embedded, npz, "
         "imagenet-c, stream (a stream file `driftsync replay` wrote)")
@@ -172,14 +183,18 @@ def _serve(args: argparse.Namespace) -> int:
     opts = ServeOptions(
         state_dir=Path(args.state_dir), student=args.student, teacher=args.teacher,
         enrolment_token=args.enrolment_token, admin_token=args.admin_token, max_body_bytes=args.max_body_bytes,
+        device_samples_per_s=args.device_samples_per_s, device_burst_samples=args.device_burst_samples,
         new_per_step=args.new_per_step, replay_per_step=args.replay_per_step,
         stats_momentum=args.stats_momentum, adapt_teacher=args.adapt_teacher,
         teacher_optimizer=args.teacher_optimizer, teacher_lr=args.teacher_lr,
         teacher_augmentations=args.teacher_augmentations, student_lr=args.student_lr, student_steps=args.student_steps,
         step_max_wait_s=args.step_max_wait_s, step_min_samples=args.step_min_samples, torch_threads=args.torch_threads,
-        prompt=args.prompt, learn=args.learn, prompt_lr=args.prompt_lr,
+        prompt=args.prompt, learn=args.learn, prompt_lr=args.prompt_lr, guarded_push=args.guarded_push,
+        guard_tolerance=args.guard_tolerance, collapse_marginal=args.collapse_marginal,
+        collapse_window=args.collapse_window,
     )
-    uvicorn.run(build_app(opts), host=args.host, port=args.port, log_level=args.log_level.lower())
+    uvicorn.run(build_app(opts), host=args.host, port=args.port, log_level=args.log_level.lower(),
+                ssl_certfile=args.ssl_certfile, ssl_keyfile=args.ssl_keyfile)
     return 0
 
 

@@ -133,9 +133,10 @@ def main() -> None:
         pending = np.concatenate([pending, chunk.images[keep]])
         while not args.no_cloud and len(pending) >= cfg.new_per_step:
             stats = {k: v.copy() for k, v in replaceable_state(device).items() if "running" in k} if local else None
-            delta = engine.step(pending[: cfg.new_per_step], state, stats, batch_statistics=args.device_norm == "batch")
+            result = engine.step(pending[: cfg.new_per_step], state, stats, batch_statistics=args.device_norm == "batch")
             pending = pending[cfg.new_per_step :]
-            load_replaceable_state(device, delta)
+            if result.tensors is not None:  # None: the guard withheld it
+                load_replaceable_state(device, result.tensors)
 
     print("| domain | source error % | adapted error % | selected |")
     print("|---|---:|---:|---:|")

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hmac
 import logging
+import math
 import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
@@ -19,22 +20,27 @@ from server.export import StudentArtifact, sha256_hex
 from server.fleet import FleetView
 from server.metrics import Registry
 from server.queueing import InProcessQueue, UploadJob, UploadQueue
+from server.ratelimit import RateLimiter
 from server.store import DeviceRecord, Store
 from server.uploads import UploadRejected, parse_upload
 from server.worker import AdaptationWorker, VersionBoard
 from shared.codec import MSGPACK_MEDIA_TYPE, pack
 from shared.protocol import (
     MAX_BODY_BYTES,
+    MAX_VERSION,
     PROTOCOL_VERSION,
+    CohortAction,
     CohortSummary,
     Delta,
     DeviceSummary,
     ErrorBody,
+    EventOut,
     FleetReport,
     ModelDescriptor,
     MoveRequest,
     RegisterRequest,
     RegisterResponse,
+    RollbackRequest,
     ServerSummary,
     Telemetry,
     UploadAck,
@@ -56,6 +62,9 @@ class ServerSettings:
     enrolment_token: str | None = None
     admin_token: str | None = None  # fleet operations and the fleet API; unset: they are refused
     queue_retry_after_s: int = 1
+    frozen_retry_after_s: int = 30
+    device_samples_per_s: float | None = 100.0  # per-device upload rate limit (None: off)
+    device_burst_samples: float = 1000.0
 
 
 @dataclass
@@ -101,13 +110,18 @@ def build_parts(
     steps = metrics.counter("driftsync_adaptation_steps_total", "Cohort adaptation steps run (versions published).")
     adapted = metrics.counter("driftsync_adaptation_samples_total", "New samples adapted on.")
 
+    events = metrics.counter("driftsync_cohort_events_total", "Collapse resets, withheld deltas, rollbacks, freezes.")
+
     def on_step(cohorts: int, samples: int, seconds: float) -> None:
         step_hist.observe(seconds)
         steps.inc(cohorts)
         adapted.inc(samples)
 
+    def on_event(kind: str) -> None:
+        events.inc(kind=kind)
+
     worker = AdaptationWorker(engine, uploads, store, board, max_wait_s=step_max_wait_s,
-                             min_step_samples=step_min_samples, on_step=on_step)
+                             min_step_samples=step_min_samples, on_step=on_step, on_event=on_event)
     descriptor = ModelDescriptor(
         name=model_name,
         num_classes=len(class_names),
@@ -138,6 +152,8 @@ def create_app(parts: ServerParts) -> FastAPI:
     auth_failures = m.counter("driftsync_auth_failures_total", "Requests with a missing or wrong token.")
     deltas_served = m.counter("driftsync_deltas_served_total", "Deltas sent to devices.")
     delta_bytes = m.counter("driftsync_delta_bytes_total", "Bytes of deltas sent to devices.")
+    limiter = (RateLimiter(parts.settings.device_samples_per_s, parts.settings.device_burst_samples)
+               if parts.settings.device_samples_per_s else None)
     telemetry_reports = m.counter("driftsync_telemetry_reports_total", "Telemetry reports received from devices.")
     cohort_moves = m.counter("driftsync_cohort_moves_total", "Devices moved to another cohort.")
 
@@ -253,11 +269,18 @@ def create_app(parts: ServerParts) -> FastAPI:
 
         def accept() -> UploadJob:
             """Check everything, persist, then queue: a 2xx means the upload is on disk."""
+            if device.cohort in parts.worker.frozen:  # the device keeps it spooled until the cohort thaws
+                retry = str(parts.settings.frozen_retry_after_s)
+                raise ApiError(423, "cohort_frozen", f"adaptation of cohort {device.cohort} is frozen", {"Retry-After": retry})
             try:
                 job = parse_upload(body, parts.descriptor, parts.settings.max_body_bytes, cohort=device.cohort,
                                    device_id=device.device_id, received_at=time.time())
             except UploadRejected as exc:
                 raise ApiError(400, exc.error, str(exc)) from exc
+            wait = limiter.take(device.device_id, len(job.images), time.monotonic()) if limiter else None
+            if wait is not None:
+                raise ApiError(429, "rate_limited", f"device over {parts.settings.device_samples_per_s:g} samples/s",
+                               {"Retry-After": str(max(1, math.ceil(wait)))})
             job = replace(job, upload_id=parts.store.add_upload(device.cohort, device.device_id, body, len(job.images)))
             if not parts.uploads.offer(job):
                 parts.store.discard_upload(job.upload_id)
@@ -277,7 +300,7 @@ def create_app(parts: ServerParts) -> FastAPI:
         responses={200: {"content": {MSGPACK_MEDIA_TYPE: {}}}, 204: {"description": "no newer version"}},
     )
     async def deltas(
-        since: int = Query(ge=0),
+        since: int = Query(ge=0, le=MAX_VERSION),
         wait: float = Query(default=0.0, ge=0.0, le=120.0),
         cohort: str | None = Query(default=None, max_length=128, description="the cohort the device thinks it is in"),
         device: DeviceRecord = Depends(device_from_token),
@@ -330,6 +353,31 @@ def create_app(parts: ServerParts) -> FastAPI:
         cohort_moves.inc()
         return fleet_report(parts)
 
+    @app.post("/v1/cohorts/{cohort}/rollback", response_model=CohortAction, dependencies=[Depends(admin)])
+    async def rollback(cohort: str, body: RollbackRequest) -> CohortAction:
+        """Publish an earlier version's tensors again as the next version; adaptation goes on from there."""
+        try:
+            await run_in_threadpool(parts.worker.rollback, cohort, body.version)
+        except KeyError as exc:
+            raise ApiError(404, "not_found", str(exc.args[0])) from exc
+        return _cohort_action(parts, cohort)
+
+    @app.post("/v1/cohorts/{cohort}/freeze", response_model=CohortAction, dependencies=[Depends(admin)])
+    def freeze(cohort: str) -> CohortAction:
+        """Stop adapting the cohort: its devices keep their parameters and spool their uploads."""
+        parts.worker.set_frozen(cohort, True)
+        return _cohort_action(parts, cohort)
+
+    @app.post("/v1/cohorts/{cohort}/unfreeze", response_model=CohortAction, dependencies=[Depends(admin)])
+    def unfreeze(cohort: str) -> CohortAction:
+        parts.worker.set_frozen(cohort, False)
+        return _cohort_action(parts, cohort)
+
+    @app.get("/v1/events", response_model=list[EventOut], dependencies=[Depends(admin)])
+    def events_log(limit: int = Query(default=100, ge=1, le=1000)) -> list[EventOut]:
+        """Collapse resets, withheld deltas, rollbacks and freezes, newest first."""
+        return [EventOut(**vars(event)) for event in parts.store.events(limit)]
+
     @app.get("/dashboard", response_class=HTMLResponse, include_in_schema=False)
     def dashboard() -> HTMLResponse:
         return HTMLResponse(DASHBOARD.read_text())
@@ -338,6 +386,10 @@ def create_app(parts: ServerParts) -> FastAPI:
 
 
 DASHBOARD = Path(__file__).with_name("dashboard.html")
+
+
+def _cohort_action(parts: ServerParts, cohort: str) -> CohortAction:
+    return CohortAction(cohort=cohort, version=parts.store.version_number(cohort), frozen=cohort in parts.worker.frozen)
 
 
 def recover_uploads(parts: ServerParts) -> None:
@@ -376,7 +428,8 @@ def fleet_report(parts: ServerParts) -> FleetReport:
             pending_samples=parts.worker.pending_samples(), steps_total=worker.steps, samples_total=worker.samples,
             steps_per_s=steps_per_s, samples_per_s=samples_per_s,
         ),
-        cohorts=[CohortSummary(cohort=c, version=parts.board.latest(c), devices=ids, learnt_samples=parts.store.learnt_samples(c))
+        cohorts=[CohortSummary(cohort=c, version=parts.board.latest(c), devices=ids,
+                               learnt_samples=parts.store.learnt_samples(c), frozen=c in parts.worker.frozen)
                  for c, ids in sorted(cohorts.items())],
         devices=devices,
     )

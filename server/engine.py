@@ -55,6 +55,11 @@ class CemaConfig:
     prompt_lr: float = 5e-3  # Adam, on the input-space prompt
     prompt_consistency: float = 1.0  # confident uploads keep the prompted prediction on the plain one
     prompt_ema: float = 0.9  # deltas carry this EMA of the prompt, so a quiet stream cannot drag it away
+    holdout_every: int = 0  # guarded push: every n-th new upload is held out, never trained on (0: off)
+    holdout_samples: int = 128  # recent held-out uploads a candidate delta is checked on
+    guard_tolerance: float = 0.0  # withhold a delta whose teacher agreement on them drops by more than this
+    collapse_window: int = 512  # student predictions on new uploads watched for collapse
+    collapse_marginal: float = 0.2  # reset to source when their class marginal's entropy < this · ln C (0: off)
 
     def __post_init__(self) -> None:
         if self.learn not in LEARN_MODES:
@@ -178,6 +183,19 @@ class CohortState:
     prompt_ema: dict[str, np.ndarray] = field(default_factory=dict)
     replay: ReplayBuffer | None = None
     steps: int = 0
+    published: dict[str, np.ndarray] = field(default_factory=dict)  # what the devices run: the last delta sent
+    holdout: ReplayBuffer | None = None  # recent held-out uploads, for the guarded push
+    predictions: deque[int] = field(default_factory=deque)  # the student's recent classes on new uploads
+
+
+@dataclass(frozen=True)
+class StepResult:
+    """What one cohort's step produced: the delta's tensors, or None when the guard withheld it;
+    and what happened, for the event log ("withheld", "collapse_reset")."""
+
+    tensors: dict[str, np.ndarray] | None
+    event: str | None = None
+    detail: str = ""
 
 
 def to_input(images: np.ndarray) -> torch.Tensor:
@@ -225,11 +243,14 @@ class CemaEngine:
             student_norm={k: v.copy() for k, v in self._source_student.items()},
             teacher_norm={k: v.copy() for k, v in self._source_teacher.items()},
             replay=ReplayBuffer(self.cfg.replay_capacity),
+            published=self.source_delta(),
+            holdout=ReplayBuffer(self.cfg.holdout_samples),
         )
 
     def source_delta(self) -> dict[str, np.ndarray]:
         """The tensors a delta carries, at their source values: a new cohort's first version."""
-        return self._delta_tensors(self.new_state(), cloud_statistics=False)
+        fresh = CohortState({k: v.copy() for k, v in self._source_student.items()}, {})
+        return self._delta_tensors(fresh, cloud_statistics=False)
 
     def teacher_probs(self, batches: list[tuple[np.ndarray, CohortState]]) -> list[torch.Tensor]:
         """The teacher's soft labels for several cohorts' uploads in ONE forward pass (each
@@ -278,14 +299,14 @@ class CemaEngine:
     def step(
         self, images: np.ndarray, state: CohortState, device_stats: dict[str, np.ndarray] | None = None,
         batch_statistics: bool = False,
-    ) -> dict[str, np.ndarray]:
+    ) -> StepResult:
         """One adaptation step of one cohort; see `step_many`."""
         return self.step_many([StepInput(images, state, device_stats, batch_statistics)])[0]
 
-    def step_many(self, inputs: list[StepInput]) -> list[dict[str, np.ndarray]]:
-        """One adaptation step for each of several cohorts; returns the tensors each delta must
-        carry. The teacher's forward pass is batched across all of them (the fleet's gain);
-        each student distils on its own.
+    def step_many(self, inputs: list[StepInput]) -> list[StepResult]:
+        """One adaptation step for each of several cohorts; returns what each delta must carry.
+        The teacher's forward pass is batched across all of them (the fleet's gain); each
+        student distils on its own, then passes the collapse check and the guard.
 
         The student copy must normalise each sample the way its device did, or the affine
         parameters it learns do the wrong thing on the device (measured: the stream collapses
@@ -296,12 +317,62 @@ class CemaEngine:
         re-estimates them from the (filtered, so biased) uploads and sends them too.
         """
         probs = self.teacher_probs([(item.images, item.state) for item in inputs])
-        return [self._distil(item, p) for item, p in zip(inputs, probs)]
+        return [self._checked(item, self._distil(item, p)) for item, p in zip(inputs, probs)]
+
+    def _checked(self, item: StepInput, candidate: dict[str, np.ndarray]) -> StepResult:
+        """Reset a collapsed cohort to the source; withhold a delta the held-out uploads say is worse."""
+        state, cfg = item.state, self.cfg
+        if cfg.collapse_marginal > 0:
+            group = ReplayGroup(item.images, np.zeros((len(item.images), 1)), item.device_stats, item.batch_statistics)
+            state.predictions.extend(self._predict(candidate, state, [group]).argmax(axis=1).tolist())
+            while len(state.predictions) > cfg.collapse_window:
+                state.predictions.popleft()
+            if len(state.predictions) == cfg.collapse_window:
+                marginal = class_marginal_entropy(np.fromiter(state.predictions, int), cfg.num_classes)
+                if marginal < cfg.collapse_marginal * math.log(cfg.num_classes):
+                    fresh = self.new_state()
+                    vars(state).update(vars(fresh))
+                    detail = f"class-marginal entropy {marginal:.3f} < {cfg.collapse_marginal} ln C over {cfg.collapse_window} uploads"
+                    return StepResult(dict(state.published), "collapse_reset", detail)
+        if cfg.holdout_every and state.holdout.size:
+            groups = list(state.holdout.groups)
+            before = agreement(self._predict(state.published, state, groups), groups)
+            after = agreement(self._predict(candidate, state, groups), groups)
+            if after < before - cfg.guard_tolerance:  # the devices keep what they run; so does the student
+                state.student_norm.update({k: v.copy() for k, v in state.published.items()})
+                state.prompt_ema.update({k: v.copy() for k, v in state.published.items() if _is_prompt(k)})
+                state.student_opt, state.prompt_opt = {}, {}
+                return StepResult(None, "withheld", f"teacher agreement {after:.3f} < {before:.3f} on {state.holdout.size} held-out uploads")
+        state.published = {k: v.copy() for k, v in candidate.items()}
+        return StepResult(candidate)
+
+    @torch.no_grad()
+    def _predict(self, tensors: dict[str, np.ndarray], state: CohortState, groups: list[ReplayGroup]) -> np.ndarray:
+        """The student's probabilities with `tensors` over its state, each group normalised as
+        its devices normalised it."""
+        out = []
+        for group in groups:
+            load_replaceable_state(self.student, state.student_norm | tensors)
+            if group.batch_statistics:
+                _set_norm_mode(self.student, train=True, momentum=0.0)
+            else:
+                _set_norm_mode(self.student, train=False)
+                if group.stats is not None:
+                    load_replaceable_state(self.student, group.stats)
+            out.append(self.student(to_input(group.images)).softmax(dim=1).numpy())
+        _set_norm_mode(self.student, train=False)
+        load_replaceable_state(self.student, state.student_norm)
+        return np.concatenate(out)
 
     def _distil(self, item: StepInput, probs_new: torch.Tensor) -> dict[str, np.ndarray]:
         cfg = self.cfg
         images, state, device_stats, batch_statistics = item.images, item.state, item.device_stats, item.batch_statistics
-        new = ReplayGroup(images.copy(), probs_new.numpy(), device_stats, batch_statistics)
+        probs = probs_new.numpy()
+        if cfg.holdout_every:  # every n-th upload is only ever used to check deltas
+            held = np.arange(len(images)) % cfg.holdout_every == cfg.holdout_every - 1
+            state.holdout.add(ReplayGroup(images[held].copy(), probs[held], device_stats, batch_statistics))
+            images, probs = images[~held], probs[~held]
+        new = ReplayGroup(images.copy(), probs, device_stats, batch_statistics)
         groups = [new]
         replay = state.replay
         if replay.size >= cfg.replay_min and cfg.replay_per_step > 0:
@@ -384,6 +455,20 @@ class CemaEngine:
             elif "norm" in self.cfg.learn:
                 out[name] = value
         return out
+
+
+def class_marginal_entropy(classes: np.ndarray, num_classes: int) -> float:
+    """Entropy of the predicted-class histogram: ln C when predictions spread evenly, 0 when the
+    model answers one class for everything (a collapse)."""
+    p = np.bincount(classes, minlength=num_classes) / max(len(classes), 1)
+    p = p[p > 0]
+    return float(-(p * np.log(p)).sum())
+
+
+def agreement(probs: np.ndarray, groups: list[ReplayGroup]) -> float:
+    """Share of samples on which the student's top class is the teacher's."""
+    teacher = np.concatenate([g.probs for g in groups]).argmax(axis=1)
+    return float((probs.argmax(axis=1) == teacher).mean())
 
 
 def _is_statistic(name: str) -> bool:

@@ -16,6 +16,7 @@ from server.prompt import InputPrompt, PromptedModel, parse_prompt
 from server.store import SqliteStore
 
 log = logging.getLogger("driftsync.server")
+GUARD_HOLDOUT_EVERY = 8  # the guarded push trains on 7 of every 8 uploads and checks deltas on the 8th
 
 
 @dataclass(frozen=True)
@@ -26,6 +27,8 @@ class ServeOptions:
     enrolment_token: str | None = None
     admin_token: str | None = None
     max_body_bytes: int = 8 * 1024 * 1024
+    device_samples_per_s: float | None = 100.0
+    device_burst_samples: float = 1000.0
     queue_max_jobs: int = 256
     new_per_step: int = 32
     replay_per_step: int = 96
@@ -41,6 +44,10 @@ class ServeOptions:
     prompt: str | None = None  # "padding:W" or "lowres:R": the student gets an input prompt
     learn: str = "norm"
     prompt_lr: float = 5e-3
+    guarded_push: bool = False
+    guard_tolerance: float = 0.0
+    collapse_marginal: float = 0.2
+    collapse_window: int = 512
     torch_threads: int = 0
     seed: int = 0
 
@@ -70,11 +77,16 @@ def build_app(opts: ServeOptions) -> FastAPI:
         student_steps=opts.student_steps,
         learn=opts.learn,
         prompt_lr=opts.prompt_lr,
+        holdout_every=GUARD_HOLDOUT_EVERY if opts.guarded_push else 0,
+        guard_tolerance=opts.guard_tolerance,
+        collapse_marginal=opts.collapse_marginal,
+        collapse_window=opts.collapse_window,
     )
     engine = CemaEngine(student, teacher, cfg, seed=opts.seed, student_input_shape=info.input_shape)
     store = SqliteStore(opts.state_dir / "driftsync.sqlite")
     settings = ServerSettings(max_body_bytes=opts.max_body_bytes, enrolment_token=opts.enrolment_token,
-                              admin_token=opts.admin_token)
+                              admin_token=opts.admin_token, device_samples_per_s=opts.device_samples_per_s,
+                              device_burst_samples=opts.device_burst_samples)
     parts = build_parts(
         engine, artifact, opts.student, list(info.class_names), info.input_shape, store, settings,
         queue_max_jobs=opts.queue_max_jobs, step_max_wait_s=opts.step_max_wait_s,

@@ -1,8 +1,9 @@
 """A cohort's adaptation state as bytes, and back, without pickle.
 
 What survives a server restart: the student's and the teacher's replaceable tensors,
-the optimizers' state (momentum, Adam moments, step counts), the prompt's EMA and the
-step count. The replay buffer does not: it refills from new uploads within a few steps.
+the optimizers' state (momentum, Adam moments, step counts), the prompt's EMA, what the
+devices were last sent, and the step count. The replay and held-out buffers do not: they
+refill from new uploads within a few steps.
 """
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from server.engine import CohortState, ReplayBuffer
+from server.engine import CemaConfig, CohortState, ReplayBuffer
 from shared.codec import pack, unpack
 from shared.tensors import Tensor
 
@@ -56,18 +57,21 @@ def encode_state(state: CohortState) -> bytes:
         "student_norm": _plain(state.student_norm),
         "teacher_norm": _plain(state.teacher_norm),
         "prompt_ema": _plain(state.prompt_ema),
+        "published": _plain(state.published),
         "steps": state.steps,
         **{name: _plain(getattr(state, name)) for name in OPTIMIZERS},
     })
 
 
-def decode_state(data: bytes, replay_capacity: int) -> CohortState:
+def decode_state(data: bytes, cfg: CemaConfig) -> CohortState:
     raw = unpack(data, max_bytes=MAX_STATE_BYTES)
     return CohortState(
         student_norm=_restore(raw["student_norm"], False),
         teacher_norm=_restore(raw["teacher_norm"], False),
         prompt_ema=_restore(raw["prompt_ema"], False),
+        published=_restore(raw["published"], False),
         steps=int(raw["steps"]),
-        replay=ReplayBuffer(replay_capacity),
+        replay=ReplayBuffer(cfg.replay_capacity),
+        holdout=ReplayBuffer(cfg.holdout_samples),
         **{name: _restore(raw[name], True) for name in OPTIMIZERS},
     )

@@ -43,6 +43,14 @@ class StoredUpload:
 
 
 @dataclass(frozen=True)
+class EventRecord:
+    at: float
+    cohort: str
+    kind: str  # collapse_reset, withheld, rollback, frozen, unfrozen
+    detail: str
+
+
+@dataclass(frozen=True)
 class VersionRecord:
     cohort: str
     version: int
@@ -50,7 +58,6 @@ class VersionRecord:
     newest_upload_at: float
     params: dict[str, Tensor]
     sha256: str
-    samples: int = 0  # new uploads this version learnt from (the store also keeps the cohort's running total)
 
 
 class Store(Protocol):
@@ -59,8 +66,8 @@ class Store(Protocol):
     def devices(self) -> list[DeviceRecord]: ...
     def device(self, device_id: str) -> DeviceRecord | None: ...
     def move_device(self, device_id: str, cohort: str) -> DeviceRecord | None: ...
-    def put_version(self, record: VersionRecord, state: bytes | None = None,
-                    consumed: dict[int, int] | None = None) -> None: ...
+    def commit(self, cohort: str, record: VersionRecord | None = None, state: bytes | None = None,
+               consumed: dict[int, int] | None = None, learnt: int = 0) -> None: ...
     def latest_version(self, cohort: str) -> VersionRecord | None: ...
     def version(self, cohort: str, version: int) -> VersionRecord | None: ...
     def load_state(self, cohort: str) -> bytes | None: ...
@@ -68,6 +75,10 @@ class Store(Protocol):
     def add_upload(self, cohort: str, device_id: str, body: bytes, samples: int) -> int: ...
     def pending_uploads(self) -> list[StoredUpload]: ...
     def discard_upload(self, upload_id: int) -> None: ...
+    def add_event(self, cohort: str, kind: str, detail: str) -> None: ...
+    def set_frozen(self, cohort: str, frozen: bool) -> None: ...
+    def frozen_cohorts(self) -> list[str]: ...
+    def events(self, limit: int = 100) -> list[EventRecord]: ...
     def version_number(self, cohort: str) -> int: ...
     def close(self) -> None: ...
 
@@ -91,14 +102,20 @@ CREATE TABLE IF NOT EXISTS versions (
     newest_upload_at REAL NOT NULL,
     params BLOB NOT NULL,
     sha256 TEXT NOT NULL,
-    samples INTEGER NOT NULL DEFAULT 0,
-    learnt_total INTEGER NOT NULL DEFAULT 0,
     PRIMARY KEY (cohort, version)
 );
 CREATE TABLE IF NOT EXISTS cohort_state (
     cohort TEXT PRIMARY KEY,
-    version INTEGER NOT NULL,
-    state BLOB NOT NULL
+    state BLOB,
+    learnt INTEGER NOT NULL DEFAULT 0,
+    frozen INTEGER NOT NULL DEFAULT 0
+);
+CREATE TABLE IF NOT EXISTS events (
+    event_id INTEGER PRIMARY KEY AUTOINCREMENT,
+    at REAL NOT NULL,
+    cohort TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    detail TEXT NOT NULL
 );
 CREATE TABLE IF NOT EXISTS uploads (
     upload_id INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -165,28 +182,28 @@ class SqliteStore:
             self._conn.execute("UPDATE devices SET cohort = ? WHERE device_id = ?", (cohort, device_id))
         return self.device(device_id)
 
-    def put_version(self, record: VersionRecord, state: bytes | None = None,
-                    consumed: dict[int, int] | None = None) -> None:
-        """One transaction: the version, the cohort state that produced it, and the uploads it
-        consumed (upload id -> samples), which are deleted once nothing of them is left."""
-        blob = pack({k: v.model_dump() for k, v in record.params.items()})
+    def commit(self, cohort: str, record: VersionRecord | None = None, state: bytes | None = None,
+               consumed: dict[int, int] | None = None, learnt: int = 0) -> None:
+        """One transaction for what a step did: the version it published (if any), the cohort
+        state it left, the uploads it used up (upload id -> samples; deleted once nothing of
+        them is left) and how many new samples it learnt from."""
         with self._lock:
             self._conn.execute("BEGIN IMMEDIATE")
             try:
-                self._conn.execute(
-                    "INSERT INTO versions SELECT ?, ?, ?, ?, ?, ?, ?, ? + COALESCE((SELECT learnt_total FROM versions "
-                    "WHERE cohort = ? ORDER BY version DESC LIMIT 1), 0)",
-                    (record.cohort, record.version, record.created_at, record.newest_upload_at, blob, record.sha256,
-                     record.samples, record.samples, record.cohort),
-                )
-                self._conn.execute(
-                    "DELETE FROM versions WHERE cohort = ? AND version <= ?",
-                    (record.cohort, record.version - self._keep),
-                )
-                if state is not None:
+                if record is not None:
+                    blob = pack({k: v.model_dump() for k, v in record.params.items()})
                     self._conn.execute(
-                        "INSERT OR REPLACE INTO cohort_state VALUES (?, ?, ?)", (record.cohort, record.version, state)
+                        "INSERT INTO versions VALUES (?, ?, ?, ?, ?, ?)",
+                        (cohort, record.version, record.created_at, record.newest_upload_at, blob, record.sha256),
                     )
+                    self._conn.execute(
+                        "DELETE FROM versions WHERE cohort = ? AND version <= ?", (cohort, record.version - self._keep)
+                    )
+                self._conn.execute(
+                    "INSERT INTO cohort_state (cohort, state, learnt) VALUES (?, ?, ?) ON CONFLICT (cohort) DO UPDATE "
+                    "SET state = COALESCE(excluded.state, state), learnt = learnt + excluded.learnt",
+                    (cohort, state, learnt),
+                )
                 for upload_id, samples in (consumed or {}).items():
                     self._conn.execute(
                         "UPDATE uploads SET remaining = remaining - ? WHERE upload_id = ?", (samples, upload_id)
@@ -200,9 +217,7 @@ class SqliteStore:
     def learnt_samples(self, cohort: str) -> int:
         """New uploads the cohort has learnt from, over all its versions."""
         with self._lock:
-            row = self._conn.execute(
-                "SELECT learnt_total FROM versions WHERE cohort = ? ORDER BY version DESC LIMIT 1", (cohort,)
-            ).fetchone()
+            row = self._conn.execute("SELECT learnt FROM cohort_state WHERE cohort = ?", (cohort,)).fetchone()
         return row[0] if row else 0
 
     def load_state(self, cohort: str) -> bytes | None:
@@ -218,6 +233,30 @@ class SqliteStore:
                 (cohort, device_id, time.time(), samples, body),
             )
         return int(cursor.lastrowid)
+
+    def set_frozen(self, cohort: str, frozen: bool) -> None:
+        with self._lock:
+            self._conn.execute(
+                "INSERT INTO cohort_state (cohort, frozen) VALUES (?, ?) ON CONFLICT (cohort) DO UPDATE SET frozen = ?",
+                (cohort, int(frozen), int(frozen)),
+            )
+
+    def frozen_cohorts(self) -> list[str]:
+        with self._lock:
+            return [row[0] for row in self._conn.execute("SELECT cohort FROM cohort_state WHERE frozen = 1")]
+
+    def add_event(self, cohort: str, kind: str, detail: str) -> None:
+        with self._lock:
+            self._conn.execute("INSERT INTO events (at, cohort, kind, detail) VALUES (?, ?, ?, ?)",
+                               (time.time(), cohort, kind, detail))
+
+    def events(self, limit: int = 100) -> list[EventRecord]:
+        """The most recent events, newest first."""
+        with self._lock:
+            rows = self._conn.execute(
+                "SELECT at, cohort, kind, detail FROM events ORDER BY event_id DESC LIMIT ?", (limit,)
+            ).fetchall()
+        return [EventRecord(*row) for row in rows]
 
     def discard_upload(self, upload_id: int) -> None:
         """An upload refused after all (queue full): it was never acknowledged."""
@@ -244,14 +283,14 @@ class SqliteStore:
     def version(self, cohort: str, version: int) -> VersionRecord | None:
         with self._lock:
             row = self._conn.execute(
-                "SELECT cohort, version, created_at, newest_upload_at, params, sha256, samples FROM versions "
+                "SELECT cohort, version, created_at, newest_upload_at, params, sha256 FROM versions "
                 "WHERE cohort = ? AND version = ?",
                 (cohort, version),
             ).fetchone()
         if row is None:
             return None
         params = {k: Tensor.model_validate(v) for k, v in unpack(row[4], max_bytes=1 << 30).items()}
-        return VersionRecord(row[0], row[1], row[2], row[3], params, row[5], row[6])
+        return VersionRecord(row[0], row[1], row[2], row[3], params, row[5])
 
     def close(self) -> None:
         with self._lock:

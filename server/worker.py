@@ -125,6 +125,7 @@ class AdaptationWorker:
         min_step_samples: int = 8,
         max_cohorts_per_step: int = 32,
         on_step=None,
+        on_event=None,
     ) -> None:
         self.engine = engine
         self.uploads = uploads
@@ -138,8 +139,11 @@ class AdaptationWorker:
         self._pending: dict[str, _Pending] = defaultdict(_Pending)
         self._stop = threading.Event()
         self._publish = threading.Lock()  # version numbers of a cohort are assigned one at a time
+        self._states_lock = threading.RLock()  # a step and an operator's rollback do not interleave
+        self.frozen: set[str] = set(store.frozen_cohorts())
         self._thread = threading.Thread(target=self._run, name="adaptation-worker", daemon=True)
         self._on_step = on_step
+        self._on_event = on_event
 
     def start(self) -> None:
         """Warm up first: the first torch step pays seconds of one-off setup, which would
@@ -162,25 +166,56 @@ class AdaptationWorker:
     def pending_samples(self) -> int:
         return sum(p.count() for p in list(self._pending.values()))
 
-    def _put(self, cohort: str, tensors: dict[str, np.ndarray], newest_upload_at: float, state: bytes | None = None,
-             consumed: dict[int, int] | None = None, samples: int = 0) -> int:
-        """Store (with the state that produced it and the uploads it used up) and announce the
-        cohort's next version."""
-        params = {k: Tensor.from_numpy(v) for k, v in tensors.items()}
+    def _commit(self, cohort: str, tensors: dict[str, np.ndarray] | None, newest_upload_at: float,
+                state: bytes | None = None, consumed: dict[int, int] | None = None, learnt: int = 0) -> int | None:
+        """Store what a step did in one transaction and announce its version (None: withheld)."""
         with self._publish:
-            version = self.store.version_number(cohort) + 1
-            self.store.put_version(VersionRecord(
-                cohort=cohort, version=version, created_at=time.time(), newest_upload_at=newest_upload_at,
-                params=params, sha256=tensors_digest(params), samples=samples,
-            ), state, consumed)
-        self.board.publish(cohort, version)
-        return version
+            record = None
+            if tensors is not None:
+                params = {k: Tensor.from_numpy(v) for k, v in tensors.items()}
+                record = VersionRecord(cohort, self.store.version_number(cohort) + 1, time.time(), newest_upload_at,
+                                       params, tensors_digest(params))
+            self.store.commit(cohort, record, state, consumed, learnt)
+        if record is None:
+            return None
+        self.board.publish(cohort, record.version)
+        return record.version
+
+    def _event(self, cohort: str, kind: str, detail: str) -> None:
+        log.warning("cohort %s: %s (%s)", cohort, kind, detail)
+        self.store.add_event(cohort, kind, detail)
+        if self._on_event is not None:
+            self._on_event(kind)
+
+    def rollback(self, cohort: str, version: int) -> int:
+        """Publish version `version`'s tensors again, as the cohort's next version (versions only
+        move forward), and continue adapting from them with fresh optimizer state."""
+        with self._states_lock:
+            record = self.store.version(cohort, version)
+            if record is None:
+                raise KeyError(f"cohort {cohort!r} has no stored version {version}")
+            tensors = {name: tensor.to_numpy() for name, tensor in record.params.items()}
+            state = self._state(cohort)
+            state.student_norm.update({k: v.copy() for k, v in tensors.items()})
+            state.prompt_ema.update({k: v.copy() for k, v in tensors.items() if k.startswith("prompt.")})
+            state.published = {k: v.copy() for k, v in tensors.items()}
+            state.student_opt, state.prompt_opt = {}, {}
+            state.predictions.clear()
+            new_version = self._commit(cohort, tensors, record.newest_upload_at, encode_state(state))
+        self._event(cohort, "rollback", f"v{new_version} carries v{version}'s tensors")
+        return new_version
+
+    def set_frozen(self, cohort: str, frozen: bool) -> None:
+        """A frozen cohort keeps its parameters: accepted uploads wait and new ones are refused."""
+        (self.frozen.add if frozen else self.frozen.discard)(cohort)
+        self.store.set_frozen(cohort, frozen)
+        self._event(cohort, "frozen" if frozen else "unfrozen", "by an operator")
 
     def seed_cohort(self, cohort: str) -> None:
         """Give a cohort with no versions a first one at the source parameters, so a device
         moved into it has a version to move to."""
         if self.store.version_number(cohort) == 0:
-            self._put(cohort, self.engine.source_delta(), 0.0)
+            self._commit(cohort, self.engine.source_delta(), 0.0)
 
     def _run(self) -> None:
         while not self._stop.is_set():
@@ -209,6 +244,8 @@ class AdaptationWorker:
         pending.batch_statistics = job.batch_statistics
 
     def _ready(self, cohort: str) -> bool:
+        if cohort in self.frozen:  # its accepted uploads wait, on disk too, until it is unfrozen
+            return False
         pending = self._pending[cohort]
         n = pending.count()
         if n >= self.engine.cfg.new_per_step:
@@ -237,21 +274,27 @@ class AdaptationWorker:
         state = self._states.get(cohort)
         if state is None:
             saved = self.store.load_state(cohort)
-            state = decode_state(saved, self.engine.cfg.replay_capacity) if saved else self.engine.new_state()
+            state = decode_state(saved, self.engine.cfg) if saved else self.engine.new_state()
             self._states[cohort] = state
         return state
 
     def _step(self, cohorts: list[str]) -> None:
         """Step several cohorts at once: the teacher's forward pass is shared by all of them."""
+        with self._states_lock:
+            self._step_locked(cohorts)
+
+    def _step_locked(self, cohorts: list[str]) -> None:
         inputs, newest, consumed = zip(*(self._take(cohort) for cohort in cohorts))
         started = time.perf_counter()
-        deltas = self.engine.step_many(list(inputs))
+        results = self.engine.step_many(list(inputs))
         elapsed = time.perf_counter() - started
         samples = sum(len(item.images) for item in inputs)
-        versions = [
-            self._put(c, d, n, encode_state(item.state), used, len(item.images))
-            for c, d, n, item, used in zip(cohorts, deltas, newest, inputs, consumed)
-        ]
+        versions = []
+        for cohort, result, newest_at, item, used in zip(cohorts, results, newest, inputs, consumed):
+            versions.append(self._commit(cohort, result.tensors, newest_at, encode_state(item.state), used,
+                                         len(item.images)))
+            if result.event is not None:
+                self._event(cohort, result.event, result.detail)
         self.stats.steps += len(cohorts)
         self.stats.samples += samples
         self.stats.step_seconds_total += elapsed
@@ -260,5 +303,5 @@ class AdaptationWorker:
             self.stats.recent.append((self.stats.last_step_at, len(item.images)))
         if self._on_step is not None:
             self._on_step(len(cohorts), samples, elapsed)
-        log.info("%s (%d samples, %.0f ms)", ", ".join(f"{c} -> v{v}" for c, v in zip(cohorts, versions)),
+        log.info("%s (%d samples, %.0f ms)", ", ".join(f"{c} -> v{v or '(withheld)'}" for c, v in zip(cohorts, versions)),
                  samples, elapsed * 1000)

@@ -17,6 +17,7 @@ MAX_BODY_BYTES = 8 * 1024 * 1024
 MAX_SAMPLES_PER_UPLOAD = 256
 MAX_IMAGE_BYTES = 256 * 1024
 MAX_NAME_LENGTH = 128
+MAX_VERSION = 2**53  # exact in JSON numbers and SQLite integers alike
 
 ImageCodec = Literal["png", "jpeg", "webp", "raw"]
 NAME_PATTERN = r"^[A-Za-z0-9_.:\-]+$"
@@ -176,6 +177,7 @@ class CohortSummary(_Message):
     version: int
     devices: list[str]
     learnt_samples: int = Field(description="New uploads the cohort has learnt from, over all its versions.")
+    frozen: bool = False
 
 
 class ServerSummary(_Message):
@@ -195,3 +197,22 @@ class FleetReport(_Message):
     server: ServerSummary
     cohorts: list[CohortSummary]
     devices: list[DeviceSummary]
+
+
+class RollbackRequest(_Message):
+    version: int = Field(ge=1, le=MAX_VERSION, description="An earlier version of the cohort; it is published again as the next one.")
+
+
+class CohortAction(_Message):
+    """Where a cohort stands after an operator's action."""
+
+    cohort: str
+    version: int
+    frozen: bool
+
+
+class EventOut(_Message):
+    at: float
+    cohort: str
+    kind: str = Field(description="collapse_reset, withheld, rollback, frozen or unfrozen")
+    detail: str

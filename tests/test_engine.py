@@ -39,7 +39,7 @@ def test_step_returns_what_the_device_needs(mode: str) -> None:
     device_stats = {k: state.student_norm[k] * 1.2 + 0.01 for k in stats_names} if mode == "running" else None
     before = {k: v.copy() for k, v in state.student_norm.items()}
     for seed in range(3):  # the third step replays earlier groups
-        delta = engine.step(_images(8, seed), state, device_stats, batch_statistics=mode == "batch")
+        delta = engine.step(_images(8, seed), state, device_stats, batch_statistics=mode == "batch").tensors
     affine_only = all(k.endswith((".weight", ".bias")) for k in delta)
     assert affine_only == (mode != "cloud")
     assert any(np.abs(delta[k] - before[k]).max() > 0 for k in delta if k.endswith(".weight"))
@@ -101,7 +101,7 @@ def _prompted_engine(learn: str) -> CemaEngine:
 def test_prompt_modes_ship_the_prompt_ema(learn: str) -> None:
     engine = _prompted_engine(learn)
     state = engine.new_state()
-    delta = engine.step(_images(8), state, batch_statistics=True)
+    delta = engine.step(_images(8), state, batch_statistics=True).tensors
     assert ("prompt.lowres" in delta) and any(k.endswith(".weight") for k in delta) == (learn == "norm+prompt")
     raw = state.student_norm["prompt.lowres"]
     assert np.abs(raw).max() > 0  # the prompt learnt something
@@ -126,7 +126,7 @@ def test_alternating_mode_trains_norm_then_prompt() -> None:
     assert not np.array_equal(state.student_norm[weight], engine._source_student[weight])
     assert not np.abs(state.student_norm["prompt.lowres"]).any()
     after_norm = state.student_norm[weight].copy()
-    delta = engine.step(_images(8, 2), state, batch_statistics=True)  # step 1: prompt
+    delta = engine.step(_images(8, 2), state, batch_statistics=True).tensors  # step 1: prompt
     np.testing.assert_array_equal(state.student_norm[weight], after_norm)
     assert np.abs(state.student_norm["prompt.lowres"]).max() > 0 and {weight, "prompt.lowres"} <= set(delta)
 

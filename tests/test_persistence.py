@@ -13,9 +13,9 @@ import torch
 from device_client.client import DeviceClient, DeviceConfig
 from driftsync.data import streams
 from driftsync.processes import cli, free_port, wait_healthy
+from server.engine import CemaConfig, CemaEngine
 from server.persist import decode_state, encode_state
 from server.store import SqliteStore
-from server.engine import CemaConfig, CemaEngine
 from tests.conftest import tiny_pair
 from tests.test_engine import _images
 
@@ -35,7 +35,7 @@ def test_cohort_state_round_trips_without_pickle_and_training_continues_from_it(
         engine.step(_images(8, seed), state)
     data = encode_state(state)
     assert b"torch" not in data and b"\x80\x04" not in data[:2]  # plain msgpack, no pickle protocol header
-    restored = decode_state(data, replay_capacity=100)
+    restored = decode_state(data, engine.cfg)
     assert restored.steps == 2 and restored.replay.size == 0
     for name, value in state.student_norm.items():
         np.testing.assert_array_equal(restored.student_norm[name], value)
@@ -46,7 +46,7 @@ def test_cohort_state_round_trips_without_pickle_and_training_continues_from_it(
             for slot, tensor in slots.items():
                 torch.testing.assert_close(back["state"][index][slot], tensor)
     twin = _adam_engine()  # a restarted server's engine
-    a, b = engine.step(_images(8, 7), state), twin.step(_images(8, 7), restored)
+    a, b = engine.step(_images(8, 7), state).tensors, twin.step(_images(8, 7), restored).tensors
     for name in a:  # with the replay buffer below its minimum, the next step is identical
         np.testing.assert_allclose(a[name], b[name], atol=1e-6)
 
@@ -59,18 +59,22 @@ def test_versions_state_and_uploads_commit_together(tmp_path) -> None:
     first = store.add_upload("c", "d", b"body-1", 5)
     second = store.add_upload("c", "d", b"body-2", 3)
     params = {"w": Tensor.from_numpy(np.ones(2, np.float32))}
-    record = VersionRecord("c", 1, time.time(), 0.0, params, tensors_digest(params), samples=6)
-    store.put_version(record, b"state-1", {first: 5, second: 1})
+    record = VersionRecord("c", 1, time.time(), 0.0, params, tensors_digest(params))
+    store.commit("c", record, b"state-1", {first: 5, second: 1}, learnt=6)
     reopened = SqliteStore(tmp_path / "s.sqlite")
     [left] = reopened.pending_uploads()
     assert left.upload_id == second and left.remaining == 2 and left.body == b"body-2"
     assert reopened.load_state("c") == b"state-1" and reopened.version_number("c") == 1
     assert reopened.learnt_samples("c") == 6
     try:  # a failed commit leaves nothing behind: the same version twice violates the key
-        reopened.put_version(record, b"state-2", {second: 2})
+        reopened.commit("c", record, b"state-2", {second: 2}, learnt=2)
     except Exception:
         pass
     assert reopened.load_state("c") == b"state-1" and len(reopened.pending_uploads()) == 1
+    assert reopened.learnt_samples("c") == 6
+    reopened.commit("c", None, None, {second: 2}, learnt=2)  # a withheld step: no version, uploads used up
+    assert reopened.learnt_samples("c") == 8 and reopened.pending_uploads() == []
+    assert reopened.load_state("c") == b"state-1" and reopened.version_number("c") == 1
 
 
 def _serve(port: int, state, log, *extra: str) -> subprocess.Popen:

@@ -1,0 +1,51 @@
+"""Per-device upload rate limits: the bucket, and 429 + Retry-After over real HTTP."""
+from __future__ import annotations
+
+import time
+
+import httpx
+
+from server.app import create_app
+from server.ratelimit import RateLimiter
+from shared.codec import pack
+from shared.images import encode_image
+from shared.protocol import RegisterRequest, UploadBatch
+from tests.conftest import build_test_parts, serve_in_thread
+from tests.test_engine import _images
+
+
+def test_bucket_allows_bursts_then_the_rate_and_says_how_long_to_wait() -> None:
+    limiter = RateLimiter(rate=10.0, burst=20.0)
+    assert limiter.take("a", 20, now=0.0) is None
+    assert limiter.take("a", 5, now=0.0) == 0.5  # 5 tokens at 10/s
+    assert limiter.take("b", 5, now=0.0) is None  # another device has its own bucket
+    assert limiter.take("a", 5, now=0.5) is None
+    assert limiter.take("a", 50, now=100.0) is None  # larger than the burst: passes on a full bucket...
+    assert limiter.take("a", 1, now=100.0) == 3.1  # ...and leaves it in debt
+    small = RateLimiter(rate=1.0, burst=1.0, max_keys=2)
+    for i in range(5):
+        small.take(f"k{i}", 1, now=float(i * 10))
+    assert len(small._buckets) <= 3  # refilled buckets are forgotten
+
+
+def test_a_device_over_its_rate_gets_429_with_retry_after(tmp_path) -> None:
+    parts = build_test_parts(tmp_path / "server", device_samples_per_s=4.0, device_burst_samples=8.0)
+    with serve_in_thread(create_app(parts)) as url:
+        token = httpx.post(f"{url}/v1/devices", json=RegisterRequest(device_name="fast").model_dump()).json()["token"]
+        other = httpx.post(f"{url}/v1/devices", json=RegisterRequest(device_name="slow").model_dump()).json()["token"]
+        batch = UploadBatch(device_version=0, codec="png", images=[encode_image(x, "png") for x in _images(8)],
+                            entropy=[0.5] * 8, captured_at=[time.time()] * 8)
+        headers = {"Content-Type": "application/msgpack"}
+
+        def post(tok: str) -> httpx.Response:
+            return httpx.post(f"{url}/v1/uploads", content=pack(batch), headers=headers | {"Authorization": f"Bearer {tok}"})
+
+        assert post(token).status_code == 202
+        refused = post(token)
+        assert refused.status_code == 429 and refused.json()["error"] == "rate_limited"
+        assert int(refused.headers["Retry-After"]) >= 1
+        assert post(other).status_code == 202  # the limit is per device
+        metrics = httpx.get(f"{url}/metrics").text
+        assert 'driftsync_requests_refused_total{reason="rate_limited"} 1.0' in metrics
+        stored = {u.device_id for u in parts.store.pending_uploads()}
+        assert len(stored) <= 2  # the refused upload was never stored
