@@ -10,6 +10,7 @@ from pathlib import Path
 
 from driftsync.config import add, home, optional, parse_bool
 from driftsync.fleet import add_fleet_parser, run_fleet_command
+from driftsync.loadtest import add_loadtest_parser
 
 
 def _serve_args(p: argparse.ArgumentParser) -> None:
@@ -41,6 +42,8 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
     add(p, "--collapse-marginal", 0.2, float, help="reset a cohort to source when the entropy of its predicted-class "
         "histogram falls below this x ln C (0: off)")
     add(p, "--collapse-window", 512, int, help="recent predictions on new uploads the collapse check looks at")
+    add(p, "--batch-cohorts", 4, int, help="cohorts whose steps share one teacher pass (on a 2-core CPU more "
+        "than 4 is slower: BENCHMARKS.md)")
     add(p, "--step-max-wait-s", 2.0, float, help="step with fewer samples once the oldest waited this long")
     add(p, "--step-min-samples", 8, int, help="fewest new samples a step takes after waiting")
     add(p, "--torch-threads", 0, int, help="torch intra-op threads (0: torch's default)")
@@ -153,6 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     _demo_args(sub.add_parser("demo", help="server + simulated devices on the embedded default, then a report"))
     _replay_args(sub.add_parser("replay", help="evaluate methods side by side on one identical stream, with costs"))
     add_fleet_parser(sub)
+    add_loadtest_parser(sub)
     export = sub.add_parser("export", help="export the student: ONNX graph, norm side file, statistics graph")
     add(export, "--student", "embedded-student", help="student model NAME[:CHECKPOINT]")
     add(export, "--out", "student-onnx", help="output directory")
@@ -171,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request drowns the progress
     handler = {"serve": _serve, "device": _device, "demo": _demo, "replay": _replay, "export": _export, "train": _train,
-               "fleet": run_fleet_command}[args.command]
+               "fleet": run_fleet_command, "loadtest": _loadtest}[args.command]
     return handler(args) or 0
 
 
@@ -191,7 +195,7 @@ def _serve(args: argparse.Namespace) -> int:
         step_max_wait_s=args.step_max_wait_s, step_min_samples=args.step_min_samples, torch_threads=args.torch_threads,
         prompt=args.prompt, learn=args.learn, prompt_lr=args.prompt_lr, guarded_push=args.guarded_push,
         guard_tolerance=args.guard_tolerance, collapse_marginal=args.collapse_marginal,
-        collapse_window=args.collapse_window,
+        collapse_window=args.collapse_window, batch_cohorts=args.batch_cohorts,
     )
     uvicorn.run(build_app(opts), host=args.host, port=args.port, log_level=args.log_level.lower(),
                 ssl_certfile=args.ssl_certfile, ssl_keyfile=args.ssl_keyfile)
@@ -202,6 +206,12 @@ def _device(args: argparse.Namespace) -> int:
     from driftsync.device import run_device
 
     return run_device(args)
+
+
+def _loadtest(args: argparse.Namespace) -> int:
+    from driftsync.loadtest import run_loadtest_command
+
+    return run_loadtest_command(args)
 
 
 def _demo(args: argparse.Namespace) -> int:

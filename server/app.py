@@ -95,6 +95,7 @@ def build_parts(
     queue_max_jobs: int = 256,
     step_max_wait_s: float = 2.0,
     step_min_samples: int = 8,
+    batch_cohorts: int = 4,
 ) -> ServerParts:
     uploads = InProcessQueue(queue_max_jobs)
     board = VersionBoard()
@@ -121,7 +122,8 @@ def build_parts(
         events.inc(kind=kind)
 
     worker = AdaptationWorker(engine, uploads, store, board, max_wait_s=step_max_wait_s,
-                             min_step_samples=step_min_samples, on_step=on_step, on_event=on_event)
+                             min_step_samples=step_min_samples, max_cohorts_per_step=batch_cohorts,
+                             on_step=on_step, on_event=on_event)
     descriptor = ModelDescriptor(
         name=model_name,
         num_classes=len(class_names),
@@ -429,6 +431,7 @@ def fleet_report(parts: ServerParts) -> FleetReport:
             steps_per_s=steps_per_s, samples_per_s=samples_per_s,
         ),
         cohorts=[CohortSummary(cohort=c, version=parts.board.latest(c), devices=ids,
+                               accepted_samples=parts.store.accepted_samples(c),
                                learnt_samples=parts.store.learnt_samples(c), frozen=c in parts.worker.frozen)
                  for c, ids in sorted(cohorts.items())],
         devices=devices,

@@ -72,6 +72,7 @@ class Store(Protocol):
     def version(self, cohort: str, version: int) -> VersionRecord | None: ...
     def load_state(self, cohort: str) -> bytes | None: ...
     def learnt_samples(self, cohort: str) -> int: ...
+    def accepted_samples(self, cohort: str) -> int: ...
     def add_upload(self, cohort: str, device_id: str, body: bytes, samples: int) -> int: ...
     def pending_uploads(self) -> list[StoredUpload]: ...
     def discard_upload(self, upload_id: int) -> None: ...
@@ -108,6 +109,7 @@ CREATE TABLE IF NOT EXISTS cohort_state (
     cohort TEXT PRIMARY KEY,
     state BLOB,
     learnt INTEGER NOT NULL DEFAULT 0,
+    accepted INTEGER NOT NULL DEFAULT 0,
     frozen INTEGER NOT NULL DEFAULT 0
 );
 CREATE TABLE IF NOT EXISTS events (
@@ -226,13 +228,30 @@ class SqliteStore:
         return row[0] if row else None
 
     def add_upload(self, cohort: str, device_id: str, body: bytes, samples: int) -> int:
-        """Durable before the 2xx: returns the upload's id."""
+        """Durable before the 2xx, and counted as accepted in the same transaction: returns its id."""
         with self._lock:
-            cursor = self._conn.execute(
-                "INSERT INTO uploads (cohort, device_id, received_at, remaining, body) VALUES (?, ?, ?, ?, ?)",
-                (cohort, device_id, time.time(), samples, body),
-            )
+            self._conn.execute("BEGIN IMMEDIATE")
+            try:
+                cursor = self._conn.execute(
+                    "INSERT INTO uploads (cohort, device_id, received_at, remaining, body) VALUES (?, ?, ?, ?, ?)",
+                    (cohort, device_id, time.time(), samples, body),
+                )
+                self._conn.execute(
+                    "INSERT INTO cohort_state (cohort, accepted) VALUES (?, ?) "
+                    "ON CONFLICT (cohort) DO UPDATE SET accepted = accepted + excluded.accepted",
+                    (cohort, samples),
+                )
+            except BaseException:
+                self._conn.execute("ROLLBACK")
+                raise
+            self._conn.execute("COMMIT")
         return int(cursor.lastrowid)
+
+    def accepted_samples(self, cohort: str) -> int:
+        """Samples the server acknowledged (2xx) for the cohort, minus any it took back (a full queue)."""
+        with self._lock:
+            row = self._conn.execute("SELECT accepted FROM cohort_state WHERE cohort = ?", (cohort,)).fetchone()
+        return row[0] if row else 0
 
     def set_frozen(self, cohort: str, frozen: bool) -> None:
         with self._lock:
@@ -261,6 +280,10 @@ class SqliteStore:
     def discard_upload(self, upload_id: int) -> None:
         """An upload refused after all (queue full): it was never acknowledged."""
         with self._lock:
+            self._conn.execute(
+                "UPDATE cohort_state SET accepted = accepted - (SELECT remaining FROM uploads WHERE upload_id = ?) "
+                "WHERE cohort = (SELECT cohort FROM uploads WHERE upload_id = ?)", (upload_id, upload_id),
+            )
             self._conn.execute("DELETE FROM uploads WHERE upload_id = ?", (upload_id,))
 
     def pending_uploads(self) -> list[StoredUpload]:

@@ -123,7 +123,7 @@ class AdaptationWorker:
         *,
         max_wait_s: float = 2.0,
         min_step_samples: int = 8,
-        max_cohorts_per_step: int = 32,
+        max_cohorts_per_step: int = 4,
         on_step=None,
         on_event=None,
     ) -> None:

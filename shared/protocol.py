@@ -176,6 +176,7 @@ class CohortSummary(_Message):
     cohort: str
     version: int
     devices: list[str]
+    accepted_samples: int = Field(description="Uploaded samples the server acknowledged (2xx) for the cohort.")
     learnt_samples: int = Field(description="New uploads the cohort has learnt from, over all its versions.")
     frozen: bool = False
 

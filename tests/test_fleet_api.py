@@ -120,7 +120,7 @@ def test_telemetry_feeds_the_fleet_report_and_bad_reports_are_refused(fleet_serv
     assert row["name"] == "cam-a" and row["last_seen"] is not None and len(row["trend"]) == 3
     assert [p["mean_entropy"] for p in row["trend"]] == [1.0, 2.0, 3.0]
     assert [p["uploads_per_s"] for p in row["trend"]] == [0.0, 5.0, 10.0]  # counter deltas over the 2 s windows
-    assert fleet["cohorts"] == [{"cohort": row["cohort"], "version": 0, "devices": [row["device_id"]], "learnt_samples": 0,
+    assert fleet["cohorts"] == [{"cohort": row["cohort"], "version": 0, "devices": [row["device_id"]], "accepted_samples": 0, "learnt_samples": 0,
                                  "frozen": False}]
     assert set(fleet["server"]) >= {"queue_depth", "steps_per_s", "samples_per_s", "uptime_s"}
     a.stop()
