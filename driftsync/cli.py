@@ -19,7 +19,7 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
     add(p, "--state-dir", str(home() / "server"), help="SQLite state and caches")
     add(p, "--student", "embedded-student", help="student model NAME[:CHECKPOINT]")
     add(p, "--teacher", "embedded-teacher", help="teacher model NAME[:CHECKPOINT]")
-    add(p, "--enrolment-token", None, optional(str), help="token a device must present to register")
+    add(p, "--enrolment-token", None, optional(str), help="token(s) a device must present to register; comma-separated to rotate")
     add(p, "--admin-token", None, optional(str), help="token for fleet operations, the fleet API and the dashboard (unset: off)")
     add(p, "--max-body-bytes", 8 * 1024 * 1024, int, help="largest accepted request body")
     add(p, "--device-samples-per-s", 100.0, optional(float), help="per-device upload rate limit ('none': off)")

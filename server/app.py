@@ -38,6 +38,7 @@ from shared.protocol import (
     FleetReport,
     ModelDescriptor,
     MoveRequest,
+    PermissionsRequest,
     RegisterRequest,
     RegisterResponse,
     RollbackRequest,
@@ -59,7 +60,7 @@ class ApiError(Exception):
 class ServerSettings:
     max_body_bytes: int = MAX_BODY_BYTES
     max_wait_s: float = 30.0
-    enrolment_token: str | None = None
+    enrolment_token: str | None = None  # one or more, comma-separated (rotate by adding the new one first)
     admin_token: str | None = None  # fleet operations and the fleet API; unset: they are refused
     queue_retry_after_s: int = 1
     frozen_retry_after_s: int = 30
@@ -236,8 +237,7 @@ def create_app(parts: ServerParts) -> FastAPI:
     def register(body: RegisterRequest) -> RegisterResponse:
         if body.protocol_version != PROTOCOL_VERSION:
             raise ApiError(400, "protocol_mismatch", f"server speaks protocol {PROTOCOL_VERSION}")
-        expected = parts.settings.enrolment_token
-        if expected is not None and body.enrolment_token != expected:
+        if parts.settings.enrolment_token is not None and not _enrolment_ok(parts.settings.enrolment_token, body.enrolment_token):
             auth_failures.inc()
             raise ApiError(401, "unauthorized", "wrong enrolment token")
         record, token = parts.store.add_device(body.device_name, body.cohort)
@@ -271,6 +271,9 @@ def create_app(parts: ServerParts) -> FastAPI:
 
         def accept() -> UploadJob:
             """Check everything, persist, then queue: a 2xx means the upload is on disk."""
+            if not device.may_upload:
+                auth_failures.inc()
+                raise ApiError(403, "upload_forbidden", "this device may read its cohort's deltas but not upload")
             if device.cohort in parts.worker.frozen:  # the device keeps it spooled until the cohort thaws
                 retry = str(parts.settings.frozen_retry_after_s)
                 raise ApiError(423, "cohort_frozen", f"adaptation of cohort {device.cohort} is frozen", {"Retry-After": retry})
@@ -355,6 +358,13 @@ def create_app(parts: ServerParts) -> FastAPI:
         cohort_moves.inc()
         return fleet_report(parts)
 
+    @app.post("/v1/devices/{device_id}/permissions", response_model=FleetReport, dependencies=[Depends(admin)])
+    def permissions(device_id: str, body: PermissionsRequest) -> FleetReport:
+        """Let a device write into its cohort (upload), or make it read-only: it still gets deltas."""
+        if parts.store.set_may_upload(device_id, body.may_upload) is None:
+            raise ApiError(404, "not_found", f"no device {device_id!r}")
+        return fleet_report(parts)
+
     @app.post("/v1/cohorts/{cohort}/rollback", response_model=CohortAction, dependencies=[Depends(admin)])
     async def rollback(cohort: str, body: RollbackRequest) -> CohortAction:
         """Publish an earlier version's tensors again as the next version; adaptation goes on from there."""
@@ -390,6 +400,13 @@ def create_app(parts: ServerParts) -> FastAPI:
 DASHBOARD = Path(__file__).with_name("dashboard.html")
 
 
+def _enrolment_ok(configured: str, given: str | None) -> bool:
+    """Compared in constant time against every configured token, without stopping at a match."""
+    tokens = [t.strip() for t in configured.split(",") if t.strip()]
+    supplied = (given or "").encode()
+    return sum(hmac.compare_digest(supplied, t.encode()) for t in tokens) > 0
+
+
 def _cohort_action(parts: ServerParts, cohort: str) -> CohortAction:
     return CohortAction(cohort=cohort, version=parts.store.version_number(cohort), frozen=cohort in parts.worker.frozen)
 
@@ -422,7 +439,7 @@ def fleet_report(parts: ServerParts) -> FleetReport:
             device_id=record.device_id, name=record.name, cohort=record.cohort, registered_at=record.created_at,
             last_seen=view.last_seen or None, device_version=view.version,
             cohort_version=parts.board.latest(record.cohort), uploaded_samples=view.uploaded_samples,
-            trend=list(view.trend),
+            trend=list(view.trend), may_upload=record.may_upload,
         ))
     return FleetReport(
         server=ServerSummary(

@@ -30,6 +30,7 @@ class DeviceRecord:
     name: str
     cohort: str
     created_at: float
+    may_upload: bool = True  # an operator can make a device read-only: it follows its cohort, never steers it
 
 
 @dataclass(frozen=True)
@@ -66,6 +67,7 @@ class Store(Protocol):
     def devices(self) -> list[DeviceRecord]: ...
     def device(self, device_id: str) -> DeviceRecord | None: ...
     def move_device(self, device_id: str, cohort: str) -> DeviceRecord | None: ...
+    def set_may_upload(self, device_id: str, may_upload: bool) -> DeviceRecord | None: ...
     def commit(self, cohort: str, record: VersionRecord | None = None, state: bytes | None = None,
                consumed: dict[int, int] | None = None, learnt: int = 0) -> None: ...
     def latest_version(self, cohort: str) -> VersionRecord | None: ...
@@ -94,7 +96,8 @@ CREATE TABLE IF NOT EXISTS devices (
     name TEXT NOT NULL,
     cohort TEXT NOT NULL,
     token_hash TEXT NOT NULL UNIQUE,
-    created_at REAL NOT NULL
+    created_at REAL NOT NULL,
+    may_upload INTEGER NOT NULL DEFAULT 1
 );
 CREATE TABLE IF NOT EXISTS versions (
     cohort TEXT NOT NULL,
@@ -138,6 +141,9 @@ class SqliteStore:
         self._conn.execute("PRAGMA journal_mode=WAL")
         self._conn.execute("PRAGMA synchronous=NORMAL")
         self._conn.executescript(_SCHEMA)
+        columns = {row[1] for row in self._conn.execute("PRAGMA table_info(devices)")}
+        if "may_upload" not in columns:  # a state directory from before device permissions
+            self._conn.execute("ALTER TABLE devices ADD COLUMN may_upload INTEGER NOT NULL DEFAULT 1")
         self._lock = threading.Lock()
         self._keep = keep_versions
 
@@ -148,7 +154,7 @@ class SqliteStore:
         record = DeviceRecord(device_id, name, cohort or f"device-{device_id[:12]}", time.time())
         with self._lock:
             self._conn.execute(
-                "INSERT INTO devices VALUES (?, ?, ?, ?, ?)",
+                "INSERT INTO devices VALUES (?, ?, ?, ?, ?, 1)",
                 (record.device_id, name, record.cohort, hash_token(token), record.created_at),
             )
         return record, token
@@ -157,26 +163,31 @@ class SqliteStore:
         wanted = hash_token(token)
         with self._lock:
             row = self._conn.execute(
-                "SELECT device_id, name, cohort, created_at, token_hash FROM devices WHERE token_hash = ?",
+                "SELECT device_id, name, cohort, created_at, may_upload, token_hash FROM devices WHERE token_hash = ?",
                 (wanted,),
             ).fetchone()
-        if row is None or not hmac.compare_digest(row[4], wanted):
+        if row is None or not hmac.compare_digest(row[5], wanted):
             return None
-        return DeviceRecord(*row[:4])
+        return DeviceRecord(*row[:4], bool(row[4]))
 
     def devices(self) -> list[DeviceRecord]:
         with self._lock:
             rows = self._conn.execute(
-                "SELECT device_id, name, cohort, created_at FROM devices ORDER BY created_at"
+                "SELECT device_id, name, cohort, created_at, may_upload FROM devices ORDER BY created_at"
             ).fetchall()
-        return [DeviceRecord(*r) for r in rows]
+        return [DeviceRecord(*r[:4], bool(r[4])) for r in rows]
 
     def device(self, device_id: str) -> DeviceRecord | None:
         with self._lock:
             row = self._conn.execute(
-                "SELECT device_id, name, cohort, created_at FROM devices WHERE device_id = ?", (device_id,)
+                "SELECT device_id, name, cohort, created_at, may_upload FROM devices WHERE device_id = ?", (device_id,)
             ).fetchone()
-        return DeviceRecord(*row) if row else None
+        return DeviceRecord(*row[:4], bool(row[4])) if row else None
+
+    def set_may_upload(self, device_id: str, may_upload: bool) -> DeviceRecord | None:
+        with self._lock:
+            self._conn.execute("UPDATE devices SET may_upload = ? WHERE device_id = ?", (int(may_upload), device_id))
+        return self.device(device_id)
 
     def move_device(self, device_id: str, cohort: str) -> DeviceRecord | None:
         """Put a device in another cohort; None when there is no such device."""

@@ -170,6 +170,7 @@ class DeviceSummary(_Message):
     cohort_version: int
     uploaded_samples: int = Field(description="Samples accepted since the server started.")
     trend: list[TrendPoint]
+    may_upload: bool = True
 
 
 class CohortSummary(_Message):
@@ -198,6 +199,10 @@ class FleetReport(_Message):
     server: ServerSummary
     cohorts: list[CohortSummary]
     devices: list[DeviceSummary]
+
+
+class PermissionsRequest(_Message):
+    may_upload: bool = Field(description="False: the device follows its cohort's deltas but may not upload into it.")
 
 
 class RollbackRequest(_Message):
