@@ -5,8 +5,10 @@ N devices, each its own cohort (the default), each with a step's worth of new up
 N x 32 images, then each cohort's student distils on its own. Sequential: N `step` calls.
 Both run side by side, alternating, on the same engine and states; medians are reported.
 
-    python scripts/bench_teacher_batching.py [--devices 1,4,16] [--rounds 5] \\
+    python scripts/bench_teacher_batching.py [--devices 1,4,16] [--per-device 32] [--rounds 5] \\
         [--student resnet20:CKPT --teacher resnet56:CKPT] [--teacher-augmentations 0] [--json OUT]
+
+`--per-device 8,32,128` also varies the step's batch size (new uploads per device per step).
 """
 from __future__ import annotations
 
@@ -33,29 +35,49 @@ def main() -> None:
     parser.add_argument("--student", default="embedded-student")
     parser.add_argument("--teacher", default="embedded-teacher")
     parser.add_argument("--teacher-augmentations", type=int, default=0)
-    parser.add_argument("--per-device", type=int, default=32, help="new uploads per device per step (CEMA: 32)")
+    parser.add_argument("--per-device", default="32", help="new uploads per device per step, comma list (CEMA: 32)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     info = model_info(args.student)
-    cfg = CemaConfig(num_classes=info.num_classes, teacher_augmentations=args.teacher_augmentations,
-                     new_per_step=args.per_device)
-    engine = CemaEngine(build_model(args.student), build_model(args.teacher), cfg, student_input_shape=info.input_shape)
-    images, _ = streams.embedded_base(512) if info.input_shape[1] == 32 else (None, None)
+    student, teacher = build_model(args.student), build_model(args.teacher)
+    images, _ = streams.embedded_base(512)
     fog = streams.corrupted(images, streams.Domain("fog", 5), 0)
     rng = np.random.default_rng(0)
+    rows = []
+    for per_device in (int(b) for b in args.per_device.split(",")):
+        cfg = CemaConfig(num_classes=info.num_classes, teacher_augmentations=args.teacher_augmentations,
+                         new_per_step=per_device)
+        engine = CemaEngine(student, teacher, cfg, student_input_shape=info.input_shape)
+        rows += measure(engine, fog, rng, per_device, [int(d) for d in args.devices.split(",")], args.rounds)
+    print(f"\n# cloud adaptation throughput: {args.teacher} -> {args.student}, {args.teacher_augmentations} extra "
+          f"teacher views, median of {args.rounds} rounds ({date.today()}, {platform.processor() or platform.machine()}, "
+          f"{torch.get_num_threads()} torch threads)")
+    print("| uploads per device per step | devices | teacher samples/s, batched | teacher, one cohort at a time | speedup "
+          "| whole step samples/s, batched | whole step, one at a time | speedup |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for r in rows:
+        print(f"| {r['per_device']} | {r['devices']} | {r['teacher_batched_samples_per_s']} | "
+              f"{r['teacher_sequential_samples_per_s']} | {r['teacher_speedup']}x | {r['step_batched_samples_per_s']} | "
+              f"{r['step_sequential_samples_per_s']} | {r['step_speedup']}x |")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({"args": vars(args) | {"json": str(args.json)}, "rows": rows}, indent=2))
 
+
+def measure(engine: CemaEngine, pool: np.ndarray, rng: np.random.Generator, per_device: int, device_counts: list[int],
+            rounds: int) -> list[dict]:
     def uploads(n: int) -> list[np.ndarray]:
-        return [fog[rng.choice(len(fog), args.per_device, replace=False)] for _ in range(n)]
+        return [pool[rng.choice(len(pool), per_device, replace=False)] for _ in range(n)]
 
     rows = []
-    for n in (int(d) for d in args.devices.split(",")):
+    for n in device_counts:
         states = [engine.new_state() for _ in range(n)]
         timings = {"teacher_batched": [], "teacher_sequential": [], "step_batched": [], "step_sequential": []}
         engine.step_many([StepInput(x, s) for x, s in zip(uploads(n), states)])  # warm-up
-        for _ in range(args.rounds):
+        for _ in range(rounds):
             batch = uploads(n)
             t0 = time.perf_counter()
             engine.teacher_probs(list(zip(batch, states)))
@@ -70,26 +92,13 @@ def main() -> None:
             t4 = time.perf_counter()
             for key, seconds in zip(timings, (t1 - t0, t2 - t1, t3 - t2, t4 - t3)):
                 timings[key].append(seconds)
-        samples = n * args.per_device
+        samples = n * per_device
         rate = {k: samples / statistics.median(v) for k, v in timings.items()}
-        rows.append({"devices": n, "samples_per_round": samples} | {f"{k}_samples_per_s": round(v, 1) for k, v in rate.items()}
+        rows.append({"per_device": per_device, "devices": n, "samples_per_round": samples} | {f"{k}_samples_per_s": round(v, 1) for k, v in rate.items()}
                     | {"teacher_speedup": round(rate["teacher_batched"] / rate["teacher_sequential"], 2),
                        "step_speedup": round(rate["step_batched"] / rate["step_sequential"], 2)})
-        print(f"[bench] {n} devices done", flush=True)
-
-    print(f"\n# teacher batched across devices: {args.teacher} -> {args.student}, {args.per_device} new uploads per device, "
-          f"{args.teacher_augmentations} extra teacher views, median of {args.rounds} rounds "
-          f"({date.today()}, {platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads)")
-    print("| devices | teacher samples/s, batched | teacher samples/s, one cohort at a time | speedup "
-          "| whole step samples/s, batched | whole step, one at a time | speedup |")
-    print("|---:|---:|---:|---:|---:|---:|---:|")
-    for r in rows:
-        print(f"| {r['devices']} | {r['teacher_batched_samples_per_s']} | {r['teacher_sequential_samples_per_s']} | "
-              f"{r['teacher_speedup']}x | {r['step_batched_samples_per_s']} | {r['step_sequential_samples_per_s']} | "
-              f"{r['step_speedup']}x |")
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"args": vars(args) | {"json": str(args.json)}, "rows": rows}, indent=2))
+        print(f"[bench] {per_device} per device, {n} devices done", flush=True)
+    return rows
 
 
 if __name__ == "__main__":

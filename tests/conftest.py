@@ -51,7 +51,7 @@ def tiny_pair(seed: int = 0):
     return net(8).eval(), net(24).eval()
 
 
-def build_test_parts(state_dir: Path, **settings_kw):
+def build_test_parts(state_dir: Path, queue_max_jobs: int = 256, **settings_kw):
     from server.app import ServerSettings, build_parts
     from server.engine import CemaConfig, CemaEngine
     from server.export import export_student
@@ -64,6 +64,7 @@ def build_test_parts(state_dir: Path, **settings_kw):
     return build_parts(
         engine, artifact, "tiny", [f"c{i}" for i in range(10)], (3, 32, 32),
         SqliteStore(state_dir / "state.sqlite"), ServerSettings(**settings_kw), step_max_wait_s=0.2,
+        queue_max_jobs=queue_max_jobs,
     )
 
 

@@ -49,3 +49,35 @@ def test_a_device_over_its_rate_gets_429_with_retry_after(tmp_path) -> None:
         assert 'driftsync_requests_refused_total{reason="rate_limited"} 1.0' in metrics
         stored = {u.device_id for u in parts.store.pending_uploads()}
         assert len(stored) <= 2  # the refused upload was never stored
+
+
+def test_a_full_queue_turns_into_delay_not_loss(tmp_path) -> None:
+    """Backpressure: a one-job queue, a device uploading as fast as it can. The server answers
+    429 + Retry-After; the device keeps the batches spooled, backs off and gets them all in."""
+    from device_client.client import DeviceClient, DeviceConfig
+
+    parts = build_test_parts(tmp_path / "server", queue_max_jobs=1, queue_retry_after_s=1)
+    with serve_in_thread(create_app(parts)) as url:
+        cfg = DeviceConfig(server=url, state_dir=tmp_path / "d", e_max_factor=2.0, dynamic_lambda=None,
+                           upload_batch=4, upload_flush_s=0.01, poll_wait_s=1.0)
+        device = DeviceClient(cfg).start()
+        for i in range(16):
+            device.predict(_images(4, seed=i))
+        deadline = time.monotonic() + 90
+        while device.status()["uploads"]["sent"] < 64:
+            assert time.monotonic() < deadline, device.status()["uploads"]
+            time.sleep(0.1)
+        uploads = device.status()["uploads"]
+        assert uploads["dropped"] == 0 and uploads["spooled"] == 0
+        metrics = httpx.get(f"{url}/metrics").text
+        refused = [line for line in metrics.splitlines() if 'reason="queue_full"' in line]
+        assert refused and float(refused[0].split()[-1]) >= 1, "the queue never filled: the test proves nothing"
+        assert uploads["retries"] >= float(refused[0].split()[-1])  # every refusal was retried, after waiting
+        assert parts.uploads.depth() <= 1
+        device.stop()
+        cohort = device.identity.cohort
+        deadline = time.monotonic() + 60
+        while parts.store.learnt_samples(cohort) < parts.store.accepted_samples(cohort):
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        assert parts.store.accepted_samples(cohort) == 64
