@@ -97,6 +97,7 @@ def build_parts(
     step_max_wait_s: float = 2.0,
     step_min_samples: int = 8,
     batch_cohorts: int = 4,
+    max_pending_samples: int = 2048,
 ) -> ServerParts:
     uploads = InProcessQueue(queue_max_jobs)
     board = VersionBoard()
@@ -124,6 +125,7 @@ def build_parts(
 
     worker = AdaptationWorker(engine, uploads, store, board, max_wait_s=step_max_wait_s,
                              min_step_samples=step_min_samples, max_cohorts_per_step=batch_cohorts,
+                             max_pending_samples=max_pending_samples,
                              on_step=on_step, on_event=on_event)
     descriptor = ModelDescriptor(
         name=model_name,

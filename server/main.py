@@ -42,6 +42,7 @@ class ServeOptions:
     step_max_wait_s: float = 2.0
     step_min_samples: int = 8
     batch_cohorts: int = 4
+    max_pending_samples: int = 2048
     prompt: str | None = None  # "padding:W" or "lowres:R": the student gets an input prompt
     learn: str = "norm"
     prompt_lr: float = 5e-3
@@ -92,6 +93,7 @@ def build_app(opts: ServeOptions) -> FastAPI:
         engine, artifact, opts.student, list(info.class_names), info.input_shape, store, settings,
         queue_max_jobs=opts.queue_max_jobs, step_max_wait_s=opts.step_max_wait_s,
         step_min_samples=opts.step_min_samples, batch_cohorts=opts.batch_cohorts,
+        max_pending_samples=opts.max_pending_samples,
     )
     log.info("student %s (%d norm tensors), teacher %s", opts.student, len(artifact.parameters), opts.teacher)
     return create_app(parts)

@@ -124,6 +124,7 @@ class AdaptationWorker:
         max_wait_s: float = 2.0,
         min_step_samples: int = 8,
         max_cohorts_per_step: int = 4,
+        max_pending_samples: int = 2048,
         on_step=None,
         on_event=None,
     ) -> None:
@@ -134,6 +135,7 @@ class AdaptationWorker:
         self.max_wait_s = max_wait_s
         self.min_step_samples = min_step_samples
         self.max_cohorts_per_step = max_cohorts_per_step
+        self.max_pending_samples = max_pending_samples  # taken from the queue but not yet learnt from
         self.stats = WorkerStats()
         self._states: dict[str, CohortState] = {}
         self._pending: dict[str, _Pending] = defaultdict(_Pending)
@@ -219,13 +221,17 @@ class AdaptationWorker:
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            job = self.uploads.take(timeout=0.1)
+            full = self.pending_samples() >= self.max_pending_samples
+            job = None if full else self.uploads.take(timeout=0.1)
             drained = 0
             while job is not None:  # take what is queued, so one step sees every cohort that is ready
                 self._add(job)
                 drained += 1
-                job = self.uploads.take(timeout=0) if drained < MAX_DRAIN else None
-            ready = [cohort for cohort in list(self._pending) if self._ready(cohort)]
+                full = self.pending_samples() >= self.max_pending_samples
+                job = self.uploads.take(timeout=0) if drained < MAX_DRAIN and not full else None
+            # over the bound, jobs stay in the (bounded) queue, so the front answers 429: memory stays
+            # bounded and the delay moves to the devices' spools; meanwhile any cohort with samples steps
+            ready = [cohort for cohort in list(self._pending) if self._ready(cohort, pressed=full)]
             if ready:
                 try:
                     self._step(ready[: self.max_cohorts_per_step])
@@ -243,12 +249,12 @@ class AdaptationWorker:
             pending.norm_stats = job.norm_stats
         pending.batch_statistics = job.batch_statistics
 
-    def _ready(self, cohort: str) -> bool:
+    def _ready(self, cohort: str, pressed: bool = False) -> bool:
         if cohort in self.frozen:  # its accepted uploads wait, on disk too, until it is unfrozen
             return False
         pending = self._pending[cohort]
         n = pending.count()
-        if n >= self.engine.cfg.new_per_step:
+        if n >= self.engine.cfg.new_per_step or (pressed and n > 0):
             return True
         waited = time.monotonic() - pending.first_at
         return n >= self.min_step_samples and waited >= self.max_wait_s

@@ -57,6 +57,7 @@ def test_a_full_queue_turns_into_delay_not_loss(tmp_path) -> None:
     from device_client.client import DeviceClient, DeviceConfig
 
     parts = build_test_parts(tmp_path / "server", queue_max_jobs=1, queue_retry_after_s=1)
+    parts.worker.max_pending_samples = 8  # the worker holds at most 8 (+ one batch) before it stops taking
     with serve_in_thread(create_app(parts)) as url:
         cfg = DeviceConfig(server=url, state_dir=tmp_path / "d", e_max_factor=2.0, dynamic_lambda=None,
                            upload_batch=4, upload_flush_s=0.01, poll_wait_s=1.0)
@@ -66,7 +67,8 @@ def test_a_full_queue_turns_into_delay_not_loss(tmp_path) -> None:
         deadline = time.monotonic() + 90
         while device.status()["uploads"]["sent"] < 64:
             assert time.monotonic() < deadline, device.status()["uploads"]
-            time.sleep(0.1)
+            assert parts.worker.pending_samples() <= 8 + 4 and parts.uploads.depth() <= 1  # memory stays bounded
+            time.sleep(0.02)
         uploads = device.status()["uploads"]
         assert uploads["dropped"] == 0 and uploads["spooled"] == 0
         metrics = httpx.get(f"{url}/metrics").text
