@@ -36,8 +36,13 @@ def optional(kind: Callable[[str], Any]) -> Callable[[str], Any]:
 
 
 def add(parser: argparse.ArgumentParser, flag: str, default: Any, kind: Callable[[str], Any] = str, help: str = "", **kw: Any) -> None:
-    """A flag whose default is read from its DRIFTSYNC_* variable, and says so in --help."""
+    """A flag whose default is read from its DRIFTSYNC_* variable, and says so in --help.
+
+    The variable's text is handed to argparse as the default, which converts it only for the
+    subcommand actually run: `DRIFTSYNC_FPS=none` is valid for `device` and must not break
+    another subcommand whose `--fps` has another type.
+    """
     env = env_name(flag)
     if env in os.environ:
-        default = kind(os.environ[env])
+        default = os.environ[env]
     parser.add_argument(flag, type=kind, default=default, help=f"{help} [env {env}; default {default}]", **kw)

@@ -1,6 +1,7 @@
 """The device side must run where torch cannot be installed."""
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -34,3 +35,15 @@ def test_device_help_runs_without_torch():
 def test_blocking_really_blocks_torch():
     result = _run("import torch")
     assert result.returncode != 0 and "ModuleNotFoundError" in result.stderr or "ImportError" in result.stderr
+
+
+def test_an_env_var_meant_for_one_subcommand_does_not_break_another():
+    """DRIFTSYNC_FPS=none is valid for `device` (as fast as possible); `loadtest` has a float --fps."""
+    env = dict(os.environ, DRIFTSYNC_FPS="none", DRIFTSYNC_REPEAT="true")
+    out = subprocess.run([sys.executable, "-m", "driftsync", "device", "--help"], capture_output=True, text=True,
+                         timeout=120, env=env)
+    assert out.returncode == 0, out.stderr
+    parsed = subprocess.run([sys.executable, "-c", "from driftsync.cli import main; import sys; "
+                             "sys.argv=['driftsync']; main(['export', '--help'])"], capture_output=True, text=True,
+                            timeout=120, env=env)
+    assert parsed.returncode == 0, parsed.stderr
