@@ -135,8 +135,7 @@ def main() -> None:
             stats = {k: v.copy() for k, v in replaceable_state(device).items() if "running" in k} if local else None
             result = engine.step(pending[: cfg.new_per_step], state, stats, batch_statistics=args.device_norm == "batch")
             pending = pending[cfg.new_per_step :]
-            if result.tensors is not None:  # None: the guard withheld it
-                load_replaceable_state(device, result.tensors)
+            load_replaceable_state(device, result.tensors)
 
     print("| domain | source error % | adapted error % | selected |")
     print("|---|---:|---:|---:|")

@@ -57,6 +57,7 @@ class CemaConfig:
     prompt_ema: float = 0.9  # deltas carry this EMA of the prompt, so a quiet stream cannot drag it away
     holdout_every: int = 0  # guarded push: every n-th new upload is held out, never trained on (0: off)
     holdout_samples: int = 128  # recent held-out uploads a candidate delta is checked on
+    guard_min_holdout: int = 64  # fewer held-out uploads than this say too little: no check yet
     guard_tolerance: float = 0.0  # withhold a delta whose teacher agreement on them drops by more than this
     collapse_window: int = 512  # student predictions on new uploads watched for collapse
     collapse_marginal: float = 0.2  # reset to source when their class marginal's entropy < this · ln C (0: off)
@@ -190,10 +191,11 @@ class CohortState:
 
 @dataclass(frozen=True)
 class StepResult:
-    """What one cohort's step produced: the delta's tensors, or None when the guard withheld it;
-    and what happened, for the event log ("withheld", "collapse_reset")."""
+    """What one cohort's step produced: the tensors the next version carries (when the guard
+    withheld the candidate, what the devices already run, so the version still says which
+    uploads were processed); and what happened, for the event log ("withheld", "collapse_reset")."""
 
-    tensors: dict[str, np.ndarray] | None
+    tensors: dict[str, np.ndarray]
     event: str | None = None
     detail: str = ""
 
@@ -334,7 +336,7 @@ class CemaEngine:
                     vars(state).update(vars(fresh))
                     detail = f"class-marginal entropy {marginal:.3f} < {cfg.collapse_marginal} ln C over {cfg.collapse_window} uploads"
                     return StepResult(dict(state.published), "collapse_reset", detail)
-        if cfg.holdout_every and state.holdout.size:
+        if cfg.holdout_every and state.holdout.size >= cfg.guard_min_holdout:
             groups = list(state.holdout.groups)
             before = agreement(self._predict(state.published, state, groups), groups)
             after = agreement(self._predict(candidate, state, groups), groups)
@@ -342,7 +344,8 @@ class CemaEngine:
                 state.student_norm.update({k: v.copy() for k, v in state.published.items()})
                 state.prompt_ema.update({k: v.copy() for k, v in state.published.items() if _is_prompt(k)})
                 state.student_opt, state.prompt_opt = {}, {}
-                return StepResult(None, "withheld", f"teacher agreement {after:.3f} < {before:.3f} on {state.holdout.size} held-out uploads")
+                detail = f"teacher agreement {after:.3f} < {before:.3f} on {state.holdout.size} held-out uploads"
+                return StepResult({k: v.copy() for k, v in state.published.items()}, "withheld", detail)
         state.published = {k: v.copy() for k, v in candidate.items()}
         return StepResult(candidate)
 

@@ -168,18 +168,14 @@ class AdaptationWorker:
     def pending_samples(self) -> int:
         return sum(p.count() for p in list(self._pending.values()))
 
-    def _commit(self, cohort: str, tensors: dict[str, np.ndarray] | None, newest_upload_at: float,
-                state: bytes | None = None, consumed: dict[int, int] | None = None, learnt: int = 0) -> int | None:
-        """Store what a step did in one transaction and announce its version (None: withheld)."""
+    def _commit(self, cohort: str, tensors: dict[str, np.ndarray], newest_upload_at: float,
+                state: bytes | None = None, consumed: dict[int, int] | None = None, learnt: int = 0) -> int:
+        """Store what a step did in one transaction, and announce the cohort's next version."""
+        params = {k: Tensor.from_numpy(v) for k, v in tensors.items()}
         with self._publish:
-            record = None
-            if tensors is not None:
-                params = {k: Tensor.from_numpy(v) for k, v in tensors.items()}
-                record = VersionRecord(cohort, self.store.version_number(cohort) + 1, time.time(), newest_upload_at,
-                                       params, tensors_digest(params))
+            record = VersionRecord(cohort, self.store.version_number(cohort) + 1, time.time(), newest_upload_at,
+                                   params, tensors_digest(params))
             self.store.commit(cohort, record, state, consumed, learnt)
-        if record is None:
-            return None
         self.board.publish(cohort, record.version)
         return record.version
 
@@ -309,5 +305,5 @@ class AdaptationWorker:
             self.stats.recent.append((self.stats.last_step_at, len(item.images)))
         if self._on_step is not None:
             self._on_step(len(cohorts), samples, elapsed)
-        log.info("%s (%d samples, %.0f ms)", ", ".join(f"{c} -> v{v or '(withheld)'}" for c, v in zip(cohorts, versions)),
+        log.info("%s (%d samples, %.0f ms)", ", ".join(f"{c} -> v{v}" for c, v in zip(cohorts, versions)),
                  samples, elapsed * 1000)
