@@ -12,6 +12,15 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
 
 
+def wait_for(predicate, timeout: float = 60.0, what: str = "condition"):
+    """Poll until `predicate()` is truthy and return its value; fail saying what never happened."""
+    deadline = time.monotonic() + timeout
+    while not (value := predicate()):
+        assert time.monotonic() < deadline, f"{what} not reached in {timeout:.0f}s"
+        time.sleep(0.05)
+    return value
+
+
 @contextmanager
 def serve_in_thread(app):
     """A real uvicorn server on loopback; yields its base URL."""

@@ -16,18 +16,10 @@ from PIL import Image
 
 from driftsync.data import streams
 from driftsync.processes import cli, free_port, wait_healthy
+from tests.conftest import wait_for
 
 ENROL, ADMIN = "enrol-secret", "admin-secret"
 
-
-def _wait_for(predicate, timeout: float = 60.0, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        assert time.monotonic() < deadline, f"{what} not reached in {timeout:.0f}s"
-        time.sleep(0.1)
 
 
 def _serve(port: int, state: Path, log: Path) -> subprocess.Popen:
@@ -87,12 +79,12 @@ def test_daemon_watches_a_folder_spools_offline_and_survives_kill_9(tmp_path):
     try:
         # 1. images dropped in come out as predictions, and the cloud adapts
         _drop(tmp_path / "inbox", fog[:16], 0)
-        records = _wait_for(lambda: len(r := _records(tmp_path / "predictions.jsonl")) >= 16 and r, what="16 predictions")
+        records = wait_for(lambda: len(r := _records(tmp_path / "predictions.jsonl")) >= 16 and r, what="16 predictions")
         assert {r["id"] for r in records} == {f"img-{i:04d}.png" for i in range(16)}
         for r in records:
             assert set(r) >= {"prediction", "class", "confidence", "entropy", "version", "time"}
             assert 0.0 <= r["confidence"] <= 1.0 and r["entropy"] >= 0.0
-        first = _wait_for(lambda: (s := _status(tmp_path)).get("version", 0) >= 1 and s, what="a first delta")
+        first = wait_for(lambda: (s := _status(tmp_path)).get("version", 0) >= 1 and s, what="a first delta")
         assert first["model_downloaded"] is True and first["uploads"]["sent"] > 0
         served = httpx.get(first["status_url"]).json()  # the same status, live, on loopback
         assert served["device_id"] == first["device_id"] and served["frames"] >= 16
@@ -100,15 +92,15 @@ def test_daemon_watches_a_folder_spools_offline_and_survives_kill_9(tmp_path):
         # 2. the server dies: predictions go on, uploads are spooled
         _stop(server, signal.SIGKILL)
         _drop(tmp_path / "inbox", fog[16:48], 16)
-        _wait_for(lambda: len(_records(tmp_path / "predictions.jsonl")) >= 48, what="predictions while offline")
-        offline = _wait_for(lambda: (s := _status(tmp_path))["uploads"]["spooled"] >= 32 and s, what="a spool")
+        wait_for(lambda: len(_records(tmp_path / "predictions.jsonl")) >= 48, what="predictions while offline")
+        offline = wait_for(lambda: (s := _status(tmp_path))["uploads"]["spooled"] >= 32 and s, what="a spool")
         assert offline["version"] == first["version"] or offline["version"] >= first["version"]
         assert offline["uploads"]["dropped"] == 0 and device.poll() is None
 
         # 3. the server returns: the spool drains and a newer delta arrives
         version_before = _status(tmp_path)["version"]
         server = _serve(port, tmp_path / "server", server_log)
-        drained = _wait_for(lambda: (s := _status(tmp_path))["uploads"]["spooled"] == 0
+        drained = wait_for(lambda: (s := _status(tmp_path))["uploads"]["spooled"] == 0
                             and s["version"] > version_before and s, timeout=90, what="spool drained and a new delta")
         assert drained["uploads"]["sent"] >= first["uploads"]["sent"] + 32
         fleet = httpx.get(f"{url}/v1/fleet", headers={"Authorization": f"Bearer {ADMIN}"}).json()
@@ -119,12 +111,12 @@ def test_daemon_watches_a_folder_spools_offline_and_survives_kill_9(tmp_path):
         at_kill = _status(tmp_path)["version"]
         restarted_at = time.time()
         device = _device(url, tmp_path, device_log)
-        resumed = _wait_for(lambda: (s := _status(tmp_path)).get("updated_at", 0) > restarted_at and s,
+        resumed = wait_for(lambda: (s := _status(tmp_path)).get("updated_at", 0) > restarted_at and s,
                             what="a restarted device")
         assert resumed["model_downloaded"] is False
         assert resumed["version"] >= at_kill and resumed["device_id"] == drained["device_id"]
         _drop(tmp_path / "inbox", fog[48:64], 48)
-        _wait_for(lambda: len(_records(tmp_path / "predictions.jsonl")) >= 64 + 48, what="predictions after the restart")
+        wait_for(lambda: len(_records(tmp_path / "predictions.jsonl")) >= 64 + 48, what="predictions after the restart")
         # a restarted folder source classifies what is in the folder again, then the new files
         assert {r["id"] for r in _records(tmp_path / "predictions.jsonl")[-16:]} <= {f"img-{i:04d}.png" for i in range(64)}
 

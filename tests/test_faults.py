@@ -14,6 +14,7 @@ import httpx
 import pytest
 
 from driftsync.processes import cli, free_port, wait_healthy
+from tests.conftest import wait_for
 
 ADMIN = {"Authorization": "Bearer adm"}
 
@@ -58,13 +59,6 @@ class Fleet:
                 p.kill()
 
 
-def _wait(predicate, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while not (value := predicate()):
-        assert time.monotonic() < deadline, f"{what} not reached in {timeout:.0f}s"
-        time.sleep(0.25)
-    return value
-
 
 def _sent(fleet: Fleet, i: int) -> int:
     return fleet.status(i).get("uploads", {}).get("sent", 0)
@@ -77,14 +71,14 @@ def test_nothing_accepted_is_lost_and_every_device_converges(tmp_path, fault):
         fleet.serve()
         for i in range(3):
             fleet.device(i)
-        _wait(lambda: all(_sent(fleet, i) > 0 for i in range(3)), 90, "uploads from every device")
+        wait_for(lambda: all(_sent(fleet, i) > 0 for i in range(3)), 90, "uploads from every device")
         if fault == "server_kill_9":
             fleet.server.send_signal(signal.SIGKILL)
             fleet.server.wait(timeout=30)
             time.sleep(3)
             fleet.serve()
         elif fault == "device_kill_9_mid_upload":
-            _wait(lambda: fleet.status(0).get("uploads", {}).get("requests", 0) >= 2, 60, "device 0 uploading")
+            wait_for(lambda: fleet.status(0).get("uploads", {}).get("requests", 0) >= 2, 60, "device 0 uploading")
             fleet.devices[0].send_signal(signal.SIGKILL)
             fleet.devices[0].wait(timeout=30)
             fleet.device(0)  # same state directory: its spool and version come back with it
@@ -106,7 +100,7 @@ def test_nothing_accepted_is_lost_and_every_device_converges(tmp_path, fault):
         for i in range(3):
             fleet.device(i, "--source", "folder", "--data", str(idle))
         for i in range(3):
-            _wait(lambda: (s := fleet.status(i)).get("state") == "running" and s["uploads"]["spooled"] == 0, 90,
+            wait_for(lambda: (s := fleet.status(i)).get("state") == "running" and s["uploads"]["spooled"] == 0, 90,
                   f"device {i}'s spool draining")
 
         # ...the server learns everything it accepted...
@@ -115,11 +109,11 @@ def test_nothing_accepted_is_lost_and_every_device_converges(tmp_path, fault):
             cohorts = report["cohorts"]
             return report if len(cohorts) == 3 and all(c["learnt_samples"] >= c["accepted_samples"] > 0 for c in cohorts) else None
 
-        report = _wait(caught_up, 120, "the server learning every accepted upload")
+        report = wait_for(caught_up, 120, "the server learning every accepted upload")
         # ...and every device ends on its cohort's latest version
         latest = {c["cohort"]: c["version"] for c in report["cohorts"]}
         for i in range(3):
-            _wait(lambda: (s := fleet.status(i)).get("state") == "running" and s["version"] == latest[s["cohort"]],
+            wait_for(lambda: (s := fleet.status(i)).get("state") == "running" and s["version"] == latest[s["cohort"]],
                   60, f"device {i} converging")
         for i in range(3):
             fleet.devices[i].terminate()

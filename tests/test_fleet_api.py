@@ -11,7 +11,7 @@ import pytest
 from device_client.client import DeviceClient, DeviceConfig
 from server.app import create_app
 from shared.protocol import Telemetry
-from tests.conftest import build_test_parts, serve_in_thread
+from tests.conftest import build_test_parts, serve_in_thread, wait_for
 
 ADMIN = {"Authorization": "Bearer admin-t0ken"}
 
@@ -22,13 +22,6 @@ def fleet_server(tmp_path):
     with serve_in_thread(create_app(parts)) as url:
         yield url, parts
 
-
-def _wait_for(predicate, timeout: float = 30.0):
-    deadline = time.monotonic() + timeout
-    while not (value := predicate()):
-        assert time.monotonic() < deadline, "condition not reached in time"
-        time.sleep(0.05)
-    return value
 
 
 def _device(url: str, path, name: str, cohort: str | None = None) -> DeviceClient:
@@ -48,18 +41,18 @@ def test_a_moved_device_takes_its_new_cohorts_state_and_keeps_it_after_a_restart
     for i in range(4):  # both adapt, on their own cohorts' version lines
         a.predict(_images(8, i))
         b.predict(_images(8, 100 + i))
-    _wait_for(lambda: a.model.version >= 2 and b.model.version >= 1)
+    wait_for(lambda: a.model.version >= 2 and b.model.version >= 1)
     assert a.identity.cohort.startswith("device-") and b.identity.cohort == "site-b"
 
     moved = httpx.post(f"{url}/v1/devices/{a.identity.device_id}/cohort", json={"cohort": "site-b"}, headers=ADMIN)
     assert moved.status_code == 200, moved.text
     row = next(d for d in moved.json()["devices"] if d["device_id"] == a.identity.device_id)
     assert row["cohort"] == "site-b"
-    _wait_for(lambda: a.identity.cohort == "site-b")
+    wait_for(lambda: a.identity.cohort == "site-b")
     assert a.deltas.refused == {}
     b.stop()  # site-b stops moving: a settles on its latest version, with its exact tensors
     time.sleep(1.0)  # b's last flushed uploads may still make a step
-    _wait_for(lambda: a.model.version == parts.store.version_number("site-b"))
+    wait_for(lambda: a.model.version == parts.store.version_number("site-b"))
     site_b = parts.store.latest_version("site-b")
     for name, tensor in site_b.params.items():
         np.testing.assert_array_equal(a.model.params[name], tensor.to_numpy())
@@ -74,10 +67,10 @@ def test_moving_into_an_empty_cohort_seeds_it_at_the_source(fleet_server, tmp_pa
     a = _device(url, tmp_path / "a", "cam-a")
     for i in range(3):
         a.predict(_images(8, i))
-    _wait_for(lambda: a.model.version >= 1)
+    wait_for(lambda: a.model.version >= 1)
     r = httpx.post(f"{url}/v1/devices/{a.identity.device_id}/cohort", json={"cohort": "fresh"}, headers=ADMIN)
     assert r.status_code == 200
-    _wait_for(lambda: a.identity.cohort == "fresh")
+    wait_for(lambda: a.identity.cohort == "fresh")
     source = a.source_params
     first = parts.store.latest_version("fresh")
     assert first.version >= 1
@@ -132,7 +125,7 @@ def test_prometheus_metrics_follow_the_naming_conventions(fleet_server, tmp_path
     a = _device(url, tmp_path / "a", "cam-a")
     for i in range(3):
         a.predict(_images(8, i))
-    _wait_for(lambda: a.model.version >= 1)
+    wait_for(lambda: a.model.version >= 1)
     a.stop()
     text = httpx.get(f"{url}/metrics").text
     types = dict(re.findall(r"^# TYPE (\S+) (\S+)$", text, re.M))

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import math
-import time
 
 import httpx
 import numpy as np
@@ -11,7 +10,7 @@ import pytest
 from device_client.client import DeviceClient, DeviceConfig
 from server.app import create_app
 from server.engine import CemaConfig, CemaEngine, class_marginal_entropy
-from tests.conftest import build_test_parts, serve_in_thread, tiny_pair
+from tests.conftest import build_test_parts, serve_in_thread, tiny_pair, wait_for
 from tests.test_engine import _images
 
 ADMIN = {"Authorization": "Bearer adm"}
@@ -68,13 +67,6 @@ def admin_server(tmp_path):
         yield url, parts
 
 
-def _wait_for(predicate, timeout: float = 30.0):
-    deadline = time.monotonic() + timeout
-    while not (value := predicate()):
-        assert time.monotonic() < deadline, "condition not reached in time"
-        time.sleep(0.05)
-    return value
-
 
 def test_rollback_and_freeze_over_http(admin_server, tmp_path) -> None:
     url, parts = admin_server
@@ -83,8 +75,8 @@ def test_rollback_and_freeze_over_http(admin_server, tmp_path) -> None:
     device = DeviceClient(cfg).start()
     for i in range(4):
         device.predict(_images(8, i))
-    _wait_for(lambda: parts.store.learnt_samples("site") == 32)  # every upload learnt: the cohort is quiet
-    _wait_for(lambda: device.model.version == parts.store.version_number("site"))
+    wait_for(lambda: parts.store.learnt_samples("site") == 32)  # every upload learnt: the cohort is quiet
+    wait_for(lambda: device.model.version == parts.store.version_number("site"))
     v1 = parts.store.version("site", 1)
 
     r = httpx.post(f"{url}/v1/cohorts/site/rollback", json={"version": 1}, headers=ADMIN)
@@ -93,7 +85,7 @@ def test_rollback_and_freeze_over_http(admin_server, tmp_path) -> None:
     assert rolled > 1 and rolled == parts.store.version_number("site")  # versions only move forward
     record = parts.store.version("site", rolled)
     assert record.sha256 == v1.sha256
-    _wait_for(lambda: device.model.version == rolled)
+    wait_for(lambda: device.model.version == rolled)
     for name, tensor in v1.params.items():
         np.testing.assert_array_equal(device.model.params[name], tensor.to_numpy())
     assert httpx.post(f"{url}/v1/cohorts/site/rollback", json={"version": 999}, headers=ADMIN).status_code == 404
@@ -102,11 +94,11 @@ def test_rollback_and_freeze_over_http(admin_server, tmp_path) -> None:
     frozen = httpx.post(f"{url}/v1/cohorts/site/freeze", headers=ADMIN).json()
     assert frozen == {"cohort": "site", "version": rolled, "frozen": True}
     device.predict(_images(8, 50))  # refused with 423: the device keeps it spooled and backs off
-    _wait_for(lambda: device.uploader.stats.retries > 0 and device.status()["uploads"]["spooled"] == 8)
+    wait_for(lambda: device.uploader.stats.retries > 0 and device.status()["uploads"]["spooled"] == 8)
     assert parts.store.version_number("site") == rolled
     httpx.post(f"{url}/v1/cohorts/site/unfreeze", headers=ADMIN)
-    _wait_for(lambda: device.status()["uploads"]["spooled"] == 0, timeout=60)  # it drains after Retry-After
-    _wait_for(lambda: parts.store.version_number("site") > rolled)
+    wait_for(lambda: device.status()["uploads"]["spooled"] == 0, timeout=60)  # it drains after Retry-After
+    wait_for(lambda: parts.store.version_number("site") > rolled)
     kinds = [e["kind"] for e in httpx.get(f"{url}/v1/events", headers=ADMIN).json()]
     assert kinds[:3] == ["unfrozen", "frozen", "rollback"]
     assert 'driftsync_cohort_events_total{kind="rollback"} 1.0' in httpx.get(f"{url}/metrics").text

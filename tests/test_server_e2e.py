@@ -12,6 +12,7 @@ from shared.codec import pack
 from shared.images import encode_image
 from shared.protocol import Delta, RegisterRequest, UploadBatch
 from shared.tensors import Tensor, tensors_digest
+from tests.conftest import wait_for
 
 
 def _images(n: int, seed: int = 0) -> np.ndarray:
@@ -23,12 +24,6 @@ def _register(url: str, name: str = "t", cohort: str | None = None) -> dict:
     assert r.status_code == 201, r.text
     return r.json()
 
-
-def _wait_for(predicate, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        time.sleep(0.05)
 
 
 def _device(url: str, tmp_path, **kw) -> DeviceClient:
@@ -45,7 +40,7 @@ def test_device_registers_uploads_and_applies_deltas(tiny_server, tmp_path):
     for i in range(6):
         out = device.predict(_images(8, seed=i))
         assert out.labels.shape == (8,) and out.uploaded.all()
-    _wait_for(lambda: device.deltas.applied >= 1)
+    wait_for(lambda: device.deltas.applied >= 1)
     assert device.deltas.applied >= 1 and device.deltas.bytes > 0
     status = device.status()
     assert status["uploads"]["sent"] > 0 and status["uploads"]["dropped"] == 0
@@ -59,7 +54,7 @@ def test_restarted_device_resumes_at_last_delta_without_download(tiny_server, tm
     first = _device(url, tmp_path)
     for i in range(4):
         first.predict(_images(8, seed=10 + i))
-    _wait_for(lambda: first.deltas.applied >= 1)
+    wait_for(lambda: first.deltas.applied >= 1)
     first.stop()
     applied = first.model.version
     saved = first.state.load_delta()
@@ -170,7 +165,7 @@ def test_device_estimates_statistics_locally_and_gets_affine_only_deltas(tiny_se
     bright = np.full((16, 32, 32, 3), 250, np.uint8)
     for _ in range(4):
         device.predict(bright)
-    _wait_for(lambda: device.stats_updates >= 1 and device.deltas.applied >= 1)  # batches may coalesce
+    wait_for(lambda: device.stats_updates >= 1 and device.deltas.applied >= 1)  # batches may coalesce
     assert any(np.abs(device.model.params[k] - v).max() > 1e-3 for k, v in source_mean.items())
     token = device.identity.token
     r = httpx.get(f"{url}/v1/deltas", params={"since": 0}, headers=_auth(token))
@@ -187,7 +182,7 @@ def test_batch_statistics_device_predicts_as_train_mode_bn_and_gets_affine_only_
 
     from server.baselines import use_batch_statistics
     from server.engine import to_input
-    from tests.conftest import tiny_pair
+    from tests.conftest import tiny_pair, wait_for
 
     url, _ = tiny_server
     device = _device(url, tmp_path, normalization="batch")
@@ -196,7 +191,7 @@ def test_batch_statistics_device_predicts_as_train_mode_bn_and_gets_affine_only_
     with torch.no_grad():
         expected = use_batch_statistics(tiny_pair()[0])(to_input(frames)).softmax(dim=1)
     np.testing.assert_allclose(out.confidence, expected.max(dim=1).values.numpy(), atol=1e-4)
-    _wait_for(lambda: device.deltas.applied >= 1)
+    wait_for(lambda: device.deltas.applied >= 1)
     r = httpx.get(f"{url}/v1/deltas", params={"since": 0}, headers=_auth(device.identity.token))
     from shared.codec import decode
     delta = decode(r.content, Delta)
@@ -236,7 +231,7 @@ def test_device_keeps_predicting_and_spools_when_the_server_dies(tmp_path):
     for i in range(4):  # the server is gone now
         out = device.predict(_images(8, seed=40 + i))
         assert out.labels.shape == (8,) and out.version == 0
-    _wait_for(lambda: device.uploader.stats.retries > 0 and device.status()["uploads"]["spooled"] == 32)
+    wait_for(lambda: device.uploader.stats.retries > 0 and device.status()["uploads"]["spooled"] == 32)
     status = device.status()
     assert status["uploads"]["sent"] == 0 and status["uploads"]["dropped"] == 0
     device.stop(flush_timeout=5)
