@@ -44,6 +44,7 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
     add(p, "--collapse-window", 512, int, help="recent predictions on new uploads the collapse check looks at")
     add(p, "--batch-cohorts", 4, int, help="cohorts whose steps share one teacher pass (on a 2-core CPU more "
         "than 4 is slower: BENCHMARKS.md)")
+    add(p, "--queue-max-jobs", 256, int, help="upload batches waiting for the worker before uploads get 429")
     add(p, "--max-pending-samples", 2048, int, help="samples the worker holds before it stops taking uploads "
         "(then the queue fills and uploads get 429): bounds memory and delay under overload")
     add(p, "--step-max-wait-s", 2.0, float, help="step with fewer samples once the oldest waited this long")
@@ -198,7 +199,7 @@ def _serve(args: argparse.Namespace) -> int:
         prompt=args.prompt, learn=args.learn, prompt_lr=args.prompt_lr, guarded_push=args.guarded_push,
         guard_tolerance=args.guard_tolerance, collapse_marginal=args.collapse_marginal,
         collapse_window=args.collapse_window, batch_cohorts=args.batch_cohorts,
-        max_pending_samples=args.max_pending_samples,
+        max_pending_samples=args.max_pending_samples, queue_max_jobs=args.queue_max_jobs,
     )
     uvicorn.run(build_app(opts), host=args.host, port=args.port, log_level=args.log_level.lower(),
                 ssl_certfile=args.ssl_certfile, ssl_keyfile=args.ssl_keyfile)
