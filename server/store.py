@@ -16,6 +16,8 @@ import sqlite3
 import threading
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -195,37 +197,41 @@ class SqliteStore:
             self._conn.execute("UPDATE devices SET cohort = ? WHERE device_id = ?", (cohort, device_id))
         return self.device(device_id)
 
+    @contextmanager
+    def _transaction(self) -> Iterator[None]:
+        """Everything in the block is committed together, or nothing is."""
+        with self._lock:
+            self._conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield
+            except BaseException:
+                self._conn.execute("ROLLBACK")
+                raise
+            self._conn.execute("COMMIT")
+
     def commit(self, cohort: str, record: VersionRecord | None = None, state: bytes | None = None,
                consumed: dict[int, int] | None = None, learnt: int = 0) -> None:
         """One transaction for what a step did: the version it published (if any), the cohort
         state it left, the uploads it used up (upload id -> samples; deleted once nothing of
         them is left) and how many new samples it learnt from."""
-        with self._lock:
-            self._conn.execute("BEGIN IMMEDIATE")
-            try:
-                if record is not None:
-                    blob = pack({k: v.model_dump() for k, v in record.params.items()})
-                    self._conn.execute(
-                        "INSERT INTO versions VALUES (?, ?, ?, ?, ?, ?)",
-                        (cohort, record.version, record.created_at, record.newest_upload_at, blob, record.sha256),
-                    )
-                    self._conn.execute(
-                        "DELETE FROM versions WHERE cohort = ? AND version <= ?", (cohort, record.version - self._keep)
-                    )
+        with self._transaction():
+            if record is not None:
+                blob = pack({k: v.model_dump() for k, v in record.params.items()})
                 self._conn.execute(
-                    "INSERT INTO cohort_state (cohort, state, learnt) VALUES (?, ?, ?) ON CONFLICT (cohort) DO UPDATE "
-                    "SET state = COALESCE(excluded.state, state), learnt = learnt + excluded.learnt",
-                    (cohort, state, learnt),
+                    "INSERT INTO versions VALUES (?, ?, ?, ?, ?, ?)",
+                    (cohort, record.version, record.created_at, record.newest_upload_at, blob, record.sha256),
                 )
-                for upload_id, samples in (consumed or {}).items():
-                    self._conn.execute(
-                        "UPDATE uploads SET remaining = remaining - ? WHERE upload_id = ?", (samples, upload_id)
-                    )
-                self._conn.execute("DELETE FROM uploads WHERE remaining <= 0")
-            except BaseException:
-                self._conn.execute("ROLLBACK")
-                raise
-            self._conn.execute("COMMIT")
+                self._conn.execute(
+                    "DELETE FROM versions WHERE cohort = ? AND version <= ?", (cohort, record.version - self._keep)
+                )
+            self._conn.execute(
+                "INSERT INTO cohort_state (cohort, state, learnt) VALUES (?, ?, ?) ON CONFLICT (cohort) DO UPDATE "
+                "SET state = COALESCE(excluded.state, state), learnt = learnt + excluded.learnt",
+                (cohort, state, learnt),
+            )
+            for upload_id, samples in (consumed or {}).items():
+                self._conn.execute("UPDATE uploads SET remaining = remaining - ? WHERE upload_id = ?", (samples, upload_id))
+            self._conn.execute("DELETE FROM uploads WHERE remaining <= 0")
 
     def learnt_samples(self, cohort: str) -> int:
         """New uploads the cohort has learnt from, over all its versions."""
@@ -240,22 +246,16 @@ class SqliteStore:
 
     def add_upload(self, cohort: str, device_id: str, body: bytes, samples: int) -> int:
         """Durable before the 2xx, and counted as accepted in the same transaction: returns its id."""
-        with self._lock:
-            self._conn.execute("BEGIN IMMEDIATE")
-            try:
-                cursor = self._conn.execute(
-                    "INSERT INTO uploads (cohort, device_id, received_at, remaining, body) VALUES (?, ?, ?, ?, ?)",
-                    (cohort, device_id, time.time(), samples, body),
-                )
-                self._conn.execute(
-                    "INSERT INTO cohort_state (cohort, accepted) VALUES (?, ?) "
-                    "ON CONFLICT (cohort) DO UPDATE SET accepted = accepted + excluded.accepted",
-                    (cohort, samples),
-                )
-            except BaseException:
-                self._conn.execute("ROLLBACK")
-                raise
-            self._conn.execute("COMMIT")
+        with self._transaction():
+            cursor = self._conn.execute(
+                "INSERT INTO uploads (cohort, device_id, received_at, remaining, body) VALUES (?, ?, ?, ?, ?)",
+                (cohort, device_id, time.time(), samples, body),
+            )
+            self._conn.execute(
+                "INSERT INTO cohort_state (cohort, accepted) VALUES (?, ?) "
+                "ON CONFLICT (cohort) DO UPDATE SET accepted = accepted + excluded.accepted",
+                (cohort, samples),
+            )
         return int(cursor.lastrowid)
 
     def accepted_samples(self, cohort: str) -> int:
@@ -290,7 +290,7 @@ class SqliteStore:
 
     def discard_upload(self, upload_id: int) -> None:
         """An upload refused after all (queue full): it was never acknowledged."""
-        with self._lock:
+        with self._transaction():
             self._conn.execute(
                 "UPDATE cohort_state SET accepted = accepted - (SELECT remaining FROM uploads WHERE upload_id = ?) "
                 "WHERE cohort = (SELECT cohort FROM uploads WHERE upload_id = ?)", (upload_id, upload_id),
