@@ -50,6 +50,8 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
     add(p, "--step-max-wait-s", 2.0, float, help="step with fewer samples once the oldest waited this long")
     add(p, "--step-min-samples", 8, int, help="fewest new samples a step takes after waiting")
     add(p, "--torch-threads", 0, int, help="torch intra-op threads (0: torch's default)")
+    add(p, "--rotate-signing-key", False, parse_bool, help="start with a new Ed25519 signing key, announced to "
+        "devices signed by the old one (the key lives in STATE_DIR/signing_key)")
     add(p, "--ssl-certfile", None, optional(str), help="serve https with this PEM certificate (chain)")
     add(p, "--ssl-keyfile", None, optional(str), help="the certificate's private key")
 
@@ -62,6 +64,10 @@ def _device_args(p: argparse.ArgumentParser) -> None:
     add(p, "--cohort", None, optional(str), help="share adaptation state with devices of this cohort")
     add(p, "--enrolment-token", None, optional(str), help="fleet enrolment token")
     add(p, "--ca-file", None, optional(str), help="PEM CA bundle to verify an https server (e.g. its self-signed certificate)")
+    add(p, "--server-key-fingerprint", None, optional(str), help="SHA-256 (hex) of the server's signing key: enrolment "
+        "refuses any other ('none': trust the key the server sends at enrolment)")
+    add(p, "--delta-max-rel", 50.0, optional(float), help="refuse a delta value farther from its source value than this "
+        "many times the tensor's scale (max |source|, at least 1; 'none': no bound)")
     add(p, "--source", "embedded", help="folder (watched), video (file or URL, needs driftsync[camera]), camera (index or "
         "rtsp:// URL, needs driftsync[camera]), stdin (raw RGB24 frames), or a labelled replay: embedded, npz, "
         "imagenet-c, stream (a stream file `driftsync replay` wrote)")
@@ -200,6 +206,7 @@ def _serve(args: argparse.Namespace) -> int:
         guard_tolerance=args.guard_tolerance, collapse_marginal=args.collapse_marginal,
         collapse_window=args.collapse_window, batch_cohorts=args.batch_cohorts,
         max_pending_samples=args.max_pending_samples, queue_max_jobs=args.queue_max_jobs,
+        rotate_signing_key=args.rotate_signing_key,
     )
     uvicorn.run(build_app(opts), host=args.host, port=args.port, log_level=args.log_level.lower(),
                 ssl_certfile=args.ssl_certfile, ssl_keyfile=args.ssl_keyfile)

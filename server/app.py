@@ -21,10 +21,12 @@ from server.fleet import FleetView
 from server.metrics import Registry
 from server.queueing import InProcessQueue, UploadJob, UploadQueue
 from server.ratelimit import RateLimiter
+from server.signing import Signer
 from server.store import DeviceRecord, Store
 from server.uploads import UploadRejected, parse_upload
 from server.worker import AdaptationWorker, VersionBoard
 from shared.codec import MSGPACK_MEDIA_TYPE, pack
+from shared.signing import SIGNATURE_HEADER, delta_fields, enrolment_fields, model_file_fields
 from shared.protocol import (
     MAX_BODY_BYTES,
     MAX_VERSION,
@@ -43,6 +45,7 @@ from shared.protocol import (
     RegisterResponse,
     RollbackRequest,
     ServerSummary,
+    SigningKeyInfo,
     Telemetry,
     UploadAck,
 )
@@ -66,6 +69,7 @@ class ServerSettings:
     frozen_retry_after_s: int = 30
     device_samples_per_s: float | None = 100.0  # per-device upload rate limit (None: off)
     device_burst_samples: float = 1000.0
+    signature_ttl_s: float = 600.0  # how long a signed delta, model file or enrolment stays valid
 
 
 @dataclass
@@ -82,6 +86,7 @@ class ServerParts:
     metrics: Registry
     fleet: FleetView
     started_at: float
+    signer: Signer
 
 
 def build_parts(
@@ -98,7 +103,10 @@ def build_parts(
     step_min_samples: int = 8,
     batch_cohorts: int = 4,
     max_pending_samples: int = 2048,
+    signer: Signer | None = None,
 ) -> ServerParts:
+    """`signer`: the server's kept signing key (server.main); without one, a key that lives as long as
+    the process, which is what a test needs."""
     uploads = InProcessQueue(queue_max_jobs)
     board = VersionBoard()
     for device in store.devices():
@@ -142,7 +150,8 @@ def build_parts(
     metrics.gauge("driftsync_pending_samples", "Samples waiting to fill a step.", worker.pending_samples)
     metrics.gauge("driftsync_devices", "Registered devices.", lambda: len(store.devices()))
     metrics.gauge("driftsync_cohorts", "Cohorts with at least one device.", lambda: len({d.cohort for d in store.devices()}))
-    return ServerParts(settings, store, uploads, board, worker, artifact, descriptor, metrics, FleetView(), time.time())
+    return ServerParts(settings, store, uploads, board, worker, artifact, descriptor, metrics, FleetView(), time.time(),
+                       signer or Signer.generate())
 
 
 def _error(status: int, error: str, detail: str, headers: dict[str, str] | None = None) -> JSONResponse:
@@ -243,13 +252,21 @@ def create_app(parts: ServerParts) -> FastAPI:
             auth_failures.inc()
             raise ApiError(401, "unauthorized", "wrong enrolment token")
         record, token = parts.store.add_device(body.device_name, body.cohort)
-        return RegisterResponse(
+        reply = RegisterResponse(
             device_id=record.device_id,
             token=token,
             cohort=record.cohort,
             version=parts.board.latest(record.cohort),
             model=parts.descriptor,
+            server_key=parts.signer.public_hex,
         )
+        signature = parts.signer.sign("enrolment", enrolment_fields(reply), parts.settings.signature_ttl_s)
+        return reply.model_copy(update={"signature": signature})
+
+    @app.get("/v1/signing-key", response_model=SigningKeyInfo)
+    def signing_key() -> SigningKeyInfo:
+        """The current public key and the signed rotations that lead to it (public: nothing secret)."""
+        return parts.signer.key_info()
 
     @app.get("/v1/model", response_model=ModelDescriptor)
     def model_descriptor(device: DeviceRecord = Depends(device_from_token)) -> ModelDescriptor:
@@ -265,7 +282,10 @@ def create_app(parts: ServerParts) -> FastAPI:
         if part not in files:
             raise ApiError(404, "not_found", f"model part {part!r} does not exist; use one of {sorted(files)}")
         data = files[part]
-        return Response(data, media_type="application/octet-stream", headers={"X-Content-SHA256": sha256_hex(data)})
+        digest = sha256_hex(data)
+        signature = parts.signer.sign("model_file", model_file_fields(part, digest), parts.settings.signature_ttl_s)
+        return Response(data, media_type="application/octet-stream",
+                        headers={"X-Content-SHA256": digest, SIGNATURE_HEADER: signature.model_dump_json()})
 
     @app.post("/v1/uploads", response_model=UploadAck, status_code=202)
     async def upload(request: Request, device: DeviceRecord = Depends(device_from_token)) -> UploadAck:
@@ -321,6 +341,7 @@ def create_app(parts: ServerParts) -> FastAPI:
             device = parts.store.device(device.device_id) or device  # a move ends the wait too
             moved = cohort is not None and cohort != device.cohort
             latest = parts.board.latest(device.cohort)
+        moved_from = cohort if moved else None
         if moved:
             since = 0  # the new cohort's version line is new to the device
         if latest <= since:
@@ -334,8 +355,11 @@ def create_app(parts: ServerParts) -> FastAPI:
             newest_upload_at=record.newest_upload_at,
             params=record.params,
             sha256=record.sha256,
+            device_id=device.device_id,
+            moved_from=moved_from,
         )
-        data = pack(delta)
+        signature = parts.signer.sign("delta", delta_fields(delta), parts.settings.signature_ttl_s)
+        data = pack(delta.model_copy(update={"signature": signature}))
         deltas_served.inc()
         delta_bytes.inc(len(data))
         return Response(data, media_type=MSGPACK_MEDIA_TYPE)

@@ -13,6 +13,7 @@ from server.engine import CemaConfig, CemaEngine
 from server.export import export_student
 from server.models.registry import build_model, model_info
 from server.prompt import InputPrompt, PromptedModel, parse_prompt
+from server.signing import key_file, load_or_create_signing_key
 from server.store import SqliteStore
 
 log = logging.getLogger("driftsync.server")
@@ -52,6 +53,7 @@ class ServeOptions:
     collapse_window: int = 512
     torch_threads: int = 0
     seed: int = 0
+    rotate_signing_key: bool = False
 
 
 def build_app(opts: ServeOptions) -> FastAPI:
@@ -94,6 +96,7 @@ def build_app(opts: ServeOptions) -> FastAPI:
         queue_max_jobs=opts.queue_max_jobs, step_max_wait_s=opts.step_max_wait_s,
         step_min_samples=opts.step_min_samples, batch_cohorts=opts.batch_cohorts,
         max_pending_samples=opts.max_pending_samples,
+        signer=load_or_create_signing_key(*key_file(opts.state_dir / "signing_key"), rotate=opts.rotate_signing_key),
     )
     log.info("student %s (%d norm tensors), teacher %s", opts.student, len(artifact.parameters), opts.teacher)
     return create_app(parts)
