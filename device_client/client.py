@@ -90,6 +90,7 @@ class DeviceConfig:
     server_key_fingerprint: str | None = None  # SHA-256 of the server's public key; None: trust it on first use
     delta_max_rel: float | None = DEFAULT_MAX_REL  # delta values within this many times their tensor's scale of the source
     retry_after_cap_s: float = RETRY_AFTER_MAX_S  # the longest a server's Retry-After may park a thread
+    backoff_cap_s: float = 30.0  # the longest wait between retries when the server gave no Retry-After
 
     def __post_init__(self) -> None:
         if self.selection not in ("cema", "ugs"):
@@ -254,7 +255,7 @@ class DeviceClient:
         return ServerApi(self.cfg.server, token, timeout=timeout, verify=self.cfg.ca_file or True)
 
     def _backoff(self) -> Backoff:
-        return Backoff(retry_after_cap_s=self.cfg.retry_after_cap_s)
+        return Backoff(cap_s=self.cfg.backoff_cap_s, retry_after_cap_s=self.cfg.retry_after_cap_s)
 
     def _register_request(self) -> RegisterRequest:
         return RegisterRequest(device_name=self.cfg.name, cohort=self.cfg.cohort, enrolment_token=self.cfg.enrolment_token)
