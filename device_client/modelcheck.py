@@ -222,13 +222,13 @@ def check_inference_model(data: bytes, descriptor: ModelDescriptor) -> None:
     """student.onnx: one image input, logits out, every replaceable tensor an initializer of
     its descriptor shape, and external data only for those, in the norm side file."""
     graph = inspect_model(data)
+    for name, external in graph.external.items():
+        if name not in descriptor.parameters or external.get("location") != NORM_FILE:
+            raise ModelRefused("external_data", f"initializer {name!r} names external data {external.get('location')!r}")
     _check_io(graph, descriptor, extra_inputs={})
     for name, shape in descriptor.parameters.items():
         if name not in graph.initializers or graph.initializers[name] != list(shape):
             raise ModelRefused("descriptor_mismatch", f"initializer {name} is not {list(shape)} in the graph")
-    for name, external in graph.external.items():
-        if name not in descriptor.parameters or external.get("location") != NORM_FILE:
-            raise ModelRefused("external_data", f"initializer {name!r} names external data {external.get('location')!r}")
 
 
 def check_statistics_model(data: bytes, descriptor: ModelDescriptor) -> None:
