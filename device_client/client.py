@@ -481,22 +481,25 @@ class DeviceClient:
 
     def _poll_deltas(self) -> None:
         api = self.open_api()
-        backoff = self._backoff()
-        while not self._stop.is_set():
-            try:
-                delta, size = api.poll_delta(self.identity.cohort, self.model.version, self.cfg.poll_wait_s)
-                backoff.reset()
-            except ServerError as exc:
-                delay = backoff.next_delay(exc.retry_after)
-                log.warning("delta poll failed (%s); retrying in %.1fs", exc, delay)
-                self._stop.wait(delay)
-                continue
-            if delta is None:
-                continue
-            self.deltas.bytes += size
-            if not self.apply_delta(delta):
-                self._stop.wait(backoff.next_delay())  # a refused delta: do not hammer whoever sent it
-        api.close()
+        backoff, refusals = self._backoff(), self._backoff()
+        try:
+            while not self._stop.is_set():
+                try:
+                    delta, size = api.poll_delta(self.identity.cohort, self.model.version, self.cfg.poll_wait_s)
+                    backoff.reset()
+                except ServerError as exc:
+                    delay = backoff.next_delay(exc.retry_after)
+                    log.warning("delta poll failed (%s); retrying in %.1fs", exc, delay)
+                    self._stop.wait(delay)
+                    continue
+                if delta is not None:
+                    self.deltas.bytes += size
+                if delta is None or self.apply_delta(delta):
+                    refusals.reset()
+                else:  # refused, and whoever sent it would send it again at once: back off
+                    self._stop.wait(refusals.next_delay())
+        finally:
+            api.close()
 
     def stop(self, flush_timeout: float = 10.0) -> None:
         self.uploader.close(flush_timeout)

@@ -97,7 +97,7 @@ def mitm(tmp_path):
 
 def _device(url: str, path, stop: threading.Event | None = None, **kw) -> DeviceClient:
     cfg = DeviceConfig(server=url, state_dir=path, e_max_factor=2.0, dynamic_lambda=None, upload_batch=8,
-                       upload_flush_s=0.1, poll_wait_s=0.5, **kw)
+                       upload_flush_s=0.1, poll_wait_s=0.5, backoff_cap_s=1.0, **kw)
     return DeviceClient(cfg, stop=stop)
 
 
