@@ -12,13 +12,14 @@ import logging
 import threading
 import time
 from collections import Counter, deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from device_client.deltas import DEFAULT_MAX_REL, DeltaRefused, verify_delta
-from device_client.modelcheck import ModelRefused, check_inference_model, check_statistics_model
+from device_client.modelcheck import check_inference_model, check_statistics_model
 from device_client.runtime import SwappableModel, private_model, split_norm_file
 from device_client.scoring import (
     cheap_views,
@@ -46,8 +47,21 @@ from device_client.supervisor import Supervisor
 from device_client.transport import RETRY_AFTER_MAX_S, Backoff, ServerApi, ServerError
 from device_client.trust import check_delta, check_enrolment, check_key
 from device_client.uploader import Uploader
-from shared.protocol import Delta, ImageCodec, RegisterRequest, RegisterResponse, Signature
-from shared.signing import SignatureRefused, delta_fields, fingerprint, follow_rotations, model_file_fields, verify
+from shared.protocol import (
+    Delta,
+    ImageCodec,
+    RegisterRequest,
+    RegisterResponse,
+    Signature,
+)
+from shared.signing import (
+    SignatureRefused,
+    delta_fields,
+    fingerprint,
+    follow_rotations,
+    model_file_fields,
+    verify,
+)
 from shared.tensors import Tensor
 
 log = logging.getLogger("driftsync.device")
@@ -305,7 +319,8 @@ class DeviceClient:
         while True:
             data, signature = self._until_reachable(f"download {part}", lambda: api.download(part, sha256))
             try:
-                self._verify_signed("model_file", model_file_fields(part, sha256), signature)
+                self._under_pinned_key(lambda signature=signature: verify(
+                    self.identity.server_key, "model_file", model_file_fields(part, sha256), signature, time.time()))
                 break
             except SignatureRefused as exc:
                 self.models_refused[exc.reason] += 1
@@ -318,14 +333,15 @@ class DeviceClient:
         return data
 
     # -- trust ---------------------------------------------------------------------------
-    def _verify_signed(self, kind: str, fields: dict, signature: Signature | None) -> None:
-        """Against the pinned key, following a signed key rotation once when the signer is new."""
+    def _under_pinned_key(self, check: Callable[[], None]) -> None:
+        """Run a signature check; when the signer is a key the device does not know, follow the
+        server's signed key rotation (if there is one) and check once more."""
         try:
-            verify(self.identity.server_key, kind, fields, signature, time.time())
+            check()
         except SignatureRefused as exc:
             if exc.reason != "unknown_key" or not self._follow_rotation():
                 raise
-            verify(self.identity.server_key, kind, fields, signature, time.time())
+            check()
 
     def _follow_rotation(self) -> bool:
         """Pin the server's new key when a chain of rotations signed by the pinned key leads to it."""
@@ -373,12 +389,7 @@ class DeviceClient:
             log.warning("enrolled again as %s in cohort %s at v%d", reply.device_id, reply.cohort, reply.version)
 
     def _check_reenrolment(self, reply: RegisterResponse) -> None:
-        try:
-            check_enrolment(reply, self.identity.server_key, None, time.time())
-        except SignatureRefused as exc:
-            if exc.reason != "unknown_key" or not self._follow_rotation():
-                raise
-            check_enrolment(reply, self.identity.server_key, None, time.time())
+        self._under_pinned_key(lambda: check_enrolment(reply, self.identity.server_key, None, time.time()))
         if reply.model != self.descriptor:
             raise SignatureRefused("model_changed", "the server now serves another model; restart the device")
 
@@ -438,7 +449,8 @@ class DeviceClient:
             if self._stop.is_set():
                 return False
             try:
-                self._check_delta(delta)
+                self._under_pinned_key(lambda: check_delta(delta, self.identity.server_key, self.identity.device_id,
+                                                           self.identity.cohort, self._held, time.time()))
                 params = verify_delta(delta, self.model.version, self.descriptor, self.identity.cohort,
                                       source=self.source_params, max_rel=self.cfg.delta_max_rel)
             except (SignatureRefused, DeltaRefused) as exc:
@@ -467,17 +479,6 @@ class DeviceClient:
                 return False
             time.sleep(0.01)
         return True
-
-    def _check_delta(self, delta: Delta) -> None:
-        def check() -> None:
-            check_delta(delta, self.identity.server_key, self.identity.device_id, self.identity.cohort, self._held,
-                        time.time())
-        try:
-            check()
-        except SignatureRefused as exc:
-            if exc.reason != "unknown_key" or not self._follow_rotation():
-                raise
-            check()
 
     def _poll_deltas(self) -> None:
         api = self.open_api()

@@ -49,7 +49,7 @@ class Supervisor:
                 started = time.monotonic()
                 try:
                     body()
-                except Exception as exc:  # noqa: BLE001 (that is the point: nothing ends the thread)
+                except Exception as exc:  # that is the point: nothing ends the thread
                     health.restarts += 1
                     health.last_error = f"{type(exc).__name__}: {exc}"[:500]
                     health.last_error_at = time.time()

@@ -8,7 +8,13 @@ delta it holds: a captured delta cannot roll a device back by moving it.
 from __future__ import annotations
 
 from shared.protocol import Delta, RegisterResponse, Signature
-from shared.signing import SignatureRefused, delta_fields, enrolment_fields, fingerprint, verify
+from shared.signing import (
+    SignatureRefused,
+    delta_fields,
+    enrolment_fields,
+    fingerprint,
+    verify,
+)
 
 
 def check_key(key: str, expected_fingerprint: str | None) -> str:

@@ -26,7 +26,6 @@ from server.store import DeviceRecord, Store
 from server.uploads import UploadRejected, parse_upload
 from server.worker import AdaptationWorker, VersionBoard
 from shared.codec import MSGPACK_MEDIA_TYPE, pack
-from shared.signing import SIGNATURE_HEADER, delta_fields, enrolment_fields, model_file_fields
 from shared.protocol import (
     MAX_BODY_BYTES,
     MAX_VERSION,
@@ -48,6 +47,12 @@ from shared.protocol import (
     SigningKeyInfo,
     Telemetry,
     UploadAck,
+)
+from shared.signing import (
+    SIGNATURE_HEADER,
+    delta_fields,
+    enrolment_fields,
+    model_file_fields,
 )
 
 log = logging.getLogger("driftsync.server")

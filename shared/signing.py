@@ -13,9 +13,18 @@ from typing import Any
 
 import msgpack
 from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from cryptography.hazmat.primitives.asymmetric.ed25519 import (
+    Ed25519PrivateKey,
+    Ed25519PublicKey,
+)
 
-from shared.protocol import Delta, KeyRotation, ModelDescriptor, RegisterResponse, Signature
+from shared.protocol import (
+    Delta,
+    KeyRotation,
+    ModelDescriptor,
+    RegisterResponse,
+    Signature,
+)
 
 SIGNATURE_HEADER = "X-DriftSync-Signature"  # a model file's Signature, as JSON
 

@@ -12,13 +12,24 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 from onnx.external_data_helper import set_external_data
+from onnxruntime.capi.onnxruntime_pybind11_state import Fail
 from PIL import Image
 
 from device_client.client import HealthWindow
 from device_client.deltas import DeltaRefused, verify_delta
-from device_client.modelcheck import ModelRefused, check_inference_model, check_statistics_model, inspect_model
+from device_client.modelcheck import (
+    ModelRefused,
+    check_inference_model,
+    check_statistics_model,
+    inspect_model,
+)
 from device_client.runtime import build_session, private_model
-from device_client.selection import CemaSelector, SelectionConfig, UgsConfig, UgsSelector
+from device_client.selection import (
+    CemaSelector,
+    SelectionConfig,
+    UgsConfig,
+    UgsSelector,
+)
 from device_client.sources import FolderSource, SeenFiles
 from device_client.supervisor import Supervisor
 from device_client.transport import ServerError, _parse, _raise_for, parse_retry_after
@@ -67,12 +78,7 @@ def test_external_data_is_refused_and_a_private_folder_resolves_nothing(artifact
         with pytest.raises(ModelRefused) as refused:
             check(evil, _descriptor(artifact))
         assert refused.value.reason == "external_data"
-    try:  # what the check prevents: from bytes, onnxruntime may read the file next to the process
-        leaked = build_session(evil, {}).run(None, {})[0]
-        assert np.array_equal(leaked, secret)
-    except Exception:  # noqa: BLE001 (an onnxruntime that refuses it on its own is fine too)
-        pass
-    with pytest.raises(Exception):  # from the device's private folder there is nothing to read
+    with pytest.raises(Fail, match="secret.bin|external"):  # from the private folder there is nothing to read
         build_session(private_model(tmp_path / "runtime", evil), {}).run(None, {})
 
 

@@ -14,17 +14,16 @@ import pytest
 from device_client.client import DeviceClient, DeviceConfig
 from server.signing import Signer, key_file, load_or_create_signing_key
 from shared.codec import decode, pack
+from shared.images import encode_image
 from shared.protocol import Delta, RegisterRequest, UploadBatch
 from shared.signing import (
     SIGNATURE_HEADER,
     SignatureRefused,
     canonical,
-    delta_fields,
     fingerprint,
     follow_rotations,
     verify,
 )
-from shared.images import encode_image
 from shared.tensors import Tensor, tensors_digest
 from tests.conftest import build_test_parts, serve_in_thread, wait_for
 from tests.mitm import Proxy, Reply
@@ -157,7 +156,8 @@ def test_a_device_behind_a_rewriting_proxy_keeps_its_parameters_and_says_why(mit
     for reason, attack in attacks:
         before = device.deltas.refused[reason]
         proxy.rewrite = attack
-        wait_for(lambda: device.deltas.refused[reason] > before, what=f"a refusal for {reason}")
+        wait_for(lambda reason=reason, before=before: device.deltas.refused[reason] > before,
+                 what=f"a refusal for {reason}")
         assert device.model.version == version and device.identity.cohort == cohort
         assert all(np.array_equal(device.model.params[k], v) for k, v in params.items())
 
