@@ -61,8 +61,8 @@ def parse_retry_after(value: str | None, now: float | None = None, cap_s: float 
     if value is None:
         return None
     value = value.strip()
-    if re.fullmatch(r"[0-9]{1,12}", value):
-        return min(float(value), cap_s)
+    if re.fullmatch(r"[0-9]+", value):
+        return cap_s if len(value) > 9 else min(float(value), cap_s)  # 400 digits must not become a float
     try:
         when = email.utils.parsedate_to_datetime(value)
     except (TypeError, ValueError, IndexError, OverflowError):
@@ -86,7 +86,8 @@ class Backoff:
     def next_delay(self, retry_after: float | None = None) -> float:
         self.failures += 1
         if retry_after is not None:  # the server said when; spread the fleet above it, never below
-            return min(retry_after, self.retry_after_cap_s) * (1.0 + 0.25 * self.rng.random())
+            wait = min(max(retry_after, self.base_s), self.retry_after_cap_s)  # "0" or a past date: no busy loop
+            return wait * (1.0 + 0.25 * self.rng.random())
         ceiling = min(self.cap_s, self.base_s * 2 ** min(self.failures - 1, 16))
         return ceiling * (0.5 + 0.5 * self.rng.random())
 

@@ -32,7 +32,7 @@ from device_client.selection import (
 )
 from device_client.sources import FolderSource, SeenFiles
 from device_client.supervisor import Supervisor
-from device_client.transport import ServerError, _parse, _raise_for, parse_retry_after
+from device_client.transport import Backoff, ServerError, _parse, _raise_for, parse_retry_after
 from shared.protocol import Delta, ModelDescriptor, UploadAck
 from shared.tensors import Tensor, tensors_digest
 from tests.conftest import tiny_pair, wait_for
@@ -211,13 +211,15 @@ def test_retry_after_is_parsed_strictly_and_clamped():
     assert parse_retry_after("5") == 5.0
     assert parse_retry_after(" 12 ") == 12.0
     assert parse_retry_after("999999999999") == 300.0
-    assert parse_retry_after("9" * 400) is None
+    assert parse_retry_after("9" * 400) == 300.0
     for bad in ("\u00b2", "1e9", "-5", "5.5", "inf", "nan", "", "\u0663"):  # ² and Arabic-Indic 3 pass isdigit()
         assert parse_retry_after(bad) is None, bad
     assert parse_retry_after("Tue, 14 Nov 2023 22:13:40 GMT", now=now) == pytest.approx(20.0)
     assert parse_retry_after("Fri, 01 Jan 2100 00:00:00 GMT", now=now) == 300.0
     assert parse_retry_after("Mon, 01 Jan 2001 00:00:00 GMT", now=now) == 0.0
     assert parse_retry_after("Mon, 99 Foo 2001") is None
+    assert Backoff().next_delay(0.0) >= 0.5  # "0" or a past date does not make a busy loop
+    assert Backoff(retry_after_cap_s=2.0).next_delay(300.0) <= 2.5  # a device may cap it lower still
 
 
 @pytest.mark.parametrize("status,headers,body,detail", [
