@@ -96,3 +96,29 @@ def test_device_survives_every_bad_reply_and_adapts_once_the_server_behaves(host
     assert all(h["state"] == "running" for h in status["threads"].values()), status["threads"]
     reporter.stop()
     device.stop()
+
+
+def test_nan_predictions_neither_stop_telemetry_nor_selection(tiny_server, tmp_path):
+    """A model that overflows to NaN for a while: nothing NaN is uploaded or reported, the
+    status thread lives, and selection resumes when the predictions are finite again."""
+    url, _ = tiny_server
+    cfg = DeviceConfig(server=url, state_dir=tmp_path / "device", e_max_factor=2.0, dynamic_lambda=0.6,
+                       upload_batch=8, upload_flush_s=0.1, poll_wait_s=0.5)
+    device = DeviceClient(cfg).start()
+    reporter = StatusReporter(device, tmp_path / "status.json", every_s=0.1, telemetry_every_s=0.1).start()
+    good = dict(device.model.params)
+    name = next(n for n in good if n.endswith(".bias"))
+    device.model.install({name: np.full_like(good[name], np.nan)}, device.model.version, new_line=True)
+    for i in range(8):
+        out = device.predict(_images(8, 100 + i))
+        assert np.isnan(out.entropy).all() and not out.uploaded.any()
+    reports = reporter.telemetry_sent
+    wait_for(lambda: reporter.telemetry_sent > reports + 2, timeout=20, what="telemetry during NaN predictions")
+    assert device.status()["selection"]["non_finite"] == 64
+    assert device.status()["threads"]["status"] == {"state": "running", "restarts": 0, "last_error": None,
+                                                     "last_error_at": None}
+    device.model.install(good, device.model.version, new_line=True)
+    kept = sum(device.predict(_images(8, 200 + i)).uploaded.sum() for i in range(8))
+    assert kept > 0 and np.isfinite(device.selector.e_max())
+    reporter.stop()
+    device.stop()
