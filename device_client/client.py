@@ -200,9 +200,8 @@ class DeviceClient:
             identity = identity.model_copy(update={"server_key": check_key(info.key, self.cfg.server_key_fingerprint)})
             self.state.save_identity(identity)
             log.warning("pinned the server key %s on first use", fingerprint(info.key))
-        elif self.cfg.server_key_fingerprint and fingerprint(identity.server_key) != self.cfg.server_key_fingerprint.lower():
-            raise SignatureRefused("key_mismatch", f"the pinned server key {fingerprint(identity.server_key)[:16]} is "
-                                                   "not the one --server-key-fingerprint names")
+        else:  # the key pinned earlier must be the one the operator names now, if any
+            check_key(identity.server_key, self.cfg.server_key_fingerprint)
         self.identity = identity
         self.descriptor = identity.model
         onnx_bytes = self._model_file(api, "student.onnx", self.descriptor.onnx_sha256)

@@ -38,7 +38,7 @@ class Signer:
         return sign(self._private, kind, fields, time.time(), ttl_s)
 
     def key_info(self) -> SigningKeyInfo:
-        return SigningKeyInfo(key=self.public_hex, rotations=self.rotations)
+        return SigningKeyInfo(key=self.public_hex, fingerprint=fingerprint(self.public_hex), rotations=self.rotations)
 
     def rotated(self) -> Signer:
         """A new key, announced by a rotation that the current key signs."""

@@ -72,6 +72,7 @@ class KeyRotation(_Message):
 
 class SigningKeyInfo(_Message):
     key: str = Field(pattern=HEX_KEY_PATTERN, description="The current Ed25519 public key, raw 32 bytes in hex.")
+    fingerprint: str = Field(pattern=HEX_KEY_PATTERN, description="SHA-256 of the key: what --server-key-fingerprint takes.")
     rotations: list[KeyRotation] = Field(default_factory=list, description="Every rotation, oldest first.")
 
 

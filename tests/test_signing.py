@@ -278,6 +278,8 @@ def test_enrolment_refuses_a_key_other_than_the_given_fingerprint(mitm, tmp_path
     with pytest.raises(SignatureRefused) as refused:
         _device(url, tmp_path / "x", server_key_fingerprint="0" * 64).start()
     assert refused.value.reason == "key_mismatch"
-    device = _device(url, tmp_path / "y", server_key_fingerprint=fingerprint(parts.signer.public_hex)).start()
+    published = httpx.get(f"{url}/v1/signing-key").json()["fingerprint"]
+    assert published == fingerprint(parts.signer.public_hex)
+    device = _device(url, tmp_path / "y", server_key_fingerprint=published.upper()).start()
     assert device.identity.server_key == parts.signer.public_hex
     device.stop()
