@@ -150,6 +150,24 @@ def _replay_args(p: argparse.ArgumentParser) -> None:
     add(p, "--device-args", "", help="extra `driftsync device` flags, e.g. '--e-min-factor 0.02'")
 
 
+def _db_args(p: argparse.ArgumentParser) -> None:
+    upgrade = p.add_subparsers(dest="db_command", required=True).add_parser(
+        "upgrade", help="apply the store's pending schema migrations (safe to run twice, or from two places at once)")
+    add(upgrade, "--store", str(home() / "server" / "driftsync.sqlite"), help="postgresql://... URL or SQLite file")
+
+
+def _db(args: argparse.Namespace) -> int:
+    from server.store import StoreError, upgrade
+
+    try:
+        version, applied = upgrade(args.store)
+    except StoreError as exc:
+        print(f"driftsync db upgrade: {exc}", file=sys.stderr)
+        return 1
+    print(f"schema at version {version} (applied: {', '.join(map(str, applied)) or 'none, already up to date'})")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="driftsync", description=__doc__)
     add(parser, "--log-level", "INFO", help="logging level")
@@ -166,6 +184,7 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("corrupt", add_help=False, help="write an ImageNet-C-style tree from a class-per-folder image set")
     train = sub.add_parser("train", help="train and cache the embedded default models")
     add(train, "--models", "embedded-student,embedded-teacher", help="comma list")
+    _db_args(sub.add_parser("db", help="the server's store: `db upgrade` applies schema migrations"))
 
     args, rest = parser.parse_known_args(argv)
     if args.command == "corrupt":  # its own parser owns every flag after the word
@@ -178,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request drowns the progress
     handler = {"serve": _serve, "device": _device, "demo": _demo, "replay": _replay, "export": _export, "train": _train,
-               "fleet": run_fleet_command, "loadtest": _loadtest}[args.command]
+               "fleet": run_fleet_command, "loadtest": _loadtest, "db": _db}[args.command]
     return handler(args) or 0
 
 

@@ -294,7 +294,7 @@ class AdaptationWorker:
         versions = []
         for cohort, result, newest_at, item, used in zip(cohorts, results, newest, inputs, consumed):
             versions.append(self._commit(cohort, result.tensors, newest_at, encode_state(item.state), used,
-                                         len(item.images)))
+                                         len(item.images) - sum(used.values())))  # samples with no stored upload
             if result.event is not None:
                 self._event(cohort, result.event, result.detail)
         self.stats.steps += len(cohorts)

@@ -10,6 +10,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
+pytest_plugins = ["postgres_service"]  # fixtures: postgres_service, postgres_url, postgres_db
 
 
 def wait_for(predicate, timeout: float = 60.0, what: str = "condition"):
