@@ -9,6 +9,7 @@ import torch
 from fastapi import FastAPI
 
 from server.app import ServerSettings, build_parts, create_app
+from server.devices import resolve_torch_device
 from server.engine import CemaConfig, CemaEngine
 from server.export import export_student
 from server.models.registry import build_model, model_info
@@ -51,6 +52,7 @@ class ServeOptions:
     collapse_marginal: float = 0.2
     collapse_window: int = 512
     torch_threads: int = 0
+    torch_device: str = "auto"  # cpu, cuda, cuda:N; auto: cuda when torch sees one
     seed: int = 0
 
 
@@ -84,7 +86,8 @@ def build_app(opts: ServeOptions) -> FastAPI:
         collapse_marginal=opts.collapse_marginal,
         collapse_window=opts.collapse_window,
     )
-    engine = CemaEngine(student, teacher, cfg, seed=opts.seed, student_input_shape=info.input_shape)
+    torch_device = resolve_torch_device(opts.torch_device)
+    engine = CemaEngine(student, teacher, cfg, seed=opts.seed, student_input_shape=info.input_shape, torch_device=torch_device)
     store = SqliteStore(opts.state_dir / "driftsync.sqlite")
     settings = ServerSettings(max_body_bytes=opts.max_body_bytes, enrolment_token=opts.enrolment_token,
                               admin_token=opts.admin_token, device_samples_per_s=opts.device_samples_per_s,
@@ -95,5 +98,6 @@ def build_app(opts: ServeOptions) -> FastAPI:
         step_min_samples=opts.step_min_samples, batch_cohorts=opts.batch_cohorts,
         max_pending_samples=opts.max_pending_samples,
     )
-    log.info("student %s (%d norm tensors), teacher %s", opts.student, len(artifact.parameters), opts.teacher)
+    log.info("student %s (%d norm tensors), teacher %s, on %s", opts.student, len(artifact.parameters), opts.teacher,
+             torch_device)
     return create_app(parts)
