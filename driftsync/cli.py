@@ -50,6 +50,17 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
     add(p, "--step-max-wait-s", 2.0, float, help="step with fewer samples once the oldest waited this long")
     add(p, "--step-min-samples", 8, int, help="fewest new samples a step takes after waiting")
     add(p, "--torch-threads", 0, int, help="torch intra-op threads (0: torch's default)")
+    add(p, "--torch-device", "auto", help="where the adaptation engine computes: cpu, cuda, cuda:N, or auto (cuda "
+        "when torch sees a GPU)")
+    add(p, "--role", "all", help="all: one process (HTTP front + worker); api: a stateless HTTP replica (no torch); "
+        "worker: an adaptation worker. api and worker need --broker and a shared --store")
+    add(p, "--store", None, optional(str), help="postgresql://USER@HOST/DB, or a SQLite file (default: STATE_DIR/driftsync.sqlite)")
+    add(p, "--broker", None, optional(str), help="redis://HOST:PORT/DB: Redis Streams between API replicas and workers "
+        "(unset: the in-process queue of --role all)")
+    add(p, "--partitions", 16, int, help="broker partitions (cohorts are hashed to one; fixed for a deployment)")
+    add(p, "--lease-ttl-s", 10.0, float, help="a worker's partition leases expire this long after its last renewal")
+    add(p, "--worker-name", None, optional(str), help="this worker's name in leases and the consumer group "
+        "(default: HOST-PID-RANDOM)")
     add(p, "--ssl-certfile", None, optional(str), help="serve https with this PEM certificate (chain)")
     add(p, "--ssl-keyfile", None, optional(str), help="the certificate's private key")
 
@@ -145,7 +156,7 @@ def _replay_args(p: argparse.ArgumentParser) -> None:
     add(p, "--normalization", "batch", help="device normalization for collaborative methods: batch, running or cloud")
     add(p, "--dirichlet", 0.1, float, help="label-burst concentration for the correlated setting")
     add(p, "--torch-threads", 0, int, help="torch threads for the server and on-device methods (0: torch's default)")
-    add(p, "--torch-device", "cpu", help="torch device for the on-device references (e.g. cuda)")
+    add(p, "--torch-device", "cpu", help="torch device for the on-device references: cpu, cuda, cuda:N or auto")
     add(p, "--server-args", "", help="extra `driftsync serve` flags, e.g. '--teacher-augmentations 8'")
     add(p, "--device-args", "", help="extra `driftsync device` flags, e.g. '--e-min-factor 0.02'")
 
@@ -204,8 +215,10 @@ def main(argv: list[str] | None = None) -> int:
 def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from server.main import ServeOptions, build_app
+    from server.options import ROLES, ServeOptions
 
+    if args.role not in ROLES:
+        raise SystemExit(f"driftsync serve: --role must be one of {', '.join(ROLES)}, not {args.role!r}")
     opts = ServeOptions(
         state_dir=Path(args.state_dir), student=args.student, teacher=args.teacher,
         enrolment_token=args.enrolment_token, admin_token=args.admin_token, max_body_bytes=args.max_body_bytes,
@@ -219,8 +232,18 @@ def _serve(args: argparse.Namespace) -> int:
         guard_tolerance=args.guard_tolerance, collapse_marginal=args.collapse_marginal,
         collapse_window=args.collapse_window, batch_cohorts=args.batch_cohorts,
         max_pending_samples=args.max_pending_samples, queue_max_jobs=args.queue_max_jobs,
+        role=args.role, store=args.store, broker=args.broker, partitions=args.partitions,
+        lease_ttl_s=args.lease_ttl_s, worker_name=args.worker_name, torch_device=args.torch_device,
     )
-    uvicorn.run(build_app(opts), host=args.host, port=args.port, log_level=args.log_level.lower(),
+    if args.role == "api":  # a replica imports no torch
+        from server.api_role import build_api_app as build_app
+    else:
+        from server.main import build_app
+    try:
+        app = build_app(opts)
+    except ValueError as exc:
+        raise SystemExit(f"driftsync serve: {exc}") from exc
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level.lower(),
                 ssl_certfile=args.ssl_certfile, ssl_keyfile=args.ssl_keyfile)
     return 0
 
