@@ -24,7 +24,10 @@ from psycopg_pool import ConnectionPool
 from server.store import Execute, SqlStore, StoreUnavailable
 
 CONNECT_TIMEOUT_S = 3
-POOL_TIMEOUT_S = 5.0  # longest wait for a free (or new) connection
+POOL_TIMEOUT_S = 3.0  # longest wait for a free (or new) connection: then StoreUnavailable
+# the pool's background reconnection backs off exponentially; giving up soon means the first request
+# after PostgreSQL is back starts a fresh attempt at once instead of waiting out a long backoff
+RECONNECT_TIMEOUT_S = 4.0
 SCHEMA_LOCK = 0x6472696674  # pg_advisory_xact_lock key of migrations ("drift")
 CONNECTION = {
     "connect_timeout": CONNECT_TIMEOUT_S,
@@ -52,7 +55,8 @@ class PostgresStore(SqlStore):
     def __init__(self, url: str, *, migrate: bool, keep_versions: int = 200, max_connections: int = 8) -> None:
         super().__init__(redact(url), keep_versions)
         self._pool = ConnectionPool(url, min_size=1, max_size=max_connections, kwargs=CONNECTION,
-                                    timeout=POOL_TIMEOUT_S, check=ConnectionPool.check_connection,
+                                    timeout=POOL_TIMEOUT_S, reconnect_timeout=RECONNECT_TIMEOUT_S,
+                                    check=ConnectionPool.check_connection,
                                     name="driftsync-store", open=True)
         try:
             self._open_schema(migrate)
