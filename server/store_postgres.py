@@ -54,6 +54,10 @@ class PostgresStore(SqlStore):
 
     def __init__(self, url: str, *, migrate: bool, keep_versions: int = 200, max_connections: int = 8) -> None:
         super().__init__(redact(url), keep_versions)
+        try:  # fail at once, saying why (refused, no such database, bad password), rather than after a pool timeout
+            psycopg.connect(url, **CONNECTION).close()
+        except psycopg.OperationalError as exc:
+            raise self._unavailable(exc) from exc
         self._pool = ConnectionPool(url, min_size=1, max_size=max_connections, kwargs=CONNECTION,
                                     timeout=POOL_TIMEOUT_S, reconnect_timeout=RECONNECT_TIMEOUT_S,
                                     check=ConnectionPool.check_connection,
@@ -70,7 +74,10 @@ class PostgresStore(SqlStore):
             with self._pool.connection() as conn:  # committed at the end of the block, rolled back on an error
                 yield lambda sql, params=(): conn.execute(sql.replace("?", "%s"), params)
         except psycopg.OperationalError as exc:  # refused, dropped, shut down, pool timeout, deadlock victim
-            raise StoreUnavailable(f"PostgreSQL at {self.url} is unavailable: {' '.join(str(exc).split())}") from exc
+            raise self._unavailable(exc) from exc
+
+    def _unavailable(self, exc: Exception) -> StoreUnavailable:
+        return StoreUnavailable(f"PostgreSQL at {self.url} is unavailable: {' '.join(str(exc).split())}")
 
     def _lock_schema(self, execute: Execute) -> None:
         execute("SELECT pg_advisory_xact_lock(?)", (SCHEMA_LOCK,))

@@ -301,6 +301,16 @@ def test_db_upgrade_command_prints_one_line_and_imports_no_torch(store_url) -> N
                        f"schema at version {LATEST} (applied: none, already up to date)\n"]
 
 
+def test_an_unreachable_postgres_is_refused_at_once_and_without_its_password() -> None:
+    from driftsync.processes import free_port
+
+    pytest.importorskip("psycopg", reason="psycopg not installed: pip install 'driftsync[scale]'")
+    started = time.monotonic()
+    with pytest.raises(StoreUnavailable, match="unavailable: .*refused") as refused:
+        open_store(f"postgresql://postgres:hunter2@127.0.0.1:{free_port()}/db", migrate=True)
+    assert time.monotonic() - started < 5 and "hunter2" not in str(refused.value) and ":***@" in str(refused.value)
+
+
 def test_postgres_keeps_synchronous_commit_on(postgres_db) -> None:
     store = open_store(postgres_db, migrate=True)
     try:
