@@ -301,6 +301,13 @@ def test_db_upgrade_command_prints_one_line_and_imports_no_torch(store_url) -> N
                        f"schema at version {LATEST} (applied: none, already up to date)\n"]
 
 
+def test_an_unknown_store_url_is_refused(tmp_path) -> None:
+    with pytest.raises(StoreError, match="unsupported store URL 'mysql://h/db'"):
+        open_store("mysql://h/db", migrate=True)
+    with pytest.raises(StoreError, match="cannot open the SQLite store"):
+        open_store(str(tmp_path), migrate=True)  # a directory
+
+
 def test_an_unreachable_postgres_is_refused_at_once_and_without_its_password() -> None:
     from driftsync.processes import free_port
 
