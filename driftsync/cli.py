@@ -316,3 +316,7 @@ def _train(args: argparse.Namespace) -> int:
     for name in args.models.split(","):
         print(ensure_trained(name.strip(), log=lambda m: print(m, file=sys.stderr)))
     return 0
+
+
+if __name__ == "__main__":  # `python -m driftsync.cli` as well as `python -m driftsync`
+    raise SystemExit(main())

@@ -23,8 +23,9 @@ import sqlite3
 import threading
 import time
 import uuid
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -142,7 +143,7 @@ Execute = Callable[..., Any]  # (sql, params=()) -> a DB-API cursor, inside one 
 WORKER_ROWS_KEPT_S = 3600.0  # a heartbeat row expired this long ago is deleted (worker names may be one-off)
 
 
-class SqlStore:
+class SqlStore(ABC):
     """The SQL every backend runs ('?' placeholders); a subclass supplies connections, transactions,
     the database clock and row locks. SQLite serializes writers on the whole file, so its row-lock
     suffixes are empty; PostgreSQL locks the rows a read-modify-write depends on."""
@@ -158,10 +159,9 @@ class SqlStore:
         self.url = url
         self._keep = keep_versions
 
-    @contextmanager
-    def _transaction(self) -> Iterator[Execute]:
+    @abstractmethod
+    def _transaction(self) -> AbstractContextManager[Execute]:
         """Everything executed in the block is committed together, or nothing is."""
-        raise NotImplementedError
 
     def _query(self, sql: str, params: tuple = ()) -> list[tuple]:
         """One statement, committed on its own; its rows, if any."""
@@ -463,8 +463,8 @@ class SqlStore:
         row = self._one("SELECT data FROM blobs WHERE key = ?", (key,))
         return bytes(row[0]) if row else None
 
-    def close(self) -> None:
-        raise NotImplementedError
+    @abstractmethod
+    def close(self) -> None: ...
 
 
 class SqliteStore(SqlStore):
@@ -498,6 +498,11 @@ class SqliteStore(SqlStore):
                 self._conn.execute("ROLLBACK")
                 raise
             self._conn.execute("COMMIT")
+
+    def _query(self, sql: str, params: tuple = ()) -> list[tuple]:
+        with self._lock:  # one statement in autocommit mode is its own transaction
+            cursor = self._conn.execute(sql, params)
+            return cursor.fetchall() if cursor.description else []
 
     def _before_migration(self, execute: Execute, version: int) -> None:
         if version == 1:

@@ -24,7 +24,10 @@ from psycopg_pool import ConnectionPool
 from server.store import Execute, SqlStore, StoreUnavailable
 
 CONNECT_TIMEOUT_S = 3
-POOL_TIMEOUT_S = 5.0  # longest wait for a free (or new) connection
+POOL_TIMEOUT_S = 3.0  # longest wait for a free (or new) connection: then StoreUnavailable
+# the pool's background reconnection backs off exponentially; giving up soon means the first request
+# after PostgreSQL is back starts a fresh attempt at once instead of waiting out a long backoff
+RECONNECT_TIMEOUT_S = 4.0
 SCHEMA_LOCK = 0x6472696674  # pg_advisory_xact_lock key of migrations ("drift")
 CONNECTION = {
     "connect_timeout": CONNECT_TIMEOUT_S,
@@ -51,8 +54,13 @@ class PostgresStore(SqlStore):
 
     def __init__(self, url: str, *, migrate: bool, keep_versions: int = 200, max_connections: int = 8) -> None:
         super().__init__(redact(url), keep_versions)
+        try:  # fail at once, saying why (refused, no such database, bad password), rather than after a pool timeout
+            psycopg.connect(url, **CONNECTION).close()
+        except psycopg.OperationalError as exc:
+            raise self._unavailable(exc) from exc
         self._pool = ConnectionPool(url, min_size=1, max_size=max_connections, kwargs=CONNECTION,
-                                    timeout=POOL_TIMEOUT_S, check=ConnectionPool.check_connection,
+                                    timeout=POOL_TIMEOUT_S, reconnect_timeout=RECONNECT_TIMEOUT_S,
+                                    check=ConnectionPool.check_connection,
                                     name="driftsync-store", open=True)
         try:
             self._open_schema(migrate)
@@ -66,7 +74,10 @@ class PostgresStore(SqlStore):
             with self._pool.connection() as conn:  # committed at the end of the block, rolled back on an error
                 yield lambda sql, params=(): conn.execute(sql.replace("?", "%s"), params)
         except psycopg.OperationalError as exc:  # refused, dropped, shut down, pool timeout, deadlock victim
-            raise StoreUnavailable(f"PostgreSQL at {self.url} is unavailable: {' '.join(str(exc).split())}") from exc
+            raise self._unavailable(exc) from exc
+
+    def _unavailable(self, exc: Exception) -> StoreUnavailable:
+        return StoreUnavailable(f"PostgreSQL at {self.url} is unavailable: {' '.join(str(exc).split())}")
 
     def _lock_schema(self, execute: Execute) -> None:
         execute("SELECT pg_advisory_xact_lock(?)", (SCHEMA_LOCK,))

@@ -10,6 +10,7 @@ from __future__ import annotations
 import glob
 import itertools
 import os
+import pwd
 import shutil
 import subprocess
 import tempfile
@@ -95,6 +96,11 @@ def postgres_service():
     bindir = postgres_bindir()
     if bindir is None:
         pytest.skip(SKIP)
+    if os.geteuid() == 0:
+        try:
+            pwd.getpwnam("postgres")
+        except KeyError:
+            pytest.skip("PostgreSQL refuses to run as root and there is no `postgres` user to run it as")
     pytest.importorskip("psycopg", reason="psycopg not installed: pip install 'driftsync[scale]'")
     service = PostgresService(Path(tempfile.mkdtemp(prefix="driftsync-pg-")), bindir)
     try:
