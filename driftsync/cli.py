@@ -50,8 +50,19 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
     add(p, "--step-max-wait-s", 2.0, float, help="step with fewer samples once the oldest waited this long")
     add(p, "--step-min-samples", 8, int, help="fewest new samples a step takes after waiting")
     add(p, "--torch-threads", 0, int, help="torch intra-op threads (0: torch's default)")
+    add(p, "--torch-device", "auto", help="where the adaptation engine computes: cpu, cuda, cuda:N, or auto (cuda "
+        "when torch sees a GPU)")
+    add(p, "--role", "all", help="all: one process (HTTP front + worker); api: a stateless HTTP replica (no torch); "
+        "worker: an adaptation worker. api and worker need --broker and a shared --store")
+    add(p, "--store", None, optional(str), help="postgresql://USER@HOST/DB, or a SQLite file (default: STATE_DIR/driftsync.sqlite)")
+    add(p, "--broker", None, optional(str), help="redis://HOST:PORT/DB: Redis Streams between API replicas and workers "
+        "(unset: the in-process queue of --role all)")
+    add(p, "--partitions", 16, int, help="broker partitions (cohorts are hashed to one; fixed for a deployment)")
+    add(p, "--lease-ttl-s", 10.0, float, help="a worker's partition leases expire this long after its last renewal")
+    add(p, "--worker-name", None, optional(str), help="this worker's name in leases and the consumer group "
+        "(default: HOST-PID-RANDOM)")
     add(p, "--rotate-signing-key", False, parse_bool, help="start with a new Ed25519 signing key, announced to "
-        "devices signed by the old one (the key lives in STATE_DIR/signing_key)")
+        "devices signed by the old one (kept in STATE_DIR/signing_key, or in the --store with --broker)")
     add(p, "--ssl-certfile", None, optional(str), help="serve https with this PEM certificate (chain)")
     add(p, "--ssl-keyfile", None, optional(str), help="the certificate's private key")
 
@@ -151,9 +162,27 @@ def _replay_args(p: argparse.ArgumentParser) -> None:
     add(p, "--normalization", "batch", help="device normalization for collaborative methods: batch, running or cloud")
     add(p, "--dirichlet", 0.1, float, help="label-burst concentration for the correlated setting")
     add(p, "--torch-threads", 0, int, help="torch threads for the server and on-device methods (0: torch's default)")
-    add(p, "--torch-device", "cpu", help="torch device for the on-device references (e.g. cuda)")
+    add(p, "--torch-device", "cpu", help="torch device for the on-device references: cpu, cuda, cuda:N or auto")
     add(p, "--server-args", "", help="extra `driftsync serve` flags, e.g. '--teacher-augmentations 8'")
     add(p, "--device-args", "", help="extra `driftsync device` flags, e.g. '--e-min-factor 0.02'")
+
+
+def _db_args(p: argparse.ArgumentParser) -> None:
+    upgrade = p.add_subparsers(dest="db_command", required=True).add_parser(
+        "upgrade", help="apply the store's pending schema migrations (safe to run twice, or from two places at once)")
+    add(upgrade, "--store", str(home() / "server" / "driftsync.sqlite"), help="postgresql://... URL or SQLite file")
+
+
+def _db(args: argparse.Namespace) -> int:
+    from server.store import StoreError, upgrade
+
+    try:
+        version, applied = upgrade(args.store)
+    except StoreError as exc:
+        print(f"driftsync db upgrade: {exc}", file=sys.stderr)
+        return 1
+    print(f"schema at version {version} (applied: {', '.join(map(str, applied)) or 'none, already up to date'})")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -172,6 +201,7 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("corrupt", add_help=False, help="write an ImageNet-C-style tree from a class-per-folder image set")
     train = sub.add_parser("train", help="train and cache the embedded default models")
     add(train, "--models", "embedded-student,embedded-teacher", help="comma list")
+    _db_args(sub.add_parser("db", help="the server's store: `db upgrade` applies schema migrations"))
 
     args, rest = parser.parse_known_args(argv)
     if args.command == "corrupt":  # its own parser owns every flag after the word
@@ -184,15 +214,17 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request drowns the progress
     handler = {"serve": _serve, "device": _device, "demo": _demo, "replay": _replay, "export": _export, "train": _train,
-               "fleet": run_fleet_command, "loadtest": _loadtest}[args.command]
+               "fleet": run_fleet_command, "loadtest": _loadtest, "db": _db}[args.command]
     return handler(args) or 0
 
 
 def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from server.main import ServeOptions, build_app
+    from server.options import ROLES, ServeOptions
 
+    if args.role not in ROLES:
+        raise SystemExit(f"driftsync serve: --role must be one of {', '.join(ROLES)}, not {args.role!r}")
     opts = ServeOptions(
         state_dir=Path(args.state_dir), student=args.student, teacher=args.teacher,
         enrolment_token=args.enrolment_token, admin_token=args.admin_token, max_body_bytes=args.max_body_bytes,
@@ -206,9 +238,19 @@ def _serve(args: argparse.Namespace) -> int:
         guard_tolerance=args.guard_tolerance, collapse_marginal=args.collapse_marginal,
         collapse_window=args.collapse_window, batch_cohorts=args.batch_cohorts,
         max_pending_samples=args.max_pending_samples, queue_max_jobs=args.queue_max_jobs,
+        role=args.role, store=args.store, broker=args.broker, partitions=args.partitions,
+        lease_ttl_s=args.lease_ttl_s, worker_name=args.worker_name, torch_device=args.torch_device,
         rotate_signing_key=args.rotate_signing_key,
     )
-    uvicorn.run(build_app(opts), host=args.host, port=args.port, log_level=args.log_level.lower(),
+    if args.role == "api":  # a replica imports no torch
+        from server.api_role import build_api_app as build_app
+    else:
+        from server.main import build_app
+    try:
+        app = build_app(opts)
+    except ValueError as exc:
+        raise SystemExit(f"driftsync serve: {exc}") from exc
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level.lower(),
                 ssl_certfile=args.ssl_certfile, ssl_keyfile=args.ssl_keyfile)
     return 0
 
@@ -281,3 +323,7 @@ def _train(args: argparse.Namespace) -> int:
     for name in args.models.split(","):
         print(ensure_trained(name.strip(), log=lambda m: print(m, file=sys.stderr)))
     return 0
+
+
+if __name__ == "__main__":  # `python -m driftsync.cli` as well as `python -m driftsync`
+    raise SystemExit(main())

@@ -13,7 +13,13 @@ and mapped onto this machine:
   S gets DRIFTSYNC_PORT=L, and a DRIFTSYNC_HOST is narrowed to 127.0.0.1;
 - a command starting with `driftsync` runs as `python -m driftsync`, a healthcheck's `python`
   as this interpreter;
-- replica i of S gets HOSTNAME and DRIFTSYNC_NAME `S-i`.
+- replica i of S gets HOSTNAME and DRIFTSYNC_NAME `S-i`;
+- profiles: a service with `profiles` runs only when one of them is active (`--profile`, else
+  COMPOSE_PROFILES from the environment or the `.env` beside the compose file, as compose
+  reads them); a `depends_on` entry with `required: false` on a service not running is skipped;
+- a service whose image is PostgreSQL, Redis or HAProxy runs the local server through
+  `python -m driftsync.localservices` on its mapped port, in its volume's directory (HAProxy
+  with its configuration file's host:port pairs rewritten like everything else).
 
 Processes inherit this environment without its DRIFTSYNC_* variables (DRIFTSYNC_HOME excepted),
 as a container would; `--env KEY=VALUE` sets a variable for every service. Images, networks
@@ -37,6 +43,7 @@ from pathlib import Path
 from typing import Any
 
 from driftsync.config import add, optional
+from driftsync.localservices import KNOWN_IMAGES
 from driftsync.processes import cli, free_port
 
 log = logging.getLogger("driftsync.fleet")
@@ -215,6 +222,21 @@ def start_order(depends: Mapping[str, Mapping[str, str]]) -> list[str]:
     return order
 
 
+def dotenv(path: Path) -> dict[str, str]:
+    """KEY=VALUE lines of a compose `.env` file (comments and blank lines skipped)."""
+    if not path.exists():
+        return {}
+    pairs = (line.split("=", 1) for line in path.read_text().splitlines()
+             if "=" in line and not line.lstrip().startswith("#"))
+    return {key.strip(): value.strip().strip('"').strip("'") for key, value in pairs}
+
+
+def active_profiles(profiles: list[str] | None, environ: Mapping[str, str]) -> set[str]:
+    if profiles:
+        return set(profiles)
+    return {p.strip() for p in environ.get("COMPOSE_PROFILES", "").split(",") if p.strip()}
+
+
 def load(
     compose: Path,
     work: Path,
@@ -223,13 +245,18 @@ def load(
     overrides: Mapping[str, str] | None = None,
     port: int = 0,
     environ: Mapping[str, str] | None = None,
+    profiles: list[str] | None = None,
 ) -> list[Service]:
     """The compose file's services mapped onto this machine, in start order."""
-    environ = os.environ if environ is None else environ
+    environ = {**dotenv(compose.parent / ".env"), **(os.environ if environ is None else environ)}
     import yaml  # the server extra's; `driftsync device` alone must not need it
 
     doc = interpolate(yaml.safe_load(compose.read_text()), environ)
-    specs: dict[str, dict[str, Any]] = doc.get("services") or {}
+    active = active_profiles(profiles, environ)
+    specs: dict[str, dict[str, Any]] = {name: spec for name, spec in (doc.get("services") or {}).items()
+                                        if not spec.get("profiles") or active & set(spec["profiles"])}
+    if not specs:
+        raise ValueError(f"no service runs with profiles {sorted(active) or '(none)'}")
     if unknown := set(scale or {}) - set(specs):
         raise ValueError(f"--scale names unknown services: {sorted(unknown)}")
     work = work.resolve()
@@ -242,7 +269,9 @@ def load(
             hosts[f"{name}:{target}"] = f"127.0.0.1:{local}"
             own[name].update({f"127.0.0.1:{target}": f"127.0.0.1:{local}", f"localhost:{target}": f"127.0.0.1:{local}"})
             first_port.setdefault(name, local)
-    depends = {name: _depends_on(spec.get("depends_on")) for name, spec in specs.items()}
+    depends = {name: {**_depends_on(spec.get("depends_on")),  # required: false entries only if that service runs
+                      **{d: c for d, c in _depends_on(spec.get("depends_on"), optional=True).items() if d in specs}}
+               for name, spec in specs.items()}
     services = []
     for name in start_order(depends):
         spec = specs[name]
@@ -257,6 +286,8 @@ def load(
         if command is None:
             raise ValueError(f"service {name!r} has no `command` (an image's CMD is not known locally)")
         argv = shlex.split(command) if isinstance(command, str) else [str(word) for word in command]
+        if (kind := known_image(spec.get("image"))) is not None:
+            argv = local_service(kind, argv, first_port.get(name), volumes, env, work / "config" / name, rewrite)
         check = healthcheck_argv(spec.get("healthcheck"))
         replicas = (scale or {}).get(name, (spec.get("deploy") or {}).get("replicas", spec.get("scale", 1)))
         services.append(Service(
@@ -267,10 +298,43 @@ def load(
     return services
 
 
-def _depends_on(spec: Any) -> dict[str, str]:
+def _depends_on(spec: Any, optional: bool = False) -> dict[str, str]:
+    """dependee -> condition; `required: false` entries only when `optional` (then only those)."""
     if isinstance(spec, dict):
-        return {name: (cond or {}).get("condition", "service_started") for name, cond in spec.items()}
-    return {name: "service_started" for name in spec or []}
+        return {name: (cond or {}).get("condition", "service_started") for name, cond in spec.items()
+                if ((cond or {}).get("required", True) is False) == optional}
+    return {} if optional else {name: "service_started" for name in spec or []}
+
+
+def known_image(image: str | None) -> str | None:
+    """'postgres', 'redis' or 'haproxy' for an image we can run as a local process."""
+    if not image:
+        return None
+    name = image.rsplit("/", 1)[-1].split(":", 1)[0].split("@", 1)[0]
+    return name if name in KNOWN_IMAGES else None
+
+
+def local_service(kind: str, argv: list[str], port: int | None, volumes: Mapping[str, Path], env: Mapping[str, str],
+                  config_dir: Path, rewrite: Callable[[str], str]) -> list[str]:
+    """The local equivalent of a PostgreSQL, Redis or HAProxy container's command."""
+    if port is None:
+        raise ValueError(f"a {kind} service needs a published port to run locally")
+    data = config_dir if kind == "haproxy" else next(iter(volumes.values()), config_dir / "data")
+    runner = [sys.executable, "-m", "driftsync.localservices", kind, "--port", str(port), "--data", str(data)]
+    if kind == "postgres":
+        return [*runner, "--user", env.get("POSTGRES_USER", "postgres"), "--database", env.get("POSTGRES_DB", "")]
+    if kind == "redis":
+        words = argv[1:] if argv and argv[0] == "redis-server" else argv
+        kept = [w for i, w in enumerate(words) if w != "--port" and (i == 0 or words[i - 1] != "--port")]
+        return [*runner, *kept]
+    config = next((path for target, path in volumes.items() if target.endswith(".cfg")), None)
+    if config is None:
+        raise ValueError("a haproxy service needs its configuration file mounted (a .cfg bind mount)")
+    config_dir.mkdir(parents=True, exist_ok=True)
+    text = re.sub(r"(?m)^(\s*bind\s+)\S+", lambda m: f"{m.group(1)}127.0.0.1:{port}", rewrite(config.read_text()))
+    local = config_dir / config.name
+    local.write_text(text)
+    return [*runner, "--config", str(local)]
 
 
 def _base_env() -> dict[str, str]:
@@ -398,6 +462,8 @@ def add_fleet_parser(subparsers: Any) -> argparse.ArgumentParser:
     """The `fleet` subcommand's parser."""
     p = subparsers.add_parser("fleet", help="run a compose file's services as local processes (no Docker)")
     add(p, "--compose", "docker-compose.yml", help="compose file: the topology")
+    p.add_argument("--profile", action="append", default=[], metavar="NAME",
+                   help="activate a compose profile (repeatable; default: COMPOSE_PROFILES, from the environment or .env)")
     p.add_argument("--scale", action="append", default=[], metavar="SERVICE=N",
                    help="replicas of a service, overriding deploy.replicas (repeatable)")
     p.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
@@ -416,7 +482,7 @@ def run_fleet_command(args: argparse.Namespace) -> int:
     try:
         scale = {name: int(n) for name, n in _pairs(args.scale, "--scale").items()}
         services = load(Path(args.compose), Path(args.work), scale=scale,
-                        overrides=_pairs(args.env, "--env"), port=args.port)
+                        overrides=_pairs(args.env, "--env"), port=args.port, profiles=args.profile)
     except (ValueError, OSError, yaml.YAMLError) as exc:
         raise SystemExit(f"driftsync fleet: {exc}") from exc
     return run(services, Path(args.work), duration=args.duration, health_timeout=args.health_timeout)

@@ -16,12 +16,14 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from server.store import Store
 from shared.codec import CodecError, pack, unpack
 from shared.protocol import KeyRotation, Signature, SigningKeyInfo
 from shared.signing import fingerprint, public_key_hex, sign, sign_rotation
 
 log = logging.getLogger("driftsync.server.signing")
 KEY_FILE_MODE = 0o600
+SIGNING_KEY_BLOB = "signing-key"
 
 
 class Signer:
@@ -78,6 +80,19 @@ def load_or_create_signing_key(load: Callable[[], bytes | None], save: Callable[
                     old[:16], fingerprint(signer.public_hex)[:16])
     log.info("signing key fingerprint %s", fingerprint(signer.public_hex))
     return signer
+
+
+def kept_signer(store: Store, state_dir: Path, *, shared: bool, rotate: bool = False) -> Signer:
+    """The server's key: a 0600 file beside a single server, the shared store when API replicas
+    (behind a broker) must all sign with one key."""
+    where = store_key(store) if shared else key_file(state_dir / "signing_key")
+    return load_or_create_signing_key(*where, rotate=rotate)
+
+
+def store_key(store: Store) -> tuple[Callable[[], bytes | None], Callable[[bytes], None]]:
+    """load/save in the shared store, so every API replica signs with the same key. The first
+    replica to start makes it; one that raced it and lost adopts the stored key on its next start."""
+    return (lambda: store.get_blob(SIGNING_KEY_BLOB)), (lambda blob: store.put_blob(SIGNING_KEY_BLOB, blob))
 
 
 def key_file(path: Path) -> tuple[Callable[[], bytes | None], Callable[[bytes], None]]:

@@ -215,8 +215,8 @@ def test_batch_statistics_device_predicts_as_train_mode_bn_and_gets_affine_only_
 def test_bad_device_statistics_are_refused(tiny_server):
     url, parts = tiny_server
     token = _register(url)["token"]
-    name = next(k for k in parts.descriptor.parameters if k.endswith("running_var"))
-    shape = parts.descriptor.parameters[name]
+    name = next(k for k in parts.model().descriptor().parameters if k.endswith("running_var"))
+    shape = parts.model().descriptor().parameters[name]
     base = UploadBatch(device_version=0, codec="png", images=[encode_image(_images(1)[0], "png")],
                        entropy=[0.5], captured_at=[time.time()])
     for stats in (
