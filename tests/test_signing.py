@@ -82,6 +82,21 @@ def test_server_key_is_kept_in_a_0600_file_and_rotates_under_the_old_key(tmp_pat
         Signer.load(b"\x93not a key")
 
 
+def test_replicas_sharing_a_store_sign_with_one_key(tmp_path):
+    from server.signing import kept_signer
+    from server.store import open_store
+
+    url = str(tmp_path / "shared.sqlite")
+    first, second = open_store(url, migrate=True), open_store(url, migrate=True)  # two API replicas
+    a = kept_signer(first, tmp_path / "a", shared=True)
+    b = kept_signer(second, tmp_path / "b", shared=True)
+    assert a.public_hex == b.public_hex and not (tmp_path / "a" / "signing_key").exists()
+    rotated = kept_signer(second, tmp_path / "b", shared=True, rotate=True)
+    assert kept_signer(first, tmp_path / "a", shared=True).public_hex == rotated.public_hex != a.public_hex
+    first.close()
+    second.close()
+
+
 # -- a man in the middle -------------------------------------------------------------------------
 @pytest.fixture
 def mitm(tmp_path):
