@@ -67,8 +67,8 @@ def load_or_create_signing_key(load: Callable[[], bytes | None], save: Callable[
     """The stored key (made and saved when there is none), rotated first when asked."""
     blob = load()
     if blob is None:
-        signer = Signer.generate()
-        save(signer.dump())
+        save(Signer.generate().dump())
+        signer = Signer.load(load() or b"")  # a replica that created one at the same moment may have won
         log.info("created a signing key, fingerprint %s", fingerprint(signer.public_hex))
         return signer
     signer = Signer.load(blob)
