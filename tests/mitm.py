@@ -1,14 +1,18 @@
 """A real HTTP proxy on loopback, for tests that sit between a device and its server:
 it forwards every request, and a test can answer in its place (`intercept`) or
-rewrite what the server answered (`rewrite`)."""
+rewrite what the server answered (`rewrite`). And `settle`, to start an attack from a
+quiet state."""
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import httpx
 from fastapi import FastAPI, Request
 from fastapi.responses import Response
+
+from tests.conftest import wait_for
 
 HOP_HEADERS = {"content-length", "transfer-encoding", "connection", "content-encoding", "keep-alive", "host"}
 
@@ -52,3 +56,17 @@ class Proxy:
             return Response(reply.body, status_code=reply.status, headers=reply.headers)
 
         return app
+
+
+def settle(device, server_version: Callable[[], int]) -> None:
+    """Until every upload is learnt and the device holds the server's latest version, for a second."""
+    def settled() -> bool:
+        return device.uploader.spool.samples() == 0 and device.model.version == server_version()
+
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        wait_for(settled, what="the device at the server's latest version")
+        time.sleep(1.0)
+        if settled():
+            return
+    raise AssertionError("the server kept publishing versions")

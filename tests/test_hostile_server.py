@@ -13,7 +13,7 @@ import pytest
 from device_client.client import DeviceClient, DeviceConfig
 from device_client.status import StatusReporter
 from tests.conftest import build_test_parts, serve_in_thread, wait_for
-from tests.mitm import Proxy, Reply
+from tests.mitm import Proxy, Reply, settle
 
 JSON = {"content-type": "application/json"}
 DEVICE_PATHS = ("/v1/deltas", "/v1/uploads", "/v1/telemetry")
@@ -157,6 +157,7 @@ def test_a_server_that_lost_its_state_is_joined_again_but_not_one_that_lost_its_
                 wait_for(lambda: device.deltas.applied > applied and device.uploader.spool.samples() == 0,
                          timeout=60, what="adapting on the restarted server")
 
+                settle(device, lambda: wiped.store.version_number(device.identity.cohort))
             version, params = device.model.version, {k: v.copy() for k, v in device.model.params.items()}
             lost = build_test_parts(tmp_path / "lost")  # the key is gone too
             with serve_in_thread(create_app(lost)) as other:

@@ -26,7 +26,7 @@ from shared.signing import (
 )
 from shared.tensors import Tensor, tensors_digest
 from tests.conftest import build_test_parts, serve_in_thread, wait_for
-from tests.mitm import Proxy, Reply
+from tests.mitm import Proxy, Reply, settle
 
 ADMIN = {"Authorization": "Bearer admin-secret"}
 
@@ -143,8 +143,9 @@ def test_a_device_behind_a_rewriting_proxy_keeps_its_parameters_and_says_why(mit
         device.predict(_images(8, seed=i))
     wait_for(lambda: device.deltas.applied >= 1, what="a genuine delta through the proxy")
     other = _other_cohorts_delta(url)
-    version, params = device.model.version, {k: v.copy() for k, v in device.model.params.items()}
     cohort = device.identity.cohort
+    settle(device, lambda: parts.store.version_number(cohort))
+    version, params = device.model.version, {k: v.copy() for k, v in device.model.params.items()}
     proxy.params = lambda path, p: p | {"since": "0"} if path == "/v1/deltas" else p  # the server always answers
 
     def rewrite_delta(change):
