@@ -20,7 +20,8 @@ import numpy as np
 
 from device_client.client import DeviceClient, DeviceConfig
 from driftsync.data import streams
-from server.main import ServeOptions, build_app
+from server.main import build_app
+from server.options import ServeOptions
 from tests.conftest import serve_in_thread
 
 
