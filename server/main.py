@@ -27,6 +27,8 @@ class ServeOptions:
     enrolment_token: str | None = None
     admin_token: str | None = None
     max_body_bytes: int = 8 * 1024 * 1024
+    json_body_bytes: int = 64 * 1024
+    body_timeout_s: float = 30.0
     device_samples_per_s: float | None = 100.0
     device_burst_samples: float = 1000.0
     queue_max_jobs: int = 256
@@ -86,7 +88,8 @@ def build_app(opts: ServeOptions) -> FastAPI:
     )
     engine = CemaEngine(student, teacher, cfg, seed=opts.seed, student_input_shape=info.input_shape)
     store = SqliteStore(opts.state_dir / "driftsync.sqlite")
-    settings = ServerSettings(max_body_bytes=opts.max_body_bytes, enrolment_token=opts.enrolment_token,
+    settings = ServerSettings(max_body_bytes=opts.max_body_bytes, json_body_bytes=opts.json_body_bytes,
+                              body_timeout_s=opts.body_timeout_s, enrolment_token=opts.enrolment_token,
                               admin_token=opts.admin_token, device_samples_per_s=opts.device_samples_per_s,
                               device_burst_samples=opts.device_burst_samples)
     parts = build_parts(
