@@ -53,12 +53,14 @@ class BodyLimits:
         deadline = loop.time() + self.settings.timeout_s
         received = 0
         refusal: _Refused | None = None
-        started = False
+        started = complete = False
 
         async def limited_receive() -> Message:
-            nonlocal received, refusal
+            nonlocal received, refusal, complete
             if refusal is not None:
                 raise refusal
+            if complete:  # later calls wait for a disconnect (a long poll may): no deadline for those
+                return await receive()
             try:
                 message = await asyncio.wait_for(receive(), timeout=max(0.0, deadline - loop.time()))
             except TimeoutError:
@@ -69,6 +71,7 @@ class BodyLimits:
                 if received > limit:
                     refusal = _Refused(413, "body_too_large", f"body exceeds {limit} bytes")
                     raise refusal
+                complete = not message.get("more_body", False)
             return message
 
         async def guarded_send(message: Message) -> None:

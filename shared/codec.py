@@ -45,7 +45,6 @@ def unpack(data: bytes, *, max_bytes: int = MAX_BODY_BYTES) -> Any:
             max_str_len=min(max_bytes, MAX_STR_LEN),
             max_array_len=MAX_CONTAINER_LEN,
             max_map_len=MAX_CONTAINER_LEN,
-            max_ext_len=0,
         )
     except CodecError:
         raise
