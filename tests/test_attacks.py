@@ -410,7 +410,7 @@ def test_weak_tokens_are_refused_unless_insecure_dev(tmp_path):
 
     for flag, token in [("--enrolment-token", "change-me"), ("--admin-token", "change-me-admin"),
                         ("--enrolment-token", "none"), ("--admin-token", ""), ("--enrolment-token", "short")]:
-        done = subprocess.run(cli("serve", "--state-dir", str(tmp_path), flag, token), capture_output=True,
+        done = subprocess.run(cli("serve", "--state-dir", str(tmp_path), flag, token), capture_output=True, check=False,
                               text=True, timeout=60, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
         assert done.returncode != 0, (flag, token)
         assert "weak" in done.stderr and "--insecure-dev" in done.stderr, done.stderr[-500:]
@@ -418,10 +418,11 @@ def test_weak_tokens_are_refused_unless_insecure_dev(tmp_path):
     # a token from the environment is refused as well, and --help never shows it
     env = {**os.environ, "PYTHONPATH": str(REPO), "DRIFTSYNC_ADMIN_TOKEN": "change-me",
            "DRIFTSYNC_ENROLMENT_TOKEN": "a-real-secret-0123456789abcdef"}
-    done = subprocess.run(cli("serve", "--state-dir", str(tmp_path)), capture_output=True, text=True, timeout=60,
+    done = subprocess.run(cli("serve", "--state-dir", str(tmp_path)), capture_output=True, check=False, text=True, timeout=60,
                           cwd=REPO, env=env)
     assert done.returncode != 0 and "DRIFTSYNC_ADMIN_TOKEN" in done.stderr
-    shown = subprocess.run(cli("serve", "--help"), capture_output=True, text=True, timeout=60, cwd=REPO, env=env)
+    shown = subprocess.run(cli("serve", "--help"), capture_output=True, check=False, text=True, timeout=60, cwd=REPO,
+                           env=env)
     assert shown.returncode == 0 and "--enrolment-token" in shown.stdout
     assert "a-real-secret" not in shown.stdout and "default change-me" not in shown.stdout
     assert "DRIFTSYNC_ENROLMENT_TOKEN; default set, hidden" in " ".join(shown.stdout.split())

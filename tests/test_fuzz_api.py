@@ -113,8 +113,8 @@ HOSTILE_JSON = {
                                 b', "uploads_sent": 0, "uploads_spooled": 0, "uploads_dropped": 0}'),
     "telemetry version 2^64": ("/v1/telemetry", json.dumps({"version": 2**64, "window_s": 5, "frames": 0, "uploads_sent": 0,
                                                             "uploads_spooled": 0, "uploads_dropped": 0}).encode()),
-    "telemetry window 1e400": ("/v1/telemetry", b'{"version": 0, "window_s": 1e400, "frames": 0, "uploads_sent": 0, '
-                               b'"uploads_spooled": 0, "uploads_dropped": 0}'),
+    "telemetry window 1e400": ("/v1/telemetry", (b'{"version": 0, "window_s": 1e400, "frames": 0, "uploads_sent": 0, '
+                                                 b'"uploads_spooled": 0, "uploads_dropped": 0}')),
     "register depth 20000": ("/v1/devices", b"[" * 20_000 + b"]" * 20_000),
     "register map depth": ("/v1/devices", b'{"a":' * 5000 + b"1" + b"}" * 5000),
     "register protocol 10^400": ("/v1/devices", b'{"device_name": "d", "protocol_version": 1' + b"0" * 400 + b"}"),
