@@ -229,8 +229,11 @@ def _serve(args: argparse.Namespace) -> int:
         collapse_window=args.collapse_window, batch_cohorts=args.batch_cohorts,
         max_pending_samples=args.max_pending_samples, queue_max_jobs=args.queue_max_jobs,
     )
+    # Pinned, not left to uvicorn's defaults: idle keep-alive connections close after 5 s and a request's
+    # header block may not exceed 16 KiB (h11). Bodies are bounded in size and time by server/limits.py.
     uvicorn.run(build_app(opts), host=args.host, port=args.port, log_level=args.log_level.lower(),
-                ssl_certfile=args.ssl_certfile, ssl_keyfile=args.ssl_keyfile)
+                ssl_certfile=args.ssl_certfile, ssl_keyfile=args.ssl_keyfile, http="h11",
+                timeout_keep_alive=5, h11_max_incomplete_event_size=16 * 1024)
     return 0
 
 
