@@ -20,6 +20,7 @@ and mapped onto this machine:
 - a service whose image is PostgreSQL, Redis or HAProxy runs the local server through
   `python -m driftsync.localservices` on its mapped port, in its volume's directory (HAProxy
   with its configuration file's host:port pairs rewritten like everything else).
+- a required `${..._TOKEN:?}` variable that is unset gets a random value for this run.
 
 Processes inherit this environment without its DRIFTSYNC_* variables (DRIFTSYNC_HOME excepted),
 as a container would; `--env KEY=VALUE` sets a variable for every service. Images, networks
@@ -32,10 +33,12 @@ import logging
 import math
 import os
 import re
+import secrets
 import shlex
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -251,7 +254,11 @@ def load(
     environ = {**dotenv(compose.parent / ".env"), **(os.environ if environ is None else environ)}
     import yaml  # the server extra's; `driftsync device` alone must not need it
 
-    doc = interpolate(yaml.safe_load(compose.read_text()), environ)
+    text = compose.read_text()
+    if generated := generated_tokens(text, environ):
+        log.info("generated random %s for this run", ", ".join(generated))
+        environ = {**environ, **generated}
+    doc = interpolate(yaml.safe_load(text), environ)
     active = active_profiles(profiles, environ)
     specs: dict[str, dict[str, Any]] = {name: spec for name, spec in (doc.get("services") or {}).items()
                                         if not spec.get("profiles") or active & set(spec["profiles"])}
@@ -296,6 +303,14 @@ def load(
             check_timeout_s=seconds((spec.get("healthcheck") or {}).get("timeout", "30s")), volumes=list(volumes.values()),
         ))
     return services
+
+
+def generated_tokens(text: str, environ: Mapping[str, str]) -> dict[str, str]:
+    """A random value for each required (`${NAME:?...}`) *_TOKEN variable the environment lacks:
+    a local run asks the user for no secret, and never runs on a known one."""
+    names = {match.group(2) for match in _VAR.finditer(text)
+             if match.group(2) and match.group(2).endswith("_TOKEN") and (match.group(3) or "").endswith("?")}
+    return {name: secrets.token_urlsafe(24) for name in sorted(names) if not environ.get(name)}
 
 
 def _depends_on(spec: Any, optional: bool = False) -> dict[str, str]:
@@ -398,16 +413,32 @@ def failed(replica: Replica) -> bool:
     return replica.status != "exited" or code != 0
 
 
+class _Stop(Exception):
+    """SIGTERM or SIGINT to the runner: stop the replicas in order, then report."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def _raise_stop(signum: int, frame: object) -> None:
+    raise _Stop(signum)
+
+
 def run(services: list[Service], work: Path, *, duration: float | None = None, health_timeout: float = 600.0) -> int:
-    """Start the services in order; wait for the workers to exit, or for `duration` seconds; stop
-    the workers, then the servers (services another waits on with `condition: service_healthy`),
-    in reverse start order. Prints one row per replica; returns 1 if any failed."""
+    """Start the services in order; wait for the workers to exit, for `duration` seconds, or for
+    SIGTERM or SIGINT; stop the workers, then the servers (services another waits on with
+    `condition: service_healthy`), in reverse start order. Prints one row per replica; returns 1
+    if any failed, 128 + the signal's number when a signal stopped the run."""
     logs = work.resolve() / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     base = _base_env()
     servers = {name for s in services for name, condition in s.depends_on.items() if condition == "service_healthy"}
     replicas: list[Replica] = []
     error = False
+    stopped_by: int | None = None
+    handling = threading.current_thread() is threading.main_thread()  # only there can signals be handled
+    previous = {sig: signal.signal(sig, _raise_stop) for sig in (signal.SIGTERM, signal.SIGINT)} if handling else {}
     try:
         for service in services:
             for name, condition in service.depends_on.items():
@@ -416,8 +447,9 @@ def run(services: list[Service], work: Path, *, duration: float | None = None, h
                 path.mkdir(parents=True, exist_ok=True)
             for index in range(1, service.replicas + 1):
                 with (logs / f"{service.name}-{index}.log").open("w") as out:
+                    # its own session: a terminal's Ctrl-C reaches the runner alone, which stops replicas in order
                     process = subprocess.Popen(service.argv, env={**base, **service.replica_env(index)},
-                                               stdout=out, stderr=subprocess.STDOUT)
+                                               stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
                 replicas.append(Replica(service, index, process))
                 log.info("started %s (pid %d)", replicas[-1].name, process.pid)
         workers = [r for r in replicas if r.service.name not in servers]
@@ -434,7 +466,12 @@ def run(services: list[Service], work: Path, *, duration: float | None = None, h
     except (RuntimeError, TimeoutError, ValueError) as exc:
         log.error("%s", exc)
         error = True
+    except _Stop as stop:
+        log.warning("%s: stopping the replicas", stop)
+        stopped_by = stop.signum
     finally:
+        for sig in previous:  # a second signal must not cut the orderly stop short
+            signal.signal(sig, signal.SIG_IGN)
         for replica in replicas:
             if replica.process.poll() is not None:
                 replica.status = "exited"
@@ -444,7 +481,11 @@ def run(services: list[Service], work: Path, *, duration: float | None = None, h
     print(f"{'replica':<20} {'exit':>5}  status")
     for replica in replicas:
         print(f"{replica.name:<20} {replica.process.returncode:>5}  {replica.status}{' (failed)' if failed(replica) else ''}")
-    print(f"logs: {logs}")
+    print(f"logs: {logs}", flush=True)
+    for sig, handler in previous.items():
+        signal.signal(sig, handler)
+    if stopped_by is not None:
+        return 128 + stopped_by
     return 1 if error or any(failed(r) for r in replicas) else 0
 
 

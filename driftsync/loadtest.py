@@ -275,7 +275,7 @@ def add_loadtest_parser(subparsers) -> None:
     add(p, "--upload-ratio", 0.25, float, help="share of frames each device uploads")
     add(p, "--batch", 8, int, help="samples per upload request")
     add(p, "--settle-s", 30.0, float, help="after uploading, wait this long for the last deltas")
-    add(p, "--enrolment-token", None, optional(str), help="fleet enrolment token")
+    add(p, "--enrolment-token", None, optional(str), help="fleet enrolment token", secret=True)
     add(p, "--cohort", None, optional(str), help="put every device in this cohort (default: each its own)")
     add(p, "--server-pid", None, optional(int), help="read this process's RSS during the run")
     add(p, "--json", None, optional(str), help="also write the report here")

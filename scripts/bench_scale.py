@@ -136,9 +136,9 @@ def main() -> None:
             apis, workers = (int(n) for n in config.split("x"))
             results.append((f"{apis} API x {workers} worker", run_topology(apis, workers, args.devices, args.duration_s)))
     for size in [int(n) for n in args.large.split(",") if n]:
-        results.append((f"2 API x 2 worker", run_topology(2, 2, size, args.duration_s)))
+        results.append(("2 API x 2 worker", run_topology(2, 2, size, args.duration_s)))
         if args.kill_worker:
-            results.append((f"2 API x 2 worker, one killed", run_topology(2, 2, size, args.duration_s, kill_worker=True)))
+            results.append(("2 API x 2 worker, one killed", run_topology(2, 2, size, args.duration_s, kill_worker=True)))
     print(f"\n# scale-out: `driftsync loadtest` at 30 frames/s per device, 25% uploaded in batches of 8, "
           f"{args.duration_s:g} s ({date.today()}, {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
           "every process and the load generator on this one machine)")

@@ -5,6 +5,7 @@ import http.server
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import threading
@@ -15,6 +16,7 @@ import pytest
 import yaml
 
 from driftsync import fleet
+from server.tokens import weak_tokens
 
 REPO = Path(__file__).resolve().parents[1]
 COMPOSE = REPO / "docker-compose.yml"
@@ -65,10 +67,11 @@ def test_compose_configures_only_through_driftsync_variables(doc):
     server, device = (doc["services"][n]["environment"] for n in ("server", "device"))
     assert server["DRIFTSYNC_HOST"] == "0.0.0.0" and server["DRIFTSYNC_PORT"] == "8700"
     assert server["DRIFTSYNC_STATE_DIR"] == "/var/lib/driftsync/server"
-    assert server["DRIFTSYNC_ENROLMENT_TOKEN"] == device["DRIFTSYNC_ENROLMENT_TOKEN"] == "${DRIFTSYNC_ENROLMENT_TOKEN:-change-me}"
-    assert server["DRIFTSYNC_ADMIN_TOKEN"].startswith("${DRIFTSYNC_ADMIN_TOKEN:-")
+    required = "${DRIFTSYNC_ENROLMENT_TOKEN:?set DRIFTSYNC_ENROLMENT_TOKEN to a random token of 16+ characters}"
+    assert server["DRIFTSYNC_ENROLMENT_TOKEN"] == device["DRIFTSYNC_ENROLMENT_TOKEN"] == required
+    assert server["DRIFTSYNC_ADMIN_TOKEN"].startswith("${DRIFTSYNC_ADMIN_TOKEN:?")  # no default: none is weak
     assert device == {
-        "DRIFTSYNC_SERVER": "http://server:8700", "DRIFTSYNC_ENROLMENT_TOKEN": "${DRIFTSYNC_ENROLMENT_TOKEN:-change-me}",
+        "DRIFTSYNC_SERVER": "http://server:8700", "DRIFTSYNC_ENROLMENT_TOKEN": required,
         "DRIFTSYNC_STATE_DIR": "/var/lib/driftsync/devices/{name}", "DRIFTSYNC_SOURCE": "embedded",
         "DRIFTSYNC_DOMAIN_OFFSET": "auto", "DRIFTSYNC_REPEAT": "true", "DRIFTSYNC_FPS": "10", "DRIFTSYNC_SINK": "jsonl:-",
     }
@@ -164,7 +167,9 @@ def test_real_compose_maps_volumes_hosts_and_ports(tmp_path):
     assert "http://127.0.0.1:18700/healthz" in server.healthcheck[-1]
     assert server.healthcheck[0] == sys.executable
     assert str(volumes / "device-state") in device.healthcheck[-1] and "/var/lib/driftsync" not in device.healthcheck[-1]
-    assert server.env["DRIFTSYNC_ENROLMENT_TOKEN"] == device.env["DRIFTSYNC_ENROLMENT_TOKEN"] == "change-me"
+    token = server.env["DRIFTSYNC_ENROLMENT_TOKEN"]  # generated for the run, shared by server and devices
+    assert token == device.env["DRIFTSYNC_ENROLMENT_TOKEN"] and weak_tokens({"enrol": token}) == []
+    assert weak_tokens({"admin": server.env["DRIFTSYNC_ADMIN_TOKEN"]}) == [] and server.env["DRIFTSYNC_ADMIN_TOKEN"] != token
     assert (server.replicas, device.replicas) == (1, 3)
     assert device.depends_on == {"server": "service_healthy"} and server.depends_on == {}
     for service in services.values():
@@ -175,7 +180,7 @@ def test_real_compose_maps_volumes_hosts_and_ports(tmp_path):
 def test_real_compose_interpolates_scales_and_overrides(tmp_path):
     services = {s.name: s for s in fleet.load(
         COMPOSE, tmp_path, scale={"device": 5}, overrides={"DRIFTSYNC_REPEAT": "false", "DRIFTSYNC_FPS": "none"},
-        environ={"DRIFTSYNC_ENROLMENT_TOKEN": "s3cret", "DRIFTSYNC_ADMIN_TOKEN": "adm"})}
+        environ={"DRIFTSYNC_ENROLMENT_TOKEN": "s3cret", "DRIFTSYNC_ADMIN_TOKEN": "adm"})}  # given ones are kept
     server, device = services["server"], services["device"]
     assert device.replicas == 5
     assert server.env["DRIFTSYNC_ENROLMENT_TOKEN"] == device.env["DRIFTSYNC_ENROLMENT_TOKEN"] == "s3cret"
@@ -307,3 +312,44 @@ services:
     assert time.monotonic() - started < 30
     table = capsys.readouterr().out
     assert re.search(r"bad-1\s+3\s+exited \(failed\)", table) and re.search(r"slow-1\s+-?\d+\s+stopped\n", table)
+
+
+LONG = """
+services:
+  db:
+    command: ["python", "-c", "import pathlib, time; pathlib.Path('/state/ready').write_text('1'); time.sleep(300)"]
+    volumes: ["state:/state"]
+    healthcheck: {test: ["CMD-SHELL", "test -f /state/ready"], timeout: 5s}
+  worker:
+    command: ["python", "-c", "import time; time.sleep(300)"]
+    depends_on: {db: {condition: service_healthy}}
+    deploy: {replicas: 2}
+volumes:
+  state:
+"""
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_fleet_command_stops_its_children_on_a_signal_and_prints_its_summary(tmp_path, signum):
+    from driftsync.processes import cli
+
+    errors = tmp_path / "fleet.err"
+    with errors.open("w") as err:
+        runner = subprocess.Popen(cli("fleet", "--compose", str(_small(tmp_path, LONG)), "--work", str(tmp_path / "w")),
+                                  stdout=subprocess.PIPE, stderr=err, text=True, cwd=tmp_path)
+    try:
+        deadline = time.monotonic() + 60
+        while len(pids := [int(p) for p in re.findall(r"started \S+ \(pid (\d+)\)", errors.read_text())]) < 3:
+            assert runner.poll() is None and time.monotonic() < deadline, errors.read_text()[-2000:]
+            time.sleep(0.1)
+        runner.send_signal(signum)
+        out, _ = runner.communicate(timeout=60)
+    finally:
+        if runner.poll() is None:
+            runner.kill()
+    assert runner.returncode == 128 + signum
+    assert re.search(r"db-1\s+-?\d+\s+stopped\n", out) and re.search(r"worker-2\s+-?\d+\s+stopped\n", out), out
+    assert "Traceback" not in errors.read_text() and "stopping the replicas" in errors.read_text()
+    for pid in pids:
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)

@@ -12,7 +12,15 @@ import pytest
 
 from server.migrations import LATEST
 from server.store import (
-    Lease, LeaseLost, StoreError, StoreUnavailable, VersionConflict, VersionRecord, hash_token, open_store, upgrade,
+    Lease,
+    LeaseLost,
+    StoreError,
+    StoreUnavailable,
+    VersionConflict,
+    VersionRecord,
+    hash_token,
+    open_store,
+    upgrade,
 )
 from shared.tensors import Tensor, tensors_digest
 from tests.test_no_torch import BLOCK_TORCH
