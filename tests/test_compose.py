@@ -40,38 +40,76 @@ def test_compose_file_matches_the_compose_specification(doc):
     assert not errors, "\n".join(f"{list(e.absolute_path)}: {e.message}" for e in errors)
 
 
+SCALE = {"postgres", "redis", "migrate", "api-1", "api-2", "worker-1", "worker-2", "gateway"}
+REQUIRED = "${DRIFTSYNC_ENROLMENT_TOKEN:?set DRIFTSYNC_ENROLMENT_TOKEN to a random token of 16+ characters}"
+
+
 def test_compose_services_volumes_healthchecks_and_restart(doc):
     services = doc["services"]
-    assert set(services) == {"server", "device"}
-    assert set(doc["volumes"]) == {"server-state", "device-state"}
+    assert set(services) == {"server", "device"} | SCALE
+    assert set(doc["volumes"]) == {"server-state", "device-state", "postgres-data", "redis-data"}
     assert services["server"]["volumes"] == ["server-state:/var/lib/driftsync/server"]
     assert services["device"]["volumes"] == ["device-state:/var/lib/driftsync/devices"]
     assert services["server"]["ports"] == ["8700:8700"]
     assert services["device"]["deploy"]["replicas"] == 3
-    assert services["device"]["depends_on"] == {"server": {"condition": "service_healthy"}}
+    # a device runs in both profiles: it waits for whichever front door its profile starts
+    assert services["device"]["depends_on"] == {"server": {"condition": "service_healthy", "required": False},
+                                                "gateway": {"condition": "service_healthy", "required": False}}
     for name, service in services.items():
-        assert service["restart"] == "unless-stopped", name
-        assert service["healthcheck"]["test"][0] == "CMD", name
-        compile(service["healthcheck"]["test"][-1], f"{name} healthcheck", "exec")  # a valid one-liner
-        assert service["build"]["dockerfile"] == f"docker/{name}.Dockerfile"
+        if name != "migrate":  # a one-shot job
+            assert service["restart"] == "unless-stopped", name
+            assert service["healthcheck"]["test"][0] in ("CMD", "CMD-SHELL"), name
+        test = service.get("healthcheck", {}).get("test", [])
+        if test[:2] == ["CMD", "python"]:
+            compile(test[-1], f"{name} healthcheck", "exec")  # a valid one-liner
+    for name in ("server", "device"):
+        assert services[name]["build"]["dockerfile"] == f"docker/{name}.Dockerfile"
     # anything fixed per container would stop `docker compose up --scale device=N`
     assert not {"container_name", "hostname", "ports"} & set(services["device"])
     assert services["server"]["command"] == ["driftsync", "serve"]
     assert services["device"]["command"] == ["driftsync", "device"]
 
 
+def test_compose_profiles_single_by_default_and_scale(doc):
+    services = doc["services"]
+    assert services["server"]["profiles"] == ["single"]
+    assert services["device"]["profiles"] == ["single", "scale"]
+    assert all(services[name]["profiles"] == ["scale"] for name in SCALE)
+    assert fleet.dotenv(COMPOSE.parent / ".env")["COMPOSE_PROFILES"] == "single"
+    roles = {name: services[name]["command"] for name in ("api-1", "api-2", "worker-1", "worker-2")}
+    assert roles == {"api-1": ["driftsync", "serve", "--role", "api"], "api-2": ["driftsync", "serve", "--role", "api"],
+                     "worker-1": ["driftsync", "serve", "--role", "worker"],
+                     "worker-2": ["driftsync", "serve", "--role", "worker"]}
+    store = services["migrate"]["environment"]["DRIFTSYNC_STORE"]
+    assert store.startswith("postgresql://") and services["migrate"]["command"] == ["driftsync", "db", "upgrade"]
+    for name in ("api-1", "api-2", "worker-1", "worker-2"):
+        env = services[name]["environment"]
+        assert env["DRIFTSYNC_STORE"] == store and env["DRIFTSYNC_BROKER"].startswith("redis://"), name
+        assert services[name]["depends_on"]["migrate"] == {"condition": "service_completed_successfully"}
+    assert services["worker-1"]["environment"]["DRIFTSYNC_WORKER_NAME"] != services["worker-2"]["environment"][
+        "DRIFTSYNC_WORKER_NAME"]
+    gateway = services["gateway"]
+    assert gateway["image"].startswith("haproxy") and gateway["ports"] == ["8700:8700"]
+    config = (COMPOSE.parent / "docker" / "haproxy.cfg").read_text()
+    assert "server api1 api-1:8701 check" in config and "server api2 api-2:8702 check" in config
+    assert "option httpchk GET /healthz" in config
+
+
 def test_compose_configures_only_through_driftsync_variables(doc):
     for name, service in doc["services"].items():
+        if name in ("postgres", "redis", "gateway"):  # third-party images keep their own settings
+            continue
         keys = set(service["environment"])
         assert keys and all(re.fullmatch(r"DRIFTSYNC_[A-Z0-9_]+", k) for k in keys), (name, keys)
     server, device = (doc["services"][n]["environment"] for n in ("server", "device"))
     assert server["DRIFTSYNC_HOST"] == "0.0.0.0" and server["DRIFTSYNC_PORT"] == "8700"
     assert server["DRIFTSYNC_STATE_DIR"] == "/var/lib/driftsync/server"
-    required = "${DRIFTSYNC_ENROLMENT_TOKEN:?set DRIFTSYNC_ENROLMENT_TOKEN to a random token of 16+ characters}"
-    assert server["DRIFTSYNC_ENROLMENT_TOKEN"] == device["DRIFTSYNC_ENROLMENT_TOKEN"] == required
+    assert server["DRIFTSYNC_ENROLMENT_TOKEN"] == device["DRIFTSYNC_ENROLMENT_TOKEN"] == REQUIRED
     assert server["DRIFTSYNC_ADMIN_TOKEN"].startswith("${DRIFTSYNC_ADMIN_TOKEN:?")  # no default: none is weak
+    for name in ("api-1", "api-2"):
+        assert doc["services"][name]["environment"]["DRIFTSYNC_ENROLMENT_TOKEN"] == REQUIRED
     assert device == {
-        "DRIFTSYNC_SERVER": "http://server:8700", "DRIFTSYNC_ENROLMENT_TOKEN": required,
+        "DRIFTSYNC_SERVER": "http://server:8700,http://gateway:8700", "DRIFTSYNC_ENROLMENT_TOKEN": REQUIRED,
         "DRIFTSYNC_STATE_DIR": "/var/lib/driftsync/devices/{name}", "DRIFTSYNC_SOURCE": "embedded",
         "DRIFTSYNC_DOMAIN_OFFSET": "auto", "DRIFTSYNC_REPEAT": "true", "DRIFTSYNC_FPS": "10", "DRIFTSYNC_SINK": "jsonl:-",
     }
@@ -163,7 +201,7 @@ def test_real_compose_maps_volumes_hosts_and_ports(tmp_path):
     assert server.env["DRIFTSYNC_STATE_DIR"] == str(volumes / "server-state")
     assert device.env["DRIFTSYNC_STATE_DIR"] == f"{volumes / 'device-state'}/{{name}}"
     assert server.env["DRIFTSYNC_PORT"] == "18700" and server.env["DRIFTSYNC_HOST"] == "127.0.0.1"
-    assert device.env["DRIFTSYNC_SERVER"] == "http://127.0.0.1:18700"
+    assert device.env["DRIFTSYNC_SERVER"] == "http://127.0.0.1:18700,http://gateway:8700"  # no gateway: it fails over
     assert "http://127.0.0.1:18700/healthz" in server.healthcheck[-1]
     assert server.healthcheck[0] == sys.executable
     assert str(volumes / "device-state") in device.healthcheck[-1] and "/var/lib/driftsync" not in device.healthcheck[-1]
@@ -188,7 +226,7 @@ def test_real_compose_interpolates_scales_and_overrides(tmp_path):
     assert device.env["DRIFTSYNC_REPEAT"] == server.env["DRIFTSYNC_REPEAT"] == "false"
     assert device.env["DRIFTSYNC_FPS"] == "none"
     port = int(server.env["DRIFTSYNC_PORT"])  # a free one, the same on both sides
-    assert port > 0 and device.env["DRIFTSYNC_SERVER"] == f"http://127.0.0.1:{port}"
+    assert port > 0 and device.env["DRIFTSYNC_SERVER"] == f"http://127.0.0.1:{port},http://gateway:8700"
     names = [device.replica_env(i) for i in (1, 2, 3)]
     assert [(e["HOSTNAME"], e["DRIFTSYNC_NAME"]) for e in names] == [(f"device-{i}", f"device-{i}") for i in (1, 2, 3)]
     with pytest.raises(ValueError, match="unknown services"):
