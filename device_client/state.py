@@ -36,6 +36,7 @@ class Identity(BaseModel):
     token: str
     cohort: str
     model: ModelDescriptor
+    server_key: str | None = None  # the server's Ed25519 public key (hex), pinned at enrolment
 
 
 class DeviceStateDir:

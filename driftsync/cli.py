@@ -66,6 +66,8 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
     add(p, "--lease-ttl-s", 10.0, float, help="a worker's partition leases expire this long after its last renewal")
     add(p, "--worker-name", None, optional(str), help="this worker's name in leases and the consumer group "
         "(default: HOST-PID-RANDOM)")
+    add(p, "--rotate-signing-key", False, parse_bool, help="start with a new Ed25519 signing key, announced to "
+        "devices signed by the old one (kept in STATE_DIR/signing_key, or in the --store with --broker)")
     add(p, "--ssl-certfile", None, optional(str), help="serve https with this PEM certificate (chain)")
     add(p, "--ssl-keyfile", None, optional(str), help="the certificate's private key")
 
@@ -78,6 +80,10 @@ def _device_args(p: argparse.ArgumentParser) -> None:
     add(p, "--cohort", None, optional(str), help="share adaptation state with devices of this cohort")
     add(p, "--enrolment-token", None, optional(str), help="fleet enrolment token", secret=True)
     add(p, "--ca-file", None, optional(str), help="PEM CA bundle to verify an https server (e.g. its self-signed certificate)")
+    add(p, "--server-key-fingerprint", None, optional(str), help="SHA-256 (hex) of the server's signing key: enrolment "
+        "refuses any other ('none': trust the key the server sends at enrolment)")
+    add(p, "--delta-max-rel", 50.0, optional(float), help="refuse a delta value farther from its source value than this "
+        "many times the tensor's scale (max |source|, at least 1; 'none': no bound)")
     add(p, "--source", "embedded", help="folder (watched), video (file or URL, needs driftsync[camera]), camera (index or "
         "rtsp:// URL, needs driftsync[camera]), stdin (raw RGB24 frames), or a labelled replay: embedded, npz, "
         "imagenet-c, stream (a stream file `driftsync replay` wrote)")
@@ -262,6 +268,7 @@ def _serve(args: argparse.Namespace) -> int:
         max_pending_samples=args.max_pending_samples, queue_max_jobs=args.queue_max_jobs,
         role=args.role, store=args.store, broker=args.broker, partitions=args.partitions,
         lease_ttl_s=args.lease_ttl_s, worker_name=args.worker_name, torch_device=args.torch_device,
+        rotate_signing_key=args.rotate_signing_key,
     )
     if args.role == "api":  # a replica imports no torch
         from server.api_role import build_api_app as build_app

@@ -14,10 +14,17 @@ import time
 from fastapi import FastAPI
 
 from server.app import ServerParts, WorkerSummary, create_app
-from server.artifact import MODEL_BLOB, PublishedModel, decode_model, encode_model, sha256_hex
+from server.artifact import (
+    MODEL_BLOB,
+    PublishedModel,
+    decode_model,
+    encode_model,
+    sha256_hex,
+)
 from server.fleet import FleetView
 from server.metrics import Registry
 from server.options import ServeOptions
+from server.signing import kept_signer
 from server.store import Store, StoreError, open_store
 from server.versions import VersionBoard
 
@@ -150,4 +157,6 @@ def api_parts(opts: ServeOptions, *, store: Store | None = None, broker=None,
 
 
 def build_api_app(opts: ServeOptions) -> FastAPI:
-    return create_app(api_parts(opts))
+    parts = api_parts(opts)
+    parts.signer = kept_signer(parts.store, opts.state_dir, shared=True, rotate=opts.rotate_signing_key)
+    return create_app(parts)

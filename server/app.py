@@ -27,8 +27,15 @@ from server.artifact import PublishedModel, sha256_hex
 from server.fleet import FleetView
 from server.limits import BodyLimits, BodyLimitSettings
 from server.metrics import Registry
-from server.queueing import BrokerUnavailable, ControlJob, StoredJob, UploadQueue, partition_of
+from server.queueing import (
+    BrokerUnavailable,
+    ControlJob,
+    StoredJob,
+    UploadQueue,
+    partition_of,
+)
 from server.ratelimit import RateLimiter
+from server.signing import Signer
 from server.store import DeviceRecord, Store, StoreError, StoreUnavailable
 from server.uploads import UploadRejected, parse_upload
 from server.versions import VersionBoard
@@ -53,8 +60,15 @@ from shared.protocol import (
     RegisterResponse,
     RollbackRequest,
     ServerSummary,
+    SigningKeyInfo,
     Telemetry,
     UploadAck,
+)
+from shared.signing import (
+    SIGNATURE_HEADER,
+    delta_fields,
+    enrolment_fields,
+    model_file_fields,
 )
 
 log = logging.getLogger("driftsync.server")
@@ -79,6 +93,7 @@ class ServerSettings:
     frozen_retry_after_s: int = 30
     device_samples_per_s: float | None = 100.0  # per-device upload rate limit (None: off)
     device_burst_samples: float = 1000.0
+    signature_ttl_s: float = 600.0  # how long a signed delta, model file or enrolment stays valid
 
 
 @dataclass
@@ -111,6 +126,7 @@ class ServerParts:
     on_stop: list[Callable[[], None]] = field(default_factory=list)
     worker: object | None = None  # the in-process AdaptationWorker with --role all (tests reach into it)
     started_at: float = field(default_factory=time.time)
+    signer: Signer = field(default_factory=Signer.generate)  # server.main sets the kept key; a test's lives with it
 
 
 def _error(status: int, error: str, detail: str, headers: dict[str, str] | None = None) -> JSONResponse:
@@ -262,13 +278,21 @@ def create_app(parts: ServerParts) -> FastAPI:
             raise ApiError(401, "unauthorized", "wrong enrolment token")
         descriptor = published().descriptor()
         record, token = parts.store.add_device(body.device_name, body.cohort)
-        return RegisterResponse(
+        reply = RegisterResponse(
             device_id=record.device_id,
             token=token,
             cohort=record.cohort,
             version=parts.store.version_number(record.cohort),
             model=descriptor,
+            server_key=parts.signer.public_hex,
         )
+        signature = parts.signer.sign("enrolment", enrolment_fields(reply), parts.settings.signature_ttl_s)
+        return reply.model_copy(update={"signature": signature})
+
+    @app.get("/v1/signing-key", response_model=SigningKeyInfo)
+    def signing_key() -> SigningKeyInfo:
+        """The current public key and the signed rotations that lead to it (public: nothing secret)."""
+        return parts.signer.key_info()
 
     @app.get("/v1/model", response_model=ModelDescriptor)
     def model_descriptor(device: DeviceRecord = Depends(device_from_token)) -> ModelDescriptor:
@@ -280,7 +304,10 @@ def create_app(parts: ServerParts) -> FastAPI:
         if part not in files:
             raise ApiError(404, "not_found", f"model part {part!r} does not exist; use one of {sorted(files)}")
         data = files[part]
-        return Response(data, media_type="application/octet-stream", headers={"X-Content-SHA256": sha256_hex(data)})
+        digest = sha256_hex(data)
+        signature = parts.signer.sign("model_file", model_file_fields(part, digest), parts.settings.signature_ttl_s)
+        return Response(data, media_type="application/octet-stream",
+                        headers={"X-Content-SHA256": digest, SIGNATURE_HEADER: signature.model_dump_json()})
 
     @app.post("/v1/uploads", response_model=UploadAck, status_code=202)
     async def upload(request: Request, device: DeviceRecord = Depends(device_from_token)) -> UploadAck:
@@ -339,6 +366,7 @@ def create_app(parts: ServerParts) -> FastAPI:
             device = await run_in_threadpool(parts.store.device, device.device_id) or device  # a move ends the wait too
             moved = cohort is not None and cohort != device.cohort
             latest = await run_in_threadpool(parts.store.version_number, device.cohort)
+        moved_from = cohort if moved else None
         if moved:
             since = 0  # the new cohort's version line is new to the device
         if latest <= since:
@@ -352,8 +380,11 @@ def create_app(parts: ServerParts) -> FastAPI:
             newest_upload_at=record.newest_upload_at,
             params=record.params,
             sha256=record.sha256,
+            device_id=device.device_id,
+            moved_from=moved_from,
         )
-        data = pack(delta)
+        signature = parts.signer.sign("delta", delta_fields(delta), parts.settings.signature_ttl_s)
+        data = pack(delta.model_copy(update={"signature": signature}))
         deltas_served.inc()
         delta_bytes.inc(len(data))
         return Response(data, media_type=MSGPACK_MEDIA_TYPE)

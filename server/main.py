@@ -27,6 +27,7 @@ from server.models.registry import build_model, model_info
 from server.options import ROLES, ServeOptions
 from server.prompt import InputPrompt, PromptedModel, parse_prompt
 from server.queueing import InProcessQueue, UploadQueue
+from server.signing import kept_signer
 from server.store import Store
 from server.versions import VersionBoard
 from server.worker import AdaptationWorker
@@ -40,23 +41,30 @@ def build_app(opts: ServeOptions) -> FastAPI:
     if opts.role not in ROLES:
         raise ValueError(f"--role must be one of {', '.join(ROLES)}, not {opts.role!r}")
     if opts.role == "api":
-        return create_app(api_parts(opts))
+        return create_app(_with_signing_key(api_parts(opts), opts))
     if opts.role == "worker":
         return build_worker_app(opts)
     store, broker = open_backends(opts)
     engine, model = build_engine(opts)
     publish_model(store, model)
     if broker is None:
-        return create_app(build_parts(engine, model, store, opts.settings(), queue_max_jobs=opts.queue_max_jobs,
-                                      step_max_wait_s=opts.step_max_wait_s, step_min_samples=opts.step_min_samples,
-                                      batch_cohorts=opts.batch_cohorts, max_pending_samples=opts.max_pending_samples))
-    parts = api_parts(opts, store=store, broker=broker, model=model)
+        return create_app(_with_signing_key(build_parts(
+            engine, model, store, opts.settings(), queue_max_jobs=opts.queue_max_jobs,
+            step_max_wait_s=opts.step_max_wait_s, step_min_samples=opts.step_min_samples,
+            batch_cohorts=opts.batch_cohorts, max_pending_samples=opts.max_pending_samples), opts))
+    parts = _with_signing_key(api_parts(opts, store=store, broker=broker, model=model), opts)
     worker = _distributed_worker(opts, engine, model, store, broker, parts.metrics, parts.board)
     parts.worker = worker
     parts.worker_summary = lambda: summary_of(worker)
     parts.on_start.append(worker.start)
     parts.on_stop.insert(0, worker.stop)
     return create_app(parts)
+
+
+def _with_signing_key(parts: ServerParts, opts: ServeOptions) -> ServerParts:
+    parts.signer = kept_signer(parts.store, opts.state_dir, shared=opts.broker is not None,
+                               rotate=opts.rotate_signing_key)
+    return parts
 
 
 def build_engine(opts: ServeOptions) -> tuple[CemaEngine, PublishedModel]:

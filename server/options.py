@@ -51,6 +51,7 @@ class ServeOptions:
     partitions: int = 16  # broker partition streams (fixed for a deployment)
     lease_ttl_s: float = 10.0
     worker_name: str | None = None
+    rotate_signing_key: bool = False  # start with a new key, announced signed by the old one
 
     def settings(self) -> ServerSettings:
         return ServerSettings(max_body_bytes=self.max_body_bytes, json_body_bytes=self.json_body_bytes,

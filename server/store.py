@@ -30,7 +30,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from server.migrations import BOOKKEEPING, LATEST, MIGRATIONS, behind_message, sqlite_adopt_legacy
+from server.migrations import (
+    BOOKKEEPING,
+    LATEST,
+    MIGRATIONS,
+    behind_message,
+    sqlite_adopt_legacy,
+)
 from shared.codec import pack, unpack
 from shared.tensors import Tensor
 

@@ -24,7 +24,15 @@ from server.artifact import PublishedModel
 from server.engine import CemaEngine, CohortState, StepInput
 from server.leases import LeaseKeeper
 from server.persist import decode_state, encode_state
-from server.queueing import BrokerUnavailable, ControlJob, Job, StoredJob, UploadJob, UploadQueue, partition_of
+from server.queueing import (
+    BrokerUnavailable,
+    ControlJob,
+    Job,
+    StoredJob,
+    UploadJob,
+    UploadQueue,
+    partition_of,
+)
 from server.store import Store, StoreError, VersionRecord
 from server.uploads import UploadRejected, parse_upload
 from shared.tensors import Tensor, tensors_digest

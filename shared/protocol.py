@@ -39,6 +39,8 @@ def _not_private(cohort: str) -> str:
 # A cohort a device may ask for: not another device's private one.
 SharedCohortName = Annotated[CohortName, AfterValidator(_not_private)]
 
+HEX_KEY_PATTERN = r"^[0-9a-f]{64}$"  # an Ed25519 public key (32 bytes) or a SHA-256 fingerprint, lower-case hex
+
 
 class _Message(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -67,6 +69,31 @@ class ModelDescriptor(_Message):
     )
 
 
+class Signature(_Message):
+    """An Ed25519 signature by the server over a statement's canonical encoding (shared.signing).
+    The validity window is part of what is signed: a captured reply cannot be replayed later."""
+
+    key_id: str = Field(pattern=HEX_KEY_PATTERN, description="SHA-256 fingerprint of the signing public key.")
+    issued_at: float = Field(allow_inf_nan=False)
+    expires_at: float = Field(allow_inf_nan=False)
+    value: str = Field(pattern=r"^[0-9a-f]{128}$")
+
+
+class KeyRotation(_Message):
+    """The server's new public key, signed by the previous one: a pinned device follows the chain."""
+
+    old_key: str = Field(pattern=HEX_KEY_PATTERN)
+    new_key: str = Field(pattern=HEX_KEY_PATTERN)
+    issued_at: float = Field(allow_inf_nan=False)
+    signature: str = Field(pattern=r"^[0-9a-f]{128}$")
+
+
+class SigningKeyInfo(_Message):
+    key: str = Field(pattern=HEX_KEY_PATTERN, description="The current Ed25519 public key, raw 32 bytes in hex.")
+    fingerprint: str = Field(pattern=HEX_KEY_PATTERN, description="SHA-256 of the key: what --server-key-fingerprint takes.")
+    rotations: list[KeyRotation] = Field(default_factory=list, description="Every rotation, oldest first.")
+
+
 class RegisterRequest(_Message):
     protocol_version: int = PROTOCOL_VERSION
     device_name: str = Field(min_length=1, max_length=MAX_NAME_LENGTH, pattern=NAME_PATTERN)
@@ -84,6 +111,8 @@ class RegisterResponse(_Message):
     cohort: str
     version: int
     model: ModelDescriptor
+    server_key: str | None = Field(default=None, pattern=HEX_KEY_PATTERN, description="The key a device pins.")
+    signature: Signature | None = Field(default=None, description="Over device id, cohort, version and descriptor.")
 
 
 class UploadBatch(_Message):
@@ -149,6 +178,9 @@ class Delta(_Message):
     newest_upload_at: float = Field(description="captured_at of the newest sample this version has learnt from")
     params: dict[str, Tensor]
     sha256: str
+    device_id: str | None = Field(default=None, description="The device this copy was signed for.")
+    moved_from: str | None = Field(default=None, description="Set when the delta moves the device: its old cohort.")
+    signature: Signature | None = None
 
     @model_validator(mode="after")
     def _check_versions(self) -> Delta:
