@@ -283,6 +283,9 @@ def load(
     for name in start_order(depends):
         spec = specs[name]
         volumes = mounts(spec.get("volumes"), doc.get("volumes") or {}, work, compose.parent.resolve())
+        kind = known_image(spec.get("image"))
+        if kind == "haproxy":  # its configuration names other services' host:port: run a rewritten copy
+            volumes = local_config(volumes, first_port.get(name), rewriter({**hosts, **own[name]}), work / "config" / name)
         rewrite = rewriter({**hosts, **own[name], **{target: str(path) for target, path in volumes.items()}})
         env = {key: rewrite(value) for key, value in {**environment(spec.get("environment"), environ), **(overrides or {})}.items()}
         if name in first_port:
@@ -293,8 +296,8 @@ def load(
         if command is None:
             raise ValueError(f"service {name!r} has no `command` (an image's CMD is not known locally)")
         argv = shlex.split(command) if isinstance(command, str) else [str(word) for word in command]
-        if (kind := known_image(spec.get("image"))) is not None:
-            argv = local_service(kind, argv, first_port.get(name), volumes, env, work / "config" / name, rewrite)
+        if kind is not None:
+            argv = local_service(kind, argv, first_port.get(name), volumes, env, work / "config" / name)
         check = healthcheck_argv(spec.get("healthcheck"))
         replicas = (scale or {}).get(name, (spec.get("deploy") or {}).get("replicas", spec.get("scale", 1)))
         services.append(Service(
@@ -330,7 +333,7 @@ def known_image(image: str | None) -> str | None:
 
 
 def local_service(kind: str, argv: list[str], port: int | None, volumes: Mapping[str, Path], env: Mapping[str, str],
-                  config_dir: Path, rewrite: Callable[[str], str]) -> list[str]:
+                  config_dir: Path) -> list[str]:
     """The local equivalent of a PostgreSQL, Redis or HAProxy container's command."""
     if port is None:
         raise ValueError(f"a {kind} service needs a published port to run locally")
@@ -342,14 +345,23 @@ def local_service(kind: str, argv: list[str], port: int | None, volumes: Mapping
         words = argv[1:] if argv and argv[0] == "redis-server" else argv
         kept = [w for i, w in enumerate(words) if w != "--port" and (i == 0 or words[i - 1] != "--port")]
         return [*runner, *kept]
-    config = next((path for target, path in volumes.items() if target.endswith(".cfg")), None)
-    if config is None:
-        raise ValueError("a haproxy service needs its configuration file mounted (a .cfg bind mount)")
+    config = next(path for target, path in volumes.items() if target.endswith(".cfg"))
+    return [*runner, "--config", str(config)]
+
+
+def local_config(volumes: Mapping[str, Path], port: int | None, rewrite: Callable[[str], str],
+                 config_dir: Path) -> dict[str, Path]:
+    """The mounts with HAProxy's configuration file replaced by a copy whose host:port pairs are
+    this machine's and whose `bind` is the service's local port."""
+    out = dict(volumes)
+    target = next((t for t in volumes if t.endswith(".cfg")), None)
+    if target is None or port is None:
+        raise ValueError("a haproxy service needs its configuration file mounted (a .cfg bind mount) and a published port")
     config_dir.mkdir(parents=True, exist_ok=True)
-    text = re.sub(r"(?m)^(\s*bind\s+)\S+", lambda m: f"{m.group(1)}127.0.0.1:{port}", rewrite(config.read_text()))
-    local = config_dir / config.name
-    local.write_text(text)
-    return [*runner, "--config", str(local)]
+    text = re.sub(r"(?m)^(\s*bind\s+)\S+", lambda m: f"{m.group(1)}127.0.0.1:{port}", rewrite(volumes[target].read_text()))
+    out[target] = config_dir / volumes[target].name
+    out[target].write_text(text)
+    return out
 
 
 def _base_env() -> dict[str, str]:
@@ -444,7 +456,8 @@ def run(services: list[Service], work: Path, *, duration: float | None = None, h
             for name, condition in service.depends_on.items():
                 _wait_for([r for r in replicas if r.service.name == name], condition, base, health_timeout)
             for path in service.volumes:
-                path.mkdir(parents=True, exist_ok=True)
+                if not path.exists():  # a named volume's directory (a bind-mounted file is already there)
+                    path.mkdir(parents=True)
             for index in range(1, service.replicas + 1):
                 with (logs / f"{service.name}-{index}.log").open("w") as out:
                     # its own session: a terminal's Ctrl-C reaches the runner alone, which stops replicas in order
