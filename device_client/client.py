@@ -76,7 +76,7 @@ log = logging.getLogger("driftsync.device")
 # cloud: the device measures nothing, the cloud re-estimates statistics from the uploads.
 NORMALIZATIONS = ("running", "batch", "cloud")
 FRESHNESS_KEPT = 100_000
-REENROL_EVERY_S = 5.0  # at most one re-enrolment attempt this often, however many threads see the 401
+REENROL_BACKOFF_S = (5.0, 600.0)  # re-enrolment attempts: 5 s apart at first, then backing off to 10 min
 
 
 @dataclass(frozen=True)
@@ -181,9 +181,11 @@ class DeviceClient:
         self.supervisor = Supervisor()
         self.models_refused: Counter[str] = Counter()
         self.reenrolments = 0
+        self.reenrolments_failed: Counter[str] = Counter()
         self._held: Signature | None = None  # signature of the delta the parameters come from
         self._enrol_lock = threading.Lock()
         self._next_enrol_at = 0.0
+        self._enrol_backoff = Backoff(*REENROL_BACKOFF_S)
 
     # -- provisioning -------------------------------------------------------------
     def start(self) -> DeviceClient:
@@ -369,21 +371,24 @@ class DeviceClient:
     def _enrol_again(self, failed_token: str | None) -> None:
         """The server answered "unknown device token": it lost its state. Enrol again under the
         pinned key (the spool and the parameters are kept) and start the new cohort's version
-        line. Any thread may call this; one attempt runs at a time, at most every few seconds."""
+        line. Any thread may call this; one attempt runs at a time, and failed attempts back off
+        (each one registers a device on the server: one that lost its key too is refused for good)."""
         with self._enrol_lock:
             if failed_token != self.identity.token or time.monotonic() < self._next_enrol_at:
                 return
-            self._next_enrol_at = time.monotonic() + REENROL_EVERY_S
+            self._next_enrol_at = time.monotonic() + self._enrol_backoff.next_delay()
             log.warning("the server no longer knows device %s; enrolling again", self.identity.device_id)
             api = self._plain_api(timeout=10.0)
             try:
                 reply = api.register(self._register_request())
                 self._check_reenrolment(reply)
             except (ServerError, SignatureRefused) as exc:
+                self.reenrolments_failed[getattr(exc, "reason", "server_error")] += 1
                 log.warning("enrolling again failed: %s", exc)
                 return
             finally:
                 api.close()
+            self._enrol_backoff.reset()
             with self._apply_lock:
                 self.model.install({}, reply.version, new_line=True)
                 self.identity = self.identity.model_copy(update={
@@ -550,6 +555,7 @@ class DeviceClient:
             "passes": {"forward_samples": self.forward_samples, "backward_samples": 0},
             "deltas": {"applied": self.deltas.applied, "refused": dict(self.deltas.refused), "bytes": self.deltas.bytes},
             "trust": {"server_key_fingerprint": fingerprint(self.identity.server_key),
-                      "models_refused": dict(self.models_refused), "reenrolments": self.reenrolments},
+                      "models_refused": dict(self.models_refused), "reenrolments": self.reenrolments,
+                      "reenrolments_failed": dict(self.reenrolments_failed)},
             "threads": self.supervisor.health(),
         }

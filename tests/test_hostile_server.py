@@ -122,3 +122,52 @@ def test_nan_predictions_neither_stop_telemetry_nor_selection(tiny_server, tmp_p
     assert kept > 0 and np.isfinite(device.selector.e_max())
     reporter.stop()
     device.stop()
+
+
+def test_a_server_that_lost_its_state_is_joined_again_but_not_one_that_lost_its_key(tmp_path):
+    """A real server restarted on an empty store: with its signing key kept, the device enrols
+    again and adapts, keeping its spool; with a new key, the device refuses it and keeps its
+    parameters (only a signed rotation may change the key)."""
+    from server.app import create_app
+
+    first = build_test_parts(tmp_path / "first")
+    with serve_in_thread(create_app(first)) as upstream:
+        proxy = Proxy(upstream)
+        with serve_in_thread(proxy.app()) as url:
+            cfg = DeviceConfig(server=url, state_dir=tmp_path / "device", e_max_factor=2.0, dynamic_lambda=None,
+                               upload_batch=8, upload_flush_s=0.1, poll_wait_s=0.5, backoff_cap_s=1.0,
+                               normalization="cloud")  # parameters change only by deltas
+            device = DeviceClient(cfg).start()
+            for i in range(3):
+                device.predict(_images(8, 300 + i))
+            wait_for(lambda: device.deltas.applied >= 1, what="a first delta")
+            old_id = device.identity.device_id
+
+            wiped = build_test_parts(tmp_path / "wiped")  # the database is gone; the key was kept
+            wiped.signer = first.signer
+            with serve_in_thread(create_app(wiped)) as fresh:
+                proxy.upstream = fresh
+                for i in range(3):
+                    device.predict(_images(8, 310 + i))
+                wait_for(lambda: device.reenrolments == 1, timeout=30, what="re-enrolment")
+                assert device.identity.device_id != old_id
+                applied = device.deltas.applied
+                for i in range(3):
+                    device.predict(_images(8, 320 + i))
+                wait_for(lambda: device.deltas.applied > applied and device.uploader.spool.samples() == 0,
+                         timeout=60, what="adapting on the restarted server")
+
+            version, params = device.model.version, {k: v.copy() for k, v in device.model.params.items()}
+            lost = build_test_parts(tmp_path / "lost")  # the key is gone too
+            with serve_in_thread(create_app(lost)) as other:
+                proxy.upstream = other
+                for i in range(3):
+                    device.predict(_images(8, 330 + i))
+                wait_for(lambda: device.reenrolments_failed["unknown_key"] >= 1, timeout=30,
+                         what="an enrolment under another key refused")
+                time.sleep(2.0)
+                assert device.reenrolments == 1 and device.model.version == version
+                assert all(np.array_equal(device.model.params[k], v) for k, v in params.items())
+                assert len(lost.store.devices()) <= 2  # attempts back off: no registration storm
+                assert device.status()["trust"]["reenrolments_failed"] == dict(device.reenrolments_failed)
+            device.stop()
