@@ -52,6 +52,8 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
     add(p, "--queue-max-jobs", 256, int, help="upload batches waiting for the worker before uploads get 429")
     add(p, "--max-pending-samples", 2048, int, help="samples the worker holds before it stops taking uploads "
         "(then the queue fills and uploads get 429): bounds memory and delay under overload")
+    add(p, "--max-state-bytes", 1 << 30, int, help="replay images a worker keeps in memory over all its cohorts; "
+        "beyond, the least recently stepped cohorts' states are dropped (each is in the store)")
     add(p, "--step-max-wait-s", 2.0, float, help="step with fewer samples once the oldest waited this long")
     add(p, "--step-min-samples", 8, int, help="fewest new samples a step takes after waiting")
     add(p, "--torch-threads", 0, int, help="torch intra-op threads (0: torch's default)")
@@ -268,6 +270,7 @@ def _serve(args: argparse.Namespace) -> int:
         max_pending_samples=args.max_pending_samples, queue_max_jobs=args.queue_max_jobs,
         role=args.role, store=args.store, broker=args.broker, partitions=args.partitions,
         lease_ttl_s=args.lease_ttl_s, worker_name=args.worker_name, torch_device=args.torch_device,
+        max_state_bytes=args.max_state_bytes,
         rotate_signing_key=args.rotate_signing_key,
     )
     if args.role == "api":  # a replica imports no torch

@@ -437,7 +437,8 @@ def _raise_stop(signum: int, frame: object) -> None:
     raise _Stop(signum)
 
 
-def run(services: list[Service], work: Path, *, duration: float | None = None, health_timeout: float = 600.0) -> int:
+def run(services: list[Service], work: Path, *, duration: float | None = None, health_timeout: float = 600.0,
+        until_exit: list[str] | None = None) -> int:
     """Start the services in order; wait for the workers to exit, for `duration` seconds, or for
     SIGTERM or SIGINT; stop the workers, then the servers (services another waits on with
     `condition: service_healthy`), in reverse start order. Prints one row per replica; returns 1
@@ -465,10 +466,10 @@ def run(services: list[Service], work: Path, *, duration: float | None = None, h
                                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
                 replicas.append(Replica(service, index, process))
                 log.info("started %s (pid %d)", replicas[-1].name, process.pid)
-        workers = [r for r in replicas if r.service.name not in servers]
+        workers = [r for r in replicas if (r.service.name in until_exit if until_exit else r.service.name not in servers)]
         deadline = time.monotonic() + duration if duration is not None else math.inf
         while time.monotonic() < deadline:
-            if any(r.process.poll() is not None for r in replicas if r not in workers):
+            if any(r.process.poll() is not None for r in replicas if r.service.name in servers):
                 log.error("a server exited; stopping")
                 break
             if workers and all(r.process.poll() is not None for r in workers):
@@ -524,6 +525,9 @@ def add_fleet_parser(subparsers: Any) -> argparse.ArgumentParser:
                    help="set an environment variable for every service (repeatable)")
     add(p, "--work", "driftsync-fleet", help="volumes (<work>/volumes) and logs (<work>/logs)")
     add(p, "--duration", None, optional(float), help="stop the replicas after this many seconds ('none': when they exit)")
+    p.add_argument("--until-exit", action="append", default=[], metavar="SERVICE",
+                   help="stop everything once every replica of SERVICE has exited (repeatable; default: every "
+                        "service no other waits on as healthy)")
     add(p, "--port", 0, int, help="local port for the first published port (0: a free one)")
     add(p, "--health-timeout", 600.0, float, help="longest wait for a depends_on condition")
     return p
@@ -539,4 +543,5 @@ def run_fleet_command(args: argparse.Namespace) -> int:
                         overrides=_pairs(args.env, "--env"), port=args.port, profiles=args.profile)
     except (ValueError, OSError, yaml.YAMLError) as exc:
         raise SystemExit(f"driftsync fleet: {exc}") from exc
-    return run(services, Path(args.work), duration=args.duration, health_timeout=args.health_timeout)
+    return run(services, Path(args.work), duration=args.duration, health_timeout=args.health_timeout,
+               until_exit=args.until_exit)

@@ -35,6 +35,7 @@ class ServeOptions:
     step_min_samples: int = 8
     batch_cohorts: int = 4
     max_pending_samples: int = 2048
+    max_state_bytes: int = 1 << 30  # replay images a worker keeps over all its cohorts
     prompt: str | None = None  # "padding:W" or "lowres:R": the student gets an input prompt
     learn: str = "norm"
     prompt_lr: float = 5e-3
