@@ -303,11 +303,8 @@ class AdaptationWorker:
         """Take stored uploads no version has learnt from and this worker does not hold yet:
         after a restart, a partition change, or a broker that lost messages."""
         jobs = samples = 0
-        for upload in self.store.pending_uploads(partition):
-            if upload.upload_id in self._holding:
-                continue
-            if self.pending_samples() >= self.max_pending_samples:
-                break
+        room = max(0, self.max_pending_samples - self.pending_samples())
+        for upload in self.store.pending_uploads(partition, exclude=self._holding, max_samples=room):
             job = StoredJob(upload.upload_id, upload.cohort, upload.device_id, upload.received_at, upload.body,
                             partition_of(upload.cohort, self.partitions))
             added = self._add_stored(job, upload.remaining)

@@ -150,6 +150,13 @@ def test_pending_uploads_by_partition(store) -> None:
     assert store.pending_uploads(7) == []
 
 
+def test_pending_uploads_skip_what_a_worker_holds_and_stop_at_its_room(store) -> None:
+    ids = [store.add_upload("c", "d", bytes([i]) * 3, 4, partition=1) for i in range(5)]
+    assert [u.upload_id for u in store.pending_uploads(1, exclude={ids[0], ids[2]})] == [ids[1], ids[3], ids[4]]
+    assert [u.upload_id for u in store.pending_uploads(1, exclude={ids[0]}, max_samples=8)] == [ids[1], ids[2]]
+    assert store.pending_uploads(1, max_samples=0) == []
+
+
 def test_leases_fence_a_worker_that_lost_its_partition(store) -> None:
     upload = store.add_upload("c", "d", b"x", 4, partition=3)
     mine = store.acquire_lease(3, "w1", 1.0)
