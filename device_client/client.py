@@ -44,7 +44,13 @@ from device_client.statistics import (
     statistic_names,
 )
 from device_client.supervisor import Supervisor
-from device_client.transport import RETRY_AFTER_MAX_S, Backoff, ServerApi, ServerError
+from device_client.transport import (
+    RETRY_AFTER_MAX_S,
+    Backoff,
+    ServerApi,
+    ServerError,
+    server_urls,
+)
 from device_client.trust import check_delta, check_enrolment, check_key
 from device_client.uploader import Uploader
 from shared.protocol import (
@@ -191,7 +197,7 @@ class DeviceClient:
             reply = self._until_reachable("register", lambda: api.register(self._register_request()))
             key = check_enrolment(reply, None, self.cfg.server_key_fingerprint, time.time())
             identity = Identity(
-                server=self.cfg.server.rstrip("/"), device_id=reply.device_id, token=reply.token,
+                server=",".join(server_urls(self.cfg.server)), device_id=reply.device_id, token=reply.token,
                 cohort=reply.cohort, model=reply.model, server_key=key,
             )
             self.state.save_identity(identity)

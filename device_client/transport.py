@@ -124,20 +124,46 @@ def _parse(response: httpx.Response, model: type[M]) -> M:
         raise ServerError(f"unreadable {model.__name__} reply: {str(exc)[:200]}", status=response.status_code) from exc
 
 
-class ServerApi:
-    """One httpx client per thread is the caller's business; this is stateless but for the token.
+FAILOVER_STATUSES = (502, 503, 504)  # "not this replica, not now": the next server in the list may answer
 
-    `token` may be a callable, read on every request, so that every client of a device follows
-    a re-enrolment; `on_unknown_token(token)` is told when the server says it forgot the token.
+
+def server_urls(spec: str) -> list[str]:
+    """`--server`: one base URL, or a comma list of replicas (or a gateway and a fallback)."""
+    urls = [url.strip().rstrip("/") for url in spec.split(",") if url.strip()]
+    if not urls:
+        raise ValueError("--server needs at least one URL")
+    return urls
+
+
+class ServerApi:
+    """One httpx client per thread is the caller's business; this is stateless but for the token
+    and which server of the list it is talking to.
+
+    `base_url` may list several servers, comma-separated: a request that cannot connect, or gets
+    502/503/504, moves this client to the next one for its following requests (the caller's
+    backoff retries). `token` may be a callable, read on every request, so that every client of a
+    device follows a re-enrolment; `on_unknown_token(token)` is told when the server says it
+    forgot the token.
     """
 
     def __init__(self, base_url: str, token: str | Callable[[], str | None] | None = None, timeout: float = 30.0,
                  verify: str | bool = True, on_unknown_token: Callable[[str | None], None] | None = None) -> None:
-        self.base_url = base_url.rstrip("/")
+        self.urls = server_urls(base_url)
+        self._current = 0
+        self.failovers = 0
         self.token = token
         self.on_unknown_token = on_unknown_token
         context = ssl.create_default_context(cafile=verify) if isinstance(verify, str) else verify
-        self._client = httpx.Client(base_url=self.base_url, timeout=timeout, verify=context)
+        self._client = httpx.Client(timeout=timeout, verify=context)
+
+    @property
+    def base_url(self) -> str:
+        return self.urls[self._current]
+
+    def _fail_over(self) -> None:
+        if len(self.urls) > 1:
+            self._current = (self._current + 1) % len(self.urls)
+            self.failovers += 1
 
     def close(self) -> None:
         self._client.close()
@@ -148,10 +174,14 @@ class ServerApi:
     def _call(self, method: str, url: str, headers: dict[str, str] | None = None, **kwargs) -> httpx.Response:
         token = self._current_token()
         auth = {"Authorization": f"Bearer {token}"} if token else {}
+        base = self.base_url
         try:
-            response = self._client.request(method, url, headers=auth | (headers or {}), **kwargs)
+            response = self._client.request(method, base + url, headers=auth | (headers or {}), **kwargs)
         except httpx.HTTPError as exc:
-            raise ServerError(f"cannot reach {self.base_url}: {exc}") from exc
+            self._fail_over()
+            raise ServerError(f"cannot reach {base}: {exc}") from exc
+        if response.status_code in FAILOVER_STATUSES:
+            self._fail_over()
         try:
             _raise_for(response)
         except ServerError as exc:

@@ -19,9 +19,14 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
     add(p, "--state-dir", str(home() / "server"), help="SQLite state and caches")
     add(p, "--student", "embedded-student", help="student model NAME[:CHECKPOINT]")
     add(p, "--teacher", "embedded-teacher", help="teacher model NAME[:CHECKPOINT]")
-    add(p, "--enrolment-token", None, optional(str), help="token(s) a device must present to register; comma-separated to rotate")
-    add(p, "--admin-token", None, optional(str), help="token for fleet operations, the fleet API and the dashboard (unset: off)")
-    add(p, "--max-body-bytes", 8 * 1024 * 1024, int, help="largest accepted request body")
+    add(p, "--enrolment-token", None, help="token(s) a device must present to register; comma-separated to rotate "
+        "(unset: open enrolment)", secret=True)
+    add(p, "--admin-token", None, help="token for fleet operations, the fleet API and the dashboard (unset: off)", secret=True)
+    add(p, "--insecure-dev", False, parse_bool, help="accept weak tokens (change-me, short, empty, none...) for a local "
+        "test; they are refused otherwise", nargs="?", const=True)
+    add(p, "--max-body-bytes", 8 * 1024 * 1024, int, help="largest accepted upload body")
+    add(p, "--json-body-bytes", 64 * 1024, int, help="largest accepted body of every other route")
+    add(p, "--body-timeout-s", 30.0, float, help="a request body must have arrived this long after its headers (else 408)")
     add(p, "--device-samples-per-s", 100.0, optional(float), help="per-device upload rate limit ('none': off)")
     add(p, "--device-burst-samples", 1000.0, float, help="per-device upload burst above the rate")
     add(p, "--new-per-step", 32, int, help="new uploads per adaptation step (CEMA: 32)")
@@ -47,6 +52,8 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
     add(p, "--queue-max-jobs", 256, int, help="upload batches waiting for the worker before uploads get 429")
     add(p, "--max-pending-samples", 2048, int, help="samples the worker holds before it stops taking uploads "
         "(then the queue fills and uploads get 429): bounds memory and delay under overload")
+    add(p, "--max-state-bytes", 1 << 30, int, help="replay images a worker keeps in memory over all its cohorts; "
+        "beyond, the least recently stepped cohorts' states are dropped (each is in the store)")
     add(p, "--step-max-wait-s", 2.0, float, help="step with fewer samples once the oldest waited this long")
     add(p, "--step-min-samples", 8, int, help="fewest new samples a step takes after waiting")
     add(p, "--torch-threads", 0, int, help="torch intra-op threads (0: torch's default)")
@@ -73,7 +80,7 @@ def _device_args(p: argparse.ArgumentParser) -> None:
     add(p, "--state-dir", str(home() / "device" / "{name}"),
         help="identity, cached model, applied delta, spool and status; '{name}' expands to --name")
     add(p, "--cohort", None, optional(str), help="share adaptation state with devices of this cohort")
-    add(p, "--enrolment-token", None, optional(str), help="fleet enrolment token")
+    add(p, "--enrolment-token", None, optional(str), help="fleet enrolment token", secret=True)
     add(p, "--ca-file", None, optional(str), help="PEM CA bundle to verify an https server (e.g. its self-signed certificate)")
     add(p, "--server-key-fingerprint", None, optional(str), help="SHA-256 (hex) of the server's signing key: enrolment "
         "refuses any other ('none': trust the key the server sends at enrolment)")
@@ -218,7 +225,29 @@ def main(argv: list[str] | None = None) -> int:
     return handler(args) or 0
 
 
+def _serve_tokens(args: argparse.Namespace) -> tuple[str | None, str | None]:
+    """The enrolment and admin tokens, refused when weak unless --insecure-dev (then said loudly)."""
+    from server.tokens import GENERATE_HINT, weak_tokens
+
+    problems = weak_tokens({"--enrolment-token": args.enrolment_token, "--admin-token": args.admin_token})
+    if problems and not args.insecure_dev:
+        raise SystemExit(f"driftsync serve: refusing weak tokens ({'; '.join(problems)}; env DRIFTSYNC_ENROLMENT_TOKEN, "
+                         f"DRIFTSYNC_ADMIN_TOKEN). Use random ones of 16+ characters ({GENERATE_HINT}), "
+                         "or pass --insecure-dev for a local test.")
+    for problem in problems:
+        logging.getLogger("driftsync.server").warning("INSECURE (--insecure-dev): weak token %s", problem)
+
+    def unset_if_off(token: str | None) -> str | None:  # with --insecure-dev these still mean "no token"
+        return None if token is not None and token.strip().lower() in {"", "none", "off"} else token
+
+    return unset_if_off(args.enrolment_token), unset_if_off(args.admin_token)
+
+
 def _serve(args: argparse.Namespace) -> int:
+    enrolment_token, admin_token = _serve_tokens(args)
+    if enrolment_token is None:
+        logging.getLogger("driftsync.server").warning("enrolment is open: any client that reaches the server can register")
+
     import uvicorn
 
     from server.options import ROLES, ServeOptions
@@ -227,7 +256,8 @@ def _serve(args: argparse.Namespace) -> int:
         raise SystemExit(f"driftsync serve: --role must be one of {', '.join(ROLES)}, not {args.role!r}")
     opts = ServeOptions(
         state_dir=Path(args.state_dir), student=args.student, teacher=args.teacher,
-        enrolment_token=args.enrolment_token, admin_token=args.admin_token, max_body_bytes=args.max_body_bytes,
+        enrolment_token=enrolment_token, admin_token=admin_token, max_body_bytes=args.max_body_bytes,
+        json_body_bytes=args.json_body_bytes, body_timeout_s=args.body_timeout_s,
         device_samples_per_s=args.device_samples_per_s, device_burst_samples=args.device_burst_samples,
         new_per_step=args.new_per_step, replay_per_step=args.replay_per_step,
         stats_momentum=args.stats_momentum, adapt_teacher=args.adapt_teacher,
@@ -240,6 +270,7 @@ def _serve(args: argparse.Namespace) -> int:
         max_pending_samples=args.max_pending_samples, queue_max_jobs=args.queue_max_jobs,
         role=args.role, store=args.store, broker=args.broker, partitions=args.partitions,
         lease_ttl_s=args.lease_ttl_s, worker_name=args.worker_name, torch_device=args.torch_device,
+        max_state_bytes=args.max_state_bytes,
         rotate_signing_key=args.rotate_signing_key,
     )
     if args.role == "api":  # a replica imports no torch
@@ -250,8 +281,11 @@ def _serve(args: argparse.Namespace) -> int:
         app = build_app(opts)
     except ValueError as exc:
         raise SystemExit(f"driftsync serve: {exc}") from exc
+    # Pinned, not left to uvicorn's defaults: idle keep-alive connections close after 5 s and a request's
+    # header block may not exceed 16 KiB (h11). Bodies are bounded in size and time by server/limits.py.
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level.lower(),
-                ssl_certfile=args.ssl_certfile, ssl_keyfile=args.ssl_keyfile)
+                ssl_certfile=args.ssl_certfile, ssl_keyfile=args.ssl_keyfile, http="h11",
+                timeout_keep_alive=5, h11_max_incomplete_event_size=16 * 1024)
     return 0
 
 

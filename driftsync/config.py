@@ -35,8 +35,10 @@ def optional(kind: Callable[[str], Any]) -> Callable[[str], Any]:
     return convert
 
 
-def add(parser: argparse.ArgumentParser, flag: str, default: Any, kind: Callable[[str], Any] = str, help: str = "", **kw: Any) -> None:
-    """A flag whose default is read from its DRIFTSYNC_* variable, and says so in --help.
+def add(parser: argparse.ArgumentParser, flag: str, default: Any, kind: Callable[[str], Any] = str, help: str = "",
+        *, secret: bool = False, **kw: Any) -> None:
+    """A flag whose default is read from its DRIFTSYNC_* variable, and says so in --help
+    (a secret's value never: only whether it is set).
 
     The variable's text is handed to argparse as the default, which converts it only for the
     subcommand actually run: `DRIFTSYNC_FPS=none` is valid for `device` and must not break
@@ -45,4 +47,5 @@ def add(parser: argparse.ArgumentParser, flag: str, default: Any, kind: Callable
     env = env_name(flag)
     if env in os.environ:
         default = os.environ[env]
-    parser.add_argument(flag, type=kind, default=default, help=f"{help} [env {env}; default {default}]", **kw)
+    shown = ("set, hidden" if default is not None else "unset") if secret else default
+    parser.add_argument(flag, type=kind, default=default, help=f"{help} [env {env}; default {shown}]", **kw)

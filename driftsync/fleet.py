@@ -20,6 +20,7 @@ and mapped onto this machine:
 - a service whose image is PostgreSQL, Redis or HAProxy runs the local server through
   `python -m driftsync.localservices` on its mapped port, in its volume's directory (HAProxy
   with its configuration file's host:port pairs rewritten like everything else).
+- a required `${..._TOKEN:?}` variable that is unset gets a random value for this run.
 
 Processes inherit this environment without its DRIFTSYNC_* variables (DRIFTSYNC_HOME excepted),
 as a container would; `--env KEY=VALUE` sets a variable for every service. Images, networks
@@ -32,10 +33,12 @@ import logging
 import math
 import os
 import re
+import secrets
 import shlex
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -251,7 +254,11 @@ def load(
     environ = {**dotenv(compose.parent / ".env"), **(os.environ if environ is None else environ)}
     import yaml  # the server extra's; `driftsync device` alone must not need it
 
-    doc = interpolate(yaml.safe_load(compose.read_text()), environ)
+    text = compose.read_text()
+    if generated := generated_tokens(text, environ):
+        log.info("generated random %s for this run", ", ".join(generated))
+        environ = {**environ, **generated}
+    doc = interpolate(yaml.safe_load(text), environ)
     active = active_profiles(profiles, environ)
     specs: dict[str, dict[str, Any]] = {name: spec for name, spec in (doc.get("services") or {}).items()
                                         if not spec.get("profiles") or active & set(spec["profiles"])}
@@ -276,6 +283,9 @@ def load(
     for name in start_order(depends):
         spec = specs[name]
         volumes = mounts(spec.get("volumes"), doc.get("volumes") or {}, work, compose.parent.resolve())
+        kind = known_image(spec.get("image"))
+        if kind == "haproxy":  # its configuration names other services' host:port: run a rewritten copy
+            volumes = local_config(volumes, first_port.get(name), rewriter({**hosts, **own[name]}), work / "config" / name)
         rewrite = rewriter({**hosts, **own[name], **{target: str(path) for target, path in volumes.items()}})
         env = {key: rewrite(value) for key, value in {**environment(spec.get("environment"), environ), **(overrides or {})}.items()}
         if name in first_port:
@@ -286,8 +296,8 @@ def load(
         if command is None:
             raise ValueError(f"service {name!r} has no `command` (an image's CMD is not known locally)")
         argv = shlex.split(command) if isinstance(command, str) else [str(word) for word in command]
-        if (kind := known_image(spec.get("image"))) is not None:
-            argv = local_service(kind, argv, first_port.get(name), volumes, env, work / "config" / name, rewrite)
+        if kind is not None:
+            argv = local_service(kind, argv, first_port.get(name), volumes, env, work / "config" / name)
         check = healthcheck_argv(spec.get("healthcheck"))
         replicas = (scale or {}).get(name, (spec.get("deploy") or {}).get("replicas", spec.get("scale", 1)))
         services.append(Service(
@@ -296,6 +306,14 @@ def load(
             check_timeout_s=seconds((spec.get("healthcheck") or {}).get("timeout", "30s")), volumes=list(volumes.values()),
         ))
     return services
+
+
+def generated_tokens(text: str, environ: Mapping[str, str]) -> dict[str, str]:
+    """A random value for each required (`${NAME:?...}`) *_TOKEN variable the environment lacks:
+    a local run asks the user for no secret, and never runs on a known one."""
+    names = {match.group(2) for match in _VAR.finditer(text)
+             if match.group(2) and match.group(2).endswith("_TOKEN") and (match.group(3) or "").endswith("?")}
+    return {name: secrets.token_urlsafe(24) for name in sorted(names) if not environ.get(name)}
 
 
 def _depends_on(spec: Any, optional: bool = False) -> dict[str, str]:
@@ -315,7 +333,7 @@ def known_image(image: str | None) -> str | None:
 
 
 def local_service(kind: str, argv: list[str], port: int | None, volumes: Mapping[str, Path], env: Mapping[str, str],
-                  config_dir: Path, rewrite: Callable[[str], str]) -> list[str]:
+                  config_dir: Path) -> list[str]:
     """The local equivalent of a PostgreSQL, Redis or HAProxy container's command."""
     if port is None:
         raise ValueError(f"a {kind} service needs a published port to run locally")
@@ -327,14 +345,23 @@ def local_service(kind: str, argv: list[str], port: int | None, volumes: Mapping
         words = argv[1:] if argv and argv[0] == "redis-server" else argv
         kept = [w for i, w in enumerate(words) if w != "--port" and (i == 0 or words[i - 1] != "--port")]
         return [*runner, *kept]
-    config = next((path for target, path in volumes.items() if target.endswith(".cfg")), None)
-    if config is None:
-        raise ValueError("a haproxy service needs its configuration file mounted (a .cfg bind mount)")
+    config = next(path for target, path in volumes.items() if target.endswith(".cfg"))
+    return [*runner, "--config", str(config)]
+
+
+def local_config(volumes: Mapping[str, Path], port: int | None, rewrite: Callable[[str], str],
+                 config_dir: Path) -> dict[str, Path]:
+    """The mounts with HAProxy's configuration file replaced by a copy whose host:port pairs are
+    this machine's and whose `bind` is the service's local port."""
+    out = dict(volumes)
+    target = next((t for t in volumes if t.endswith(".cfg")), None)
+    if target is None or port is None:
+        raise ValueError("a haproxy service needs its configuration file mounted (a .cfg bind mount) and a published port")
     config_dir.mkdir(parents=True, exist_ok=True)
-    text = re.sub(r"(?m)^(\s*bind\s+)\S+", lambda m: f"{m.group(1)}127.0.0.1:{port}", rewrite(config.read_text()))
-    local = config_dir / config.name
-    local.write_text(text)
-    return [*runner, "--config", str(local)]
+    text = re.sub(r"(?m)^(\s*bind\s+)\S+", lambda m: f"{m.group(1)}127.0.0.1:{port}", rewrite(volumes[target].read_text()))
+    out[target] = config_dir / volumes[target].name
+    out[target].write_text(text)
+    return out
 
 
 def _base_env() -> dict[str, str]:
@@ -398,32 +425,51 @@ def failed(replica: Replica) -> bool:
     return replica.status != "exited" or code != 0
 
 
-def run(services: list[Service], work: Path, *, duration: float | None = None, health_timeout: float = 600.0) -> int:
-    """Start the services in order; wait for the workers to exit, or for `duration` seconds; stop
-    the workers, then the servers (services another waits on with `condition: service_healthy`),
-    in reverse start order. Prints one row per replica; returns 1 if any failed."""
+class _Stop(Exception):
+    """SIGTERM or SIGINT to the runner: stop the replicas in order, then report."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def _raise_stop(signum: int, frame: object) -> None:
+    raise _Stop(signum)
+
+
+def run(services: list[Service], work: Path, *, duration: float | None = None, health_timeout: float = 600.0,
+        until_exit: list[str] | None = None) -> int:
+    """Start the services in order; wait for the workers to exit, for `duration` seconds, or for
+    SIGTERM or SIGINT; stop the workers, then the servers (services another waits on with
+    `condition: service_healthy`), in reverse start order. Prints one row per replica; returns 1
+    if any failed, 128 + the signal's number when a signal stopped the run."""
     logs = work.resolve() / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     base = _base_env()
     servers = {name for s in services for name, condition in s.depends_on.items() if condition == "service_healthy"}
     replicas: list[Replica] = []
     error = False
+    stopped_by: int | None = None
+    handling = threading.current_thread() is threading.main_thread()  # only there can signals be handled
+    previous = {sig: signal.signal(sig, _raise_stop) for sig in (signal.SIGTERM, signal.SIGINT)} if handling else {}
     try:
         for service in services:
             for name, condition in service.depends_on.items():
                 _wait_for([r for r in replicas if r.service.name == name], condition, base, health_timeout)
             for path in service.volumes:
-                path.mkdir(parents=True, exist_ok=True)
+                if not path.exists():  # a named volume's directory (a bind-mounted file is already there)
+                    path.mkdir(parents=True)
             for index in range(1, service.replicas + 1):
                 with (logs / f"{service.name}-{index}.log").open("w") as out:
+                    # its own session: a terminal's Ctrl-C reaches the runner alone, which stops replicas in order
                     process = subprocess.Popen(service.argv, env={**base, **service.replica_env(index)},
-                                               stdout=out, stderr=subprocess.STDOUT)
+                                               stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
                 replicas.append(Replica(service, index, process))
                 log.info("started %s (pid %d)", replicas[-1].name, process.pid)
-        workers = [r for r in replicas if r.service.name not in servers]
+        workers = [r for r in replicas if (r.service.name in until_exit if until_exit else r.service.name not in servers)]
         deadline = time.monotonic() + duration if duration is not None else math.inf
         while time.monotonic() < deadline:
-            if any(r.process.poll() is not None for r in replicas if r not in workers):
+            if any(r.process.poll() is not None for r in replicas if r.service.name in servers):
                 log.error("a server exited; stopping")
                 break
             if workers and all(r.process.poll() is not None for r in workers):
@@ -434,7 +480,12 @@ def run(services: list[Service], work: Path, *, duration: float | None = None, h
     except (RuntimeError, TimeoutError, ValueError) as exc:
         log.error("%s", exc)
         error = True
+    except _Stop as stop:
+        log.warning("%s: stopping the replicas", stop)
+        stopped_by = stop.signum
     finally:
+        for sig in previous:  # a second signal must not cut the orderly stop short
+            signal.signal(sig, signal.SIG_IGN)
         for replica in replicas:
             if replica.process.poll() is not None:
                 replica.status = "exited"
@@ -444,7 +495,11 @@ def run(services: list[Service], work: Path, *, duration: float | None = None, h
     print(f"{'replica':<20} {'exit':>5}  status")
     for replica in replicas:
         print(f"{replica.name:<20} {replica.process.returncode:>5}  {replica.status}{' (failed)' if failed(replica) else ''}")
-    print(f"logs: {logs}")
+    print(f"logs: {logs}", flush=True)
+    for sig, handler in previous.items():
+        signal.signal(sig, handler)
+    if stopped_by is not None:
+        return 128 + stopped_by
     return 1 if error or any(failed(r) for r in replicas) else 0
 
 
@@ -470,6 +525,9 @@ def add_fleet_parser(subparsers: Any) -> argparse.ArgumentParser:
                    help="set an environment variable for every service (repeatable)")
     add(p, "--work", "driftsync-fleet", help="volumes (<work>/volumes) and logs (<work>/logs)")
     add(p, "--duration", None, optional(float), help="stop the replicas after this many seconds ('none': when they exit)")
+    p.add_argument("--until-exit", action="append", default=[], metavar="SERVICE",
+                   help="stop everything once every replica of SERVICE has exited (repeatable; default: every "
+                        "service no other waits on as healthy)")
     add(p, "--port", 0, int, help="local port for the first published port (0: a free one)")
     add(p, "--health-timeout", 600.0, float, help="longest wait for a depends_on condition")
     return p
@@ -485,4 +543,5 @@ def run_fleet_command(args: argparse.Namespace) -> int:
                         overrides=_pairs(args.env, "--env"), port=args.port, profiles=args.profile)
     except (ValueError, OSError, yaml.YAMLError) as exc:
         raise SystemExit(f"driftsync fleet: {exc}") from exc
-    return run(services, Path(args.work), duration=args.duration, health_timeout=args.health_timeout)
+    return run(services, Path(args.work), duration=args.duration, health_timeout=args.health_timeout,
+               until_exit=args.until_exit)

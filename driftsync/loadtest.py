@@ -195,6 +195,7 @@ async def run_load(opts: LoadOptions, progress=lambda text: None) -> dict:
             progress(f"{opts.duration_s - max(0.0, end - time.monotonic()):.0f}/{opts.duration_s:.0f}s, "
                      f"{sum(d.acked for d in devices)} samples acknowledged")
         await asyncio.gather(*uploaders)
+        at_end = await _fleet_totals(client, devices[0], opts.admin_token) if opts.admin_token else {}
         settle_end = time.monotonic() + opts.settle_s  # let the server catch up, then check convergence
         while time.monotonic() < settle_end and any(d.awaiting for d in devices):
             await asyncio.sleep(0.5)
@@ -222,6 +223,8 @@ async def run_load(opts: LoadOptions, progress=lambda text: None) -> dict:
         "converged_devices": sum(fleet.get(d.cohort) == d.version for d in devices),
         "failovers": sum(d.failovers for d in devices),
         **totals,
+        "learnt_samples_per_s_during_load": (round(at_end["server_learnt_samples"] / opts.duration_s, 1)
+                                             if at_end else None),
     }
 
 
@@ -272,7 +275,7 @@ def add_loadtest_parser(subparsers) -> None:
     add(p, "--upload-ratio", 0.25, float, help="share of frames each device uploads")
     add(p, "--batch", 8, int, help="samples per upload request")
     add(p, "--settle-s", 30.0, float, help="after uploading, wait this long for the last deltas")
-    add(p, "--enrolment-token", None, optional(str), help="fleet enrolment token")
+    add(p, "--enrolment-token", None, optional(str), help="fleet enrolment token", secret=True)
     add(p, "--cohort", None, optional(str), help="put every device in this cohort (default: each its own)")
     add(p, "--server-pid", None, optional(int), help="read this process's RSS during the run")
     add(p, "--json", None, optional(str), help="also write the report here")

@@ -38,6 +38,15 @@ def as_postgres_user(argv: list[str]) -> list[str]:
     return ["runuser", "-u", "postgres", "--", *argv] if os.geteuid() == 0 else argv
 
 
+def let_postgres_reach(path: Path) -> None:
+    """As root, postgres runs as the `postgres` user, which must be able to pass through every
+    directory above its data (a 0700 temp directory stops it): add the search bit, nothing more."""
+    for parent in path.resolve().parents:
+        mode = parent.stat().st_mode
+        if not mode & 0o001:
+            parent.chmod(mode | 0o001)
+
+
 class PostgresCluster:
     """One cluster in its own directory, on a loopback port; trust authentication (loopback only)."""
 
@@ -46,7 +55,7 @@ class PostgresCluster:
         if bindir is None:
             raise RuntimeError("PostgreSQL is not installed: apt-get install postgresql")
         self.root, self.port, self.user, self.fsync, self.bindir = root, port, user, fsync, bindir
-        self.data, self.sockets, self.log = root / "data", root / "sockets", root / "postgres.log"
+        self.data, self.log = root / "data", root / "postgres.log"
         self.url = f"postgresql://{user}@127.0.0.1:{port}/postgres"
 
     def _run(self, tool: str, *args: str) -> None:
@@ -58,16 +67,16 @@ class PostgresCluster:
 
     def init(self) -> None:
         """initdb once; later starts reuse the data directory."""
-        self.sockets.mkdir(parents=True, exist_ok=True)
+        self.root.mkdir(parents=True, exist_ok=True)
         if os.geteuid() == 0:
-            for path in (self.root, self.sockets):
-                shutil.chown(path, "postgres", "postgres")
+            shutil.chown(self.root, "postgres", "postgres")
+            let_postgres_reach(self.root)
         if not (self.data / "PG_VERSION").exists():
             self._run("initdb", "-D", str(self.data), "-U", self.user, "--auth=trust", "-E", "UTF8", "--no-sync")
 
     def options(self) -> str:
         durable = "on" if self.fsync else "off"
-        return (f"-p {self.port} -k {self.sockets} -c listen_addresses=127.0.0.1 -c fsync={durable}"
+        return (f"-p {self.port} -c unix_socket_directories= -c listen_addresses=127.0.0.1 -c fsync={durable}"
                 f" -c full_page_writes={durable} -c max_connections=200")
 
     def start(self) -> None:

@@ -14,7 +14,13 @@ import time
 from fastapi import FastAPI
 
 from server.app import ServerParts, WorkerSummary, create_app
-from server.artifact import MODEL_BLOB, PublishedModel, decode_model, encode_model, sha256_hex
+from server.artifact import (
+    MODEL_BLOB,
+    PublishedModel,
+    decode_model,
+    encode_model,
+    sha256_hex,
+)
 from server.fleet import FleetView
 from server.metrics import Registry
 from server.options import ServeOptions

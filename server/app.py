@@ -14,8 +14,10 @@ from collections.abc import Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Annotated
 
 from fastapi import Depends, FastAPI, Header, Query, Request
+from fastapi import Path as PathParam
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
@@ -23,16 +25,25 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from server.artifact import PublishedModel, sha256_hex
 from server.fleet import FleetView
+from server.limits import BodyLimits, BodyLimitSettings
 from server.metrics import Registry
-from server.queueing import BrokerUnavailable, ControlJob, StoredJob, UploadJob, UploadQueue, partition_of
+from server.queueing import (
+    BrokerUnavailable,
+    ControlJob,
+    StoredJob,
+    UploadQueue,
+    partition_of,
+)
 from server.ratelimit import RateLimiter
 from server.signing import Signer
 from server.store import DeviceRecord, Store, StoreError, StoreUnavailable
 from server.uploads import UploadRejected, parse_upload
 from server.versions import VersionBoard
-from shared.codec import MSGPACK_MEDIA_TYPE, pack
+from shared.codec import MAX_ERROR_CHARS, MSGPACK_MEDIA_TYPE, describe_errors, pack
 from shared.protocol import (
+    COHORT_PATTERN,
     MAX_BODY_BYTES,
+    MAX_COHORT_LENGTH,
     MAX_VERSION,
     PROTOCOL_VERSION,
     CohortAction,
@@ -61,6 +72,7 @@ from shared.signing import (
 )
 
 log = logging.getLogger("driftsync.server")
+CohortPath = Annotated[str, PathParam(min_length=1, max_length=MAX_COHORT_LENGTH, pattern=COHORT_PATTERN)]
 
 
 class ApiError(Exception):
@@ -71,7 +83,9 @@ class ApiError(Exception):
 
 @dataclass
 class ServerSettings:
-    max_body_bytes: int = MAX_BODY_BYTES
+    max_body_bytes: int = MAX_BODY_BYTES  # the upload route
+    json_body_bytes: int = 64 * 1024  # every other route: control messages
+    body_timeout_s: float = 30.0  # a request body must have fully arrived by then (slowloris)
     max_wait_s: float = 30.0
     enrolment_token: str | None = None  # one or more, comma-separated (rotate by adding the new one first)
     admin_token: str | None = None  # fleet operations and the fleet API; unset: they are refused
@@ -116,6 +130,7 @@ class ServerParts:
 
 
 def _error(status: int, error: str, detail: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    detail = detail if len(detail) <= MAX_ERROR_CHARS else detail[: MAX_ERROR_CHARS - 3] + "..."
     return JSONResponse(ErrorBody(error=error, detail=detail).model_dump(), status_code=status, headers=headers)
 
 
@@ -159,6 +174,9 @@ def create_app(parts: ServerParts) -> FastAPI:
         lifespan=lifespan,
     )
     app.state.parts = parts
+    app.add_middleware(BodyLimits, settings=BodyLimitSettings(
+        default_bytes=parts.settings.json_body_bytes, route_bytes={"/v1/uploads": parts.settings.max_body_bytes},
+        timeout_s=parts.settings.body_timeout_s))
 
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
@@ -177,7 +195,7 @@ def create_app(parts: ServerParts) -> FastAPI:
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
         refused.inc(reason="invalid_request")
-        return _error(422, "invalid_request", str(exc.errors()))
+        return _error(422, "invalid_request", describe_errors(list(exc.errors())))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -209,18 +227,22 @@ def create_app(parts: ServerParts) -> FastAPI:
             auth_failures.inc()
             raise ApiError(401, "unauthorized", "missing or wrong admin token", {"WWW-Authenticate": "Bearer"})
 
-    async def read_body(request: Request) -> bytes:
-        limit = parts.settings.max_body_bytes
-        declared = request.headers.get("content-length")
-        if declared is not None and declared.isdigit() and int(declared) > limit:
-            raise ApiError(413, "body_too_large", f"body of {declared} bytes exceeds {limit}")
-        chunks, size = [], 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > limit:
-                raise ApiError(413, "body_too_large", f"body exceeds {limit} bytes")
-            chunks.append(chunk)
-        return b"".join(chunks)
+    def admit_upload(device: DeviceRecord, samples: int, *, spend: bool) -> None:
+        """Permission, freeze and rate limit: checked before the body is read (spend=False, one
+        sample), and again with the declared sample count before any image is decoded."""
+        if not device.may_upload:
+            auth_failures.inc()
+            raise ApiError(403, "upload_forbidden", "this device may read its cohort's deltas but not upload")
+        if frozen.contains(device.cohort):  # the device keeps it spooled until the cohort thaws
+            retry = str(parts.settings.frozen_retry_after_s)
+            raise ApiError(423, "cohort_frozen", f"adaptation of cohort {device.cohort} is frozen", {"Retry-After": retry})
+        if limiter is None:
+            return
+        now = time.monotonic()
+        wait = limiter.take(device.device_id, samples, now) if spend else limiter.check(device.device_id, samples, now)
+        if wait is not None:
+            raise ApiError(429, "rate_limited", f"device over {parts.settings.device_samples_per_s:g} samples/s",
+                           {"Retry-After": str(max(1, math.ceil(wait)))})
 
     async def wait_for_version(cohort: str, above: int, timeout: float) -> int:
         """The cohort's version once it passes `above`, read from the store (the truth on every
@@ -289,26 +311,18 @@ def create_app(parts: ServerParts) -> FastAPI:
 
     @app.post("/v1/uploads", response_model=UploadAck, status_code=202)
     async def upload(request: Request, device: DeviceRecord = Depends(device_from_token)) -> UploadAck:
-        body = await read_body(request)
+        admit_upload(device, 1, spend=False)  # the token was checked already; the body is not read yet
+        body = await request.body()  # BodyLimits bounds its size and the time it may take
 
         def accept() -> int:
             """Check everything, store, then queue: a 2xx means the upload is in the store."""
-            if not device.may_upload:
-                auth_failures.inc()
-                raise ApiError(403, "upload_forbidden", "this device may read its cohort's deltas but not upload")
-            if frozen.contains(device.cohort):  # the device keeps it spooled until the cohort thaws
-                retry = str(parts.settings.frozen_retry_after_s)
-                raise ApiError(423, "cohort_frozen", f"adaptation of cohort {device.cohort} is frozen", {"Retry-After": retry})
             received_at = time.time()
             try:
                 job = parse_upload(body, published().descriptor(), parts.settings.max_body_bytes, cohort=device.cohort,
-                                   device_id=device.device_id, received_at=received_at)
+                                   device_id=device.device_id, received_at=received_at,
+                                   admit=lambda samples: admit_upload(device, samples, spend=True))
             except UploadRejected as exc:
                 raise ApiError(400, exc.error, str(exc)) from exc
-            wait = limiter.take(device.device_id, len(job.images), time.monotonic()) if limiter else None
-            if wait is not None:
-                raise ApiError(429, "rate_limited", f"device over {parts.settings.device_samples_per_s:g} samples/s",
-                               {"Retry-After": str(max(1, math.ceil(wait)))})
             partition = partition_of(device.cohort, parts.partitions)
             upload_id = parts.store.add_upload(device.cohort, device.device_id, body, len(job.images), partition)
             queued = (StoredJob(upload_id, device.cohort, device.device_id, received_at, body, partition)
@@ -339,7 +353,8 @@ def create_app(parts: ServerParts) -> FastAPI:
     async def deltas(
         since: int = Query(ge=0, le=MAX_VERSION),
         wait: float = Query(default=0.0, ge=0.0, le=120.0),
-        cohort: str | None = Query(default=None, max_length=128, description="the cohort the device thinks it is in"),
+        cohort: str | None = Query(default=None, min_length=1, max_length=MAX_COHORT_LENGTH, pattern=COHORT_PATTERN,
+                                   description="the cohort the device thinks it is in"),
         device: DeviceRecord = Depends(device_from_token),
     ) -> Response:
         latest = await run_in_threadpool(parts.store.version_number, device.cohort)
@@ -416,7 +431,7 @@ def create_app(parts: ServerParts) -> FastAPI:
         return fleet_report(parts, frozen)
 
     @app.post("/v1/cohorts/{cohort}/rollback", response_model=CohortAction, dependencies=[Depends(admin)])
-    async def rollback(cohort: str, body: RollbackRequest) -> CohortAction:
+    async def rollback(cohort: CohortPath, body: RollbackRequest) -> CohortAction:
         """Publish an earlier version's tensors again as the next version; adaptation goes on from there.
         The cohort's worker does it, in order with its uploads; this answers once it is published."""
         if await run_in_threadpool(parts.store.version, cohort, body.version) is None:
@@ -437,12 +452,12 @@ def create_app(parts: ServerParts) -> FastAPI:
         return _cohort_action(parts, cohort)
 
     @app.post("/v1/cohorts/{cohort}/freeze", response_model=CohortAction, dependencies=[Depends(admin)])
-    def freeze(cohort: str) -> CohortAction:
+    def freeze(cohort: CohortPath) -> CohortAction:
         """Stop adapting the cohort: its devices keep their parameters and spool their uploads."""
         return set_frozen(cohort, True)
 
     @app.post("/v1/cohorts/{cohort}/unfreeze", response_model=CohortAction, dependencies=[Depends(admin)])
-    def unfreeze(cohort: str) -> CohortAction:
+    def unfreeze(cohort: CohortPath) -> CohortAction:
         return set_frozen(cohort, False)
 
     @app.get("/v1/events", response_model=list[EventOut], dependencies=[Depends(admin)])

@@ -41,6 +41,7 @@ class RedisBroker:
         self._buffer: deque[Job] = deque()
         self._lock = threading.Lock()
         self._depth_cache = (0.0, 0)
+        self._listeners: list[tuple[threading.Event, threading.Thread]] = []
 
     def _stream(self, partition: int) -> str:
         return f"{self._prefix}:uploads:{partition}"
@@ -107,13 +108,16 @@ class RedisBroker:
                         if message is not None:
                             _deliver(board, message["data"])
                     pubsub.close()
-                except (redis.RedisError, OSError) as exc:
+                except Exception as exc:  # a dropped connection, Redis restarting: never let the thread die
+                    if stop.is_set():
+                        return
                     log.warning("version announcements interrupted (%s); reconnecting in %.1f s", exc, delay)
                     stop.wait(delay)
                     delay = min(delay * 2, 10.0)
 
         thread = threading.Thread(target=run, name="version-listener", daemon=True)
         thread.start()
+        self._listeners.append((stop, thread))
         return thread
 
     # -- the worker side --------------------------------------------------------------------
@@ -203,6 +207,10 @@ class RedisBroker:
             raise BrokerUnavailable(str(exc)) from exc
 
     def close(self) -> None:
+        """Stop the announcement listeners first, so none reads from a closed connection."""
+        for stop, thread in self._listeners:
+            stop.set()
+            thread.join(timeout=5)
         self._redis.close()
 
 

@@ -51,7 +51,8 @@ def build_app(opts: ServeOptions) -> FastAPI:
         return create_app(_with_signing_key(build_parts(
             engine, model, store, opts.settings(), queue_max_jobs=opts.queue_max_jobs,
             step_max_wait_s=opts.step_max_wait_s, step_min_samples=opts.step_min_samples,
-            batch_cohorts=opts.batch_cohorts, max_pending_samples=opts.max_pending_samples), opts))
+            batch_cohorts=opts.batch_cohorts, max_pending_samples=opts.max_pending_samples,
+            max_state_bytes=opts.max_state_bytes), opts))
     parts = _with_signing_key(api_parts(opts, store=store, broker=broker, model=model), opts)
     worker = _distributed_worker(opts, engine, model, store, broker, parts.metrics, parts.board)
     parts.worker = worker
@@ -116,6 +117,7 @@ def build_parts(
     step_min_samples: int = 8,
     batch_cohorts: int = 4,
     max_pending_samples: int = 2048,
+    max_state_bytes: int = 1 << 30,
 ) -> ServerParts:
     """One process: the HTTP front and the worker share an in-process queue and a version board."""
     uploads = InProcessQueue(queue_max_jobs)
@@ -123,7 +125,8 @@ def build_parts(
     metrics = Registry()
     worker = AdaptationWorker(engine, uploads, store, model, board.publish, max_wait_s=step_max_wait_s,
                               min_step_samples=step_min_samples, max_cohorts_per_step=batch_cohorts,
-                              max_pending_samples=max_pending_samples, **_worker_metrics(metrics))
+                              max_pending_samples=max_pending_samples, max_state_bytes=max_state_bytes,
+                              **_worker_metrics(metrics))
     return ServerParts(settings, store, uploads, board, metrics, FleetView(), model=lambda: model,
                        worker_summary=lambda: summary_of(worker), on_start=[worker.start],
                        on_stop=[worker.stop, store.close], worker=worker)
@@ -178,7 +181,7 @@ def _distributed_worker(opts: ServeOptions, engine: CemaEngine, model: Published
     return AdaptationWorker(engine, broker, store, model, announce, keeper=keeper, partitions=opts.partitions,
                             max_wait_s=opts.step_max_wait_s, min_step_samples=opts.step_min_samples,
                             max_cohorts_per_step=opts.batch_cohorts, max_pending_samples=opts.max_pending_samples,
-                            **_worker_metrics(metrics))
+                            max_state_bytes=opts.max_state_bytes, **_worker_metrics(metrics))
 
 
 def _worker_metrics(metrics: Registry) -> dict:

@@ -17,6 +17,8 @@ class ServeOptions:
     enrolment_token: str | None = None
     admin_token: str | None = None
     max_body_bytes: int = 8 * 1024 * 1024
+    json_body_bytes: int = 64 * 1024
+    body_timeout_s: float = 30.0
     device_samples_per_s: float | None = 100.0
     device_burst_samples: float = 1000.0
     queue_max_jobs: int = 256
@@ -33,6 +35,7 @@ class ServeOptions:
     step_min_samples: int = 8
     batch_cohorts: int = 4
     max_pending_samples: int = 2048
+    max_state_bytes: int = 1 << 30  # replay images a worker keeps over all its cohorts
     prompt: str | None = None  # "padding:W" or "lowres:R": the student gets an input prompt
     learn: str = "norm"
     prompt_lr: float = 5e-3
@@ -52,6 +55,7 @@ class ServeOptions:
     rotate_signing_key: bool = False  # start with a new key, announced signed by the old one
 
     def settings(self) -> ServerSettings:
-        return ServerSettings(max_body_bytes=self.max_body_bytes, enrolment_token=self.enrolment_token,
+        return ServerSettings(max_body_bytes=self.max_body_bytes, json_body_bytes=self.json_body_bytes,
+                              body_timeout_s=self.body_timeout_s, enrolment_token=self.enrolment_token,
                               admin_token=self.admin_token, device_samples_per_s=self.device_samples_per_s,
                               device_burst_samples=self.device_burst_samples)

@@ -24,13 +24,19 @@ import threading
 import time
 import uuid
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from server.migrations import BOOKKEEPING, LATEST, MIGRATIONS, behind_message, sqlite_adopt_legacy
+from server.migrations import (
+    BOOKKEEPING,
+    LATEST,
+    MIGRATIONS,
+    behind_message,
+    sqlite_adopt_legacy,
+)
 from shared.codec import pack, unpack
 from shared.tensors import Tensor
 
@@ -115,7 +121,8 @@ class Store(Protocol):
     def learnt_samples(self, cohort: str) -> int: ...
     def accepted_samples(self, cohort: str) -> int: ...
     def add_upload(self, cohort: str, device_id: str, body: bytes, samples: int, partition: int = 0) -> int: ...
-    def pending_uploads(self, partition: int | None = None) -> list[StoredUpload]: ...
+    def pending_uploads(self, partition: int | None = None, *, exclude: Collection[int] = (),
+                        max_samples: int | None = None) -> list[StoredUpload]: ...
     def upload_remaining(self, upload_id: int) -> int: ...
     def discard_upload(self, upload_id: int) -> None: ...
     def add_event(self, cohort: str, kind: str, detail: str) -> None: ...
@@ -353,13 +360,26 @@ class SqlStore(ABC):
             if remaining is not None:
                 execute("UPDATE cohort_state SET accepted = accepted - ? WHERE cohort = ?", (remaining[0], row[0]))
 
-    def pending_uploads(self, partition: int | None = None) -> list[StoredUpload]:
-        """Accepted uploads not yet fully learnt from (of one partition, or all), oldest first."""
+    def pending_uploads(self, partition: int | None = None, *, exclude: Collection[int] = (),
+                        max_samples: int | None = None) -> list[StoredUpload]:
+        """Accepted uploads not yet fully learnt from (of one partition, or all), oldest first,
+        skipping `exclude` (what a worker holds already) and stopping once `max_samples` samples
+        are gathered: bodies are read only for the uploads returned, so a backlog costs little."""
+        where, params = ("WHERE partition = ? ", (partition,)) if partition is not None else ("", ())
+        picked, samples = [], 0
+        for upload_id, remaining in self._query(f"SELECT upload_id, remaining FROM uploads {where}ORDER BY upload_id",
+                                                params):
+            if max_samples is not None and samples >= max_samples:
+                break
+            if upload_id not in exclude:
+                picked.append(upload_id)
+                samples += remaining
         columns = "upload_id, cohort, device_id, received_at, remaining, body, partition"
-        if partition is None:
-            rows = self._query(f"SELECT {columns} FROM uploads ORDER BY upload_id")
-        else:
-            rows = self._query(f"SELECT {columns} FROM uploads WHERE partition = ? ORDER BY upload_id", (partition,))
+        rows = []
+        for start in range(0, len(picked), 500):
+            chunk = picked[start:start + 500]
+            rows += self._query(f"SELECT {columns} FROM uploads WHERE upload_id IN ({', '.join('?' * len(chunk))}) "
+                                "ORDER BY upload_id", tuple(chunk))
         return [StoredUpload(*row[:5], bytes(row[5]), row[6]) for row in rows]
 
     def upload_remaining(self, upload_id: int) -> int:

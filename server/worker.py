@@ -24,7 +24,15 @@ from server.artifact import PublishedModel
 from server.engine import CemaEngine, CohortState, StepInput
 from server.leases import LeaseKeeper
 from server.persist import decode_state, encode_state
-from server.queueing import BrokerUnavailable, ControlJob, Job, StoredJob, UploadJob, UploadQueue, partition_of
+from server.queueing import (
+    BrokerUnavailable,
+    ControlJob,
+    Job,
+    StoredJob,
+    UploadJob,
+    UploadQueue,
+    partition_of,
+)
 from server.store import Store, StoreError, VersionRecord
 from server.uploads import UploadRejected, parse_upload
 from shared.tensors import Tensor, tensors_digest
@@ -42,17 +50,40 @@ class PartitionedQueue(UploadQueue, Protocol):
     def release(self, partition: int) -> None: ...
 
 
+MAX_DEVICE_STATS = 1024  # devices of one cohort whose latest statistics are kept
+
+
 @dataclass
 class _Pending:
+    """A cohort's samples waiting for a step, and each of its devices' latest statistics: a
+    sample is distilled under the statistics of the device that sent it, never another's."""
+
     images: list[np.ndarray] = field(default_factory=list)
     captured_at: list[np.ndarray] = field(default_factory=list)
     first_at: float = 0.0
-    norm_stats: dict[str, np.ndarray] | None = None
-    batch_statistics: bool = False
+    stats: OrderedDict[str, dict[str, np.ndarray]] = field(default_factory=OrderedDict)  # device id -> statistics
     sources: list[list] = field(default_factory=list)  # [job, samples left], in the order of `images`
 
     def count(self) -> int:
         return sum(len(x) for x in self.images)
+
+    def keep_stats(self, device_id: str, stats: dict[str, np.ndarray]) -> None:
+        self.stats[device_id] = stats
+        self.stats.move_to_end(device_id)
+        while len(self.stats) > MAX_DEVICE_STATS:
+            self.stats.popitem(last=False)
+
+    def front_run(self, limit: int) -> int:
+        """Samples at the front that one device sent under one normalization mode, at most `limit`."""
+        first = self.sources[0][0]
+        run = 0
+        for job, count in self.sources:
+            if job.device_id != first.device_id or job.batch_statistics != first.batch_statistics:
+                break
+            run += count
+            if run >= limit:
+                return limit
+        return run
 
     def consume(self, samples: int) -> tuple[dict[int, int], list[Job]]:
         """Take `samples` from the front: how many came from each stored upload, and the jobs used up."""
@@ -103,7 +134,7 @@ class AdaptationWorker:
         min_step_samples: int = 8,
         max_cohorts_per_step: int = 4,
         max_pending_samples: int = 2048,
-        max_cohort_states: int = 1024,
+        max_state_bytes: int = 1 << 30,
         on_step=None,
         on_event=None,
     ) -> None:
@@ -119,7 +150,7 @@ class AdaptationWorker:
         self.min_step_samples = min_step_samples
         self.max_cohorts_per_step = max_cohorts_per_step
         self.max_pending_samples = max_pending_samples  # taken from the queue but not yet learnt from
-        self.max_cohort_states = max_cohort_states  # beyond, the least recently stepped state is dropped (it is in the store)
+        self.max_state_bytes = max_state_bytes  # replay images held over all cohorts; least recently used states beyond
         self.stats = WorkerStats()
         self._states: OrderedDict[str, CohortState] = OrderedDict()
         self._pending: dict[str, _Pending] = defaultdict(_Pending)
@@ -272,11 +303,8 @@ class AdaptationWorker:
         """Take stored uploads no version has learnt from and this worker does not hold yet:
         after a restart, a partition change, or a broker that lost messages."""
         jobs = samples = 0
-        for upload in self.store.pending_uploads(partition):
-            if upload.upload_id in self._holding:
-                continue
-            if self.pending_samples() >= self.max_pending_samples:
-                break
+        room = max(0, self.max_pending_samples - self.pending_samples())
+        for upload in self.store.pending_uploads(partition, exclude=self._holding, max_samples=room):
             job = StoredJob(upload.upload_id, upload.cohort, upload.device_id, upload.received_at, upload.body,
                             partition_of(upload.cohort, self.partitions))
             added = self._add_stored(job, upload.remaining)
@@ -324,8 +352,7 @@ class AdaptationWorker:
         if job.upload_id is not None:
             self._holding.add(job.upload_id)
         if job.norm_stats is not None:
-            pending.norm_stats = job.norm_stats
-        pending.batch_statistics = job.batch_statistics
+            pending.keep_stats(job.device_id, job.norm_stats)
 
     def _ready(self, cohort: str, pressed: bool = False) -> bool:
         if cohort in self.frozen:  # its accepted uploads wait, on disk too, until it is unfrozen
@@ -343,12 +370,13 @@ class AdaptationWorker:
         pending = self._pending[cohort]
         images = np.concatenate(pending.images)
         captured = np.concatenate(pending.captured_at)
-        take = self.engine.cfg.new_per_step
-        consumed, finished = pending.consume(min(take, len(images)))
+        first = pending.sources[0][0]
+        take = pending.front_run(self.engine.cfg.new_per_step)  # one device's samples, under its statistics
+        stats, batch_statistics = pending.stats.get(first.device_id), first.batch_statistics
+        consumed, finished = pending.consume(take)
         rest, rest_captured = images[take:], captured[take:]
-        stats, batch_statistics = pending.norm_stats, pending.batch_statistics
         self._pending[cohort] = _Pending(
-            [rest] if len(rest) else [], [rest_captured] if len(rest) else [], time.monotonic(), stats, batch_statistics,
+            [rest] if len(rest) else [], [rest_captured] if len(rest) else [], time.monotonic(), pending.stats,
             pending.sources,
         )
         item = StepInput(images[:take], self._state(cohort), stats, batch_statistics)
@@ -363,10 +391,22 @@ class AdaptationWorker:
             saved = self.store.load_state(cohort)
             state = decode_state(saved, self.engine.cfg) if saved else self.engine.new_state()
             self._states[cohort] = state
-            while len(self._states) > self.max_cohort_states:
-                self._states.popitem(last=False)
         self._states.move_to_end(cohort)
         return state
+
+    def state_bytes(self) -> int:
+        """What the cohorts' states hold in memory, their replay and held-out images being nearly all of it."""
+        return sum(_replay_bytes(state) for state in list(self._states.values()))
+
+    def _evict(self) -> None:
+        """Drop least recently stepped states until the rest fit the bound: each is in the store
+        as of its last commit (its replay buffer refills from new uploads)."""
+        total = self.state_bytes()
+        while total > self.max_state_bytes and len(self._states) > 1:
+            cohort, state = self._states.popitem(last=False)
+            total -= _replay_bytes(state)
+            log.info("cohort %s: state evicted from memory (%d cohorts, %.0f MB kept)", cohort, len(self._states),
+                     total / 1e6)
 
     def _commit(self, cohort: str, tensors: dict[str, np.ndarray], newest_upload_at: float,
                 state: bytes | None = None, consumed: dict[int, int] | None = None, learnt: int = 0) -> int:
@@ -419,6 +459,7 @@ class AdaptationWorker:
                         self.uploads.ack(job)
                     if result.event is not None:
                         self._event(cohort, result.event, result.detail)
+        self._evict()
         self.stats.steps += len(cohorts)
         self.stats.samples += samples
         self.stats.step_seconds_total += elapsed
@@ -438,3 +479,7 @@ class AdaptationWorker:
             "samples_total": self.stats.samples, "steps_per_s": steps_per_s, "samples_per_s": samples_per_s,
             "partitions": sorted(self._partitions_held),
         }).encode())
+
+
+def _replay_bytes(state: CohortState) -> int:
+    return sum(group.images.nbytes for buffer in (state.replay, state.holdout) for group in buffer.groups)

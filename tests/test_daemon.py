@@ -18,7 +18,7 @@ from driftsync.data import streams
 from driftsync.processes import cli, free_port, wait_healthy
 from tests.conftest import wait_for
 
-ENROL, ADMIN = "enrol-secret", "admin-secret"
+ENROL, ADMIN = "enrol-secret-0123456789", "admin-secret-0123456789"
 
 
 

@@ -32,7 +32,13 @@ from device_client.selection import (
 )
 from device_client.sources import FolderSource, SeenFiles
 from device_client.supervisor import Supervisor
-from device_client.transport import Backoff, ServerError, _parse, _raise_for, parse_retry_after
+from device_client.transport import (
+    Backoff,
+    ServerError,
+    _parse,
+    _raise_for,
+    parse_retry_after,
+)
 from shared.protocol import Delta, ModelDescriptor, UploadAck
 from shared.tensors import Tensor, tensors_digest
 from tests.conftest import tiny_pair, wait_for

@@ -19,7 +19,7 @@ from server.store import SqliteStore
 from tests.conftest import tiny_pair
 from tests.test_engine import _images
 
-ADMIN = {"Authorization": "Bearer adm"}
+ADMIN = {"Authorization": "Bearer adm-test-token-0123456789"}
 
 
 def _adam_engine() -> CemaEngine:
@@ -79,7 +79,7 @@ def test_versions_state_and_uploads_commit_together(tmp_path) -> None:
 
 def _serve(port: int, state, log, *extra: str) -> subprocess.Popen:
     process = subprocess.Popen(
-        cli("serve", "--port", str(port), "--state-dir", str(state), "--admin-token", "adm", *extra),
+        cli("serve", "--port", str(port), "--state-dir", str(state), "--admin-token", "adm-test-token-0123456789", *extra),
         stdout=log.open("a"), stderr=subprocess.STDOUT, env=dict(os.environ, PYTHONUNBUFFERED="1"),
     )
     wait_healthy(f"http://127.0.0.1:{port}", process)

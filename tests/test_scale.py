@@ -152,7 +152,7 @@ def test_postgres_then_redis_restart_under_load(topology, postgres_service, redi
     result: dict = {}
     load = _load(topology, 6, 24, result)
     time.sleep(4)
-    postgres_service.restart()
+    postgres_service.restart("immediate")  # a crash: no checkpoint, the WAL is replayed
     time.sleep(6)
     redis_service.restart()  # no persistence: every stream and the consumer group are gone
     load.join(timeout=300)

@@ -259,3 +259,20 @@ def test_replay_tallies_per_sample_domains_of_a_mixed_stream(tiny_server, tmp_pa
     assert all(r["samples"] == 16 for r in rows.values())
     assert sum(r["uploaded"] for r in rows.values()) == summary["status"]["uploads"]["offered"]
     assert sum(r["uplink_bytes"] for r in rows.values()) == summary["status"]["uploads"]["sent_bytes"]
+
+
+def test_device_fails_over_between_the_servers_it_is_given(tiny_server, tmp_path):
+    """`--server A,B`: with A gone, the device enrols, uploads and adapts through B."""
+    from driftsync.processes import free_port
+
+    url, parts = tiny_server
+    dead = f"http://127.0.0.1:{free_port()}"
+    device = _device(f"{dead},{url}", tmp_path)
+    for i in range(6):
+        device.predict(_images(8, seed=i))
+    wait_for(lambda: device.deltas.applied >= 1, what="a delta through the second server")
+    assert device.status()["uploads"]["sent"] > 0
+    device.stop()
+    restarted = _device(f"{dead},{url}", tmp_path)  # the same list: the same identity, nothing downloaded again
+    assert not restarted.downloaded_model
+    restarted.stop()

@@ -12,7 +12,15 @@ import pytest
 
 from server.migrations import LATEST
 from server.store import (
-    Lease, LeaseLost, StoreError, StoreUnavailable, VersionConflict, VersionRecord, hash_token, open_store, upgrade,
+    Lease,
+    LeaseLost,
+    StoreError,
+    StoreUnavailable,
+    VersionConflict,
+    VersionRecord,
+    hash_token,
+    open_store,
+    upgrade,
 )
 from shared.tensors import Tensor, tensors_digest
 from tests.test_no_torch import BLOCK_TORCH
@@ -140,6 +148,13 @@ def test_pending_uploads_by_partition(store) -> None:
     [only] = store.pending_uploads(2)
     assert (only.cohort, only.body, only.remaining) == ("c2", b"\x02\x02\x02", 2)
     assert store.pending_uploads(7) == []
+
+
+def test_pending_uploads_skip_what_a_worker_holds_and_stop_at_its_room(store) -> None:
+    ids = [store.add_upload("c", "d", bytes([i]) * 3, 4, partition=1) for i in range(5)]
+    assert [u.upload_id for u in store.pending_uploads(1, exclude={ids[0], ids[2]})] == [ids[1], ids[3], ids[4]]
+    assert [u.upload_id for u in store.pending_uploads(1, exclude={ids[0]}, max_samples=8)] == [ids[1], ids[2]]
+    assert store.pending_uploads(1, max_samples=0) == []
 
 
 def test_leases_fence_a_worker_that_lost_its_partition(store) -> None:
