@@ -63,12 +63,13 @@ class Signer:
 
 
 def load_or_create_signing_key(load: Callable[[], bytes | None], save: Callable[[bytes], None], *,
-                               rotate: bool = False) -> Signer:
-    """The stored key (made and saved when there is none), rotated first when asked."""
+                               rotate: bool = False, create: Callable[[bytes], None] | None = None) -> Signer:
+    """The stored key (made and saved when there is none), rotated first when asked. `create`
+    saves a new key only if none is there yet (default: `save`)."""
     blob = load()
     if blob is None:
-        save(Signer.generate().dump())
-        signer = Signer.load(load() or b"")  # a replica that created one at the same moment may have won
+        (create or save)(Signer.generate().dump())
+        signer = Signer.load(load() or b"")  # of replicas creating one at the same moment, the first won
         log.info("created a signing key, fingerprint %s", fingerprint(signer.public_hex))
         return signer
     signer = Signer.load(blob)
@@ -85,13 +86,15 @@ def load_or_create_signing_key(load: Callable[[], bytes | None], save: Callable[
 def kept_signer(store: Store, state_dir: Path, *, shared: bool, rotate: bool = False) -> Signer:
     """The server's key: a 0600 file beside a single server, the shared store when API replicas
     (behind a broker) must all sign with one key."""
-    where = store_key(store) if shared else key_file(state_dir / "signing_key")
-    return load_or_create_signing_key(*where, rotate=rotate)
+    if shared:
+        load, save = store_key(store)
+        return load_or_create_signing_key(load, save, rotate=rotate,
+                                          create=lambda blob: store.put_blob(SIGNING_KEY_BLOB, blob, replace=False))
+    return load_or_create_signing_key(*key_file(state_dir / "signing_key"), rotate=rotate)
 
 
 def store_key(store: Store) -> tuple[Callable[[], bytes | None], Callable[[bytes], None]]:
-    """load/save in the shared store, so every API replica signs with the same key. The first
-    replica to start makes it; one that raced it and lost adopts the stored key on its next start."""
+    """load/save in the shared store, so every API replica signs with the same key."""
     return (lambda: store.get_blob(SIGNING_KEY_BLOB)), (lambda blob: store.put_blob(SIGNING_KEY_BLOB, blob))
 
 

@@ -213,6 +213,9 @@ def test_blobs(store) -> None:
     assert store.get_blob("model.onnx") == model
     store.put_blob("model.onnx", b"\x00v2")
     assert store.get_blob("model.onnx") == b"\x00v2"
+    store.put_blob("key", b"first", replace=False)
+    store.put_blob("key", b"second", replace=False)  # a replica that raced the first keeps its key
+    assert store.get_blob("key") == b"first"
 
 
 def test_events_and_frozen_cohorts(store) -> None:
