@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from driftsync.config import add, optional
+from driftsync.config import FILE, PORT, POSITIVE, add, optional
 from driftsync.processes import cli, free_port
 
 log = logging.getLogger("driftsync.fleet")
@@ -396,16 +396,22 @@ def _pairs(items: list[str], flag: str) -> dict[str, str]:
 
 def add_fleet_parser(subparsers: Any) -> argparse.ArgumentParser:
     """The `fleet` subcommand's parser."""
-    p = subparsers.add_parser("fleet", help="run a compose file's services as local processes (no Docker)")
-    add(p, "--compose", "docker-compose.yml", help="compose file: the topology")
+    p = subparsers.add_parser(
+        "fleet", help="run a compose file's services as local processes (no Docker)",
+        description="Run the services of a compose file (docker-compose.yml: one server and its devices) as "
+        "local processes: replicas, environment, volumes, published ports and depends_on conditions.",
+        epilog="examples:\n  driftsync fleet --scale device=4 --duration 120\n"
+               "  driftsync fleet --env DRIFTSYNC_REPEAT=no --env DRIFTSYNC_SAMPLES_PER_DOMAIN=32",
+    )
+    add(p, "--compose", "docker-compose.yml", FILE, help="compose file: the topology")
     p.add_argument("--scale", action="append", default=[], metavar="SERVICE=N",
                    help="replicas of a service, overriding deploy.replicas (repeatable)")
     p.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
                    help="set an environment variable for every service (repeatable)")
     add(p, "--work", "driftsync-fleet", help="volumes (<work>/volumes) and logs (<work>/logs)")
-    add(p, "--duration", None, optional(float), help="stop the replicas after this many seconds ('none': when they exit)")
-    add(p, "--port", 0, int, help="local port for the first published port (0: a free one)")
-    add(p, "--health-timeout", 600.0, float, help="longest wait for a depends_on condition")
+    add(p, "--duration", None, optional(POSITIVE), help="stop the replicas after this many seconds ('none': when they exit)")
+    add(p, "--port", 0, PORT, help="local port for the first published port (0: a free one)")
+    add(p, "--health-timeout", 600.0, POSITIVE, help="longest wait for a depends_on condition")
     return p
 
 

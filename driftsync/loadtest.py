@@ -20,7 +20,8 @@ from pathlib import Path
 import httpx
 import numpy as np
 
-from driftsync.config import add, optional
+from driftsync.config import NONNEGATIVE, POSITIVE, POSITIVE_INT, URL, add, bounded, optional
+from driftsync.errors import UserError
 from shared.codec import MSGPACK_MEDIA_TYPE, decode, pack
 from shared.images import encode_image
 from shared.protocol import Delta, RegisterRequest, UploadBatch
@@ -192,21 +193,37 @@ async def _latest_versions(client: httpx.AsyncClient, devices: list[SimulatedDev
 
 
 def add_loadtest_parser(subparsers) -> None:
-    p = subparsers.add_parser("loadtest", help="simulated devices against a running server: latency, freshness, RSS")
-    add(p, "--server", "http://127.0.0.1:8700", help="server base URL")
-    add(p, "--devices", 16, int, help="simulated devices")
-    add(p, "--duration-s", 30.0, float, help="upload for this long")
-    add(p, "--fps", 30.0, float, help="frames/s per device")
-    add(p, "--upload-ratio", 0.25, float, help="share of frames each device uploads")
-    add(p, "--batch", 8, int, help="samples per upload request")
-    add(p, "--settle-s", 30.0, float, help="after uploading, wait this long for the last deltas")
+    p = subparsers.add_parser(
+        "loadtest", help="simulated devices against a running server: latency, freshness, RSS",
+        description="Many simulated devices against one running server, over real HTTP: each registers, "
+        "uploads real WebP images at --fps x --upload-ratio and long-polls for deltas. Reports upload "
+        "latency, refusals, 5xx, delta freshness, the server's RSS and convergence.",
+        epilog="examples:\n  driftsync loadtest --server http://127.0.0.1:8700 --devices 64 --duration-s 60\n"
+               "  driftsync loadtest --devices 16 --cohort shared --server-pid \"$(pgrep -f 'driftsync serve')\" --json load.json",
+    )
+    add(p, "--server", "http://127.0.0.1:8700", URL, help="server base URL")
+    add(p, "--devices", 16, POSITIVE_INT, help="simulated devices")
+    add(p, "--duration-s", 30.0, POSITIVE, help="upload for this long")
+    add(p, "--fps", 30.0, POSITIVE, help="frames/s per device")
+    add(p, "--upload-ratio", 0.25, bounded(float, 0.0, 1.0, above=True), help="share of frames each device uploads")
+    add(p, "--batch", 8, POSITIVE_INT, help="samples per upload request")
+    add(p, "--settle-s", 30.0, NONNEGATIVE, help="after uploading, wait this long for the last deltas")
     add(p, "--enrolment-token", None, optional(str), help="fleet enrolment token")
     add(p, "--cohort", None, optional(str), help="put every device in this cohort (default: each its own)")
-    add(p, "--server-pid", None, optional(int), help="read this process's RSS during the run")
+    add(p, "--server-pid", None, optional(POSITIVE_INT), help="read this process's RSS during the run")
     add(p, "--json", None, optional(str), help="also write the report here")
 
 
+def _check_reachable(server: str) -> None:
+    """Fail in one line before any work when nothing answers at the server's /healthz."""
+    try:
+        httpx.get(f"{server}/healthz", timeout=5.0).raise_for_status()
+    except httpx.HTTPError as exc:
+        raise UserError(f"no healthy driftsync server at {server}: {exc}") from exc
+
+
 def run_loadtest_command(args: argparse.Namespace) -> int:
+    _check_reachable(args.server)
     opts = LoadOptions(server=args.server, devices=args.devices, duration_s=args.duration_s, fps=args.fps,
                        upload_ratio=args.upload_ratio, batch=args.batch, settle_s=args.settle_s,
                        enrolment_token=args.enrolment_token, server_pid=args.server_pid, cohort=args.cohort)

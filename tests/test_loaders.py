@@ -20,7 +20,6 @@ from driftsync.data.loaders import (
     ImageNetCFolder,
     cache_key,
     corrupt_cached,
-    corrupt_main,
     corruption_rng,
     imagenet_c_wnids,
     load_cifar10c,
@@ -399,13 +398,15 @@ def test_corrupt_main_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[s
             np.testing.assert_array_equal(y, [0, 0, 1, 1])  # car < plane
 
     everything = tmp_path / "all"
-    assert corrupt_main(["--input", str(source), "--output", str(everything), "--severities", "5"]) == 0
+    assert main(["corrupt", "--input", str(source), "--output", str(everything), "--severities", "5"]) == 0
     assert len(list(everything.glob("*/5/*/*.JPEG"))) == 15 * 4
 
-    assert corrupt_main(["--input", str(tmp_path / "missing"), "--output", str(out)]) == 1
-    for bad in (["--corruptions", "rain"], ["--severities", "0"], ["--size", "4"]):
+    (source / "empty").mkdir()  # a class folder without images: refused in one line, exit 1
+    assert main(["corrupt", "--input", str(source), "--output", str(out)]) == 1
+    assert "class folders without images" in capsys.readouterr().err
+    for bad in (["--corruptions", "rain"], ["--severities", "0"], ["--size", "4"], ["--input", str(tmp_path / "missing")]):
         with pytest.raises(SystemExit) as exit_info:
-            corrupt_main(["--input", str(source), "--output", str(out), *bad])
+            main(["corrupt", "--input", str(source), "--output", str(out), *bad])
         assert exit_info.value.code == 2
 
 
