@@ -5,15 +5,15 @@ Everything goes through the same commands a user runs (`driftsync serve`,
 """
 from __future__ import annotations
 
-import logging
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from driftsync.data.streams import parse_corruptions
 from driftsync.processes import mean_curve, run_fleet
 from driftsync.report import build_report, markdown, write_report
 
-log = logging.getLogger("driftsync.demo")
 STUDENT, TEACHER = "embedded-student", "embedded-teacher"
 
 
@@ -32,16 +32,14 @@ class DemoOptions:
 
 
 def run_demo(opts: DemoOptions) -> dict:
-    from server.models.embedded import (
-        ensure_trained,  # torch: the demo runs the server too
-    )
-
     out = opts.out
     out.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
-    for name in (STUDENT, TEACHER):
-        print(f"[demo] model {name}: {ensure_trained(name, log=lambda m: print(f'[train] {m}', flush=True))}", flush=True)
-    print(f"[demo] starting the server and {opts.devices} devices", flush=True)
+    domains = max(1, len(parse_corruptions(opts.corruptions)))
+    frames = opts.devices * domains * opts.samples_per_domain
+    pace = f" at {opts.fps:g} frames/s each (about {domains * opts.samples_per_domain / opts.fps:.0f} s)" if opts.fps else ""
+    print(f"[demo] {opts.devices} device(s) x {domains} domain(s) x {opts.samples_per_domain} images{pace}",
+          file=sys.stderr, flush=True)
     devices = [
         ["--name", f"demo-{i}", "--source", "embedded", "--image-offset", str(i * opts.samples_per_domain),
          "--corruptions", opts.corruptions, "--severity", str(opts.severity),
@@ -51,7 +49,7 @@ def run_demo(opts: DemoOptions) -> dict:
     ]
     summaries = run_fleet(
         ["--torch-threads", "1", "--student", STUDENT, "--teacher", TEACHER, *opts.server_args], devices, out,
-        port=opts.port, report=lambda elapsed, progress: print(f"[demo] {elapsed:5.0f}s {progress}", flush=True),
+        port=opts.port, frames=frames, label="demo",
     )
     report = build_report(summaries, {
         "dataset": "embedded", "setting": "continual", "severity": opts.severity, "method": "cema",
@@ -60,5 +58,5 @@ def run_demo(opts: DemoOptions) -> dict:
     })
     write_report(report, mean_curve(summaries), out)
     print(markdown(report))
-    print(f"[demo] wrote {out}/report.json, report.md, report.png", flush=True)
+    print(f"[demo] wrote {out}/report.json, report.md, report.png", file=sys.stderr, flush=True)
     return report

