@@ -13,6 +13,8 @@ import socket
 import sys
 from pathlib import Path
 
+import httpx
+
 from driftsync.config import (
     FILE,
     FRACTION,
@@ -336,7 +338,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # Failures a user can act on: one line, no traceback (--log-level debug adds it).
-EXPECTED = (UserError, ValueError, OSError, TimeoutError)
+EXPECTED = (UserError, ValueError, OSError, httpx.HTTPError)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -29,6 +29,7 @@ class DemoOptions:
     batch_size: int = 16
     port: int = 0
     server_args: tuple[str, ...] = ()
+    device_args: tuple[str, ...] = ()
 
 
 def run_demo(opts: DemoOptions) -> dict:
@@ -44,7 +45,8 @@ def run_demo(opts: DemoOptions) -> dict:
         ["--name", f"demo-{i}", "--source", "embedded", "--image-offset", str(i * opts.samples_per_domain),
          "--corruptions", opts.corruptions, "--severity", str(opts.severity),
          "--samples-per-domain", str(opts.samples_per_domain), "--batch-size", str(opts.batch_size),
-         "--fps", str(opts.fps) if opts.fps else "none", "--seed", str(opts.seed + i), "--threads", "1"]
+         "--fps", str(opts.fps) if opts.fps else "none", "--seed", str(opts.seed + i), "--threads", "1",
+         *opts.device_args]
         for i in range(opts.devices)
     ]
     summaries = run_fleet(

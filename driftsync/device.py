@@ -52,7 +52,8 @@ def run_device(args: argparse.Namespace) -> int:
     except Exception as exc:  # noqa: BLE001 (a refusal or a stop while provisioning: say why and exit)
         log.error("device not started: %s", exc)
         return 1
-    sinks = [open_sink(spec.strip()) for spec in args.sink.split(",") if spec.strip() and args.sink != "none"]
+    specs = [] if args.sink == "none" else [spec.strip() for spec in args.sink.split(",") if spec.strip()]
+    sinks = [open_sink(spec) for spec in specs]
     reporter = StatusReporter(
         client, Path(args.status_file) if args.status_file else state_dir / "status.json",
         telemetry_every_s=args.telemetry_every_s, port=args.status_port,

@@ -121,17 +121,18 @@ def run_fleet(
 
 def _follow(devices: list[subprocess.Popen], status_files: list[Path], frames: int | None, label: str) -> None:
     """Until every device exits: one bar over their frames, with the newest version and uploads."""
-    from driftsync.progress import bar  # tqdm is the server extra's; `driftsync device` imports this module
+    # tqdm is the server extra's, and `driftsync device` (device extra only) imports this module
+    from driftsync.progress import bar
 
     with bar(frames, f"[{label}] replay") as progress:
-        while any(p.poll() is None for p in devices):
-            time.sleep(1.0)
+        running = True
+        while running:
+            running = any(p.poll() is None for p in devices)  # one last update after they all exited
+            time.sleep(1.0 if running else 0.0)
             statuses = [_status(path) for path in status_files]
-            progress.update(sum(s.get("frames", 0) for s in statuses) - progress.n)
             progress.set_postfix(version=max((s.get("version", 0) for s in statuses), default=0),
                                  uploads=sum(s.get("uploads", {}).get("sent", 0) for s in statuses), refresh=False)
-        statuses = [_status(path) for path in status_files]
-        progress.update(sum(s.get("frames", 0) for s in statuses) - progress.n)
+            progress.update(sum(s.get("frames", 0) for s in statuses) - progress.n)
 
 
 def mean_curve(summaries: list[dict]) -> list[dict]:
