@@ -217,6 +217,8 @@ def _demo_args(p: argparse.ArgumentParser) -> None:
     add(p, "--fps", 30.0, optional(POSITIVE), help="frames/s per device ('none': as fast as possible)")
     add(p, "--batch-size", 16, POSITIVE_INT, help="frames per device inference call")
     add(p, "--port", 0, PORT, help="server port (0: a free one)")
+    add(p, "--device-stats-momentum", 0.5, FRACTION, help="the devices' --stats-momentum, per batch (faster than the "
+        "device default: the demo's domains are only --samples-per-domain frames long)")
 
 
 def _replay_args(p: argparse.ArgumentParser) -> None:
@@ -405,7 +407,7 @@ def _demo(args: argparse.Namespace) -> int:
     report = run_demo(DemoOptions(
         devices=args.devices, samples_per_domain=args.samples_per_domain, severity=args.severity,
         corruptions=args.corruptions, out=Path(args.out), seed=args.seed, fps=args.fps,
-        batch_size=args.batch_size, port=args.port,
+        batch_size=args.batch_size, port=args.port, stats_momentum=args.device_stats_momentum,
     ))
     return 0 if report else 1
 

@@ -28,8 +28,11 @@ class DemoOptions:
     fps: float | None = 30.0
     batch_size: int = 16
     port: int = 0
+    # Per batch of 16. A demo domain is 200 frames, so the devices' statistics must track a shift
+    # within a few batches: at the device default (0.2, for long camera streams) a new domain is
+    # normalised with the previous one's statistics for about 80 frames (BENCHMARKS.md).
+    stats_momentum: float = 0.5
     server_args: tuple[str, ...] = ()
-    device_args: tuple[str, ...] = ()
 
 
 def run_demo(opts: DemoOptions) -> dict:
@@ -46,7 +49,7 @@ def run_demo(opts: DemoOptions) -> dict:
          "--corruptions", opts.corruptions, "--severity", str(opts.severity),
          "--samples-per-domain", str(opts.samples_per_domain), "--batch-size", str(opts.batch_size),
          "--fps", str(opts.fps) if opts.fps else "none", "--seed", str(opts.seed + i), "--threads", "1",
-         *opts.device_args]
+         "--stats-momentum", str(opts.stats_momentum)]
         for i in range(opts.devices)
     ]
     summaries = run_fleet(
