@@ -38,8 +38,7 @@ stamp="$venv/.driftsync-install"
 want="$(python -c "import hashlib; print(hashlib.sha256(open('pyproject.toml', 'rb').read()).hexdigest())")"
 if ! grep -qx "$want $extra" "$stamp" 2>/dev/null && ! grep -qx "$want dev" "$stamp" 2>/dev/null; then
   echo "setup: installing driftsync[$extra] (editable)"
-  # compat: a plain .pth to the clone, without setuptools' finder and its warning about same-named folders
-  python -m pip install "${pip_opts[@]}" -e ".[$extra]" --config-settings editable_mode=compat
+  python -m pip install "${pip_opts[@]}" -e ".[$extra]"
   { grep "^$want " "$stamp" 2>/dev/null || true; echo "$want $extra"; } | sort -u > "$stamp.tmp"
   mv "$stamp.tmp" "$stamp"
 fi
