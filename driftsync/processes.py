@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -75,6 +76,8 @@ def run_fleet(
     port = port or free_port()
     url = f"http://127.0.0.1:{port}"
     env = dict(os.environ, PYTHONUNBUFFERED="1")
+    for scratch in ("server-state", "devices"):  # a rerun starts from the source model, not the last run's state
+        shutil.rmtree(work / scratch, ignore_errors=True)
     logs = work / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     server_log = (logs / "server.log").open("w")
