@@ -20,9 +20,8 @@ from server.models.registry import (
     model_names,
     untrained_model,
 )
+from tests.conftest import REPO, SHARED, missing_shared
 
-REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared"
 CIFAR_TEST = SHARED / "data" / "cifar10" / "test.npz"
 RESNETS = SHARED / "models" / "cifar10-resnet"
 
@@ -212,8 +211,8 @@ def test_retrain_writes_into_home_which_then_takes_precedence(tmp_path: Path, mo
 )
 def test_real_cifar_resnet_accuracy(name: str, filename: str, expected: float) -> None:
     ckpt = RESNETS / filename
-    if not (ckpt.exists() and CIFAR_TEST.exists()):
-        pytest.skip(f"real assets absent: need {ckpt} and {CIFAR_TEST}")
+    if reason := missing_shared(f"models/cifar10-resnet/{filename}", "data/cifar10/test.npz"):
+        pytest.skip(reason)
     data = np.load(CIFAR_TEST, allow_pickle=False)
     model = build_model(f"{name}:{ckpt}")
     assert abs(_accuracy(model, data["x_exact1000"], data["y_exact1000"]) - expected) <= 0.005
