@@ -6,6 +6,7 @@ sentence a user can act on), and `Parser` reports any parse error as one line.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -57,9 +58,12 @@ def optional(kind: Kind) -> Kind:
 
 def _number(kind: type, text: str) -> Any:
     try:
-        return kind(text)
+        value = kind(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, got {text!r}") from None
+        value = None
+    if value is None or not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a finite number'}, got {text!r}")
+    return value
 
 
 def bounded(kind: type, low: float | None = None, high: float | None = None, *, above: bool = False) -> Kind:

@@ -38,6 +38,7 @@ CASES: list[tuple[list[str], dict[str, str], str]] = [
     (["demo", "--severity", "9"], {}, "--severity: must be from 1 to 5, got '9'"),
     (["demo", "--corruptions", "rain"], {}, "unknown corruptions ['rain']"),
     (["demo", "--fps", "0"], {}, "--fps: must be > 0.0"),
+    (["demo", "--fps", "nan"], {}, "--fps: expected a finite number, got 'nan'"),
     (["replay", "--method", "foo"], {}, "unknown 'foo'"),
     (["replay", "--dataset", "cifar10"], {}, "--dataset cifar10 needs --data PATH"),
     (["fleet", "--port", "70000"], {}, "--port: must be from 0 to 65535"),
