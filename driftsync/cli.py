@@ -365,11 +365,22 @@ def _one_line(exc: BaseException) -> str:
     return text if isinstance(exc, (UserError, ValueError)) else f"{type(exc).__name__}: {text}"
 
 
+def _check_bindable(host: str, port: int) -> None:
+    """Refuse an address that is taken before minutes of model loading, not after (in one line)."""
+    try:
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+            probe.bind((host, port))
+    except OSError as exc:
+        raise UserError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from exc
+
+
 def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from server.main import ServeOptions, build_app
 
+    _check_bindable(args.host, args.port)
     opts = ServeOptions(
         state_dir=Path(args.state_dir), student=args.student, teacher=args.teacher,
         enrolment_token=args.enrolment_token, admin_token=args.admin_token, max_body_bytes=args.max_body_bytes,

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import socket
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -75,6 +76,16 @@ def test_a_wrong_invocation_is_one_line_and_a_nonzero_exit(results, index: int) 
     assert "Traceback" not in result.stderr
     assert phrase in lines[0]
     assert lines[0].startswith("driftsync")
+
+
+def test_serve_on_a_taken_port_fails_in_one_line_before_loading_models() -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = _run(["serve", "--port", str(port)], {})
+    assert result.returncode == 1 and result.stderr.strip().splitlines() == [
+        f"driftsync serve: error: cannot listen on 127.0.0.1:{port}: Address already in use"]
 
 
 def test_debug_logging_shows_the_traceback_of_an_expected_error() -> None:
