@@ -66,9 +66,9 @@ def _corruptions(text: str) -> None:
 def _sinks(text: str) -> None:
     from device_client.sinks import parse_sink
 
-    if text != "none":
-        for spec in text.split(","):
-            parse_sink(spec.strip())
+    if text.strip() not in ("", "none"):  # empty: none too (DRIFTSYNC_SINK= switches the stdout default off)
+        for spec in filter(None, (s.strip() for s in text.split(","))):
+            parse_sink(spec)
 
 
 def _domain_offset(text: str) -> None:

@@ -52,7 +52,7 @@ def run_device(args: argparse.Namespace) -> int:
     except Exception as exc:  # noqa: BLE001 (a refusal or a stop while provisioning: say why and exit)
         log.error("device not started: %s", exc)
         return 1
-    specs = [] if args.sink == "none" else [spec.strip() for spec in args.sink.split(",") if spec.strip()]
+    specs = [] if args.sink.strip() == "none" else [spec.strip() for spec in args.sink.split(",") if spec.strip()]
     sinks = [open_sink(spec) for spec in specs]
     reporter = StatusReporter(
         client, Path(args.status_file) if args.status_file else state_dir / "status.json",
