@@ -172,10 +172,11 @@ def build_stream(opts: ReplayOptions, spec: StreamSpec, directory: Path) -> int:
 
 def source_predictions(opts: ReplayOptions, stream_dir: Path) -> np.ndarray:
     """The source model's predictions over the stream, once, for every method's source column."""
-    return run_on_device("source", opts, stream_dir, None)["predictions"]
+    return run_on_device("source", opts, stream_dir, None, label="source predictions (every method's reference)")["predictions"]
 
 
-def run_on_device(name: str, opts: ReplayOptions, stream_dir: Path, source_pred: np.ndarray | None) -> dict:
+def run_on_device(name: str, opts: ReplayOptions, stream_dir: Path, source_pred: np.ndarray | None,
+                  label: str | None = None) -> dict:
     """An in-process torch reference, summarised like a device replay so one report covers both."""
     import torch
 
@@ -192,7 +193,7 @@ def run_on_device(name: str, opts: ReplayOptions, stream_dir: Path, source_pred:
     curve: list[dict] = []
     predictions = np.empty(total, dtype=np.int64)
     done, started = 0, time.monotonic()
-    progress = bar(total, f"[replay] {name}")
+    progress = bar(total, f"[replay] {label or name}")
     for chunk in streams.read_stream(stream_dir):
         if chunk.reset:
             method.reset()
