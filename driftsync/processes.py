@@ -17,6 +17,7 @@ from pathlib import Path
 import httpx
 
 from driftsync.errors import UserError
+from driftsync.progress import bar
 
 
 def free_port() -> int:
@@ -124,9 +125,6 @@ def run_fleet(
 
 def _follow(devices: list[subprocess.Popen], status_files: list[Path], frames: int | None, label: str) -> None:
     """Until every device exits: one bar over their frames, with the newest version and uploads."""
-    # tqdm is the server extra's, and `driftsync device` (device extra only) imports this module
-    from driftsync.progress import bar
-
     with bar(frames, f"[{label}] replay") as progress:
         running = True
         while running:

@@ -6,7 +6,7 @@ import subprocess
 import sys
 
 # torch, and the server extra's other packages: `pip install driftsync[device]` has none of them
-BLOCK_TORCH = "import sys\nfor m in ('torch', 'fastapi', 'uvicorn', 'onnx', 'yaml', 'tqdm'): sys.modules[m] = None\n"
+BLOCK_TORCH = "import sys\nfor m in ('torch', 'fastapi', 'uvicorn', 'onnx', 'yaml'): sys.modules[m] = None\n"
 
 
 def _run(code: str) -> subprocess.CompletedProcess:

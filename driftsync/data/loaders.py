@@ -21,6 +21,7 @@ from driftsync.config import add, bounded, checked, optional
 from driftsync.data.corruptions import CORRUPTIONS, constants_for_size, corrupt
 from driftsync.data.streams import corruption_rng, parse_corruptions
 from driftsync.errors import UserError
+from driftsync.progress import bar
 from shared.images import fit_image
 
 log = logging.getLogger(__name__)
@@ -376,7 +377,8 @@ def write_corrupted_tree(
             (output_dir / corruption / str(severity) / name).mkdir(parents=True, exist_ok=True)
     rngs = {(c, s): corruption_rng(seed, c, s) for c, s in pairs}
     total = len(paths) * len(pairs)
-    written = reported = 0
+    written = 0
+    progress = bar(total, "[corrupt] writing", unit="file")
     for start in range(0, len(paths), _WRITE_BATCH):
         batch_paths = paths[start : start + _WRITE_BATCH]
         images = np.stack([_read(p, size) for p in batch_paths])
@@ -387,10 +389,8 @@ def write_corrupted_tree(
                 target = output_dir / corruption / str(severity) / classes[label] / f"{path.stem}.JPEG"
                 Image.fromarray(image).save(target, format="JPEG", quality=JPEG_QUALITY)
             written += len(out)
-            decile = written * 10 // total
-            if decile > reported:
-                log.info("corrupt: %d/%d files (%d%%)", written, total, written * 100 // total)
-                reported = decile
+            progress.update(len(out))
+    progress.close()
     return written
 
 
