@@ -24,10 +24,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm import tqdm
 
 from driftsync.config import home as driftsync_home
 from driftsync.data import synthetic
+from driftsync.progress import bar as progress_bar
 
 # Normalisation applied by the registry's input wrapper; training uses the same constants.
 MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
@@ -257,7 +257,7 @@ def train(name: str, log: Callable[[str], None] = print) -> dict[str, torch.Tens
         opt, max_lr=cfg.lr, total_steps=cfg.epochs * steps_per_epoch, pct_start=0.25
     )
     net.train()
-    bar = tqdm(total=cfg.epochs * steps_per_epoch, desc=f"train {name}", unit="step", dynamic_ncols=True)
+    bar = progress_bar(cfg.epochs * steps_per_epoch, f"[train] {name}", unit="step")
     for epoch in range(cfg.epochs):
         perm = torch.randperm(cfg.train_samples, generator=gen)
         loss_sum, correct = 0.0, 0
