@@ -18,7 +18,7 @@ if [ ! -x "$venv/bin/python" ]; then
 fi
 . "$venv/bin/activate"
 
-if ! python -c "import sys, torch; sys.exit(torch.__version__.split('+')[0] != '$torch_version')" 2>/dev/null; then
+if ! python -c "import sys, importlib.metadata as m; sys.exit(m.version('torch').split('+')[0] != '$torch_version')" 2>/dev/null; then
   if command -v nvidia-smi >/dev/null && nvidia-smi -L >/dev/null 2>&1; then
     echo "setup: NVIDIA GPU found: installing torch $torch_version with CUDA from the default index"
     python -m pip install "${pip_opts[@]}" "torch==$torch_version"
