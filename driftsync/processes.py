@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -114,13 +115,24 @@ def run_fleet(
         for p in devices:
             if p.poll() is None:
                 p.terminate()
-        server.terminate()
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            server.kill()
+        _stop_server(server)
         server_log.close()
     return [json.loads((work / "devices" / str(i) / "summary.json").read_text()) for i in range(len(device_args))]
+
+
+def _stop_server(server: subprocess.Popen) -> None:
+    """Stop the server gracefully, without waiting up to 20 s for long-polls whose devices are gone."""
+    server.terminate()
+    try:
+        server.wait(timeout=3.0)
+        return
+    except subprocess.TimeoutExpired:
+        server.send_signal(signal.SIGINT)  # uvicorn: a second signal stops waiting for open connections
+    try:
+        server.wait(timeout=10.0)
+    except subprocess.TimeoutExpired:
+        server.kill()
+        server.wait()
 
 
 def _follow(devices: list[subprocess.Popen], status_files: list[Path], frames: int | None, label: str) -> None:
