@@ -1,9 +1,16 @@
-"""Which deltas a device accepts: only newer versions whose payload checks out (TUF-style)."""
+"""Which deltas a device accepts: only newer versions whose payload checks out and whose
+values are sane. Who sent them (the signature) is checked before, in device_client.trust."""
 from __future__ import annotations
 
 import numpy as np
 
 from shared.protocol import Delta, ModelDescriptor
+
+# A delta value may move this many times its source tensor's scale (max |value|, at least 1) away
+# from the source value. Test-time adaptation moves affine parameters by well under 1 and BN
+# statistics by a small factor even under severe corruption (see BENCHMARKS.md); 50 leaves a wide
+# margin while refusing the huge finite values that overflow a float32 forward pass to inf.
+DEFAULT_MAX_REL = 50.0
 
 
 class DeltaRefused(ValueError):
@@ -13,14 +20,17 @@ class DeltaRefused(ValueError):
 
 
 def verify_delta(
-    delta: Delta, applied_version: int, descriptor: ModelDescriptor, cohort: str | None = None
+    delta: Delta, applied_version: int, descriptor: ModelDescriptor, cohort: str | None = None, *,
+    source: dict[str, np.ndarray] | None = None, max_rel: float | None = DEFAULT_MAX_REL,
 ) -> dict[str, np.ndarray]:
     """Return the decoded tensors, or raise DeltaRefused saying why.
 
     A delta may carry any subset of the replaceable tensors: with device-side
     statistics the cloud sends only the affine parameters. A delta from another
-    cohort than `cohort` means the server moved this device: that cohort's version
-    line starts afresh, so any version is accepted, with every other check kept.
+    cohort than `cohort` means the server moved this device (the caller has checked
+    that the move is signed): that cohort's version line starts afresh, so any
+    version is accepted, with every other check kept. With `source` (the model's own
+    values), each value must lie within `max_rel` times its tensor's scale of them.
     """
     moved = cohort is not None and delta.cohort != cohort
     if delta.new_version <= applied_version and not moved:
@@ -39,4 +49,16 @@ def verify_delta(
             params[name] = tensor.to_numpy()
         except ValueError as exc:
             raise DeltaRefused("non_finite", f"{name}: {exc}") from exc
+        check_bounds(name, params[name], None if source is None else source.get(name), max_rel)
     return params
+
+
+def check_bounds(name: str, value: np.ndarray, source: np.ndarray | None, max_rel: float | None) -> None:
+    if name.endswith(".running_var") and not (value > 0).all():
+        raise DeltaRefused("out_of_bounds", f"{name} has a variance <= 0 (min {float(value.min()):.3g})")
+    if source is None or max_rel is None:
+        return
+    limit = max_rel * max(1.0, float(np.abs(source).max(initial=0.0)))
+    worst = float(np.abs(value.astype(np.float64) - source).max(initial=0.0))
+    if worst > limit:
+        raise DeltaRefused("out_of_bounds", f"{name} moves {worst:.3g} from its source values, over the bound {limit:.3g}")

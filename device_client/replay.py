@@ -83,7 +83,7 @@ def run_replay(
     which is the zero-latency protocol that research tables assume. `repeat` replays the
     stream again and again until `stop` is set (a simulated device in a fleet)."""
     stop = stop or threading.Event()
-    source = build_session(client.onnx_bytes, client.source_params, client.cfg.threads)
+    source = build_session(client.onnx_path, client.source_params, client.cfg.threads)
     tallies: dict[str, DomainTally] = {}
     curve: deque[dict] = deque(maxlen=CURVE_KEPT)  # bounded: a repeating device runs for days
     sent_before = 0

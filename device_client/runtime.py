@@ -4,11 +4,15 @@ Each parameter version gets its own session, built with the tensors given as
 external initializers: they are constants at session creation, so onnxruntime
 fuses Conv+BN exactly as for the static model and inference keeps full speed.
 The new session is built off the inference path and swapped in atomically.
+Sessions load their graph from a private folder that holds nothing but it
+(`private_model`), so a path the graph might name resolves to nothing of the device's.
 """
 from __future__ import annotations
 
+import shutil
 import threading
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
@@ -29,14 +33,28 @@ def split_norm_file(data: bytes, parameters: dict[str, tuple[int, ...]]) -> dict
     return out
 
 
-def build_session(onnx_bytes: bytes, params: dict[str, np.ndarray], threads: int = 0) -> ort.InferenceSession:
+MODEL_FILE = "model.onnx"
+
+
+def private_model(folder: Path, data: bytes) -> Path:
+    """Write `data` as the only file of `folder` (emptied first) and return its path."""
+    if folder.exists():
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True, mode=0o700)
+    path = folder / MODEL_FILE
+    path.write_bytes(data)
+    return path
+
+
+def build_session(model: bytes | Path, params: dict[str, np.ndarray], threads: int = 0) -> ort.InferenceSession:
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
     names = list(params)
     values = [ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(params[n], dtype=np.float32)) for n in names]
     options.add_external_initializers(names, values)
-    session = ort.InferenceSession(onnx_bytes, options, providers=["CPUExecutionProvider"])
+    source = str(model) if isinstance(model, Path) else model
+    session = ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
     session._driftsync_keepalive = values  # ORT borrows the buffers; they must outlive the session
     return session
 
@@ -56,11 +74,11 @@ class SwappableModel:
     that inference never takes; each computes its tensors from the latest ones.
     """
 
-    def __init__(self, onnx_bytes: bytes, params: dict[str, np.ndarray], version: int, threads: int = 0) -> None:
-        self._onnx = onnx_bytes
+    def __init__(self, model: bytes | Path, params: dict[str, np.ndarray], version: int, threads: int = 0) -> None:
+        self._onnx = model
         self._threads = threads
         self._update_lock = threading.Lock()
-        self._active = _Active(build_session(onnx_bytes, params, threads), version, dict(params))
+        self._active = _Active(build_session(model, params, threads), version, dict(params))
 
     @property
     def version(self) -> int:

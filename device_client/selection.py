@@ -34,7 +34,8 @@ class CemaSelector:
     recent_mean: float | None = None
     warmup_mean: float | None = None
     prob_ema: np.ndarray | None = None
-    counts: dict[str, int] = field(default_factory=lambda: {"unreliable": 0, "low_info": 0, "redundant": 0, "kept": 0})
+    counts: dict[str, int] = field(
+        default_factory=lambda: {"unreliable": 0, "low_info": 0, "redundant": 0, "non_finite": 0, "kept": 0})
 
     @property
     def e_max_static(self) -> float:
@@ -56,18 +57,25 @@ class CemaSelector:
         return self.e_max_static * (mean_so_far / self.warmup_mean) * self.cfg.dynamic_lambda
 
     def select(self, probs: np.ndarray, ent: np.ndarray) -> np.ndarray:
-        """A boolean mask of samples to upload; updates the running statistics."""
-        self.seen += len(ent)
-        self.entropy_sum += float(ent.sum())
-        batch_mean = float(ent.mean())
-        a = self.cfg.entropy_ema
-        self.recent_mean = batch_mean if self.recent_mean is None or a is None else a * self.recent_mean + (1 - a) * batch_mean
-        if self.warmup_mean is None and self.seen >= self.cfg.warmup_samples:
-            self.warmup_mean = self.entropy_sum / self.seen
-        reliable = ent < self.e_max()
-        informative = ent > self.e_min
+        """A boolean mask of samples to upload; updates the running statistics. A sample with a
+        NaN or infinite prediction is never kept and never enters the running means: one such
+        batch would otherwise make E_max NaN, and nothing would be selected again."""
+        finite = np.isfinite(ent) & np.isfinite(probs).all(axis=1)
+        if finite.any():
+            valid = ent[finite]
+            self.seen += len(valid)
+            self.entropy_sum += float(valid.sum())
+            batch_mean = float(valid.mean())
+            a = self.cfg.entropy_ema
+            self.recent_mean = batch_mean if self.recent_mean is None or a is None else a * self.recent_mean + (1 - a) * batch_mean
+            if self.warmup_mean is None and self.seen >= self.cfg.warmup_samples:
+                self.warmup_mean = self.entropy_sum / self.seen
+        with np.errstate(invalid="ignore"):
+            reliable = finite & (ent < self.e_max())
+            informative = ent > self.e_min
         keep = reliable & informative
-        self.counts["unreliable"] += int((~reliable).sum())
+        self.counts["non_finite"] += int((~finite).sum())
+        self.counts["unreliable"] += int((finite & ~reliable).sum())
         self.counts["low_info"] += int((reliable & ~informative).sum())
         if self.cfg.redundancy_margin is not None:
             keep = self._drop_redundant(probs, keep)
@@ -105,9 +113,10 @@ class UgsSelector:
 
     def select(self, variance: np.ndarray) -> np.ndarray:
         keep = np.zeros(len(variance), dtype=bool)
-        k = int(round(self.cfg.keep * len(variance)))
+        finite = np.isfinite(variance)
+        k = min(int(round(self.cfg.keep * len(variance))), int(finite.sum()))  # a NaN is never "most uncertain"
         if k > 0:
-            keep[np.argsort(-variance, kind="stable")[:k]] = True
+            keep[np.argsort(-np.where(finite, variance, -np.inf), kind="stable")[:k]] = True
         self.counts["kept"] += int(keep.sum())
         self.counts["below_rank"] += int((~keep).sum())
         return keep

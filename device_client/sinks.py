@@ -16,6 +16,7 @@ from typing import Protocol, TextIO
 
 import httpx
 
+from device_client.supervisor import Supervisor
 from device_client.transport import Backoff
 
 log = logging.getLogger("driftsync.device.sinks")
@@ -46,7 +47,8 @@ class WebhookSink:
     """POSTs JSON arrays of records. While the endpoint is down, records wait in a bounded
     queue (oldest dropped and counted) and retries back off."""
 
-    def __init__(self, url: str, max_records: int = 10_000, batch: int = 256, timeout_s: float = 10.0) -> None:
+    def __init__(self, url: str, max_records: int = 10_000, batch: int = 256, timeout_s: float = 10.0,
+                 supervisor: Supervisor | None = None) -> None:
         self.url, self.batch = url, batch
         self.sent = 0
         self.dropped = 0
@@ -56,7 +58,7 @@ class WebhookSink:
         self._closing = threading.Event()  # no more records will come: exit once the queue is empty
         self._abandon = threading.Event()  # the close timeout passed: stop retrying
         self._client = httpx.Client(timeout=timeout_s)
-        self._thread = threading.Thread(target=self._run, name="webhook-sink", daemon=True)
+        self._thread = (supervisor or Supervisor()).thread("webhook-sink", self._run, self._abandon)
         self._thread.start()
 
     def write(self, records: list[dict]) -> None:
@@ -114,6 +116,6 @@ def parse_sink(spec: str) -> tuple[str, str]:
     raise ValueError(f"unknown sink {spec!r}; use jsonl:-, jsonl:PATH, webhook:URL or none")
 
 
-def open_sink(spec: str) -> Sink:
+def open_sink(spec: str, supervisor: Supervisor | None = None) -> Sink:
     kind, target = parse_sink(spec)
-    return JsonlSink(target) if kind == "jsonl" else WebhookSink(target)
+    return JsonlSink(target) if kind == "jsonl" else WebhookSink(target, supervisor=supervisor)

@@ -10,6 +10,7 @@ import logging
 import sys
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +19,7 @@ from typing import BinaryIO, Protocol
 import numpy as np
 from PIL import Image
 
+from device_client.state import atomic_write
 from shared.images import fit_image
 
 log = logging.getLogger("driftsync.device.sources")
@@ -34,13 +36,59 @@ class Source(Protocol):
     def frames(self, stop: threading.Event) -> Iterator[Frames]: ...
 
 
+class SeenFiles:
+    """Names of processed files, bounded (the oldest forgotten first) and, with a `path`, kept
+    across restarts as an append-only list that is compacted when it doubles."""
+
+    def __init__(self, path: Path | None = None, max_names: int = 100_000) -> None:
+        self.path, self.max_names = path, max_names
+        self._names: OrderedDict[str, None] = OrderedDict()
+        self._lines = 0
+        if path is not None and path.exists():
+            lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+            self._lines = len(lines)
+            for name in lines[-max_names:]:
+                self._names[name] = None
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._names
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+    def add(self, names: list[str]) -> None:
+        for name in names:
+            self._names[name] = None
+            self._names.move_to_end(name)
+        while len(self._names) > self.max_names:
+            self._names.popitem(last=False)
+        if self.path is None or not names:
+            return
+        if self._lines + len(names) > 2 * self.max_names:
+            atomic_write(self.path, "".join(f"{n}\n" for n in self._names).encode())
+            self._lines = len(self._names)
+            return
+        with self.path.open("a", encoding="utf-8") as f:
+            f.write("".join(f"{n}\n" for n in names))
+        self._lines += len(names)
+
+
 class FolderSource:
-    """Classify image files as they appear in a folder (and, first, those already there)."""
+    """Classify image files as they appear in a folder (and, first, those already there).
+
+    A file that cannot be read yet (still being written, truncated) is tried again after
+    `retry_s`, `attempts` times in all, before it is given up. With `seen_path`, processed
+    files are remembered across restarts, so a restart does not classify and upload them again.
+    """
 
     def __init__(self, folder: Path, size: int, batch: int = 16, poll_s: float = 0.25,
-                 settle_s: float = 0.2) -> None:
+                 settle_s: float = 0.2, *, seen_path: Path | None = None, attempts: int = 4,
+                 retry_s: float = 1.0) -> None:
         self.folder, self.size, self.batch, self.poll_s, self.settle_s = Path(folder), size, batch, poll_s, settle_s
-        self._seen: set[str] = set()
+        self.attempts, self.retry_s = attempts, retry_s
+        self._seen = SeenFiles(seen_path)
+        self._failures: dict[str, tuple[int, float]] = {}  # name -> (failed reads, when to try again)
+        self.given_up = 0
 
     def _new_files(self) -> list[Path]:
         """Files whose size has not changed for `settle_s`: a half-written file is not read."""
@@ -49,12 +97,33 @@ class FolderSource:
         for path in sorted(self.folder.iterdir()):
             if path.name in self._seen or path.suffix.lower() not in IMAGE_SUFFIXES or path.name.startswith("."):
                 continue
+            if path.name in self._failures and self._failures[path.name][1] > time.monotonic():
+                continue
             try:
                 if now - path.stat().st_mtime >= self.settle_s:
                     found.append(path)
             except FileNotFoundError:
                 continue
         return found
+
+    def _read(self, path: Path) -> np.ndarray | None:
+        """The image, or None: then it is retried later, or given up (and remembered) for good."""
+        try:
+            with Image.open(path) as pil:
+                image = fit_image(pil, self.size)
+            self._failures.pop(path.name, None)
+            return image
+        except Exception as exc:  # noqa: BLE001 (mid-write, truncated or not an image: retry, then skip)
+            failures = self._failures.get(path.name, (0, 0.0))[0] + 1
+            if failures >= self.attempts:
+                self._failures.pop(path.name, None)
+                self._seen.add([path.name])
+                self.given_up += 1
+                log.warning("giving up %s after %d reads: %s", path.name, failures, exc)
+            else:
+                self._failures[path.name] = (failures, time.monotonic() + self.retry_s)
+                log.info("cannot read %s yet (%s); trying again in %.1fs", path.name, exc, self.retry_s)
+            return None
 
     def frames(self, stop: threading.Event) -> Iterator[Frames]:
         self.folder.mkdir(parents=True, exist_ok=True)
@@ -63,15 +132,13 @@ class FolderSource:
             for start in range(0, len(paths), self.batch):
                 images, ids = [], []
                 for path in paths[start:start + self.batch]:
-                    self._seen.add(path.name)
-                    try:
-                        with Image.open(path) as pil:
-                            images.append(fit_image(pil, self.size))
+                    image = self._read(path)
+                    if image is not None:
+                        images.append(image)
                         ids.append(path.name)
-                    except Exception as exc:  # not an image after all: log it and go on
-                        log.warning("skipping %s: %s", path.name, exc)
                 if images:
                     yield Frames(np.stack(images), ids)
+                    self._seen.add(ids)  # processed: the consumer came back for more
             if not paths:
                 stop.wait(self.poll_s)
 

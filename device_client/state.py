@@ -12,6 +12,7 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
+from device_client.transport import server_urls
 from shared.codec import CodecError, decode, pack
 from shared.protocol import Delta, ModelDescriptor
 
@@ -36,6 +37,7 @@ class Identity(BaseModel):
     token: str
     cohort: str
     model: ModelDescriptor
+    server_key: str | None = None  # the server's Ed25519 public key (hex), pinned at enrolment
 
 
 class DeviceStateDir:
@@ -56,7 +58,7 @@ class DeviceStateDir:
         if not self._identity.exists():
             return None
         identity = Identity.model_validate_json(self._identity.read_text())
-        return identity if identity.server == server.rstrip("/") else None
+        return identity if identity.server == ",".join(server_urls(server)) else None
 
     def save_identity(self, identity: Identity) -> None:
         atomic_write(self._identity, identity.model_dump_json(indent=2).encode())

@@ -8,6 +8,7 @@ frame it sees, where the cloud would only see the entropy-filtered uploads.
 from __future__ import annotations
 
 import threading
+from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
@@ -38,11 +39,12 @@ class StatisticsProbe:
     `run` gives the logits under the batch's own statistics together with those statistics.
     """
 
-    def __init__(self, stats_onnx: bytes, threads: int = 0) -> None:
+    def __init__(self, stats_onnx: bytes | Path, threads: int = 0) -> None:
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
-        self._session = ort.InferenceSession(stats_onnx, options, providers=["CPUExecutionProvider"])
+        source = str(stats_onnx) if isinstance(stats_onnx, Path) else stats_onnx
+        self._session = ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
         self._stats = [o.name for o in self._session.get_outputs() if o.name.endswith((".batch_mean", ".batch_var"))]
         self._outputs = [self._session.get_outputs()[0].name, *self._stats]
         self._inputs = {i.name for i in self._session.get_inputs()}
@@ -63,7 +65,7 @@ class BatchStatisticsModel:
     Uploads say so (`batch_statistics`), and the cloud distils the same way.
     """
 
-    def __init__(self, stats_onnx: bytes, params: dict[str, np.ndarray], version: int, threads: int = 0) -> None:
+    def __init__(self, stats_onnx: bytes | Path, params: dict[str, np.ndarray], version: int, threads: int = 0) -> None:
         self._probe = StatisticsProbe(stats_onnx, threads)
         self._lock = threading.Lock()
         self._version = version

@@ -9,6 +9,8 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+from pydantic import ValidationError
+
 from device_client.client import DeviceClient
 from device_client.state import atomic_write
 from device_client.transport import ServerApi, ServerError
@@ -32,7 +34,7 @@ class StatusReporter:
         self._throughput = 0.0
         self._last = (time.monotonic(), client.frames)
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="status", daemon=True)
+        self._thread = client.supervisor.thread("status", self._run, self._stop)
         self._http: ThreadingHTTPServer | None = None
         if port is not None:
             self._http = ThreadingHTTPServer(("127.0.0.1", port), self._handler())
@@ -66,7 +68,7 @@ class StatusReporter:
         atomic_write(self.path, json.dumps(self.snapshot(state), indent=2).encode())
 
     def _run(self) -> None:
-        api = self.client.open_api(self.client.identity.token, timeout=10.0)
+        api = self.client.open_api(timeout=10.0)
         next_telemetry = time.monotonic() + (self.telemetry_every_s or 0)
         while not self._stop.wait(self.every_s):
             now, frames = time.monotonic(), self.client.frames
@@ -82,17 +84,18 @@ class StatusReporter:
         window = self.client.take_health_window()
         status = self.client.status()
         uploads = status["uploads"]
-        report = Telemetry(
-            version=status["version"], window_s=max(time.monotonic() - window.started, 1e-3), frames=window.frames,
-            mean_entropy=window.entropy_sum / window.frames if window.frames else None,
-            mean_confidence=min(1.0, window.confidence_sum / window.frames) if window.frames else None,
-            uploads_sent=uploads["sent"], uploads_spooled=uploads["spooled"], uploads_dropped=uploads["dropped"],
-        )
         try:
+            report = Telemetry(
+                version=status["version"], window_s=min(max(time.monotonic() - window.started, 1e-3), 3600.0),
+                frames=window.frames,
+                mean_entropy=window.entropy_sum / window.frames if window.frames else None,
+                mean_confidence=min(1.0, window.confidence_sum / window.frames) if window.frames else None,
+                uploads_sent=uploads["sent"], uploads_spooled=uploads["spooled"], uploads_dropped=uploads["dropped"],
+            )
             api.telemetry(report)
             self.telemetry_sent += 1
-        except ServerError as exc:  # telemetry is best-effort: the next window carries on
-            log.debug("telemetry not sent: %s", exc)
+        except (ServerError, ValidationError) as exc:  # telemetry is best-effort: the next window carries on
+            log.warning("telemetry not sent: %s", str(exc)[:300])
 
     def _handler(self) -> type[BaseHTTPRequestHandler]:
         reporter = self

@@ -18,6 +18,7 @@ import numpy as np
 
 from device_client.selection import UploadBudget
 from device_client.spool import Spool
+from device_client.supervisor import Supervisor
 from device_client.transport import Backoff, ServerApi, ServerError
 from shared.codec import pack
 from shared.images import encode_image
@@ -55,6 +56,7 @@ class Uploader:
         stats_every_s: float = 2.0,
         batch_statistics: bool = False,
         backoff: Backoff | None = None,
+        supervisor: Supervisor | None = None,
     ) -> None:
         self.api = api
         self.budget = budget
@@ -73,8 +75,9 @@ class Uploader:
         self._cond = threading.Condition()
         self._spooled = threading.Condition()
         self._closing = threading.Event()
-        self._encoder = threading.Thread(target=self._encode_loop, name="upload-encoder", daemon=True)
-        self._sender = threading.Thread(target=self._send_loop, name="upload-sender", daemon=True)
+        supervisor = supervisor or Supervisor()
+        self._encoder = supervisor.thread("upload-encoder", self._encode_loop, self._closing)
+        self._sender = supervisor.thread("upload-sender", self._send_loop, self._closing)
 
     def start(self) -> None:
         self._encoder.start()

@@ -11,6 +11,7 @@ import json
 import logging
 import socket
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -24,7 +25,7 @@ from driftsync.config import (
     POSITIVE,
     POSITIVE_INT,
     SEVERITY,
-    URL,
+    URLS,
     Parser,
     add,
     bounded,
@@ -40,6 +41,19 @@ from driftsync.fleet import add_fleet_parser, run_fleet_command
 from driftsync.loadtest import add_loadtest_parser
 
 log = logging.getLogger("driftsync")
+
+
+def _needs_torch(validate: Callable[[str], None]) -> Callable[[str], None]:
+    """Check with torch where it is installed; an API replica (no torch) never uses these flags' values."""
+
+    def check(text: str) -> None:
+        try:
+            import torch  # noqa: F401
+        except ImportError:
+            return
+        validate(text)
+
+    return check
 
 
 def _model_spec(text: str) -> None:
@@ -85,10 +99,19 @@ def _frame_size(text: str) -> None:
 def _torch_device(text: str) -> None:
     import torch
 
+    if text == "auto":
+        return
     try:
         torch.device(text)
     except RuntimeError as exc:
-        raise ValueError(f"not a torch device: {text!r} (e.g. cpu, cuda, cuda:1)") from exc
+        raise ValueError(f"not a torch device: {text!r} (e.g. cpu, cuda, cuda:1, auto)") from exc
+
+
+def _role(text: str) -> None:
+    from server.options import ROLES
+
+    if text not in ROLES:
+        raise ValueError(f"expected one of {', '.join(ROLES)}; got {text!r}")
 
 
 def _embedded_names() -> list[str]:
@@ -103,7 +126,9 @@ def _replay_methods() -> tuple[str, ...]:
     return COLLABORATIVE + ON_DEVICE
 
 
-MODEL = checked(_model_spec, "NAME[:CHECKPOINT]")
+MODEL = checked(_needs_torch(_model_spec), "NAME[:CHECKPOINT]")
+TORCH_DEVICE = checked(_needs_torch(_torch_device), "DEVICE")
+PROMPT = checked(_needs_torch(_prompt_spec), "KIND:SIZE")
 CORRUPTIONS = checked(_corruptions, "all|none|NAME,...")
 SETTING = choice("continual", "reset_each_shift", "gradual", "mixed", "correlated")
 
@@ -114,9 +139,14 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
     add(p, "--state-dir", str(home() / "server"), help="SQLite state and caches")
     add(p, "--student", "embedded-student", MODEL, help="student model NAME[:CHECKPOINT]")
     add(p, "--teacher", "embedded-teacher", MODEL, help="teacher model NAME[:CHECKPOINT]")
-    add(p, "--enrolment-token", None, optional(str), help="token(s) a device must present to register; comma-separated to rotate")
-    add(p, "--admin-token", None, optional(str), help="token for fleet operations, the fleet API and the dashboard (unset: off)")
-    add(p, "--max-body-bytes", 8 * 1024 * 1024, POSITIVE_INT, help="largest accepted request body")
+    add(p, "--enrolment-token", None, help="token(s) a device must present to register; comma-separated to rotate "
+        "(unset: open enrolment)", secret=True)
+    add(p, "--admin-token", None, help="token for fleet operations, the fleet API and the dashboard (unset: off)", secret=True)
+    add(p, "--insecure-dev", False, bool, help="accept weak tokens (change-me, short, empty, none...) for a local "
+        "test; they are refused otherwise")
+    add(p, "--max-body-bytes", 8 * 1024 * 1024, POSITIVE_INT, help="largest accepted upload body")
+    add(p, "--json-body-bytes", 64 * 1024, POSITIVE_INT, help="largest accepted body of every other route")
+    add(p, "--body-timeout-s", 30.0, POSITIVE, help="a request body must have arrived this long after its headers (else 408)")
     add(p, "--device-samples-per-s", 100.0, optional(POSITIVE), help="per-device upload rate limit ('none': off)")
     add(p, "--device-burst-samples", 1000.0, POSITIVE, help="per-device upload burst above the rate")
     add(p, "--new-per-step", 32, POSITIVE_INT, help="new uploads per adaptation step (CEMA: 32)")
@@ -128,7 +158,7 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
     add(p, "--teacher-augmentations", 0, NONNEGATIVE_INT, help="extra augmented views averaged into the teacher's soft labels")
     add(p, "--student-lr", 2.5e-3, POSITIVE, help="student distillation learning rate (CEMA: 2.5e-3)")
     add(p, "--student-steps", 1, POSITIVE_INT, help="distillation steps per adaptation step")
-    add(p, "--prompt", None, optional(checked(_prompt_spec, "KIND:SIZE")), help="give the student an input prompt: padding:WIDTH or lowres:SIZE")
+    add(p, "--prompt", None, optional(PROMPT), help="give the student an input prompt: padding:WIDTH or lowres:SIZE")
     add(p, "--prompt-lr", 5e-3, POSITIVE, help="Adam learning rate of the prompt")
     add(p, "--learn", "norm", choice("norm", "prompt", "norm+prompt", "norm/prompt"), help="what deltas move: norm (CEMA), prompt, norm+prompt (jointly) or norm/prompt (alternating steps)")
     add(p, "--guarded-push", False, bool, help="hold out every 8th upload and withhold a delta that agrees less "
@@ -142,21 +172,40 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
     add(p, "--queue-max-jobs", 256, POSITIVE_INT, help="upload batches waiting for the worker before uploads get 429")
     add(p, "--max-pending-samples", 2048, POSITIVE_INT, help="samples the worker holds before it stops taking uploads "
         "(then the queue fills and uploads get 429): bounds memory and delay under overload")
+    add(p, "--max-state-bytes", 1 << 30, POSITIVE_INT, help="replay images a worker keeps in memory over all its cohorts; "
+        "beyond, the least recently stepped cohorts' states are dropped (each is in the store)")
     add(p, "--step-max-wait-s", 2.0, POSITIVE, help="step with fewer samples once the oldest waited this long")
     add(p, "--step-min-samples", 8, POSITIVE_INT, help="fewest new samples a step takes after waiting")
     add(p, "--torch-threads", 0, NONNEGATIVE_INT, help="torch intra-op threads (0: torch's default)")
+    add(p, "--torch-device", "auto", TORCH_DEVICE, help="where the adaptation engine computes: cpu, cuda, cuda:N, or auto (cuda "
+        "when torch sees a GPU)")
+    add(p, "--role", "all", checked(_role, "{all,api,worker}"), help="all: one process (HTTP front + worker); api: a stateless HTTP replica (no torch); "
+        "worker: an adaptation worker. api and worker need --broker and a shared --store")
+    add(p, "--store", None, optional(str), help="postgresql://USER@HOST/DB, or a SQLite file (default: STATE_DIR/driftsync.sqlite)")
+    add(p, "--broker", None, optional(str), help="redis://HOST:PORT/DB: Redis Streams between API replicas and workers "
+        "(unset: the in-process queue of --role all)")
+    add(p, "--partitions", 16, POSITIVE_INT, help="broker partitions (cohorts are hashed to one; fixed for a deployment)")
+    add(p, "--lease-ttl-s", 10.0, POSITIVE, help="a worker's partition leases expire this long after its last renewal")
+    add(p, "--worker-name", None, optional(str), help="this worker's name in leases and the consumer group "
+        "(default: HOST-PID-RANDOM)")
+    add(p, "--rotate-signing-key", False, bool, help="start with a new Ed25519 signing key, announced to "
+        "devices signed by the old one (kept in STATE_DIR/signing_key, or in the --store with --broker)")
     add(p, "--ssl-certfile", None, optional(FILE), help="serve https with this PEM certificate (chain)")
     add(p, "--ssl-keyfile", None, optional(FILE), help="the certificate's private key")
 
 
 def _device_args(p: argparse.ArgumentParser) -> None:
-    add(p, "--server", "http://127.0.0.1:8700", URL, help="server base URL")
+    add(p, "--server", "http://127.0.0.1:8700", URLS, help="server base URL")
     add(p, "--name", socket.gethostname(), help="device name shown to operators (default: the hostname)")
     add(p, "--state-dir", str(home() / "device" / "{name}"),
         help="identity, cached model, applied delta, spool and status; '{name}' expands to --name")
     add(p, "--cohort", None, optional(str), help="share adaptation state with devices of this cohort")
-    add(p, "--enrolment-token", None, optional(str), help="fleet enrolment token")
+    add(p, "--enrolment-token", None, optional(str), help="fleet enrolment token", secret=True)
     add(p, "--ca-file", None, optional(FILE), help="PEM CA bundle to verify an https server (e.g. its self-signed certificate)")
+    add(p, "--server-key-fingerprint", None, optional(str), help="SHA-256 (hex) of the server's signing key: enrolment "
+        "refuses any other ('none': trust the key the server sends at enrolment)")
+    add(p, "--delta-max-rel", 50.0, optional(POSITIVE), help="refuse a delta value farther from its source value than this "
+        "many times the tensor's scale (max |source|, at least 1; 'none': no bound)")
     add(p, "--source", "embedded", choice("folder", "video", "camera", "stdin", "embedded", "npz", "imagenet-c", "stream"),
         help="folder (watched), video (file or URL, needs driftsync[camera]), camera (index or "
         "rtsp:// URL, needs driftsync[camera]), stdin (raw RGB24 frames), or a labelled replay: embedded, npz, "
@@ -230,7 +279,7 @@ def _replay_args(p: argparse.ArgumentParser) -> None:
     add(p, "--teacher", "embedded-teacher", MODEL, help="cloud model NAME[:CHECKPOINT]")
     add(p, "--method", "source,bn,tent,cema", comma_list(_replay_methods), help="comma list of cema, prompt, cema+prompt (joint), cema/prompt (alternating), each also with @ugs; "
         "source, bn, tent, eata, cotta")
-    add(p, "--prompt", "lowres:8", checked(_prompt_spec, "KIND:SIZE"), help="input prompt of the prompt methods: lowres:SIZE or padding:WIDTH")
+    add(p, "--prompt", "lowres:8", PROMPT, help="input prompt of the prompt methods: lowres:SIZE or padding:WIDTH")
     add(p, "--setting", "continual", SETTING, help="continual, reset_each_shift, gradual, mixed or correlated")
     add(p, "--severity", 5, SEVERITY, help="corruption severity 1-5 (gradual: the peak)")
     add(p, "--corruptions", "all", CORRUPTIONS, help="comma list, 'all' (CoTTA order) or 'none' (clean)")
@@ -244,9 +293,27 @@ def _replay_args(p: argparse.ArgumentParser) -> None:
     add(p, "--normalization", "batch", choice("batch", "running", "cloud"), help="device normalization for collaborative methods: batch, running or cloud")
     add(p, "--dirichlet", 0.1, POSITIVE, help="label-burst concentration for the correlated setting")
     add(p, "--torch-threads", 0, NONNEGATIVE_INT, help="torch threads for the server and on-device methods (0: torch's default)")
-    add(p, "--torch-device", "cpu", checked(_torch_device), help="torch device for the on-device references (e.g. cuda)")
+    add(p, "--torch-device", "cpu", TORCH_DEVICE, help="torch device for the on-device references: cpu, cuda, cuda:N or auto")
     add(p, "--server-args", "", help="extra `driftsync serve` flags, e.g. '--teacher-augmentations 8'")
     add(p, "--device-args", "", help="extra `driftsync device` flags, e.g. '--e-min-factor 0.02'")
+
+
+def _db_args(p: argparse.ArgumentParser) -> None:
+    upgrade = p.add_subparsers(dest="db_command", required=True).add_parser(
+        "upgrade", help="apply the store's pending schema migrations (safe to run twice, or from two places at once)")
+    add(upgrade, "--store", str(home() / "server" / "driftsync.sqlite"), help="postgresql://... URL or SQLite file")
+
+
+def _db(args: argparse.Namespace) -> int:
+    from server.store import StoreError, upgrade
+
+    try:
+        version, applied = upgrade(args.store)
+    except StoreError as exc:
+        print(f"driftsync db upgrade: {exc}", file=sys.stderr)
+        return 1
+    print(f"schema at version {version} (applied: {', '.join(map(str, applied)) or 'none, already up to date'})")
+    return 0
 
 
 EXAMPLES: dict[str, tuple[str, str, str]] = {  # name: (one-line help, description, examples)
@@ -296,6 +363,13 @@ EXAMPLES: dict[str, tuple[str, str, str]] = {  # name: (one-line help, descripti
         "driftsync corrupt --input photos/ --output photos-c/ --severities 5\n"
         "driftsync corrupt --input photos/ --output photos-c/ --corruptions fog,snow --severities 1,3,5 --size 224",
     ),
+    "db": (
+        "the server's store: `db upgrade` applies schema migrations",
+        "Maintain the server's store (SQLite file or PostgreSQL): `db upgrade` applies pending schema "
+        "migrations, safely run twice or from two places at once.",
+        "driftsync db upgrade --store postgresql://driftsync@db/driftsync\n"
+        "driftsync db upgrade --store ~/.cache/driftsync/server/driftsync.sqlite",
+    ),
     "train": (
         "retrain the embedded default models into DRIFTSYNC_HOME",
         "Retrain the embedded student and teacher from scratch (minutes of CPU). The package ships them "
@@ -336,6 +410,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_corrupt_args(command(sub, "corrupt"))
     train = command(sub, "train")
     add(train, "--models", "embedded-student,embedded-teacher", comma_list(_embedded_names), help="comma list")
+    _db_args(command(sub, "db"))
     return parser
 
 
@@ -348,7 +423,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request drowns the progress
     handler = {"serve": _serve, "device": _device, "demo": _demo, "replay": _replay, "export": _export, "train": _train,
-               "fleet": run_fleet_command, "loadtest": _loadtest, "corrupt": _corrupt}[args.command]
+               "fleet": run_fleet_command, "loadtest": _loadtest, "corrupt": _corrupt, "db": _db}[args.command]
     try:
         return handler(args) or 0
     except KeyboardInterrupt:
@@ -375,15 +450,40 @@ def _check_bindable(host: str, port: int) -> None:
         raise UserError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from exc
 
 
+def _serve_tokens(args: argparse.Namespace) -> tuple[str | None, str | None]:
+    """The enrolment and admin tokens, refused when weak unless --insecure-dev (then said loudly)."""
+    from server.tokens import GENERATE_HINT, weak_tokens
+
+    problems = weak_tokens({"--enrolment-token": args.enrolment_token, "--admin-token": args.admin_token})
+    if problems and not args.insecure_dev:
+        raise SystemExit(f"driftsync serve: refusing weak tokens ({'; '.join(problems)}; env DRIFTSYNC_ENROLMENT_TOKEN, "
+                         f"DRIFTSYNC_ADMIN_TOKEN). Use random ones of 16+ characters ({GENERATE_HINT}), "
+                         "or pass --insecure-dev for a local test.")
+    for problem in problems:
+        logging.getLogger("driftsync.server").warning("INSECURE (--insecure-dev): weak token %s", problem)
+
+    def unset_if_off(token: str | None) -> str | None:  # with --insecure-dev these still mean "no token"
+        return None if token is not None and token.strip().lower() in {"", "none", "off"} else token
+
+    return unset_if_off(args.enrolment_token), unset_if_off(args.admin_token)
+
+
 def _serve(args: argparse.Namespace) -> int:
+    _check_bindable(args.host, args.port)
+    enrolment_token, admin_token = _serve_tokens(args)
+    if enrolment_token is None:
+        logging.getLogger("driftsync.server").warning("enrolment is open: any client that reaches the server can register")
+
     import uvicorn
 
-    from server.main import ServeOptions, build_app
+    from server.options import ROLES, ServeOptions
 
-    _check_bindable(args.host, args.port)
+    if args.role not in ROLES:
+        raise SystemExit(f"driftsync serve: --role must be one of {', '.join(ROLES)}, not {args.role!r}")
     opts = ServeOptions(
         state_dir=Path(args.state_dir), student=args.student, teacher=args.teacher,
-        enrolment_token=args.enrolment_token, admin_token=args.admin_token, max_body_bytes=args.max_body_bytes,
+        enrolment_token=enrolment_token, admin_token=admin_token, max_body_bytes=args.max_body_bytes,
+        json_body_bytes=args.json_body_bytes, body_timeout_s=args.body_timeout_s,
         device_samples_per_s=args.device_samples_per_s, device_burst_samples=args.device_burst_samples,
         new_per_step=args.new_per_step, replay_per_step=args.replay_per_step,
         stats_momentum=args.stats_momentum, adapt_teacher=args.adapt_teacher,
@@ -394,9 +494,24 @@ def _serve(args: argparse.Namespace) -> int:
         guard_tolerance=args.guard_tolerance, collapse_marginal=args.collapse_marginal,
         collapse_window=args.collapse_window, batch_cohorts=args.batch_cohorts,
         max_pending_samples=args.max_pending_samples, queue_max_jobs=args.queue_max_jobs,
+        role=args.role, store=args.store, broker=args.broker, partitions=args.partitions,
+        lease_ttl_s=args.lease_ttl_s, worker_name=args.worker_name, torch_device=args.torch_device,
+        max_state_bytes=args.max_state_bytes,
+        rotate_signing_key=args.rotate_signing_key,
     )
-    uvicorn.run(build_app(opts), host=args.host, port=args.port, log_level=args.log_level.lower(),
-                ssl_certfile=args.ssl_certfile, ssl_keyfile=args.ssl_keyfile)
+    if args.role == "api":  # a replica imports no torch
+        from server.api_role import build_api_app as build_app
+    else:
+        from server.main import build_app
+    try:
+        app = build_app(opts)
+    except ValueError as exc:
+        raise SystemExit(f"driftsync serve: {exc}") from exc
+    # Pinned, not left to uvicorn's defaults: idle keep-alive connections close after 5 s and a request's
+    # header block may not exceed 16 KiB (h11). Bodies are bounded in size and time by server/limits.py.
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level.lower(),
+                ssl_certfile=args.ssl_certfile, ssl_keyfile=args.ssl_keyfile, http="h11",
+                timeout_keep_alive=5, h11_max_incomplete_event_size=16 * 1024)
     return 0
 
 
@@ -471,3 +586,7 @@ def _corrupt(args: argparse.Namespace) -> int:
     from driftsync.data.loaders import run_corrupt
 
     return run_corrupt(args)
+
+
+if __name__ == "__main__":  # `python -m driftsync.cli` as well as `python -m driftsync`
+    raise SystemExit(main())

@@ -133,7 +133,13 @@ def _existing_file(text: str) -> None:
         raise ValueError(f"{text} is not a file")
 
 
+def _urls(text: str) -> None:
+    for url in text.split(","):
+        _url(url.strip())
+
+
 URL = checked(_url, "URL")
+URLS = checked(_urls, "URL[,URL...]")
 FILE = checked(_existing_file, "FILE")
 PORT = bounded(int, 0, 65535)
 POSITIVE_INT = bounded(int, 1)
@@ -169,8 +175,10 @@ class _Switch(argparse.BooleanOptionalAction):
         self.type = parse_bool
 
 
-def add(parser: argparse.ArgumentParser, flag: str, default: Any, kind: Kind = str, help: str = "", **kw: Any) -> None:
-    """A flag whose default is read from its DRIFTSYNC_* variable, and says so in --help.
+def add(parser: argparse.ArgumentParser, flag: str, default: Any, kind: Kind = str, help: str = "",
+        *, secret: bool = False, **kw: Any) -> None:
+    """A flag whose default is read from its DRIFTSYNC_* variable, and says so in --help
+    (a secret's value never: only whether it is set).
 
     The variable's text is handed to argparse as the default, which converts it only for the
     subcommand actually run: `DRIFTSYNC_FPS=none` is valid for `device` and must not break
@@ -181,7 +189,12 @@ def add(parser: argparse.ArgumentParser, flag: str, default: Any, kind: Kind = s
     if env in os.environ:
         default = os.environ[env]
         kw["required"] = False
-    shown = "required" if kw.get("required") else f"default {_shown(default)}"
+    if kw.get("required"):
+        shown = "required"
+    elif secret:
+        shown = "default set, hidden" if default is not None else "default unset"
+    else:
+        shown = f"default {_shown(default)}"
     help = f"{help} [env {env}; {shown}]"
     if kind is bool:
         parser.add_argument(flag, action=_Switch, default=default, help=help, **kw)

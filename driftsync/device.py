@@ -43,7 +43,8 @@ def run_device(args: argparse.Namespace) -> int:
         e_min_factor=args.e_min_factor, redundancy_margin=args.redundancy_margin, threads=args.threads,
         selection=args.selection, ugs_views=args.ugs_views, ugs_keep=args.ugs_keep,
         normalization=args.normalization, stats_momentum=args.stats_momentum,
-        stats_every_s=args.stats_every_s,
+        stats_every_s=args.stats_every_s, server_key_fingerprint=args.server_key_fingerprint,
+        delta_max_rel=args.delta_max_rel,
     )
     stop = stop_on_signals()
     client = DeviceClient(cfg, stop=stop)  # a signal during provisioning ends its retries too
@@ -53,7 +54,7 @@ def run_device(args: argparse.Namespace) -> int:
         log.error("device not started: %s", exc)
         return 1
     specs = [] if args.sink.strip() == "none" else [spec.strip() for spec in args.sink.split(",") if spec.strip()]
-    sinks = [open_sink(spec) for spec in specs]
+    sinks = [open_sink(spec, client.supervisor) for spec in specs]
     reporter = StatusReporter(
         client, Path(args.status_file) if args.status_file else state_dir / "status.json",
         telemetry_every_s=args.telemetry_every_s, port=args.status_port,
@@ -66,7 +67,7 @@ def run_device(args: argparse.Namespace) -> int:
             if args.summary:
                 atomic_write(Path(args.summary), json.dumps(summary).encode())
         else:
-            frames = run_live(client, _live_source(args, client.descriptor).frames(stop), sinks, stop,
+            frames = run_live(client, _live_source(args, client.descriptor, state_dir).frames(stop), sinks, stop,
                               fps=args.fps if args.source == "video" else None)
             log.info("source ended after %d frames", frames)
     finally:
@@ -126,13 +127,13 @@ def _replay_chunks(args: argparse.Namespace, descriptor: ModelDescriptor) -> tup
     return chunks, streams.stream_length(args.setting, samples, corruptions, args.severity)
 
 
-def _live_source(args: argparse.Namespace, descriptor):
+def _live_source(args: argparse.Namespace, descriptor, state_dir: Path):
 
     size = descriptor.input_shape[1]
     if args.source == "folder":
         if not args.data:
             raise SystemExit("--source folder needs --data DIR (the folder to watch)")
-        return FolderSource(Path(args.data), size, batch=args.batch_size)
+        return FolderSource(Path(args.data), size, batch=args.batch_size, seen_path=state_dir / "folder_seen.txt")
     if args.source in ("video", "camera"):
         if not args.data:
             raise SystemExit(f"--source {args.source} needs --data (a file, an rtsp:// URL or a camera index)")

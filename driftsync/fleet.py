@@ -13,7 +13,14 @@ and mapped onto this machine:
   S gets DRIFTSYNC_PORT=L, and a DRIFTSYNC_HOST is narrowed to 127.0.0.1;
 - a command starting with `driftsync` runs as `python -m driftsync`, a healthcheck's `python`
   as this interpreter;
-- replica i of S gets HOSTNAME and DRIFTSYNC_NAME `S-i`.
+- replica i of S gets HOSTNAME and DRIFTSYNC_NAME `S-i`;
+- profiles: a service with `profiles` runs only when one of them is active (`--profile`, else
+  COMPOSE_PROFILES from the environment or the `.env` beside the compose file, as compose
+  reads them); a `depends_on` entry with `required: false` on a service not running is skipped;
+- a service whose image is PostgreSQL, Redis or HAProxy runs the local server through
+  `python -m driftsync.localservices` on its mapped port, in its volume's directory (HAProxy
+  with its configuration file's host:port pairs rewritten like everything else).
+- a required `${..._TOKEN:?}` variable that is unset gets a random value for this run.
 
 Processes inherit this environment without its DRIFTSYNC_* variables (DRIFTSYNC_HOME excepted),
 as a container would; `--env KEY=VALUE` sets a variable for every service. Images, networks
@@ -26,10 +33,12 @@ import logging
 import math
 import os
 import re
+import secrets
 import shlex
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -37,6 +46,7 @@ from pathlib import Path
 from typing import Any
 
 from driftsync.config import FILE, PORT, POSITIVE, add, optional
+from driftsync.localservices import KNOWN_IMAGES
 from driftsync.processes import cli, free_port
 
 log = logging.getLogger("driftsync.fleet")
@@ -215,6 +225,21 @@ def start_order(depends: Mapping[str, Mapping[str, str]]) -> list[str]:
     return order
 
 
+def dotenv(path: Path) -> dict[str, str]:
+    """KEY=VALUE lines of a compose `.env` file (comments and blank lines skipped)."""
+    if not path.exists():
+        return {}
+    pairs = (line.split("=", 1) for line in path.read_text().splitlines()
+             if "=" in line and not line.lstrip().startswith("#"))
+    return {key.strip(): value.strip().strip('"').strip("'") for key, value in pairs}
+
+
+def active_profiles(profiles: list[str] | None, environ: Mapping[str, str]) -> set[str]:
+    if profiles:
+        return set(profiles)
+    return {p.strip() for p in environ.get("COMPOSE_PROFILES", "").split(",") if p.strip()}
+
+
 def load(
     compose: Path,
     work: Path,
@@ -223,13 +248,22 @@ def load(
     overrides: Mapping[str, str] | None = None,
     port: int = 0,
     environ: Mapping[str, str] | None = None,
+    profiles: list[str] | None = None,
 ) -> list[Service]:
     """The compose file's services mapped onto this machine, in start order."""
-    environ = os.environ if environ is None else environ
+    environ = {**dotenv(compose.parent / ".env"), **(os.environ if environ is None else environ)}
     import yaml  # the server extra's; `driftsync device` alone must not need it
 
-    doc = interpolate(yaml.safe_load(compose.read_text()), environ)
-    specs: dict[str, dict[str, Any]] = doc.get("services") or {}
+    text = compose.read_text()
+    if generated := generated_tokens(text, environ):
+        log.info("generated random %s for this run", ", ".join(generated))
+        environ = {**environ, **generated}
+    doc = interpolate(yaml.safe_load(text), environ)
+    active = active_profiles(profiles, environ)
+    specs: dict[str, dict[str, Any]] = {name: spec for name, spec in (doc.get("services") or {}).items()
+                                        if not spec.get("profiles") or active & set(spec["profiles"])}
+    if not specs:
+        raise ValueError(f"no service runs with profiles {sorted(active) or '(none)'}")
     if unknown := set(scale or {}) - set(specs):
         raise ValueError(f"--scale names unknown services: {sorted(unknown)}")
     work = work.resolve()
@@ -242,11 +276,16 @@ def load(
             hosts[f"{name}:{target}"] = f"127.0.0.1:{local}"
             own[name].update({f"127.0.0.1:{target}": f"127.0.0.1:{local}", f"localhost:{target}": f"127.0.0.1:{local}"})
             first_port.setdefault(name, local)
-    depends = {name: _depends_on(spec.get("depends_on")) for name, spec in specs.items()}
+    depends = {name: {**_depends_on(spec.get("depends_on")),  # required: false entries only if that service runs
+                      **{d: c for d, c in _depends_on(spec.get("depends_on"), optional=True).items() if d in specs}}
+               for name, spec in specs.items()}
     services = []
     for name in start_order(depends):
         spec = specs[name]
         volumes = mounts(spec.get("volumes"), doc.get("volumes") or {}, work, compose.parent.resolve())
+        kind = known_image(spec.get("image"))
+        if kind == "haproxy":  # its configuration names other services' host:port: run a rewritten copy
+            volumes = local_config(volumes, first_port.get(name), rewriter({**hosts, **own[name]}), work / "config" / name)
         rewrite = rewriter({**hosts, **own[name], **{target: str(path) for target, path in volumes.items()}})
         env = {key: rewrite(value) for key, value in {**environment(spec.get("environment"), environ), **(overrides or {})}.items()}
         if name in first_port:
@@ -257,6 +296,8 @@ def load(
         if command is None:
             raise ValueError(f"service {name!r} has no `command` (an image's CMD is not known locally)")
         argv = shlex.split(command) if isinstance(command, str) else [str(word) for word in command]
+        if kind is not None:
+            argv = local_service(kind, argv, first_port.get(name), volumes, env, work / "config" / name)
         check = healthcheck_argv(spec.get("healthcheck"))
         replicas = (scale or {}).get(name, (spec.get("deploy") or {}).get("replicas", spec.get("scale", 1)))
         services.append(Service(
@@ -267,10 +308,60 @@ def load(
     return services
 
 
-def _depends_on(spec: Any) -> dict[str, str]:
+def generated_tokens(text: str, environ: Mapping[str, str]) -> dict[str, str]:
+    """A random value for each required (`${NAME:?...}`) *_TOKEN variable the environment lacks:
+    a local run asks the user for no secret, and never runs on a known one."""
+    names = {match.group(2) for match in _VAR.finditer(text)
+             if match.group(2) and match.group(2).endswith("_TOKEN") and (match.group(3) or "").endswith("?")}
+    return {name: secrets.token_urlsafe(24) for name in sorted(names) if not environ.get(name)}
+
+
+def _depends_on(spec: Any, optional: bool = False) -> dict[str, str]:
+    """dependee -> condition; `required: false` entries only when `optional` (then only those)."""
     if isinstance(spec, dict):
-        return {name: (cond or {}).get("condition", "service_started") for name, cond in spec.items()}
-    return {name: "service_started" for name in spec or []}
+        return {name: (cond or {}).get("condition", "service_started") for name, cond in spec.items()
+                if ((cond or {}).get("required", True) is False) == optional}
+    return {} if optional else {name: "service_started" for name in spec or []}
+
+
+def known_image(image: str | None) -> str | None:
+    """'postgres', 'redis' or 'haproxy' for an image we can run as a local process."""
+    if not image:
+        return None
+    name = image.rsplit("/", 1)[-1].split(":", 1)[0].split("@", 1)[0]
+    return name if name in KNOWN_IMAGES else None
+
+
+def local_service(kind: str, argv: list[str], port: int | None, volumes: Mapping[str, Path], env: Mapping[str, str],
+                  config_dir: Path) -> list[str]:
+    """The local equivalent of a PostgreSQL, Redis or HAProxy container's command."""
+    if port is None:
+        raise ValueError(f"a {kind} service needs a published port to run locally")
+    data = config_dir if kind == "haproxy" else next(iter(volumes.values()), config_dir / "data")
+    runner = [sys.executable, "-m", "driftsync.localservices", kind, "--port", str(port), "--data", str(data)]
+    if kind == "postgres":
+        return [*runner, "--user", env.get("POSTGRES_USER", "postgres"), "--database", env.get("POSTGRES_DB", "")]
+    if kind == "redis":
+        words = argv[1:] if argv and argv[0] == "redis-server" else argv
+        kept = [w for i, w in enumerate(words) if w != "--port" and (i == 0 or words[i - 1] != "--port")]
+        return [*runner, *kept]
+    config = next(path for target, path in volumes.items() if target.endswith(".cfg"))
+    return [*runner, "--config", str(config)]
+
+
+def local_config(volumes: Mapping[str, Path], port: int | None, rewrite: Callable[[str], str],
+                 config_dir: Path) -> dict[str, Path]:
+    """The mounts with HAProxy's configuration file replaced by a copy whose host:port pairs are
+    this machine's and whose `bind` is the service's local port."""
+    out = dict(volumes)
+    target = next((t for t in volumes if t.endswith(".cfg")), None)
+    if target is None or port is None:
+        raise ValueError("a haproxy service needs its configuration file mounted (a .cfg bind mount) and a published port")
+    config_dir.mkdir(parents=True, exist_ok=True)
+    text = re.sub(r"(?m)^(\s*bind\s+)\S+", lambda m: f"{m.group(1)}127.0.0.1:{port}", rewrite(volumes[target].read_text()))
+    out[target] = config_dir / volumes[target].name
+    out[target].write_text(text)
+    return out
 
 
 def _base_env() -> dict[str, str]:
@@ -334,32 +425,51 @@ def failed(replica: Replica) -> bool:
     return replica.status != "exited" or code != 0
 
 
-def run(services: list[Service], work: Path, *, duration: float | None = None, health_timeout: float = 600.0) -> int:
-    """Start the services in order; wait for the workers to exit, or for `duration` seconds; stop
-    the workers, then the servers (services another waits on with `condition: service_healthy`),
-    in reverse start order. Prints one row per replica; returns 1 if any failed."""
+class _Stop(Exception):
+    """SIGTERM or SIGINT to the runner: stop the replicas in order, then report."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def _raise_stop(signum: int, frame: object) -> None:
+    raise _Stop(signum)
+
+
+def run(services: list[Service], work: Path, *, duration: float | None = None, health_timeout: float = 600.0,
+        until_exit: list[str] | None = None) -> int:
+    """Start the services in order; wait for the workers to exit, for `duration` seconds, or for
+    SIGTERM or SIGINT; stop the workers, then the servers (services another waits on with
+    `condition: service_healthy`), in reverse start order. Prints one row per replica; returns 1
+    if any failed, 128 + the signal's number when a signal stopped the run."""
     logs = work.resolve() / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     base = _base_env()
     servers = {name for s in services for name, condition in s.depends_on.items() if condition == "service_healthy"}
     replicas: list[Replica] = []
     error = False
+    stopped_by: int | None = None
+    handling = threading.current_thread() is threading.main_thread()  # only there can signals be handled
+    previous = {sig: signal.signal(sig, _raise_stop) for sig in (signal.SIGTERM, signal.SIGINT)} if handling else {}
     try:
         for service in services:
             for name, condition in service.depends_on.items():
                 _wait_for([r for r in replicas if r.service.name == name], condition, base, health_timeout)
             for path in service.volumes:
-                path.mkdir(parents=True, exist_ok=True)
+                if not path.exists():  # a named volume's directory (a bind-mounted file is already there)
+                    path.mkdir(parents=True)
             for index in range(1, service.replicas + 1):
                 with (logs / f"{service.name}-{index}.log").open("w") as out:
+                    # its own session: a terminal's Ctrl-C reaches the runner alone, which stops replicas in order
                     process = subprocess.Popen(service.argv, env={**base, **service.replica_env(index)},
-                                               stdout=out, stderr=subprocess.STDOUT)
+                                               stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
                 replicas.append(Replica(service, index, process))
                 log.info("started %s (pid %d)", replicas[-1].name, process.pid)
-        workers = [r for r in replicas if r.service.name not in servers]
+        workers = [r for r in replicas if (r.service.name in until_exit if until_exit else r.service.name not in servers)]
         deadline = time.monotonic() + duration if duration is not None else math.inf
         while time.monotonic() < deadline:
-            if any(r.process.poll() is not None for r in replicas if r not in workers):
+            if any(r.process.poll() is not None for r in replicas if r.service.name in servers):
                 log.error("a server exited; stopping")
                 break
             if workers and all(r.process.poll() is not None for r in workers):
@@ -370,7 +480,12 @@ def run(services: list[Service], work: Path, *, duration: float | None = None, h
     except (RuntimeError, TimeoutError, ValueError) as exc:
         log.error("%s", exc)
         error = True
+    except _Stop as stop:
+        log.warning("%s: stopping the replicas", stop)
+        stopped_by = stop.signum
     finally:
+        for sig in previous:  # a second signal must not cut the orderly stop short
+            signal.signal(sig, signal.SIG_IGN)
         for replica in replicas:
             if replica.process.poll() is not None:
                 replica.status = "exited"
@@ -380,7 +495,11 @@ def run(services: list[Service], work: Path, *, duration: float | None = None, h
     print(f"{'replica':<20} {'exit':>5}  status")
     for replica in replicas:
         print(f"{replica.name:<20} {replica.process.returncode:>5}  {replica.status}{' (failed)' if failed(replica) else ''}")
-    print(f"logs: {logs}")
+    print(f"logs: {logs}", flush=True)
+    for sig, handler in previous.items():
+        signal.signal(sig, handler)
+    if stopped_by is not None:
+        return 128 + stopped_by
     return 1 if error or any(failed(r) for r in replicas) else 0
 
 
@@ -398,18 +517,23 @@ def add_fleet_parser(subparsers: Any) -> argparse.ArgumentParser:
     """The `fleet` subcommand's parser."""
     p = subparsers.add_parser(
         "fleet", help="run a compose file's services as local processes (no Docker)",
-        description="Run the services of a compose file (docker-compose.yml: one server and its devices) as "
-        "local processes: replicas, environment, volumes, published ports and depends_on conditions.",
+        description="Run the services of a compose file (docker-compose.yml: the server roles and their devices) "
+        "as local processes: replicas, environment, volumes, published ports, profiles and depends_on conditions.",
         epilog="examples:\n  driftsync fleet --scale device=4 --duration 120\n"
                "  driftsync fleet --env DRIFTSYNC_REPEAT=no --env DRIFTSYNC_SAMPLES_PER_DOMAIN=32",
     )
     add(p, "--compose", "docker-compose.yml", FILE, help="compose file: the topology")
+    p.add_argument("--profile", action="append", default=[], metavar="NAME",
+                   help="activate a compose profile (repeatable; default: COMPOSE_PROFILES, from the environment or .env)")
     p.add_argument("--scale", action="append", default=[], metavar="SERVICE=N",
                    help="replicas of a service, overriding deploy.replicas (repeatable)")
     p.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
                    help="set an environment variable for every service (repeatable)")
     add(p, "--work", "driftsync-fleet", help="volumes (<work>/volumes) and logs (<work>/logs)")
     add(p, "--duration", None, optional(POSITIVE), help="stop the replicas after this many seconds ('none': when they exit)")
+    p.add_argument("--until-exit", action="append", default=[], metavar="SERVICE",
+                   help="stop everything once every replica of SERVICE has exited (repeatable; default: every "
+                        "service no other waits on as healthy)")
     add(p, "--port", 0, PORT, help="local port for the first published port (0: a free one)")
     add(p, "--health-timeout", 600.0, POSITIVE, help="longest wait for a depends_on condition")
     return p
@@ -422,7 +546,8 @@ def run_fleet_command(args: argparse.Namespace) -> int:
     try:
         scale = {name: int(n) for name, n in _pairs(args.scale, "--scale").items()}
         services = load(Path(args.compose), Path(args.work), scale=scale,
-                        overrides=_pairs(args.env, "--env"), port=args.port)
+                        overrides=_pairs(args.env, "--env"), port=args.port, profiles=args.profile)
     except (ValueError, OSError, yaml.YAMLError) as exc:
         raise SystemExit(f"driftsync fleet: {exc}") from exc
-    return run(services, Path(args.work), duration=args.duration, health_timeout=args.health_timeout)
+    return run(services, Path(args.work), duration=args.duration, health_timeout=args.health_timeout,
+               until_exit=args.until_exit)

@@ -181,13 +181,15 @@ def run_on_device(name: str, opts: ReplayOptions, stream_dir: Path, source_pred:
     import torch
 
     from server.baselines import build_method
+    from server.devices import resolve_torch_device
     from server.engine import to_input
     from server.models.registry import build_model, model_info
 
     if opts.torch_threads:
         torch.set_num_threads(opts.torch_threads)
     torch.manual_seed(opts.seed)
-    method = build_method(name, build_model(opts.student).to(opts.torch_device), model_info(opts.student).num_classes)
+    device = resolve_torch_device(opts.torch_device)
+    method = build_method(name, build_model(opts.student).to(device), model_info(opts.student).num_classes)
     total = streams.stream_file_length(stream_dir)
     tallies: dict[str, dict] = {}
     curve: list[dict] = []
@@ -197,7 +199,7 @@ def run_on_device(name: str, opts: ReplayOptions, stream_dir: Path, source_pred:
     for chunk in streams.read_stream(stream_dir):
         if chunk.reset:
             method.reset()
-        x = to_input(chunk.images).to(opts.torch_device)
+        x = to_input(chunk.images, device)
         predicted = method.predict_and_adapt(x).argmax(dim=1).cpu().numpy()
         predictions[done : done + len(predicted)] = predicted
         src = source_pred[done : done + len(predicted)] if source_pred is not None else predicted

@@ -6,7 +6,7 @@ N x 32 images, then each cohort's student distils on its own. Sequential: N `ste
 Both run side by side, alternating, on the same engine and states; medians are reported.
 
     python scripts/bench_teacher_batching.py [--devices 1,4,16] [--per-device 32] [--rounds 5] \\
-        [--student resnet20:CKPT --teacher resnet56:CKPT] [--teacher-augmentations 0] [--json OUT]
+        [--student resnet20:CKPT --teacher resnet56:CKPT] [--teacher-augmentations 0] [--torch-device auto] [--json OUT]
 
 `--per-device 8,32,128` also varies the step's batch size (new uploads per device per step).
 """
@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from driftsync.data import streams
+from server.devices import resolve_torch_device
 from server.engine import CemaConfig, CemaEngine, StepInput
 from server.models.registry import build_model, model_info
 
@@ -37,10 +38,12 @@ def main() -> None:
     parser.add_argument("--teacher-augmentations", type=int, default=0)
     parser.add_argument("--per-device", default="32", help="new uploads per device per step, comma list (CEMA: 32)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--torch-device", default="auto", help="cpu, cuda, cuda:N or auto, as for serve")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    device = resolve_torch_device(args.torch_device)
     info = model_info(args.student)
     student, teacher = build_model(args.student), build_model(args.teacher)
     images, _ = streams.embedded_base(512)
@@ -50,11 +53,11 @@ def main() -> None:
     for per_device in (int(b) for b in args.per_device.split(",")):
         cfg = CemaConfig(num_classes=info.num_classes, teacher_augmentations=args.teacher_augmentations,
                          new_per_step=per_device)
-        engine = CemaEngine(student, teacher, cfg, student_input_shape=info.input_shape)
+        engine = CemaEngine(student, teacher, cfg, student_input_shape=info.input_shape, torch_device=device)
         rows += measure(engine, fog, rng, per_device, [int(d) for d in args.devices.split(",")], args.rounds)
     print(f"\n# cloud adaptation throughput: {args.teacher} -> {args.student}, {args.teacher_augmentations} extra "
           f"teacher views, median of {args.rounds} rounds ({date.today()}, {platform.processor() or platform.machine()}, "
-          f"{torch.get_num_threads()} torch threads)")
+          f"{torch.get_num_threads()} torch threads, torch device {device})")
     print("| uploads per device per step | devices | teacher samples/s, batched | teacher, one cohort at a time | speedup "
           "| whole step samples/s, batched | whole step, one at a time | speedup |")
     print("|---:|---:|---:|---:|---:|---:|---:|---:|")

@@ -200,9 +200,10 @@ class StepResult:
     detail: str = ""
 
 
-def to_input(images: np.ndarray) -> torch.Tensor:
-    """uint8 NHWC -> float NCHW in [0, 1], the models' input contract."""
-    return torch.from_numpy(images).permute(0, 3, 1, 2).float().div_(255.0)
+def to_input(images: np.ndarray, device: torch.device | str = "cpu") -> torch.Tensor:
+    """uint8 NHWC -> float NCHW in [0, 1] on `device`, the models' input contract. The uint8
+    images cross to the device, a quarter of the bytes of the floats made there."""
+    return torch.from_numpy(images).to(device).permute(0, 3, 1, 2).float().div_(255.0)
 
 
 def _set_norm_mode(model: nn.Module, train: bool, momentum: float | None = None) -> None:
@@ -214,16 +215,23 @@ def _set_norm_mode(model: nn.Module, train: bool, momentum: float | None = None)
 
 
 class CemaEngine:
-    """One student and one teacher module shared by every cohort; states are swapped in."""
+    """One student and one teacher module shared by every cohort; states are swapped in.
+
+    Both modules compute on `torch_device`. A cohort's tensors and replay buffers stay on the
+    CPU as numpy; its optimizers' state is whatever `state_dict()` gave (device tensors), and
+    `load_state_dict` moves a CPU copy (a decoded state) onto the device. Each step sends its
+    uint8 images over and brings soft labels and deltas back. Random draws come from CPU
+    generators, so a seed gives the same augmentations and replay samples on every device."""
 
     def __init__(
         self, student: nn.Module, teacher: nn.Module, cfg: CemaConfig, seed: int = 0,
-        student_input_shape: tuple[int, int, int] = (3, 32, 32),
+        student_input_shape: tuple[int, int, int] = (3, 32, 32), torch_device: torch.device | str = "cpu",
     ) -> None:
         self.cfg = cfg
         self.student_input_shape = student_input_shape
-        self.student = copy.deepcopy(student)
-        self.teacher = copy.deepcopy(teacher)
+        self.device = torch.device(torch_device)
+        self.student = copy.deepcopy(student).to(self.device)
+        self.teacher = copy.deepcopy(teacher).to(self.device)
         affine = freeze_all_but_affine(self.student)
         self._prompt_params = list(prompt_parameters(self.student).values())
         if "prompt" in cfg.learn and not self._prompt_params:
@@ -264,11 +272,11 @@ class CemaEngine:
         """
         cfg = self.cfg
         affine = [
-            {name: torch.tensor(state.teacher_norm[name], requires_grad=cfg.adapt_teacher) for name in self._teacher_affine}
+            {name: torch.tensor(state.teacher_norm[name], device=self.device, requires_grad=cfg.adapt_teacher) for name in self._teacher_affine}
             for _, state in batches
         ]
         bounds = bounds_of([len(images) for images, _ in batches])
-        x = to_input(np.concatenate([images for images, _ in batches]))
+        x = to_input(np.concatenate([images for images, _ in batches]), self.device)
         with grouped_batch_norm(self.teacher, bounds, affine):
             with torch.set_grad_enabled(cfg.adapt_teacher):
                 logits = self.teacher(x)
@@ -288,7 +296,8 @@ class CemaEngine:
                     views.append(self.teacher(cotta_augment(x, self._generator)).softmax(dim=1))
                 probs = torch.stack(views).mean(dim=0)
         for (_, state), params in zip(batches, affine):
-            state.teacher_norm.update({name: p.detach().numpy().copy() for name, p in params.items()})
+            state.teacher_norm.update({name: p.detach().cpu().numpy().copy() for name, p in params.items()})
+        probs = probs.cpu()
         return [probs[a:b] for a, b in bounds]
 
     def _optimizer(self, params: list[nn.Parameter], kind: str, lr: float) -> torch.optim.Optimizer:
@@ -362,7 +371,7 @@ class CemaEngine:
                 _set_norm_mode(self.student, train=False)
                 if group.stats is not None:
                     load_replaceable_state(self.student, group.stats)
-            out.append(self.student(to_input(group.images)).softmax(dim=1).numpy())
+            out.append(self.student(to_input(group.images, self.device)).softmax(dim=1).cpu().numpy())
         _set_norm_mode(self.student, train=False)
         load_replaceable_state(self.student, state.student_norm)
         return np.concatenate(out)
@@ -381,6 +390,7 @@ class CemaEngine:
         if replay.size >= cfg.replay_min and cfg.replay_per_step > 0:
             groups += replay.sample(cfg.replay_per_step, self._rng)
         replay.add(new)
+        xs = [to_input(g.images, self.device) for g in groups]  # each group crosses to the device once a step
 
         if device_stats is not None:
             state.student_norm.update(device_stats)
@@ -388,7 +398,7 @@ class CemaEngine:
         if device_stats is None and not batch_statistics and "norm" in cfg.learn:
             with torch.no_grad():  # re-estimate statistics from the new domain only
                 _set_norm_mode(self.student, train=True, momentum=cfg.stats_momentum)
-                self.student(to_input(images))
+                self.student(xs[0])
             state.student_norm = replaceable_state(self.student)
         _set_norm_mode(self.student, train=False)
         active = self._active_parts(state.steps)
@@ -397,14 +407,14 @@ class CemaEngine:
         for _ in range(cfg.student_steps):
             for opt in opts.values():
                 opt.zero_grad(set_to_none=True)
-            for group in groups:
+            for group, x in zip(groups, xs):
                 if group.batch_statistics:
                     _set_norm_mode(self.student, train=True, momentum=0.0)
                 else:
                     _set_norm_mode(self.student, train=False)
                     if group.stats is not None:
                         load_replaceable_state(self.student, group.stats)
-                (self._group_loss(group, active) * (len(group.images) / total)).backward()
+                (self._group_loss(group, x, active) * (len(group.images) / total)).backward()
             for opt in opts.values():
                 opt.step()
         _set_norm_mode(self.student, train=False)
@@ -433,8 +443,8 @@ class CemaEngine:
                 opt.load_state_dict(getattr(state, name))
         return opts
 
-    def _group_loss(self, group: ReplayGroup, active: str) -> torch.Tensor:
-        x, probs = to_input(group.images), torch.from_numpy(group.probs)
+    def _group_loss(self, group: ReplayGroup, x: torch.Tensor, active: str) -> torch.Tensor:
+        probs = torch.from_numpy(group.probs).to(self.device)
         logits = self.student(x)
         loss = distillation_loss(logits, probs, self.cfg) if "norm" in active else logits.new_zeros(())
         if "prompt" in active:

@@ -10,10 +10,8 @@ what lets a device override them before fusion
 """
 from __future__ import annotations
 
-import hashlib
 import io
 import warnings
-from dataclasses import dataclass
 
 import numpy as np
 import onnx
@@ -22,6 +20,7 @@ from onnx import numpy_helper
 from onnx.external_data_helper import set_external_data
 from torch import nn
 
+from server.artifact import StudentArtifact
 from server.norm import NORM_FIELDS, norm_layers
 from server.prompt import prompt_parameters
 
@@ -29,17 +28,6 @@ INPUT_NAME = "input"
 OUTPUT_NAME = "logits"
 OPSET = 17
 NORM_FILE = "student.norm.bin"
-
-
-@dataclass(frozen=True)
-class StudentArtifact:
-    """The ONNX graph, its normalization tensors (concatenated in `parameters` order), and
-    the statistics graph a device runs to estimate the normalization statistics itself."""
-
-    onnx: bytes
-    norm: bytes
-    parameters: dict[str, tuple[int, ...]]
-    stats_onnx: bytes
 
 
 def export_student(model: nn.Module, input_shape: tuple[int, int, int]) -> StudentArtifact:
@@ -222,6 +210,3 @@ def _prune_unused(graph: onnx.GraphProto) -> None:
     for init in [i for i in graph.initializer if i.name not in used]:
         graph.initializer.remove(init)
 
-
-def sha256_hex(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()

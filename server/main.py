@@ -1,60 +1,74 @@
-"""Assemble a server from options: models, export, store, worker, app."""
+"""Assemble a server for its role: `all` (one process), `api` (a stateless HTTP replica)
+or `worker` (an adaptation worker), from options.
+
+Only `all` and `worker` import torch; `api` builds from server.api_role, which does not.
+"""
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
-from pathlib import Path
+import os
+import socket
+import threading
+import uuid
 
 import torch
 from fastapi import FastAPI
 
-from server.app import ServerSettings, build_parts, create_app
+from server.api_role import api_parts, open_backends, publish_model, summary_of
+from server.app import ServerParts, ServerSettings, create_app
+from server.artifact import PublishedModel
+from server.devices import resolve_torch_device
 from server.engine import CemaConfig, CemaEngine
 from server.export import export_student
+from server.fleet import FleetView
+from server.leases import LeaseKeeper
+from server.metrics import Registry
 from server.models.registry import build_model, model_info
+from server.options import ROLES, ServeOptions
 from server.prompt import InputPrompt, PromptedModel, parse_prompt
-from server.store import SqliteStore
+from server.queueing import InProcessQueue, UploadQueue
+from server.signing import kept_signer
+from server.store import Store
+from server.versions import VersionBoard
+from server.worker import AdaptationWorker
 
 log = logging.getLogger("driftsync.server")
 GUARD_HOLDOUT_EVERY = 8  # the guarded push trains on 7 of every 8 uploads and checks deltas on the 8th
 
 
-@dataclass(frozen=True)
-class ServeOptions:
-    state_dir: Path
-    student: str = "embedded-student"
-    teacher: str = "embedded-teacher"
-    enrolment_token: str | None = None
-    admin_token: str | None = None
-    max_body_bytes: int = 8 * 1024 * 1024
-    device_samples_per_s: float | None = 100.0
-    device_burst_samples: float = 1000.0
-    queue_max_jobs: int = 256
-    new_per_step: int = 32
-    replay_per_step: int = 96
-    stats_momentum: float = 0.3
-    adapt_teacher: bool = True
-    teacher_optimizer: str = "sgd"
-    teacher_lr: float = 2.5e-4
-    teacher_augmentations: int = 0
-    student_lr: float = 2.5e-3
-    student_steps: int = 1
-    step_max_wait_s: float = 2.0
-    step_min_samples: int = 8
-    batch_cohorts: int = 4
-    max_pending_samples: int = 2048
-    prompt: str | None = None  # "padding:W" or "lowres:R": the student gets an input prompt
-    learn: str = "norm"
-    prompt_lr: float = 5e-3
-    guarded_push: bool = False
-    guard_tolerance: float = 0.0
-    collapse_marginal: float = 0.2
-    collapse_window: int = 512
-    torch_threads: int = 0
-    seed: int = 0
-
-
 def build_app(opts: ServeOptions) -> FastAPI:
+    """The HTTP app for `--role all` (worker in-process) or `--role api` (no torch)."""
+    if opts.role not in ROLES:
+        raise ValueError(f"--role must be one of {', '.join(ROLES)}, not {opts.role!r}")
+    if opts.role == "api":
+        return create_app(_with_signing_key(api_parts(opts), opts))
+    if opts.role == "worker":
+        return build_worker_app(opts)
+    store, broker = open_backends(opts)
+    engine, model = build_engine(opts)
+    publish_model(store, model)
+    if broker is None:
+        return create_app(_with_signing_key(build_parts(
+            engine, model, store, opts.settings(), queue_max_jobs=opts.queue_max_jobs,
+            step_max_wait_s=opts.step_max_wait_s, step_min_samples=opts.step_min_samples,
+            batch_cohorts=opts.batch_cohorts, max_pending_samples=opts.max_pending_samples,
+            max_state_bytes=opts.max_state_bytes), opts))
+    parts = _with_signing_key(api_parts(opts, store=store, broker=broker, model=model), opts)
+    worker = _distributed_worker(opts, engine, model, store, broker, parts.metrics, parts.board)
+    parts.worker = worker
+    parts.worker_summary = lambda: summary_of(worker)
+    parts.on_start.append(worker.start)
+    parts.on_stop.insert(0, worker.stop)
+    return create_app(parts)
+
+
+def _with_signing_key(parts: ServerParts, opts: ServeOptions) -> ServerParts:
+    parts.signer = kept_signer(parts.store, opts.state_dir, shared=opts.broker is not None,
+                               rotate=opts.rotate_signing_key)
+    return parts
+
+
+def build_engine(opts: ServeOptions) -> tuple[CemaEngine, PublishedModel]:
     if opts.torch_threads:
         torch.set_num_threads(opts.torch_threads)
     torch.manual_seed(opts.seed)
@@ -84,16 +98,121 @@ def build_app(opts: ServeOptions) -> FastAPI:
         collapse_marginal=opts.collapse_marginal,
         collapse_window=opts.collapse_window,
     )
-    engine = CemaEngine(student, teacher, cfg, seed=opts.seed, student_input_shape=info.input_shape)
-    store = SqliteStore(opts.state_dir / "driftsync.sqlite")
-    settings = ServerSettings(max_body_bytes=opts.max_body_bytes, enrolment_token=opts.enrolment_token,
-                              admin_token=opts.admin_token, device_samples_per_s=opts.device_samples_per_s,
-                              device_burst_samples=opts.device_burst_samples)
-    parts = build_parts(
-        engine, artifact, opts.student, list(info.class_names), info.input_shape, store, settings,
-        queue_max_jobs=opts.queue_max_jobs, step_max_wait_s=opts.step_max_wait_s,
-        step_min_samples=opts.step_min_samples, batch_cohorts=opts.batch_cohorts,
-        max_pending_samples=opts.max_pending_samples,
+    torch_device = resolve_torch_device(opts.torch_device)
+    engine = CemaEngine(student, teacher, cfg, seed=opts.seed, student_input_shape=info.input_shape,
+                        torch_device=torch_device)
+    log.info("student %s (%d norm tensors), teacher %s, on %s", opts.student, len(artifact.parameters), opts.teacher,
+             torch_device)
+    return engine, PublishedModel(opts.student, list(info.class_names), info.input_shape, artifact)
+
+
+def build_parts(
+    engine: CemaEngine,
+    model: PublishedModel,
+    store: Store,
+    settings: ServerSettings,
+    *,
+    queue_max_jobs: int = 256,
+    step_max_wait_s: float = 2.0,
+    step_min_samples: int = 8,
+    batch_cohorts: int = 4,
+    max_pending_samples: int = 2048,
+    max_state_bytes: int = 1 << 30,
+) -> ServerParts:
+    """One process: the HTTP front and the worker share an in-process queue and a version board."""
+    uploads = InProcessQueue(queue_max_jobs)
+    board = VersionBoard()
+    metrics = Registry()
+    worker = AdaptationWorker(engine, uploads, store, model, board.publish, max_wait_s=step_max_wait_s,
+                              min_step_samples=step_min_samples, max_cohorts_per_step=batch_cohorts,
+                              max_pending_samples=max_pending_samples, max_state_bytes=max_state_bytes,
+                              **_worker_metrics(metrics))
+    return ServerParts(settings, store, uploads, board, metrics, FleetView(), model=lambda: model,
+                       worker_summary=lambda: summary_of(worker), on_start=[worker.start],
+                       on_stop=[worker.stop, store.close], worker=worker)
+
+
+def build_worker_app(opts: ServeOptions) -> FastAPI:
+    """`--role worker`: adapts the partitions it holds; its HTTP side is only /healthz and /metrics."""
+    store, broker = open_backends(opts)
+    if broker is None:
+        raise ValueError("--role worker needs --broker redis://HOST:PORT (and a shared --store postgresql://...)")
+    engine, model = build_engine(opts)
+    publish_model(store, model)
+    metrics, board = Registry(), VersionBoard()
+    worker = _distributed_worker(opts, engine, model, store, broker, metrics, board)
+    started = threading.Event()
+
+    def start() -> None:
+        worker.start()
+        started.set()
+
+    app = FastAPI(title="driftsync worker", lifespan=_lifespan(start, [worker.stop, broker.close, store.close]))
+    metrics.gauge("driftsync_pending_samples", "Samples waiting to fill a step.", worker.pending_samples)
+    metrics.gauge("driftsync_partitions_held", "Broker partitions this worker holds.",
+                  lambda: len(worker.keeper.held()) if worker.keeper else 0)
+
+    @app.get("/healthz")
+    def healthz() -> dict:
+        return {"status": "ok" if started.is_set() else "starting", "role": "worker",
+                "worker": worker.keeper.owner if worker.keeper else None,
+                "partitions": sorted(worker.keeper.held()) if worker.keeper else []}
+
+    @app.get("/metrics")
+    def render_metrics():
+        from fastapi.responses import Response
+
+        return Response(metrics.render(), media_type="text/plain; version=0.0.4")
+
+    return app
+
+
+def _distributed_worker(opts: ServeOptions, engine: CemaEngine, model: PublishedModel, store: Store,
+                        broker: UploadQueue, metrics: Registry, board: VersionBoard) -> AdaptationWorker:
+    owner = opts.worker_name or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+    broker.consumer = owner  # type: ignore[attr-defined]
+    keeper = LeaseKeeper(store, owner, opts.partitions, opts.lease_ttl_s)
+
+    def announce(cohort: str, version: int) -> None:
+        board.publish(cohort, version)
+        broker.announce(cohort, version)  # type: ignore[attr-defined]
+
+    log.info("worker %s: %d partitions, lease %.0f s", owner, opts.partitions, opts.lease_ttl_s)
+    return AdaptationWorker(engine, broker, store, model, announce, keeper=keeper, partitions=opts.partitions,
+                            max_wait_s=opts.step_max_wait_s, min_step_samples=opts.step_min_samples,
+                            max_cohorts_per_step=opts.batch_cohorts, max_pending_samples=opts.max_pending_samples,
+                            max_state_bytes=opts.max_state_bytes, **_worker_metrics(metrics))
+
+
+def _worker_metrics(metrics: Registry) -> dict:
+    step_hist = metrics.histogram(
+        "driftsync_adaptation_step_seconds", "Wall time of one worker step (all cohorts it batched).",
+        (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0),
     )
-    log.info("student %s (%d norm tensors), teacher %s", opts.student, len(artifact.parameters), opts.teacher)
-    return create_app(parts)
+    steps = metrics.counter("driftsync_adaptation_steps_total", "Cohort adaptation steps run (versions published).")
+    adapted = metrics.counter("driftsync_adaptation_samples_total", "New samples adapted on.")
+    events = metrics.counter("driftsync_cohort_events_total", "Collapse resets, withheld deltas, rollbacks, freezes.")
+
+    def on_step(cohorts: int, samples: int, seconds: float) -> None:
+        step_hist.observe(seconds)
+        steps.inc(cohorts)
+        adapted.inc(samples)
+
+    return {"on_step": on_step, "on_event": lambda kind: events.inc(kind=kind)}
+
+
+def _lifespan(start, stops):
+    from contextlib import asynccontextmanager
+
+    from starlette.concurrency import run_in_threadpool
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        await run_in_threadpool(start)
+        try:
+            yield
+        finally:
+            for stop in stops:
+                await run_in_threadpool(stop)
+
+    return lifespan

@@ -4,6 +4,10 @@ What survives a server restart: the student's and the teacher's replaceable tens
 the optimizers' state (momentum, Adam moments, step counts), the prompt's EMA, what the
 devices were last sent, and the step count. The replay and held-out buffers do not: they
 refill from new uploads within a few steps.
+
+Tensors are encoded from whatever device they are on and decode onto the CPU: an engine on a
+GPU moves optimizer state onto its device as it loads it (`Optimizer.load_state_dict` casts
+state to each parameter's device), and keeps the rest on the CPU anyway.
 """
 from __future__ import annotations
 

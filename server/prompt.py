@@ -49,7 +49,7 @@ class InputPrompt(nn.Module):
         """The (1, 3, H, W) image the prompt adds."""
         height, width = self.input_size
         if self.kind == "padding":
-            inner = torch.zeros(1, 3, height - 2 * self.size, width - 2 * self.size, dtype=self.top.dtype)
+            inner = torch.zeros(1, 3, height - 2 * self.size, width - 2 * self.size, dtype=self.top.dtype, device=self.top.device)
             middle = torch.cat([self.left, inner, self.right], dim=3)
             return torch.cat([self.top, middle, self.bottom], dim=2)
         return F.interpolate(self.lowres, size=(height, width), mode="bilinear", align_corners=False)

@@ -38,6 +38,16 @@ class RateLimiter:
                 self._forget_full(now)
             return None
 
+    def check(self, key: str, cost: float, now: float) -> float | None:
+        """take() without spending: a cheap admission before a request's body is read."""
+        with self._lock:
+            bucket = self._buckets.get(key)
+            if bucket is None:
+                return None
+            tokens = min(self.burst, bucket.tokens + (now - bucket.updated) * self.rate)
+            need = min(cost, self.burst)
+            return None if need <= tokens else (need - tokens) / self.rate
+
     def _forget_full(self, now: float) -> None:
         full = [k for k, b in self._buckets.items() if b.tokens + (now - b.updated) * self.rate >= self.burst]
         for key in full:

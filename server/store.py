@@ -4,26 +4,43 @@ Devices, parameter versions, each cohort's adaptation state, and every accepted
 upload until a published version has learnt from it: an upload answered 2xx is
 written here first, so a kill -9 right after the answer loses nothing (it is
 processed at least once). A step's version, the cohort state it produced and the
-uploads it consumed are committed in one transaction. SQLite in WAL mode is the
-embedded default; another backend only has to implement `Store`.
+uploads it consumed are committed in one transaction, which checks that the version
+is the cohort's next one and, for a scaled-out worker, that it still holds the lease
+on the uploads' partition (a fencing token: a worker that lost it writes nothing).
+
+SQLite in WAL mode is the embedded default (`SqliteStore`); PostgreSQL
+(`server.store_postgres.PostgresStore`, `open_store("postgresql://...")`) is shared by
+API replicas and workers. Both run the same SQL (`SqlStore`) and the same numbered
+migrations (`server.migrations`).
 """
 from __future__ import annotations
 
 import hashlib
 import hmac
+import logging
 import secrets
 import sqlite3
 import threading
 import time
 import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Collection, Iterator
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
+from server.migrations import (
+    BOOKKEEPING,
+    LATEST,
+    MIGRATIONS,
+    behind_message,
+    sqlite_adopt_legacy,
+)
 from shared.codec import pack, unpack
 from shared.tensors import Tensor
+
+log = logging.getLogger("driftsync.store")
 
 
 @dataclass(frozen=True)
@@ -43,6 +60,7 @@ class StoredUpload:
     received_at: float
     remaining: int  # samples no published version has learnt from yet
     body: bytes  # the UploadBatch exactly as the device sent it
+    partition: int = 0  # the worker partition it is queued on
 
 
 @dataclass(frozen=True)
@@ -63,7 +81,32 @@ class VersionRecord:
     sha256: str
 
 
+@dataclass(frozen=True)
+class Lease:
+    partition: int
+    owner: str
+    epoch: int  # fencing token: +1 every time the partition changes owner
+    expires_at: float  # unix seconds, by the database's clock
+
+
+class StoreError(Exception):
+    """The store refused or failed an operation."""
+
+
+class StoreUnavailable(StoreError):
+    """The database cannot be reached right now (the caller answers 503 / retries)."""
+
+
+class VersionConflict(StoreError):
+    """A commit's version is not the cohort's latest + 1."""
+
+
+class LeaseLost(StoreError):
+    """The committing worker no longer holds the partition lease it named."""
+
+
 class Store(Protocol):
+    applied_migrations: list[int]  # the migrations this process applied when it opened the store
     def add_device(self, name: str, cohort: str | None) -> tuple[DeviceRecord, str]: ...
     def device_for_token(self, token: str) -> DeviceRecord | None: ...
     def devices(self) -> list[DeviceRecord]: ...
@@ -71,20 +114,31 @@ class Store(Protocol):
     def move_device(self, device_id: str, cohort: str) -> DeviceRecord | None: ...
     def set_may_upload(self, device_id: str, may_upload: bool) -> DeviceRecord | None: ...
     def commit(self, cohort: str, record: VersionRecord | None = None, state: bytes | None = None,
-               consumed: dict[int, int] | None = None, learnt: int = 0) -> None: ...
+               consumed: dict[int, int] | None = None, learnt: int = 0, *, lease: Lease | None = None) -> int: ...
     def latest_version(self, cohort: str) -> VersionRecord | None: ...
     def version(self, cohort: str, version: int) -> VersionRecord | None: ...
     def load_state(self, cohort: str) -> bytes | None: ...
     def learnt_samples(self, cohort: str) -> int: ...
     def accepted_samples(self, cohort: str) -> int: ...
-    def add_upload(self, cohort: str, device_id: str, body: bytes, samples: int) -> int: ...
-    def pending_uploads(self) -> list[StoredUpload]: ...
+    def add_upload(self, cohort: str, device_id: str, body: bytes, samples: int, partition: int = 0) -> int: ...
+    def pending_uploads(self, partition: int | None = None, *, exclude: Collection[int] = (),
+                        max_samples: int | None = None) -> list[StoredUpload]: ...
+    def upload_remaining(self, upload_id: int) -> int: ...
     def discard_upload(self, upload_id: int) -> None: ...
     def add_event(self, cohort: str, kind: str, detail: str) -> None: ...
     def set_frozen(self, cohort: str, frozen: bool) -> None: ...
     def frozen_cohorts(self) -> list[str]: ...
     def events(self, limit: int = 100) -> list[EventRecord]: ...
     def version_number(self, cohort: str) -> int: ...
+    def acquire_lease(self, partition: int, owner: str, ttl_s: float) -> Lease | None: ...
+    def renew_lease(self, lease: Lease, ttl_s: float) -> Lease | None: ...
+    def release_lease(self, lease: Lease) -> None: ...
+    def leases(self) -> list[Lease]: ...
+    def worker_heartbeat(self, owner: str, ttl_s: float) -> None: ...
+    def live_workers(self) -> list[str]: ...
+    def put_blob(self, key: str, data: bytes, *, replace: bool = True) -> None: ...
+    def get_blob(self, key: str) -> bytes | None: ...
+    def schema_version(self) -> int: ...
     def close(self) -> None: ...
 
 
@@ -92,240 +146,418 @@ def hash_token(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS devices (
-    device_id TEXT PRIMARY KEY,
-    name TEXT NOT NULL,
-    cohort TEXT NOT NULL,
-    token_hash TEXT NOT NULL UNIQUE,
-    created_at REAL NOT NULL,
-    may_upload INTEGER NOT NULL DEFAULT 1
-);
-CREATE TABLE IF NOT EXISTS versions (
-    cohort TEXT NOT NULL,
-    version INTEGER NOT NULL,
-    created_at REAL NOT NULL,
-    newest_upload_at REAL NOT NULL,
-    params BLOB NOT NULL,
-    sha256 TEXT NOT NULL,
-    PRIMARY KEY (cohort, version)
-);
-CREATE TABLE IF NOT EXISTS cohort_state (
-    cohort TEXT PRIMARY KEY,
-    state BLOB,
-    learnt INTEGER NOT NULL DEFAULT 0,
-    accepted INTEGER NOT NULL DEFAULT 0,
-    frozen INTEGER NOT NULL DEFAULT 0
-);
-CREATE TABLE IF NOT EXISTS events (
-    event_id INTEGER PRIMARY KEY AUTOINCREMENT,
-    at REAL NOT NULL,
-    cohort TEXT NOT NULL,
-    kind TEXT NOT NULL,
-    detail TEXT NOT NULL
-);
-CREATE TABLE IF NOT EXISTS uploads (
-    upload_id INTEGER PRIMARY KEY AUTOINCREMENT,
-    cohort TEXT NOT NULL,
-    device_id TEXT NOT NULL,
-    received_at REAL NOT NULL,
-    remaining INTEGER NOT NULL,
-    body BLOB NOT NULL
-);
-"""
+Execute = Callable[..., Any]  # (sql, params=()) -> a DB-API cursor, inside one transaction
+WORKER_ROWS_KEPT_S = 3600.0  # a heartbeat row expired this long ago is deleted (worker names may be one-off)
 
 
-class SqliteStore:
-    """One connection guarded by a lock: writes are small and rare next to a training step."""
+class SqlStore(ABC):
+    """The SQL every backend runs ('?' placeholders); a subclass supplies connections, transactions,
+    the database clock and row locks. SQLite serializes writers on the whole file, so its row-lock
+    suffixes are empty; PostgreSQL locks the rows a read-modify-write depends on."""
 
-    def __init__(self, path: Path | str, keep_versions: int = 200) -> None:
-        self._conn = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
-        self._conn.execute("PRAGMA journal_mode=WAL")
-        self._conn.execute("PRAGMA synchronous=NORMAL")
-        self._conn.executescript(_SCHEMA)
-        columns = {row[1] for row in self._conn.execute("PRAGMA table_info(devices)")}
-        if "may_upload" not in columns:  # a state directory from before device permissions
-            self._conn.execute("ALTER TABLE devices ADD COLUMN may_upload INTEGER NOT NULL DEFAULT 1")
-        self._lock = threading.Lock()
+    DIALECT = ""
+    NOW = ""  # SQL: the database's clock, unix seconds
+    FOR_UPDATE = ""  # suffix of a SELECT whose rows the transaction will change
+    FOR_SHARE = ""  # suffix of a SELECT whose rows must not change before the transaction commits
+    INTEGRITY_ERRORS: tuple[type[Exception], ...] = ()
+    TABLE_EXISTS = ""  # SQL with one parameter: a row when that table exists
+
+    def __init__(self, url: str, keep_versions: int) -> None:
+        self.url = url
         self._keep = keep_versions
 
+    @abstractmethod
+    def _transaction(self) -> AbstractContextManager[Execute]:
+        """Everything executed in the block is committed together, or nothing is."""
+
+    def _query(self, sql: str, params: tuple = ()) -> list[tuple]:
+        """One statement, committed on its own; its rows, if any."""
+        with self._transaction() as execute:
+            cursor = execute(sql, params)
+            return cursor.fetchall() if cursor.description else []
+
+    def _one(self, sql: str, params: tuple = ()) -> tuple | None:
+        rows = self._query(sql, params)
+        return rows[0] if rows else None
+
+    def _lock_schema(self, execute: Execute) -> None:
+        """First in each migration's transaction: other processes migrating wait until it commits."""
+
+    def _before_migration(self, execute: Execute, version: int) -> None:
+        """Inside a migration's transaction, before its statements (SQLite adopts old files here)."""
+
+    # --- schema -------------------------------------------------------------------------------------
+
+    def schema_version(self) -> int:
+        """The newest migration applied; 0 on an empty (or pre-versioning) database."""
+        with self._transaction() as execute:
+            if execute(self.TABLE_EXISTS, ("schema_migrations",)).fetchone() is None:
+                return 0
+            return execute("SELECT MAX(version) FROM schema_migrations").fetchone()[0] or 0
+
+    def migrate(self) -> list[int]:
+        """Apply every pending migration, each in its own transaction; the versions applied now."""
+        applied = []
+        for migration in MIGRATIONS:
+            with self._transaction() as execute:
+                self._lock_schema(execute)
+                execute(BOOKKEEPING[self.DIALECT])
+                if execute("SELECT 1 FROM schema_migrations WHERE version = ?", (migration.version,)).fetchone():
+                    continue
+                self._before_migration(execute, migration.version)
+                for statement in migration.statements(self.DIALECT):
+                    execute(statement)
+                execute("INSERT INTO schema_migrations (version, name, applied_at) VALUES (?, ?, ?)",
+                        (migration.version, migration.name, time.time()))
+            log.info("store schema: applied migration %d (%s)", migration.version, migration.name)
+            applied.append(migration.version)
+        return applied
+
+    def _open_schema(self, migrate: bool) -> None:
+        """Bring the schema to this code's version, or refuse to run on one that is behind."""
+        self.applied_migrations = self.migrate() if migrate else []
+        version = self.schema_version()
+        if version < LATEST:
+            raise StoreError(behind_message(version, self.url))
+        if version > LATEST:
+            log.warning("store schema is at version %d, newer than this driftsync's %d", version, LATEST)
+
+    # --- devices ------------------------------------------------------------------------------------
+
     def add_device(self, name: str, cohort: str | None) -> tuple[DeviceRecord, str]:
-        """Register a device; without a named cohort it adapts on its own state."""
+        """Register a device; without a named cohort it adapts on its own state. Only the token's hash is kept."""
         token = secrets.token_urlsafe(32)
         device_id = uuid.uuid4().hex
         record = DeviceRecord(device_id, name, cohort or f"device-{device_id[:12]}", time.time())
-        with self._lock:
-            self._conn.execute(
-                "INSERT INTO devices VALUES (?, ?, ?, ?, ?, 1)",
-                (record.device_id, name, record.cohort, hash_token(token), record.created_at),
-            )
+        self._query(
+            "INSERT INTO devices (device_id, name, cohort, token_hash, created_at, may_upload) VALUES (?, ?, ?, ?, ?, ?)",
+            (record.device_id, name, record.cohort, hash_token(token), record.created_at, True),
+        )
         return record, token
 
     def device_for_token(self, token: str) -> DeviceRecord | None:
         wanted = hash_token(token)
-        with self._lock:
-            row = self._conn.execute(
-                "SELECT device_id, name, cohort, created_at, may_upload, token_hash FROM devices WHERE token_hash = ?",
-                (wanted,),
-            ).fetchone()
+        row = self._one(
+            "SELECT device_id, name, cohort, created_at, may_upload, token_hash FROM devices WHERE token_hash = ?",
+            (wanted,),
+        )
         if row is None or not hmac.compare_digest(row[5], wanted):
             return None
         return DeviceRecord(*row[:4], bool(row[4]))
 
     def devices(self) -> list[DeviceRecord]:
-        with self._lock:
-            rows = self._conn.execute(
-                "SELECT device_id, name, cohort, created_at, may_upload FROM devices ORDER BY created_at"
-            ).fetchall()
+        rows = self._query("SELECT device_id, name, cohort, created_at, may_upload FROM devices ORDER BY created_at")
         return [DeviceRecord(*r[:4], bool(r[4])) for r in rows]
 
     def device(self, device_id: str) -> DeviceRecord | None:
-        with self._lock:
-            row = self._conn.execute(
-                "SELECT device_id, name, cohort, created_at, may_upload FROM devices WHERE device_id = ?", (device_id,)
-            ).fetchone()
+        row = self._one("SELECT device_id, name, cohort, created_at, may_upload FROM devices WHERE device_id = ?",
+                        (device_id,))
         return DeviceRecord(*row[:4], bool(row[4])) if row else None
 
     def set_may_upload(self, device_id: str, may_upload: bool) -> DeviceRecord | None:
-        with self._lock:
-            self._conn.execute("UPDATE devices SET may_upload = ? WHERE device_id = ?", (int(may_upload), device_id))
+        self._query("UPDATE devices SET may_upload = ? WHERE device_id = ?", (may_upload, device_id))
         return self.device(device_id)
 
     def move_device(self, device_id: str, cohort: str) -> DeviceRecord | None:
         """Put a device in another cohort; None when there is no such device."""
-        with self._lock:
-            self._conn.execute("UPDATE devices SET cohort = ? WHERE device_id = ?", (cohort, device_id))
+        self._query("UPDATE devices SET cohort = ? WHERE device_id = ?", (cohort, device_id))
         return self.device(device_id)
 
-    @contextmanager
-    def _transaction(self) -> Iterator[None]:
-        """Everything in the block is committed together, or nothing is."""
-        with self._lock:
-            self._conn.execute("BEGIN IMMEDIATE")
-            try:
-                yield
-            except BaseException:
-                self._conn.execute("ROLLBACK")
-                raise
-            self._conn.execute("COMMIT")
+    # --- what a step did ----------------------------------------------------------------------------
 
     def commit(self, cohort: str, record: VersionRecord | None = None, state: bytes | None = None,
-               consumed: dict[int, int] | None = None, learnt: int = 0) -> None:
-        """One transaction for what a step did: the version it published (if any), the cohort
-        state it left, the uploads it used up (upload id -> samples; deleted once nothing of
-        them is left) and how many new samples it learnt from."""
-        with self._transaction():
+               consumed: dict[int, int] | None = None, learnt: int = 0, *, lease: Lease | None = None) -> int:
+        """One transaction for what a step did: the version it published (if any; it must be the
+        cohort's latest + 1, else VersionConflict), the cohort state it left, the uploads it used up
+        (upload id -> samples; a row is deleted once nothing of it is left) and `learnt` samples that
+        came with no stored upload. With a lease, the step is written only while that lease holds
+        (else LeaseLost). Returns the samples newly learnt: an upload already learnt from (a
+        duplicate delivery) counts for nothing."""
+        with self._transaction() as execute:
+            if lease is not None:
+                held = execute(
+                    f"SELECT 1 FROM leases WHERE partition = ? AND owner = ? AND epoch = ? AND expires_at > {self.NOW}"
+                    + self.FOR_SHARE, (lease.partition, lease.owner, lease.epoch),
+                ).fetchone()
+                if held is None:
+                    raise LeaseLost(f"partition {lease.partition}: {lease.owner} no longer holds epoch {lease.epoch}")
+            # the cohort's row, locked: commits of one cohort take turns, so the version check below holds
+            execute("INSERT INTO cohort_state (cohort) VALUES (?) ON CONFLICT (cohort) DO NOTHING", (cohort,))
+            execute("SELECT cohort FROM cohort_state WHERE cohort = ?" + self.FOR_UPDATE, (cohort,))
             if record is not None:
-                blob = pack({k: v.model_dump() for k, v in record.params.items()})
-                self._conn.execute(
-                    "INSERT INTO versions VALUES (?, ?, ?, ?, ?, ?)",
-                    (cohort, record.version, record.created_at, record.newest_upload_at, blob, record.sha256),
-                )
-                self._conn.execute(
-                    "DELETE FROM versions WHERE cohort = ? AND version <= ?", (cohort, record.version - self._keep)
-                )
-            self._conn.execute(
-                "INSERT INTO cohort_state (cohort, state, learnt) VALUES (?, ?, ?) ON CONFLICT (cohort) DO UPDATE "
-                "SET state = COALESCE(excluded.state, state), learnt = learnt + excluded.learnt",
-                (cohort, state, learnt),
+                self._insert_version(execute, cohort, record)
+            newly = max(0, learnt)
+            for upload_id in sorted(consumed or {}):  # one lock order for every writer
+                row = execute("SELECT remaining FROM uploads WHERE upload_id = ?" + self.FOR_UPDATE,
+                              (upload_id,)).fetchone()
+                if row is None:
+                    continue  # learnt from already
+                used = max(0, min(consumed[upload_id], row[0]))
+                newly += used
+                if used >= row[0]:
+                    execute("DELETE FROM uploads WHERE upload_id = ?", (upload_id,))
+                else:
+                    execute("UPDATE uploads SET remaining = remaining - ? WHERE upload_id = ?", (used, upload_id))
+            execute("UPDATE cohort_state SET state = COALESCE(?, state), learnt = learnt + ? WHERE cohort = ?",
+                    (state, newly, cohort))
+        return newly
+
+    def _insert_version(self, execute: Execute, cohort: str, record: VersionRecord) -> None:
+        latest = execute("SELECT MAX(version) FROM versions WHERE cohort = ?", (cohort,)).fetchone()[0] or 0
+        if record.version != latest + 1:
+            raise VersionConflict(f"cohort {cohort}: version {record.version} is not the next after {latest}")
+        blob = pack({k: v.model_dump() for k, v in record.params.items()})
+        try:
+            execute(
+                "INSERT INTO versions (cohort, version, created_at, newest_upload_at, params, sha256) "
+                "VALUES (?, ?, ?, ?, ?, ?)",
+                (cohort, record.version, record.created_at, record.newest_upload_at, blob, record.sha256),
             )
-            for upload_id, samples in (consumed or {}).items():
-                self._conn.execute("UPDATE uploads SET remaining = remaining - ? WHERE upload_id = ?", (samples, upload_id))
-            self._conn.execute("DELETE FROM uploads WHERE remaining <= 0")
+        except self.INTEGRITY_ERRORS as exc:  # the key backs the check above
+            raise VersionConflict(f"cohort {cohort}: version {record.version} exists") from exc
+        execute("DELETE FROM versions WHERE cohort = ? AND version <= ?", (cohort, record.version - self._keep))
 
     def learnt_samples(self, cohort: str) -> int:
         """New uploads the cohort has learnt from, over all its versions."""
-        with self._lock:
-            row = self._conn.execute("SELECT learnt FROM cohort_state WHERE cohort = ?", (cohort,)).fetchone()
+        row = self._one("SELECT learnt FROM cohort_state WHERE cohort = ?", (cohort,))
         return row[0] if row else 0
 
     def load_state(self, cohort: str) -> bytes | None:
-        with self._lock:
-            row = self._conn.execute("SELECT state FROM cohort_state WHERE cohort = ?", (cohort,)).fetchone()
-        return row[0] if row else None
+        row = self._one("SELECT state FROM cohort_state WHERE cohort = ?", (cohort,))
+        return bytes(row[0]) if row and row[0] is not None else None
 
-    def add_upload(self, cohort: str, device_id: str, body: bytes, samples: int) -> int:
+    # --- uploads ------------------------------------------------------------------------------------
+
+    def add_upload(self, cohort: str, device_id: str, body: bytes, samples: int, partition: int = 0) -> int:
         """Durable before the 2xx, and counted as accepted in the same transaction: returns its id."""
-        with self._transaction():
-            cursor = self._conn.execute(
-                "INSERT INTO uploads (cohort, device_id, received_at, remaining, body) VALUES (?, ?, ?, ?, ?)",
-                (cohort, device_id, time.time(), samples, body),
-            )
-            self._conn.execute(
+        with self._transaction() as execute:
+            upload_id = execute(
+                "INSERT INTO uploads (cohort, device_id, received_at, remaining, body, partition) "
+                "VALUES (?, ?, ?, ?, ?, ?) RETURNING upload_id",
+                (cohort, device_id, time.time(), samples, body, partition),
+            ).fetchone()[0]
+            execute(
                 "INSERT INTO cohort_state (cohort, accepted) VALUES (?, ?) "
-                "ON CONFLICT (cohort) DO UPDATE SET accepted = accepted + excluded.accepted",
+                "ON CONFLICT (cohort) DO UPDATE SET accepted = cohort_state.accepted + excluded.accepted",
                 (cohort, samples),
             )
-        return int(cursor.lastrowid)
+        return int(upload_id)
 
     def accepted_samples(self, cohort: str) -> int:
         """Samples the server acknowledged (2xx) for the cohort, minus any it took back (a full queue)."""
-        with self._lock:
-            row = self._conn.execute("SELECT accepted FROM cohort_state WHERE cohort = ?", (cohort,)).fetchone()
+        row = self._one("SELECT accepted FROM cohort_state WHERE cohort = ?", (cohort,))
         return row[0] if row else 0
-
-    def set_frozen(self, cohort: str, frozen: bool) -> None:
-        with self._lock:
-            self._conn.execute(
-                "INSERT INTO cohort_state (cohort, frozen) VALUES (?, ?) ON CONFLICT (cohort) DO UPDATE SET frozen = ?",
-                (cohort, int(frozen), int(frozen)),
-            )
-
-    def frozen_cohorts(self) -> list[str]:
-        with self._lock:
-            return [row[0] for row in self._conn.execute("SELECT cohort FROM cohort_state WHERE frozen = 1")]
-
-    def add_event(self, cohort: str, kind: str, detail: str) -> None:
-        with self._lock:
-            self._conn.execute("INSERT INTO events (at, cohort, kind, detail) VALUES (?, ?, ?, ?)",
-                               (time.time(), cohort, kind, detail))
-
-    def events(self, limit: int = 100) -> list[EventRecord]:
-        """The most recent events, newest first."""
-        with self._lock:
-            rows = self._conn.execute(
-                "SELECT at, cohort, kind, detail FROM events ORDER BY event_id DESC LIMIT ?", (limit,)
-            ).fetchall()
-        return [EventRecord(*row) for row in rows]
 
     def discard_upload(self, upload_id: int) -> None:
         """An upload refused after all (queue full): it was never acknowledged."""
-        with self._transaction():
-            self._conn.execute(
-                "UPDATE cohort_state SET accepted = accepted - (SELECT remaining FROM uploads WHERE upload_id = ?) "
-                "WHERE cohort = (SELECT cohort FROM uploads WHERE upload_id = ?)", (upload_id, upload_id),
-            )
-            self._conn.execute("DELETE FROM uploads WHERE upload_id = ?", (upload_id,))
+        with self._transaction() as execute:
+            row = execute("SELECT cohort FROM uploads WHERE upload_id = ?", (upload_id,)).fetchone()
+            if row is None:
+                return
+            # the same lock order as commit: the cohort's row, then the upload's
+            execute("SELECT cohort FROM cohort_state WHERE cohort = ?" + self.FOR_UPDATE, (row[0],))
+            remaining = execute("DELETE FROM uploads WHERE upload_id = ? RETURNING remaining", (upload_id,)).fetchone()
+            if remaining is not None:
+                execute("UPDATE cohort_state SET accepted = accepted - ? WHERE cohort = ?", (remaining[0], row[0]))
 
-    def pending_uploads(self) -> list[StoredUpload]:
-        """Accepted uploads not yet fully learnt from, oldest first (to replay after a restart)."""
-        with self._lock:
-            rows = self._conn.execute(
-                "SELECT upload_id, cohort, device_id, received_at, remaining, body FROM uploads ORDER BY upload_id"
-            ).fetchall()
-        return [StoredUpload(*row) for row in rows]
+    def pending_uploads(self, partition: int | None = None, *, exclude: Collection[int] = (),
+                        max_samples: int | None = None) -> list[StoredUpload]:
+        """Accepted uploads not yet fully learnt from (of one partition, or all), oldest first,
+        skipping `exclude` (what a worker holds already) and stopping once `max_samples` samples
+        are gathered: bodies are read only for the uploads returned, so a backlog costs little."""
+        where, params = ("WHERE partition = ? ", (partition,)) if partition is not None else ("", ())
+        picked, samples = [], 0
+        for upload_id, remaining in self._query(f"SELECT upload_id, remaining FROM uploads {where}ORDER BY upload_id",
+                                                params):
+            if max_samples is not None and samples >= max_samples:
+                break
+            if upload_id not in exclude:
+                picked.append(upload_id)
+                samples += remaining
+        columns = "upload_id, cohort, device_id, received_at, remaining, body, partition"
+        rows = []
+        for start in range(0, len(picked), 500):
+            chunk = picked[start:start + 500]
+            rows += self._query(f"SELECT {columns} FROM uploads WHERE upload_id IN ({', '.join('?' * len(chunk))}) "
+                                "ORDER BY upload_id", tuple(chunk))
+        return [StoredUpload(*row[:5], bytes(row[5]), row[6]) for row in rows]
+
+    def upload_remaining(self, upload_id: int) -> int:
+        """Samples of the upload no version has learnt from yet; 0 once fully learnt or discarded."""
+        row = self._one("SELECT remaining FROM uploads WHERE upload_id = ?", (upload_id,))
+        return row[0] if row else 0
+
+    # --- cohorts and events -------------------------------------------------------------------------
+
+    def set_frozen(self, cohort: str, frozen: bool) -> None:
+        self._query("INSERT INTO cohort_state (cohort, frozen) VALUES (?, ?) "
+                    "ON CONFLICT (cohort) DO UPDATE SET frozen = excluded.frozen", (cohort, frozen))
+
+    def frozen_cohorts(self) -> list[str]:
+        return [row[0] for row in self._query("SELECT cohort FROM cohort_state WHERE frozen = ? ORDER BY cohort",
+                                              (True,))]
+
+    def add_event(self, cohort: str, kind: str, detail: str) -> None:
+        self._query("INSERT INTO events (at, cohort, kind, detail) VALUES (?, ?, ?, ?)", (time.time(), cohort, kind, detail))
+
+    def events(self, limit: int = 100) -> list[EventRecord]:
+        """The most recent events, newest first."""
+        rows = self._query("SELECT at, cohort, kind, detail FROM events ORDER BY event_id DESC LIMIT ?", (limit,))
+        return [EventRecord(*row) for row in rows]
 
     def version_number(self, cohort: str) -> int:
         """The cohort's latest version, 0 when it has none."""
-        with self._lock:
-            row = self._conn.execute("SELECT MAX(version) FROM versions WHERE cohort = ?", (cohort,)).fetchone()
+        row = self._one("SELECT MAX(version) FROM versions WHERE cohort = ?", (cohort,))
         return row[0] or 0
 
     def latest_version(self, cohort: str) -> VersionRecord | None:
         return self.version(cohort, self.version_number(cohort))
 
     def version(self, cohort: str, version: int) -> VersionRecord | None:
-        with self._lock:
-            row = self._conn.execute(
-                "SELECT cohort, version, created_at, newest_upload_at, params, sha256 FROM versions "
-                "WHERE cohort = ? AND version = ?",
-                (cohort, version),
-            ).fetchone()
+        row = self._one(
+            "SELECT cohort, version, created_at, newest_upload_at, params, sha256 FROM versions "
+            "WHERE cohort = ? AND version = ?",
+            (cohort, version),
+        )
         if row is None:
             return None
-        params = {k: Tensor.model_validate(v) for k, v in unpack(row[4], max_bytes=1 << 30).items()}
+        params = {k: Tensor.model_validate(v) for k, v in unpack(bytes(row[4]), max_bytes=1 << 30).items()}
         return VersionRecord(row[0], row[1], row[2], row[3], params, row[5])
+
+    # --- leases, heartbeats, blobs (the database's clock decides expiry) -----------------------------
+
+    def acquire_lease(self, partition: int, owner: str, ttl_s: float) -> Lease | None:
+        """Take the partition if free or expired (a new epoch), or renew it if `owner` holds it
+        (the same epoch); None while another owner holds it."""
+        with self._transaction() as execute:
+            # a row to lock even for a partition never leased: expired, owned by nobody, epoch 0
+            execute("INSERT INTO leases (partition, owner, epoch, expires_at) VALUES (?, '', 0, 0) "
+                    "ON CONFLICT (partition) DO NOTHING", (partition,))
+            held_by, epoch, live = execute(
+                f"SELECT owner, epoch, expires_at > {self.NOW} FROM leases WHERE partition = ?" + self.FOR_UPDATE,
+                (partition,),
+            ).fetchone()
+            if live and held_by != owner:
+                return None
+            if not live:
+                epoch += 1
+            expires_at = execute(
+                f"UPDATE leases SET owner = ?, epoch = ?, expires_at = {self.NOW} + ? WHERE partition = ? "
+                "RETURNING expires_at", (owner, epoch, ttl_s, partition),
+            ).fetchone()[0]
+        return Lease(partition, owner, int(epoch), float(expires_at))
+
+    def renew_lease(self, lease: Lease, ttl_s: float) -> Lease | None:
+        """The lease, extended by `ttl_s` from now; None if it was lost (expired or taken over)."""
+        row = self._one(
+            f"UPDATE leases SET expires_at = {self.NOW} + ? WHERE partition = ? AND owner = ? AND epoch = ? "
+            f"AND expires_at > {self.NOW} RETURNING expires_at", (ttl_s, lease.partition, lease.owner, lease.epoch),
+        )
+        return Lease(lease.partition, lease.owner, lease.epoch, float(row[0])) if row else None
+
+    def release_lease(self, lease: Lease) -> None:
+        """Expire the lease now, if it is still ours; the row stays, so epochs keep rising."""
+        self._query(f"UPDATE leases SET expires_at = {self.NOW} WHERE partition = ? AND owner = ? AND epoch = ? "
+                    f"AND expires_at > {self.NOW}", (lease.partition, lease.owner, lease.epoch))
+
+    def leases(self) -> list[Lease]:
+        rows = self._query("SELECT partition, owner, epoch, expires_at FROM leases ORDER BY partition")
+        return [Lease(int(p), o, int(e), float(x)) for p, o, e, x in rows]
+
+    def worker_heartbeat(self, owner: str, ttl_s: float) -> None:
+        with self._transaction() as execute:
+            execute(f"INSERT INTO workers (owner, expires_at) VALUES (?, {self.NOW} + ?) "
+                    "ON CONFLICT (owner) DO UPDATE SET expires_at = excluded.expires_at", (owner, ttl_s))
+            execute(f"DELETE FROM workers WHERE expires_at < {self.NOW} - ?", (WORKER_ROWS_KEPT_S,))
+
+    def live_workers(self) -> list[str]:
+        """Owners whose heartbeat has not expired, sorted."""
+        return [row[0] for row in self._query(f"SELECT owner FROM workers WHERE expires_at > {self.NOW} ORDER BY owner")]
+
+    def put_blob(self, key: str, data: bytes, *, replace: bool = True) -> None:
+        """replace=False keeps a value already there: of writers racing to create it, the first wins."""
+        conflict = "DO UPDATE SET data = excluded.data, updated_at = excluded.updated_at" if replace else "DO NOTHING"
+        self._query(f"INSERT INTO blobs (key, data, updated_at) VALUES (?, ?, ?) ON CONFLICT (key) {conflict}",
+                    (key, data, time.time()))
+
+    def get_blob(self, key: str) -> bytes | None:
+        row = self._one("SELECT data FROM blobs WHERE key = ?", (key,))
+        return bytes(row[0]) if row else None
+
+    @abstractmethod
+    def close(self) -> None: ...
+
+
+class SqliteStore(SqlStore):
+    """One connection guarded by a lock: writes are small and rare next to a training step."""
+
+    DIALECT = "sqlite"
+    NOW = "((julianday('now') - 2440587.5) * 86400.0)"
+    INTEGRITY_ERRORS = (sqlite3.IntegrityError,)
+    TABLE_EXISTS = "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?"
+
+    def __init__(self, path: Path | str, keep_versions: int = 200, *, migrate: bool = True) -> None:
+        super().__init__(f"sqlite:///{Path(path).resolve()}", keep_versions)
+        self._conn = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
+        self._conn.execute("PRAGMA journal_mode=WAL")
+        self._conn.execute("PRAGMA synchronous=NORMAL")
+        self._conn.execute("PRAGMA busy_timeout=5000")  # another process upgrading the file: wait, then fail
+        self._lock = threading.Lock()
+        try:
+            self._open_schema(migrate)
+        except BaseException:
+            self._conn.close()
+            raise
+
+    @contextmanager
+    def _transaction(self) -> Iterator[Execute]:
+        with self._lock:
+            self._conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._conn.execute
+            except BaseException:
+                self._conn.execute("ROLLBACK")
+                raise
+            self._conn.execute("COMMIT")
+
+    def _query(self, sql: str, params: tuple = ()) -> list[tuple]:
+        with self._lock:  # one statement in autocommit mode is its own transaction
+            cursor = self._conn.execute(sql, params)
+            return cursor.fetchall() if cursor.description else []
+
+    def _before_migration(self, execute: Execute, version: int) -> None:
+        if version == 1:
+            sqlite_adopt_legacy(execute)
 
     def close(self) -> None:
         with self._lock:
             self._conn.close()
+
+
+def open_store(url: str, *, migrate: bool, keep_versions: int = 200) -> Store:
+    """'postgresql://...' / 'postgres://...' -> PostgresStore; 'sqlite:///abs/path' or a file path ->
+    SqliteStore. With migrate, pending migrations are applied; without, a schema that is behind is
+    refused with a StoreError saying to run `driftsync db upgrade`."""
+    if url.startswith(("postgresql://", "postgres://")):
+        try:
+            from server.store_postgres import PostgresStore
+        except ImportError as exc:
+            raise StoreError(f"a PostgreSQL store needs psycopg: pip install 'driftsync[scale]' ({exc})") from exc
+        return PostgresStore(url, migrate=migrate, keep_versions=keep_versions)
+    path = url.removeprefix("sqlite://") if url.startswith("sqlite://") else url
+    if not path or "://" in path:
+        raise StoreError(f"unsupported store URL {url!r}: expected postgresql://..., sqlite:///PATH or a file path")
+    try:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        return SqliteStore(path, keep_versions, migrate=migrate)
+    except (OSError, sqlite3.OperationalError) as exc:
+        raise StoreError(f"cannot open the SQLite store {path}: {exc}") from exc
+
+
+def upgrade(url: str) -> tuple[int, list[int]]:
+    """`driftsync db upgrade`: apply pending migrations; the schema's version and those applied now."""
+    store = open_store(url, migrate=True)
+    try:
+        return store.schema_version(), store.applied_migrations
+    finally:
+        store.close()

@@ -5,6 +5,8 @@ bodies it had accepted, so both turn the same bytes into the same job.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 
 from server.queueing import UploadJob
@@ -21,12 +23,16 @@ class UploadRejected(ValueError):
 
 def parse_upload(
     body: bytes, descriptor: ModelDescriptor, max_bytes: int, *, cohort: str, device_id: str, received_at: float,
-    upload_id: int | None = None,
+    upload_id: int | None = None, admit: Callable[[int], None] | None = None,
 ) -> UploadJob:
+    """`admit(samples)` runs between the message check and the image decoding, the costly part:
+    the HTTP front's rate limit, which raises to refuse."""
     try:
         batch = decode(body, UploadBatch, max_bytes=max_bytes)
     except CodecError as exc:
         raise UploadRejected("bad_msgpack", str(exc)) from exc
+    if admit is not None:
+        admit(len(batch.images))
     height, width = descriptor.input_shape[1:]
     try:
         images = np.stack([decode_image(b, batch.codec, (height, width)) for b in batch.images])

@@ -1,99 +1,105 @@
-"""The adaptation worker: drains the upload queue, steps each cohort, publishes versions."""
+"""The adaptation worker: takes uploads, steps each cohort, publishes versions.
+
+One worker runs inside `driftsync serve --role all` behind an in-process queue; with
+`--role worker` several run on their own machines behind Redis Streams, each owning the
+partitions it holds a lease on (server/leases.py). Either way an upload is acked only
+after the version that learnt from it is committed, and every commit names the lease it
+relies on, so a worker that lost its partition cannot publish.
+"""
 from __future__ import annotations
 
-import asyncio
+import json
 import logging
 import threading
 import time
-from collections import defaultdict, deque
+from collections import OrderedDict, defaultdict, deque
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from typing import Protocol
 
 import numpy as np
 
+from server.api_role import WORKER_STATS_BLOB
+from server.artifact import PublishedModel
 from server.engine import CemaEngine, CohortState, StepInput
+from server.leases import LeaseKeeper
 from server.persist import decode_state, encode_state
-from server.queueing import UploadJob, UploadQueue
-from server.store import Store, VersionRecord
+from server.queueing import (
+    BrokerUnavailable,
+    ControlJob,
+    Job,
+    StoredJob,
+    UploadJob,
+    UploadQueue,
+    partition_of,
+)
+from server.store import Store, StoreError, VersionRecord
+from server.uploads import UploadRejected, parse_upload
 from shared.tensors import Tensor, tensors_digest
 
 log = logging.getLogger("driftsync.worker")
-MAX_DRAIN = 256  # upload jobs taken before the worker looks for ready cohorts
+MAX_DRAIN = 256  # jobs taken before the worker looks for ready cohorts
+MAX_STORED_BODY = 1 << 30  # a stored body passed the front's size check once
+RESYNC_EVERY_S = 10.0  # partitioned workers re-read the store for uploads a broker lost
+FROZEN_REFRESH_S = 1.0
+STATS_EVERY_S = 2.0
 
 
-class VersionBoard:
-    """Latest version per cohort, with async waiters for long-polling devices."""
+class PartitionedQueue(UploadQueue, Protocol):
+    def hold(self, partition: int) -> None: ...
+    def release(self, partition: int) -> None: ...
 
-    def __init__(self) -> None:
-        self._latest: dict[str, int] = {}
-        self._waiters: dict[str, list[tuple[asyncio.AbstractEventLoop, asyncio.Event]]] = defaultdict(list)
-        self._generation = 0  # bumped by wake_all: a device's cohort may have changed
-        self._lock = threading.Lock()
 
-    def latest(self, cohort: str) -> int:
-        return self._latest.get(cohort, 0)
-
-    def publish(self, cohort: str, version: int) -> None:
-        with self._lock:
-            self._latest[cohort] = version
-            waiters, self._waiters[cohort] = self._waiters[cohort], []
-        for loop, event in waiters:
-            loop.call_soon_threadsafe(event.set)
-
-    def wake_all(self) -> None:
-        """End every long poll now (after a cohort move, so the moved device hears at once)."""
-        with self._lock:
-            self._generation += 1
-            waiters = [w for ws in self._waiters.values() for w in ws]
-            self._waiters.clear()
-        for loop, event in waiters:
-            loop.call_soon_threadsafe(event.set)
-
-    async def wait_newer(self, cohort: str, since: int, timeout: float) -> int:
-        """The cohort's latest version once it exceeds `since`, or at the timeout or a wake_all."""
-        deadline = time.monotonic() + timeout
-        generation = self._generation
-        while True:
-            with self._lock:
-                latest = self._latest.get(cohort, 0)
-                if latest > since or self._generation != generation:
-                    return latest
-                event = asyncio.Event()
-                self._waiters[cohort].append((asyncio.get_running_loop(), event))
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                return latest
-            try:
-                await asyncio.wait_for(event.wait(), remaining)
-            except asyncio.TimeoutError:
-                return self.latest(cohort)
+MAX_DEVICE_STATS = 1024  # devices of one cohort whose latest statistics are kept
 
 
 @dataclass
 class _Pending:
+    """A cohort's samples waiting for a step, and each of its devices' latest statistics: a
+    sample is distilled under the statistics of the device that sent it, never another's."""
+
     images: list[np.ndarray] = field(default_factory=list)
     captured_at: list[np.ndarray] = field(default_factory=list)
     first_at: float = 0.0
-    norm_stats: dict[str, np.ndarray] | None = None
-    batch_statistics: bool = False
-    sources: list[list] = field(default_factory=list)  # [upload id, samples], in the order of `images`
+    stats: OrderedDict[str, dict[str, np.ndarray]] = field(default_factory=OrderedDict)  # device id -> statistics
+    sources: list[list] = field(default_factory=list)  # [job, samples left], in the order of `images`
 
     def count(self) -> int:
         return sum(len(x) for x in self.images)
 
-    def consume(self, samples: int) -> dict[int, int]:
-        """Take `samples` from the front of `sources`: how many came from each stored upload."""
+    def keep_stats(self, device_id: str, stats: dict[str, np.ndarray]) -> None:
+        self.stats[device_id] = stats
+        self.stats.move_to_end(device_id)
+        while len(self.stats) > MAX_DEVICE_STATS:
+            self.stats.popitem(last=False)
+
+    def front_run(self, limit: int) -> int:
+        """Samples at the front that one device sent under one normalization mode, at most `limit`."""
+        first = self.sources[0][0]
+        run = 0
+        for job, count in self.sources:
+            if job.device_id != first.device_id or job.batch_statistics != first.batch_statistics:
+                break
+            run += count
+            if run >= limit:
+                return limit
+        return run
+
+    def consume(self, samples: int) -> tuple[dict[int, int], list[Job]]:
+        """Take `samples` from the front: how many came from each stored upload, and the jobs used up."""
         consumed: dict[int, int] = {}
+        finished: list[Job] = []
         while samples > 0 and self.sources:
-            upload_id, count = self.sources[0]
+            job, count = self.sources[0]
             n = min(samples, count)
-            if upload_id is not None:
-                consumed[upload_id] = consumed.get(upload_id, 0) + n
+            if job.upload_id is not None:
+                consumed[job.upload_id] = consumed.get(job.upload_id, 0) + n
             samples -= n
             if n == count:
-                self.sources.pop(0)
+                finished.append(self.sources.pop(0)[0])
             else:
                 self.sources[0][1] = count - n
-        return consumed
+        return consumed, finished
 
 
 @dataclass
@@ -119,30 +125,42 @@ class AdaptationWorker:
         engine: CemaEngine,
         uploads: UploadQueue,
         store: Store,
-        board: VersionBoard,
+        model: PublishedModel,
+        announce: Callable[[str, int], None],
         *,
+        keeper: LeaseKeeper | None = None,
+        partitions: int = 1,
         max_wait_s: float = 2.0,
         min_step_samples: int = 8,
         max_cohorts_per_step: int = 4,
         max_pending_samples: int = 2048,
+        max_state_bytes: int = 1 << 30,
         on_step=None,
         on_event=None,
     ) -> None:
         self.engine = engine
         self.uploads = uploads
         self.store = store
-        self.board = board
+        self.model = model
+        self.descriptor = model.descriptor()
+        self.announce = announce
+        self.keeper = keeper
+        self.partitions = partitions
         self.max_wait_s = max_wait_s
         self.min_step_samples = min_step_samples
         self.max_cohorts_per_step = max_cohorts_per_step
         self.max_pending_samples = max_pending_samples  # taken from the queue but not yet learnt from
+        self.max_state_bytes = max_state_bytes  # replay images held over all cohorts; least recently used states beyond
         self.stats = WorkerStats()
-        self._states: dict[str, CohortState] = {}
+        self._states: OrderedDict[str, CohortState] = OrderedDict()
         self._pending: dict[str, _Pending] = defaultdict(_Pending)
+        self._holding: set[int] = set()  # upload ids with samples in `_pending`
+        self._partitions_held: dict[int, int] = {}  # partition -> lease epoch this worker reads it under
+        self._resync_wanted = False
         self._stop = threading.Event()
-        self._publish = threading.Lock()  # version numbers of a cohort are assigned one at a time
-        self._states_lock = threading.RLock()  # a step and an operator's rollback do not interleave
+        self._states_lock = threading.RLock()  # a step and an operator's action do not interleave
         self.frozen: set[str] = set(store.frozen_cohorts())
+        self._next_frozen = self._next_resync = self._next_stats = 0.0
         self._thread = threading.Thread(target=self._run, name="adaptation-worker", daemon=True)
         self._on_step = on_step
         self._on_event = on_event
@@ -153,46 +171,41 @@ class AdaptationWorker:
         shape = self.engine.student_input_shape
         self.engine.step(np.zeros((self.engine.cfg.new_per_step, shape[1], shape[2], shape[0]), np.uint8),
                          self.engine.new_state())
+        if self.keeper is None:
+            recovered = self._resync(None)
+            if recovered:
+                log.info("recovered %d accepted uploads (%d samples) from before the restart", *recovered)
+        else:
+            self.keeper.start()
         self._thread.start()
-
-    def restore(self, job: UploadJob, remaining: int) -> None:
-        """Before start: an upload accepted before a restart, of which `remaining` samples (its
-        last ones) no published version has learnt from yet."""
-        keep = slice(len(job.images) - remaining, None)
-        self._add(replace(job, images=job.images[keep], captured_at=job.captured_at[keep]))
 
     def stop(self) -> None:
         self._stop.set()
         self._thread.join(timeout=30)
+        if self.keeper is not None:
+            self.keeper.stop()
 
     def pending_samples(self) -> int:
         return sum(p.count() for p in list(self._pending.values()))
 
-    def _commit(self, cohort: str, tensors: dict[str, np.ndarray], newest_upload_at: float,
-                state: bytes | None = None, consumed: dict[int, int] | None = None, learnt: int = 0) -> int:
-        """Store what a step did in one transaction, and announce the cohort's next version."""
-        params = {k: Tensor.from_numpy(v) for k, v in tensors.items()}
-        with self._publish:
-            record = VersionRecord(cohort, self.store.version_number(cohort) + 1, time.time(), newest_upload_at,
-                                   params, tensors_digest(params))
-            self.store.commit(cohort, record, state, consumed, learnt)
-        self.board.publish(cohort, record.version)
-        return record.version
+    # -- operator actions (run on the worker's thread, in order with the cohort's uploads) -------
 
-    def _event(self, cohort: str, kind: str, detail: str) -> None:
-        log.warning("cohort %s: %s (%s)", cohort, kind, detail)
-        self.store.add_event(cohort, kind, detail)
-        if self._on_event is not None:
-            self._on_event(kind)
+    def _control(self, job: ControlJob) -> None:
+        if job.action == "seed":
+            if self.store.version_number(job.cohort) == 0:
+                self._commit(job.cohort, self.engine.source_delta(), 0.0)
+        elif job.action == "rollback":
+            self._rollback(job.cohort, job.version)
 
-    def rollback(self, cohort: str, version: int) -> int:
+    def _rollback(self, cohort: str, version: int) -> None:
         """Publish version `version`'s tensors again, as the cohort's next version (versions only
         move forward), and continue adapting from them with fresh optimizer state."""
+        record = self.store.version(cohort, version)
+        if record is None:
+            log.error("rollback of %s: no stored version %d", cohort, version)
+            return
+        tensors = {name: tensor.to_numpy() for name, tensor in record.params.items()}
         with self._states_lock:
-            record = self.store.version(cohort, version)
-            if record is None:
-                raise KeyError(f"cohort {cohort!r} has no stored version {version}")
-            tensors = {name: tensor.to_numpy() for name, tensor in record.params.items()}
             state = self._state(cohort)
             state.student_norm.update({k: v.copy() for k, v in tensors.items()})
             state.prompt_ema.update({k: v.copy() for k, v in tensors.items() if k.startswith("prompt.")})
@@ -200,31 +213,31 @@ class AdaptationWorker:
             state.student_opt, state.prompt_opt = {}, {}
             state.predictions.clear()
             new_version = self._commit(cohort, tensors, record.newest_upload_at, encode_state(state))
-        self._event(cohort, "rollback", f"v{new_version} carries v{version}'s tensors")
-        return new_version
+        if new_version:
+            self._event(cohort, "rollback", f"v{new_version} carries v{version}'s tensors")
 
-    def set_frozen(self, cohort: str, frozen: bool) -> None:
-        """A frozen cohort keeps its parameters: accepted uploads wait and new ones are refused."""
-        (self.frozen.add if frozen else self.frozen.discard)(cohort)
-        self.store.set_frozen(cohort, frozen)
-        self._event(cohort, "frozen" if frozen else "unfrozen", "by an operator")
-
-    def seed_cohort(self, cohort: str) -> None:
-        """Give a cohort with no versions a first one at the source parameters, so a device
-        moved into it has a version to move to."""
-        if self.store.version_number(cohort) == 0:
-            self._commit(cohort, self.engine.source_delta(), 0.0)
+    # -- the loop -------------------------------------------------------------------------------
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            full = self.pending_samples() >= self.max_pending_samples
-            job = None if full else self.uploads.take(timeout=0.1)
-            drained = 0
-            while job is not None:  # take what is queued, so one step sees every cohort that is ready
-                self._add(job)
-                drained += 1
+            try:
+                self._housekeeping()
                 full = self.pending_samples() >= self.max_pending_samples
-                job = self.uploads.take(timeout=0) if drained < MAX_DRAIN and not full else None
+                job = None if full else self.uploads.take(timeout=0.1)
+                drained = 0
+                while job is not None:  # take what is queued, so one step sees every cohort that is ready
+                    self._handle(job)
+                    drained += 1
+                    full = self.pending_samples() >= self.max_pending_samples
+                    job = self.uploads.take(timeout=0) if drained < MAX_DRAIN and not full else None
+            except (StoreError, BrokerUnavailable) as exc:  # the store or the broker is away: hold on, the data is safe where it is
+                log.warning("worker waiting for its backends: %s", exc)
+                self._stop.wait(1.0)
+                continue
+            except Exception:
+                log.exception("worker loop failed; continuing")
+                self._stop.wait(1.0)
+                continue
             # over the bound, jobs stay in the (bounded) queue, so the front answers 429: memory stays
             # bounded and the delay moves to the devices' spools; meanwhile any cohort with samples steps
             ready = [cohort for cohort in list(self._pending) if self._ready(cohort, pressed=full)]
@@ -234,16 +247,112 @@ class AdaptationWorker:
                 except Exception:  # a bad step must not kill the worker
                     log.exception("adaptation step failed for cohorts %s", ready)
 
+    def _housekeeping(self) -> None:
+        now = time.monotonic()
+        if now >= self._next_frozen:
+            self.frozen = set(self.store.frozen_cohorts())
+            self._next_frozen = now + FROZEN_REFRESH_S
+        if self.keeper is None:
+            if self._resync_wanted:  # a refused commit: take its uploads back from the store
+                self._resync_wanted = False
+                self._resync(None)
+            return
+        self._follow_leases()
+        if now >= self._next_resync or self._resync_wanted:
+            self._resync_wanted = False
+            for partition in sorted(self._partitions_held):
+                self._resync(partition)
+            self._next_resync = now + RESYNC_EVERY_S
+        if now >= self._next_stats:
+            self._publish_stats()
+            self._next_stats = now + STATS_EVERY_S
+
+    def _follow_leases(self) -> None:
+        """Start reading partitions this worker gained, forget those it lost or gives back."""
+        queue: PartitionedQueue = self.uploads  # type: ignore[assignment]
+        for partition in self.keeper.surplus():
+            self._drop_partition(partition)
+            queue.release(partition)
+            self.keeper.release(partition)
+        held = {lease.partition: lease.epoch for lease in self.keeper.leases()}
+        for partition, epoch in sorted(self._partitions_held.items()):
+            if held.get(partition) != epoch:  # gone, or lost and taken again: what we knew may be stale
+                log.warning("partition %d lost: forgetting its cohorts", partition)
+                self._drop_partition(partition)
+                queue.release(partition)
+        for partition, epoch in sorted(held.items()):
+            if partition not in self._partitions_held:
+                queue.hold(partition)
+                self._partitions_held[partition] = epoch
+                self._resync(partition)
+
+    def _drop_partition(self, partition: int) -> None:
+        self._partitions_held.pop(partition, None)
+        for cohort in [c for c in list(self._pending) + list(self._states)
+                       if partition_of(c, self.partitions) == partition]:
+            self._forget(cohort)
+
+    def _forget(self, cohort: str) -> None:
+        """Drop a cohort's samples and state from memory (not acked: they come back from the broker or store)."""
+        pending = self._pending.pop(cohort, None)
+        if pending is not None:
+            self._holding.difference_update(job.upload_id for job, _ in pending.sources)
+        self._states.pop(cohort, None)
+
+    def _resync(self, partition: int | None) -> tuple[int, int] | None:
+        """Take stored uploads no version has learnt from and this worker does not hold yet:
+        after a restart, a partition change, or a broker that lost messages."""
+        jobs = samples = 0
+        room = max(0, self.max_pending_samples - self.pending_samples())
+        for upload in self.store.pending_uploads(partition, exclude=self._holding, max_samples=room):
+            job = StoredJob(upload.upload_id, upload.cohort, upload.device_id, upload.received_at, upload.body,
+                            partition_of(upload.cohort, self.partitions))
+            added = self._add_stored(job, upload.remaining)
+            jobs, samples = jobs + bool(added), samples + added
+        return (jobs, samples) if jobs else None
+
+    def _handle(self, job: Job) -> None:
+        if isinstance(job, ControlJob):
+            with self._states_lock:
+                self._control(job)
+            self.uploads.ack(job)
+        elif isinstance(job, StoredJob):
+            if job.upload_id in self._holding:  # already here from the store: its first copy will be acked
+                self.uploads.ack(job)
+                return
+            remaining = self.store.upload_remaining(job.upload_id)
+            if not self._add_stored(job, remaining):
+                self.uploads.ack(job)
+        else:
+            self._add(job)
+
+    def _add_stored(self, job: StoredJob, remaining: int) -> int:
+        """Decode a stored upload and keep its last `remaining` samples (the ones not learnt yet)."""
+        if remaining <= 0:
+            return 0
+        try:
+            upload = parse_upload(job.body, self.descriptor, MAX_STORED_BODY, cohort=job.cohort,
+                                  device_id=job.device_id, received_at=job.received_at, upload_id=job.upload_id)
+        except UploadRejected as exc:  # it passed these checks once; a changed model may refuse it now
+            log.error("dropping stored upload %d: %s", job.upload_id, exc)
+            self.store.discard_upload(job.upload_id)
+            return 0
+        keep = slice(len(upload.images) - remaining, None)
+        self._add(replace(upload, images=upload.images[keep], captured_at=upload.captured_at[keep],
+                          partition=job.partition, receipt=job.receipt))
+        return remaining
+
     def _add(self, job: UploadJob) -> None:
         pending = self._pending[job.cohort]
         if not pending.images:
             pending.first_at = time.monotonic()
         pending.images.append(job.images)
         pending.captured_at.append(job.captured_at)
-        pending.sources.append([job.upload_id, len(job.images)])
+        pending.sources.append([job, len(job.images)])
+        if job.upload_id is not None:
+            self._holding.add(job.upload_id)
         if job.norm_stats is not None:
-            pending.norm_stats = job.norm_stats
-        pending.batch_statistics = job.batch_statistics
+            pending.keep_stats(job.device_id, job.norm_stats)
 
     def _ready(self, cohort: str, pressed: bool = False) -> bool:
         if cohort in self.frozen:  # its accepted uploads wait, on disk too, until it is unfrozen
@@ -255,48 +364,102 @@ class AdaptationWorker:
         waited = time.monotonic() - pending.first_at
         return n >= self.min_step_samples and waited >= self.max_wait_s
 
-    def _take(self, cohort: str) -> tuple[StepInput, float, dict[int, int]]:
+    def _take(self, cohort: str) -> tuple[StepInput, float, dict[int, int], list[Job]]:
         """The cohort's next step's samples (the rest wait), the newest capture time among them,
-        and how many samples each stored upload gave."""
+        how many samples each stored upload gave, and the jobs used up."""
         pending = self._pending[cohort]
         images = np.concatenate(pending.images)
         captured = np.concatenate(pending.captured_at)
-        take = self.engine.cfg.new_per_step
-        consumed = pending.consume(min(take, len(images)))
+        first = pending.sources[0][0]
+        take = pending.front_run(self.engine.cfg.new_per_step)  # one device's samples, under its statistics
+        stats, batch_statistics = pending.stats.get(first.device_id), first.batch_statistics
+        consumed, finished = pending.consume(take)
         rest, rest_captured = images[take:], captured[take:]
-        stats, batch_statistics = pending.norm_stats, pending.batch_statistics
         self._pending[cohort] = _Pending(
-            [rest] if len(rest) else [], [rest_captured] if len(rest) else [], time.monotonic(), stats, batch_statistics,
+            [rest] if len(rest) else [], [rest_captured] if len(rest) else [], time.monotonic(), pending.stats,
             pending.sources,
         )
-        return StepInput(images[:take], self._state(cohort), stats, batch_statistics), float(captured[:take].max()), consumed
+        item = StepInput(images[:take], self._state(cohort), stats, batch_statistics)
+        return item, float(captured[:take].max()), consumed, finished
 
     def _state(self, cohort: str) -> CohortState:
-        """The cohort's state: in memory, else as the store kept it (a restart), else the source."""
+        """The cohort's state: in memory, else as the store kept it (a restart, another worker's
+        partition), else the source. Least recently used states beyond the bound are dropped:
+        the store has each one as of its last commit."""
         state = self._states.get(cohort)
         if state is None:
             saved = self.store.load_state(cohort)
             state = decode_state(saved, self.engine.cfg) if saved else self.engine.new_state()
             self._states[cohort] = state
+        self._states.move_to_end(cohort)
         return state
+
+    def state_bytes(self) -> int:
+        """What the cohorts' states hold in memory, their replay and held-out images being nearly all of it."""
+        return sum(_replay_bytes(state) for state in list(self._states.values()))
+
+    def _evict(self) -> None:
+        """Drop least recently stepped states until the rest fit the bound: each is in the store
+        as of its last commit (its replay buffer refills from new uploads)."""
+        total = self.state_bytes()
+        while total > self.max_state_bytes and len(self._states) > 1:
+            cohort, state = self._states.popitem(last=False)
+            total -= _replay_bytes(state)
+            log.info("cohort %s: state evicted from memory (%d cohorts, %.0f MB kept)", cohort, len(self._states),
+                     total / 1e6)
+
+    def _commit(self, cohort: str, tensors: dict[str, np.ndarray], newest_upload_at: float,
+                state: bytes | None = None, consumed: dict[int, int] | None = None, learnt: int = 0) -> int:
+        """Store what a step did in one transaction and announce the cohort's next version; 0 when
+        the store refused it (the lease moved on, or another writer published first)."""
+        lease = None
+        if self.keeper is not None:
+            lease = self.keeper.lease(partition_of(cohort, self.partitions))
+            if lease is None:
+                self._forget(cohort)
+                return 0
+        params = {k: Tensor.from_numpy(v) for k, v in tensors.items()}
+        record = VersionRecord(cohort, self.store.version_number(cohort) + 1, time.time(), newest_upload_at,
+                               params, tensors_digest(params))
+        try:
+            self.store.commit(cohort, record, state, consumed, learnt, lease=lease)
+        except StoreError as exc:  # lease lost, another writer first, or the database away
+            log.warning("cohort %s: v%d not published (%s: %s); its state and uploads are reloaded from the store",
+                        cohort, record.version, type(exc).__name__, exc)
+            self._forget(cohort)
+            self._resync_wanted = True
+            return 0
+        self.announce(cohort, record.version)
+        return record.version
+
+    def _event(self, cohort: str, kind: str, detail: str) -> None:
+        log.warning("cohort %s: %s (%s)", cohort, kind, detail)
+        self.store.add_event(cohort, kind, detail)
+        if self._on_event is not None:
+            self._on_event(kind)
 
     def _step(self, cohorts: list[str]) -> None:
         """Step several cohorts at once: the teacher's forward pass is shared by all of them."""
         with self._states_lock:
-            self._step_locked(cohorts)
-
-    def _step_locked(self, cohorts: list[str]) -> None:
-        inputs, newest, consumed = zip(*(self._take(cohort) for cohort in cohorts))
-        started = time.perf_counter()
-        results = self.engine.step_many(list(inputs))
-        elapsed = time.perf_counter() - started
-        samples = sum(len(item.images) for item in inputs)
-        versions = []
-        for cohort, result, newest_at, item, used in zip(cohorts, results, newest, inputs, consumed):
-            versions.append(self._commit(cohort, result.tensors, newest_at, encode_state(item.state), used,
-                                         len(item.images)))
-            if result.event is not None:
-                self._event(cohort, result.event, result.detail)
+            inputs, newest, consumed, finished = zip(*(self._take(cohort) for cohort in cohorts))
+            started = time.perf_counter()
+            results = self.engine.step_many(list(inputs))
+            elapsed = time.perf_counter() - started
+            samples = sum(len(item.images) for item in inputs)
+            versions = []
+            for cohort, result, newest_at, item, used, done in zip(cohorts, results, newest, inputs, consumed, finished):
+                unstored = len(item.images) - sum(used.values())  # samples with no store row (tests feed such)
+                version = self._commit(cohort, result.tensors, newest_at, encode_state(item.state), used, unstored)
+                versions.append(version)
+                if not version:  # refused: these come back from the store or the broker
+                    self._holding.difference_update(job.upload_id for job in done)
+                else:
+                    for job in done:
+                        self._holding.discard(job.upload_id)
+                        self.uploads.ack(job)
+                    if result.event is not None:
+                        self._event(cohort, result.event, result.detail)
+        self._evict()
         self.stats.steps += len(cohorts)
         self.stats.samples += samples
         self.stats.step_seconds_total += elapsed
@@ -307,3 +470,16 @@ class AdaptationWorker:
             self._on_step(len(cohorts), samples, elapsed)
         log.info("%s (%d samples, %.0f ms)", ", ".join(f"{c} -> v{v}" for c, v in zip(cohorts, versions)),
                  samples, elapsed * 1000)
+
+    def _publish_stats(self) -> None:
+        """What API replicas show in the fleet report for this worker."""
+        steps_per_s, samples_per_s = self.stats.rates()
+        self.store.put_blob(WORKER_STATS_BLOB + self.keeper.owner, json.dumps({
+            "at": time.time(), "pending_samples": self.pending_samples(), "steps_total": self.stats.steps,
+            "samples_total": self.stats.samples, "steps_per_s": steps_per_s, "samples_per_s": samples_per_s,
+            "partitions": sorted(self._partitions_held),
+        }).encode())
+
+
+def _replay_bytes(state: CohortState) -> int:
+    return sum(group.images.nbytes for buffer in (state.replay, state.holdout) for group in buffer.groups)

@@ -5,9 +5,9 @@ bulky ones (uploads, deltas). Both are validated by the same models.
 """
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
 from shared.tensors import Tensor, tensors_digest
 
@@ -18,9 +18,28 @@ MAX_SAMPLES_PER_UPLOAD = 256
 MAX_IMAGE_BYTES = 256 * 1024
 MAX_NAME_LENGTH = 128
 MAX_VERSION = 2**53  # exact in JSON numbers and SQLite integers alike
+MAX_COUNT = 2**53  # any counter a device reports: finite as a float, so rates never overflow
 
 ImageCodec = Literal["png", "jpeg", "webp", "raw"]
 NAME_PATTERN = r"^[A-Za-z0-9_.:\-]+$"
+COHORT_PATTERN = r"^[A-Za-z0-9._-]{1,64}$"
+MAX_COHORT_LENGTH = 64
+PRIVATE_COHORT_PREFIX = "device-"  # the server names each device's own cohort device-<id>; nobody else may
+
+# The one rule for a cohort name, on every route: bodies, path parameters and queries.
+CohortName = Annotated[str, Field(min_length=1, max_length=MAX_COHORT_LENGTH, pattern=COHORT_PATTERN)]
+
+
+def _not_private(cohort: str) -> str:
+    if cohort.startswith(PRIVATE_COHORT_PREFIX):
+        raise ValueError(f"cohort names starting with {PRIVATE_COHORT_PREFIX!r} are reserved for devices' own cohorts")
+    return cohort
+
+
+# A cohort a device may ask for: not another device's private one.
+SharedCohortName = Annotated[CohortName, AfterValidator(_not_private)]
+
+HEX_KEY_PATTERN = r"^[0-9a-f]{64}$"  # an Ed25519 public key (32 bytes) or a SHA-256 fingerprint, lower-case hex
 
 
 class _Message(BaseModel):
@@ -50,11 +69,36 @@ class ModelDescriptor(_Message):
     )
 
 
+class Signature(_Message):
+    """An Ed25519 signature by the server over a statement's canonical encoding (shared.signing).
+    The validity window is part of what is signed: a captured reply cannot be replayed later."""
+
+    key_id: str = Field(pattern=HEX_KEY_PATTERN, description="SHA-256 fingerprint of the signing public key.")
+    issued_at: float = Field(allow_inf_nan=False)
+    expires_at: float = Field(allow_inf_nan=False)
+    value: str = Field(pattern=r"^[0-9a-f]{128}$")
+
+
+class KeyRotation(_Message):
+    """The server's new public key, signed by the previous one: a pinned device follows the chain."""
+
+    old_key: str = Field(pattern=HEX_KEY_PATTERN)
+    new_key: str = Field(pattern=HEX_KEY_PATTERN)
+    issued_at: float = Field(allow_inf_nan=False)
+    signature: str = Field(pattern=r"^[0-9a-f]{128}$")
+
+
+class SigningKeyInfo(_Message):
+    key: str = Field(pattern=HEX_KEY_PATTERN, description="The current Ed25519 public key, raw 32 bytes in hex.")
+    fingerprint: str = Field(pattern=HEX_KEY_PATTERN, description="SHA-256 of the key: what --server-key-fingerprint takes.")
+    rotations: list[KeyRotation] = Field(default_factory=list, description="Every rotation, oldest first.")
+
+
 class RegisterRequest(_Message):
     protocol_version: int = PROTOCOL_VERSION
     device_name: str = Field(min_length=1, max_length=MAX_NAME_LENGTH, pattern=NAME_PATTERN)
-    cohort: str | None = Field(
-        default=None, min_length=1, max_length=MAX_NAME_LENGTH, pattern=NAME_PATTERN,
+    cohort: SharedCohortName | None = Field(
+        default=None,
         description="Devices naming the same cohort share one adapted state; none means the device's own.",
     )
     enrolment_token: str | None = None
@@ -67,17 +111,19 @@ class RegisterResponse(_Message):
     cohort: str
     version: int
     model: ModelDescriptor
+    server_key: str | None = Field(default=None, pattern=HEX_KEY_PATTERN, description="The key a device pins.")
+    signature: Signature | None = Field(default=None, description="Over device id, cohort, version and descriptor.")
 
 
 class UploadBatch(_Message):
     """Selected samples, compressed. captured_at lets the server measure freshness."""
 
     protocol_version: int = PROTOCOL_VERSION
-    device_version: int = Field(ge=0, description="Parameter version the device predicted with.")
+    device_version: int = Field(ge=0, le=MAX_VERSION, description="Parameter version the device predicted with.")
     codec: ImageCodec
     images: list[bytes] = Field(min_length=1, max_length=MAX_SAMPLES_PER_UPLOAD)
-    entropy: list[float]
-    captured_at: list[float]
+    entropy: list[float] = Field(max_length=MAX_SAMPLES_PER_UPLOAD)
+    captured_at: list[float] = Field(max_length=MAX_SAMPLES_PER_UPLOAD)
     norm_stats: dict[str, Tensor] | None = Field(
         default=None, description="The device's own running statistics, when it estimates them."
     )
@@ -107,14 +153,14 @@ class Telemetry(_Message):
     Mean entropy and confidence are its accuracy proxies: drift raises one and lowers the other."""
 
     protocol_version: int = PROTOCOL_VERSION
-    version: int = Field(ge=0, description="Parameter version the device runs.")
+    version: int = Field(ge=0, le=MAX_VERSION, description="Parameter version the device runs.")
     window_s: float = Field(gt=0, le=3600, allow_inf_nan=False)
-    frames: int = Field(ge=0, description="Frames predicted in the window.")
+    frames: int = Field(ge=0, le=MAX_COUNT, description="Frames predicted in the window.")
     mean_entropy: float | None = Field(default=None, ge=0, allow_inf_nan=False)
     mean_confidence: float | None = Field(default=None, ge=0, le=1, allow_inf_nan=False)
-    uploads_sent: int = Field(ge=0, description="Samples the server accepted, since the device started.")
-    uploads_spooled: int = Field(ge=0, description="Samples waiting on the device's disk now.")
-    uploads_dropped: int = Field(ge=0, description="Samples dropped (queue, budget, spool), since the device started.")
+    uploads_sent: int = Field(ge=0, le=MAX_COUNT, description="Samples the server accepted, since the device started.")
+    uploads_spooled: int = Field(ge=0, le=MAX_COUNT, description="Samples waiting on the device's disk now.")
+    uploads_dropped: int = Field(ge=0, le=MAX_COUNT, description="Samples dropped (queue, budget, spool), since the device started.")
 
 
 class Delta(_Message):
@@ -132,6 +178,9 @@ class Delta(_Message):
     newest_upload_at: float = Field(description="captured_at of the newest sample this version has learnt from")
     params: dict[str, Tensor]
     sha256: str
+    device_id: str | None = Field(default=None, description="The device this copy was signed for.")
+    moved_from: str | None = Field(default=None, description="Set when the delta moves the device: its old cohort.")
+    signature: Signature | None = None
 
     @model_validator(mode="after")
     def _check_versions(self) -> Delta:
@@ -146,7 +195,7 @@ class Delta(_Message):
 class MoveRequest(_Message):
     """Admin: put a device in another cohort (one shared adapted state per cohort)."""
 
-    cohort: str = Field(min_length=1, max_length=MAX_NAME_LENGTH, pattern=NAME_PATTERN)
+    cohort: CohortName
 
 
 class TrendPoint(_Message):

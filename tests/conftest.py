@@ -10,6 +10,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
+pytest_plugins = ["postgres_service", "redis_service"]  # private PostgreSQL and Redis for the scale-out tests
 
 
 def missing_shared(*relative: str) -> str | None:
@@ -79,20 +80,19 @@ def tiny_pair(seed: int = 0):
 
 
 def build_test_parts(state_dir: Path, queue_max_jobs: int = 256, **settings_kw):
-    from server.app import ServerSettings, build_parts
+    from server.app import ServerSettings
+    from server.artifact import PublishedModel
     from server.engine import CemaConfig, CemaEngine
     from server.export import export_student
+    from server.main import build_parts
     from server.store import SqliteStore
 
     state_dir.mkdir(parents=True, exist_ok=True)
     student, teacher = tiny_pair()
     engine = CemaEngine(student, teacher, CemaConfig(num_classes=10, new_per_step=8, replay_per_step=8, replay_min=8))
-    artifact = export_student(student, (3, 32, 32))
-    return build_parts(
-        engine, artifact, "tiny", [f"c{i}" for i in range(10)], (3, 32, 32),
-        SqliteStore(state_dir / "state.sqlite"), ServerSettings(**settings_kw), step_max_wait_s=0.2,
-        queue_max_jobs=queue_max_jobs,
-    )
+    model = PublishedModel("tiny", [f"c{i}" for i in range(10)], (3, 32, 32), export_student(student, (3, 32, 32)))
+    return build_parts(engine, model, SqliteStore(state_dir / "state.sqlite"), ServerSettings(**settings_kw),
+                       step_max_wait_s=0.2, queue_max_jobs=queue_max_jobs)
 
 
 @pytest.fixture

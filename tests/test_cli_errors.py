@@ -52,6 +52,7 @@ CASES: list[tuple[list[str], dict[str, str], str]] = [
     (["corrupt", "--input", "/nonexistent", "--output", "x"], {}, "is not a directory"),
     (["corrupt", "--input", ".", "--output", "x", "--severities", "7"], {}, "outside 1..5"),
     (["train", "--models", "nope"], {}, "unknown 'nope'"),
+    (["db"], {}, "required: db_command"),
 ]
 
 
@@ -100,7 +101,8 @@ def _subcommands() -> dict[str, argparse.ArgumentParser]:
     return dict(sub.choices)
 
 
-REPEATABLE = {("fleet", "--scale"), ("fleet", "--env")}  # KEY=VALUE, once per item: no single variable
+# once per item, no single variable (--profile falls back to COMPOSE_PROFILES, as docker compose does)
+REPEATABLE = {("fleet", "--scale"), ("fleet", "--env"), ("fleet", "--profile"), ("fleet", "--until-exit")}
 
 
 @pytest.mark.parametrize("name", list(_subcommands()))
@@ -108,7 +110,9 @@ def test_help_has_a_description_examples_and_every_flags_variable_and_default(na
     parser = _subcommands()[name]
     assert parser.description and (parser.epilog or "").startswith("examples:\n  driftsync ")
     for action in parser._actions:
-        if isinstance(action, argparse._HelpAction) or (name, action.option_strings[0]) in REPEATABLE:
+        if isinstance(action, argparse._HelpAction) or not action.option_strings:  # help, `db`'s subcommands
+            continue
+        if (name, action.option_strings[0]) in REPEATABLE:
             continue
         assert "[env DRIFTSYNC_" in action.help and ("; default " in action.help or "; required]" in action.help), \
             (name, action.option_strings)

@@ -5,6 +5,7 @@ import http.server
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import threading
@@ -15,6 +16,7 @@ import pytest
 import yaml
 
 from driftsync import fleet
+from server.tokens import weak_tokens
 from tests.conftest import SHARED, missing_shared
 
 REPO = Path(__file__).resolve().parents[1]
@@ -39,37 +41,76 @@ def test_compose_file_matches_the_compose_specification(doc):
     assert not errors, "\n".join(f"{list(e.absolute_path)}: {e.message}" for e in errors)
 
 
+SCALE = {"postgres", "redis", "migrate", "api-1", "api-2", "worker-1", "worker-2", "gateway"}
+REQUIRED = "${DRIFTSYNC_ENROLMENT_TOKEN:?set DRIFTSYNC_ENROLMENT_TOKEN to a random token of 16+ characters}"
+
+
 def test_compose_services_volumes_healthchecks_and_restart(doc):
     services = doc["services"]
-    assert set(services) == {"server", "device"}
-    assert set(doc["volumes"]) == {"server-state", "device-state"}
+    assert set(services) == {"server", "device"} | SCALE
+    assert set(doc["volumes"]) == {"server-state", "device-state", "postgres-data", "redis-data"}
     assert services["server"]["volumes"] == ["server-state:/var/lib/driftsync/server"]
     assert services["device"]["volumes"] == ["device-state:/var/lib/driftsync/devices"]
     assert services["server"]["ports"] == ["8700:8700"]
     assert services["device"]["deploy"]["replicas"] == 3
-    assert services["device"]["depends_on"] == {"server": {"condition": "service_healthy"}}
+    # a device runs in both profiles: it waits for whichever front door its profile starts
+    assert services["device"]["depends_on"] == {"server": {"condition": "service_healthy", "required": False},
+                                                "gateway": {"condition": "service_healthy", "required": False}}
     for name, service in services.items():
-        assert service["restart"] == "unless-stopped", name
-        assert service["healthcheck"]["test"][0] == "CMD", name
-        compile(service["healthcheck"]["test"][-1], f"{name} healthcheck", "exec")  # a valid one-liner
-        assert service["build"]["dockerfile"] == f"docker/{name}.Dockerfile"
+        if name != "migrate":  # a one-shot job
+            assert service["restart"] == "unless-stopped", name
+            assert service["healthcheck"]["test"][0] in ("CMD", "CMD-SHELL"), name
+        test = service.get("healthcheck", {}).get("test", [])
+        if test[:2] == ["CMD", "python"]:
+            compile(test[-1], f"{name} healthcheck", "exec")  # a valid one-liner
+    for name in ("server", "device"):
+        assert services[name]["build"]["dockerfile"] == f"docker/{name}.Dockerfile"
     # anything fixed per container would stop `docker compose up --scale device=N`
     assert not {"container_name", "hostname", "ports"} & set(services["device"])
     assert services["server"]["command"] == ["driftsync", "serve"]
     assert services["device"]["command"] == ["driftsync", "device"]
 
 
+def test_compose_profiles_single_by_default_and_scale(doc):
+    services = doc["services"]
+    assert services["server"]["profiles"] == ["single"]
+    assert services["device"]["profiles"] == ["single", "scale"]
+    assert all(services[name]["profiles"] == ["scale"] for name in SCALE)
+    assert fleet.dotenv(COMPOSE.parent / ".env")["COMPOSE_PROFILES"] == "single"
+    roles = {name: services[name]["command"] for name in ("api-1", "api-2", "worker-1", "worker-2")}
+    assert roles == {"api-1": ["driftsync", "serve", "--role", "api"], "api-2": ["driftsync", "serve", "--role", "api"],
+                     "worker-1": ["driftsync", "serve", "--role", "worker"],
+                     "worker-2": ["driftsync", "serve", "--role", "worker"]}
+    store = services["migrate"]["environment"]["DRIFTSYNC_STORE"]
+    assert store.startswith("postgresql://") and services["migrate"]["command"] == ["driftsync", "db", "upgrade"]
+    for name in ("api-1", "api-2", "worker-1", "worker-2"):
+        env = services[name]["environment"]
+        assert env["DRIFTSYNC_STORE"] == store and env["DRIFTSYNC_BROKER"].startswith("redis://"), name
+        assert services[name]["depends_on"]["migrate"] == {"condition": "service_completed_successfully"}
+    assert services["worker-1"]["environment"]["DRIFTSYNC_WORKER_NAME"] != services["worker-2"]["environment"][
+        "DRIFTSYNC_WORKER_NAME"]
+    gateway = services["gateway"]
+    assert gateway["image"].startswith("haproxy") and gateway["ports"] == ["8700:8700"]
+    config = (COMPOSE.parent / "docker" / "haproxy.cfg").read_text()
+    assert "server api1 api-1:8701 check" in config and "server api2 api-2:8702 check" in config
+    assert "option httpchk GET /healthz" in config
+
+
 def test_compose_configures_only_through_driftsync_variables(doc):
     for name, service in doc["services"].items():
+        if name in ("postgres", "redis", "gateway"):  # third-party images keep their own settings
+            continue
         keys = set(service["environment"])
         assert keys and all(re.fullmatch(r"DRIFTSYNC_[A-Z0-9_]+", k) for k in keys), (name, keys)
     server, device = (doc["services"][n]["environment"] for n in ("server", "device"))
     assert server["DRIFTSYNC_HOST"] == "0.0.0.0" and server["DRIFTSYNC_PORT"] == "8700"
     assert server["DRIFTSYNC_STATE_DIR"] == "/var/lib/driftsync/server"
-    assert server["DRIFTSYNC_ENROLMENT_TOKEN"] == device["DRIFTSYNC_ENROLMENT_TOKEN"] == "${DRIFTSYNC_ENROLMENT_TOKEN:-change-me}"
-    assert server["DRIFTSYNC_ADMIN_TOKEN"].startswith("${DRIFTSYNC_ADMIN_TOKEN:-")
+    assert server["DRIFTSYNC_ENROLMENT_TOKEN"] == device["DRIFTSYNC_ENROLMENT_TOKEN"] == REQUIRED
+    assert server["DRIFTSYNC_ADMIN_TOKEN"].startswith("${DRIFTSYNC_ADMIN_TOKEN:?")  # no default: none is weak
+    for name in ("api-1", "api-2"):
+        assert doc["services"][name]["environment"]["DRIFTSYNC_ENROLMENT_TOKEN"] == REQUIRED
     assert device == {
-        "DRIFTSYNC_SERVER": "http://server:8700", "DRIFTSYNC_ENROLMENT_TOKEN": "${DRIFTSYNC_ENROLMENT_TOKEN:-change-me}",
+        "DRIFTSYNC_SERVER": "http://server:8700,http://gateway:8700", "DRIFTSYNC_ENROLMENT_TOKEN": REQUIRED,
         "DRIFTSYNC_STATE_DIR": "/var/lib/driftsync/devices/{name}", "DRIFTSYNC_SOURCE": "embedded",
         "DRIFTSYNC_DOMAIN_OFFSET": "auto", "DRIFTSYNC_REPEAT": "true", "DRIFTSYNC_FPS": "10", "DRIFTSYNC_SINK": "jsonl:-",
     }
@@ -164,11 +205,13 @@ def test_real_compose_maps_volumes_hosts_and_ports(tmp_path):
     assert server.env["DRIFTSYNC_STATE_DIR"] == str(volumes / "server-state")
     assert device.env["DRIFTSYNC_STATE_DIR"] == f"{volumes / 'device-state'}/{{name}}"
     assert server.env["DRIFTSYNC_PORT"] == "18700" and server.env["DRIFTSYNC_HOST"] == "127.0.0.1"
-    assert device.env["DRIFTSYNC_SERVER"] == "http://127.0.0.1:18700"
+    assert device.env["DRIFTSYNC_SERVER"] == "http://127.0.0.1:18700,http://gateway:8700"  # no gateway: it fails over
     assert "http://127.0.0.1:18700/healthz" in server.healthcheck[-1]
     assert server.healthcheck[0] == sys.executable
     assert str(volumes / "device-state") in device.healthcheck[-1] and "/var/lib/driftsync" not in device.healthcheck[-1]
-    assert server.env["DRIFTSYNC_ENROLMENT_TOKEN"] == device.env["DRIFTSYNC_ENROLMENT_TOKEN"] == "change-me"
+    token = server.env["DRIFTSYNC_ENROLMENT_TOKEN"]  # generated for the run, shared by server and devices
+    assert token == device.env["DRIFTSYNC_ENROLMENT_TOKEN"] and weak_tokens({"enrol": token}) == []
+    assert weak_tokens({"admin": server.env["DRIFTSYNC_ADMIN_TOKEN"]}) == [] and server.env["DRIFTSYNC_ADMIN_TOKEN"] != token
     assert (server.replicas, device.replicas) == (1, 3)
     assert device.depends_on == {"server": "service_healthy"} and server.depends_on == {}
     for service in services.values():
@@ -179,7 +222,7 @@ def test_real_compose_maps_volumes_hosts_and_ports(tmp_path):
 def test_real_compose_interpolates_scales_and_overrides(tmp_path):
     services = {s.name: s for s in fleet.load(
         COMPOSE, tmp_path, scale={"device": 5}, overrides={"DRIFTSYNC_REPEAT": "false", "DRIFTSYNC_FPS": "none"},
-        environ={"DRIFTSYNC_ENROLMENT_TOKEN": "s3cret", "DRIFTSYNC_ADMIN_TOKEN": "adm"})}
+        environ={"DRIFTSYNC_ENROLMENT_TOKEN": "s3cret", "DRIFTSYNC_ADMIN_TOKEN": "adm"})}  # given ones are kept
     server, device = services["server"], services["device"]
     assert device.replicas == 5
     assert server.env["DRIFTSYNC_ENROLMENT_TOKEN"] == device.env["DRIFTSYNC_ENROLMENT_TOKEN"] == "s3cret"
@@ -187,7 +230,7 @@ def test_real_compose_interpolates_scales_and_overrides(tmp_path):
     assert device.env["DRIFTSYNC_REPEAT"] == server.env["DRIFTSYNC_REPEAT"] == "false"
     assert device.env["DRIFTSYNC_FPS"] == "none"
     port = int(server.env["DRIFTSYNC_PORT"])  # a free one, the same on both sides
-    assert port > 0 and device.env["DRIFTSYNC_SERVER"] == f"http://127.0.0.1:{port}"
+    assert port > 0 and device.env["DRIFTSYNC_SERVER"] == f"http://127.0.0.1:{port},http://gateway:8700"
     names = [device.replica_env(i) for i in (1, 2, 3)]
     assert [(e["HOSTNAME"], e["DRIFTSYNC_NAME"]) for e in names] == [(f"device-{i}", f"device-{i}") for i in (1, 2, 3)]
     with pytest.raises(ValueError, match="unknown services"):
@@ -311,3 +354,44 @@ services:
     assert time.monotonic() - started < 30
     table = capsys.readouterr().out
     assert re.search(r"bad-1\s+3\s+exited \(failed\)", table) and re.search(r"slow-1\s+-?\d+\s+stopped\n", table)
+
+
+LONG = """
+services:
+  db:
+    command: ["python", "-c", "import pathlib, time; pathlib.Path('/state/ready').write_text('1'); time.sleep(300)"]
+    volumes: ["state:/state"]
+    healthcheck: {test: ["CMD-SHELL", "test -f /state/ready"], timeout: 5s}
+  worker:
+    command: ["python", "-c", "import time; time.sleep(300)"]
+    depends_on: {db: {condition: service_healthy}}
+    deploy: {replicas: 2}
+volumes:
+  state:
+"""
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_fleet_command_stops_its_children_on_a_signal_and_prints_its_summary(tmp_path, signum):
+    from driftsync.processes import cli
+
+    errors = tmp_path / "fleet.err"
+    with errors.open("w") as err:
+        runner = subprocess.Popen(cli("fleet", "--compose", str(_small(tmp_path, LONG)), "--work", str(tmp_path / "w")),
+                                  stdout=subprocess.PIPE, stderr=err, text=True, cwd=tmp_path)
+    try:
+        deadline = time.monotonic() + 60
+        while len(pids := [int(p) for p in re.findall(r"started \S+ \(pid (\d+)\)", errors.read_text())]) < 3:
+            assert runner.poll() is None and time.monotonic() < deadline, errors.read_text()[-2000:]
+            time.sleep(0.1)
+        runner.send_signal(signum)
+        out, _ = runner.communicate(timeout=60)
+    finally:
+        if runner.poll() is None:
+            runner.kill()
+    assert runner.returncode == 128 + signum
+    assert re.search(r"db-1\s+-?\d+\s+stopped\n", out) and re.search(r"worker-2\s+-?\d+\s+stopped\n", out), out
+    assert "Traceback" not in errors.read_text() and "stopping the replicas" in errors.read_text()
+    for pid in pids:
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)

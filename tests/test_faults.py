@@ -16,7 +16,7 @@ import pytest
 from driftsync.processes import cli, free_port, wait_healthy
 from tests.conftest import wait_for
 
-ADMIN = {"Authorization": "Bearer adm"}
+ADMIN = {"Authorization": "Bearer adm-test-token-0123456789"}
 
 
 class Fleet:
@@ -28,7 +28,7 @@ class Fleet:
 
     def serve(self) -> None:
         self.server = subprocess.Popen(
-            cli("serve", "--port", str(self.port), "--state-dir", str(self.tmp / "server"), "--admin-token", "adm",
+            cli("serve", "--port", str(self.port), "--state-dir", str(self.tmp / "server"), "--admin-token", "adm-test-token-0123456789",
                 "--step-max-wait-s", "0.5", "--step-min-samples", "4"),
             stdout=(self.tmp / "server.log").open("a"), stderr=subprocess.STDOUT, env=dict(os.environ, PYTHONUNBUFFERED="1"),
         )

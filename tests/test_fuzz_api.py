@@ -2,6 +2,8 @@
 against the msgpack upload body the schema cannot describe. Nothing may answer 5xx."""
 from __future__ import annotations
 
+import json
+
 import httpx
 import msgpack
 import pytest
@@ -63,3 +65,71 @@ def test_upload_bodies_never_answer_5xx(live, body):
     r = httpx.post(f"{url}/v1/uploads", content=body,
                    headers={"Authorization": f"Bearer {token}", "Content-Type": "application/msgpack"})
     assert 400 <= r.status_code < 500 and set(r.json()) == {"error", "detail"}, (r.status_code, r.text[:300])
+
+
+def _deep(depth: int, inner: bytes = b"\x90") -> bytes:
+    """msgpack arrays nested `depth` deep (msgpack-python refuses to pack past 512)."""
+    return b"\x91" * depth + inner
+
+
+def _upload_map(**extra: bytes) -> bytes:
+    """A well-formed upload map with raw msgpack values added or replaced by name."""
+    fields = {"device_version": msgpack.packb(0), "codec": msgpack.packb("raw"), "images": msgpack.packb([b"\0" * 3072]),
+              "entropy": msgpack.packb([0.5]), "captured_at": msgpack.packb([0.0]), **extra}
+    return b"\xde" + len(fields).to_bytes(2, "big") + b"".join(msgpack.packb(k) + v for k, v in fields.items())
+
+
+HOSTILE_UPLOADS = {
+    "depth 1000 in a field": _upload_map(norm_stats=_deep(1000)),
+    "depth 100000 at the top": _deep(100_000),
+    "depth 40 of maps": b"\x81\xa1k" * 40 + b"\x80",
+    "huge array": _upload_map(entropy=b"\xdd" + (1 << 31).to_bytes(4, "big")),  # declares 2^31 items
+    "huge map": b"\xdf" + (1 << 31).to_bytes(4, "big"),
+    "5000-item array": _upload_map(captured_at=msgpack.packb([0.0] * 5000)),
+    "5000-key map": msgpack.packb({f"k{i}": i for i in range(5000)}),
+    "long string key": msgpack.packb({"x" * 100_000: 1}),
+    "uint64 version": _upload_map(device_version=msgpack.packb(2**64 - 1)),
+    "negative int64": _upload_map(device_version=msgpack.packb(-(2**63))),
+    "inf entropy": _upload_map(entropy=msgpack.packb([float("inf")])),
+    "nan timestamp": _upload_map(captured_at=msgpack.packb([float("nan")])),
+    "300 entropies": _upload_map(entropy=msgpack.packb([0.5] * 300)),
+    "timestamp ext": _upload_map(codec=b"\xd6\xff" + b"\0" * 4),
+    "tensor shape overflow": _upload_map(norm_stats=msgpack.packb(
+        {"0.running_mean": {"dtype": "float32", "shape": [2**62, 2**62], "data": b""}})),
+}
+
+
+@pytest.mark.parametrize("name", sorted(HOSTILE_UPLOADS))
+def test_hostile_upload_bodies_get_a_small_4xx(live, name):
+    url, token = live
+    r = httpx.post(f"{url}/v1/uploads", content=HOSTILE_UPLOADS[name],
+                   headers={"Authorization": f"Bearer {token}", "Content-Type": "application/msgpack"})
+    assert 400 <= r.status_code < 500 and set(r.json()) == {"error", "detail"}, (r.status_code, r.text[:300])
+    assert len(r.content) < 2048
+
+
+HOSTILE_JSON = {
+    "telemetry frames 10^400": ("/v1/telemetry", b'{"version": 0, "window_s": 5, "frames": 1' + b"0" * 400 +
+                                b', "uploads_sent": 0, "uploads_spooled": 0, "uploads_dropped": 0}'),
+    "telemetry version 2^64": ("/v1/telemetry", json.dumps({"version": 2**64, "window_s": 5, "frames": 0, "uploads_sent": 0,
+                                                            "uploads_spooled": 0, "uploads_dropped": 0}).encode()),
+    "telemetry window 1e400": ("/v1/telemetry", (b'{"version": 0, "window_s": 1e400, "frames": 0, "uploads_sent": 0, '
+                                                 b'"uploads_spooled": 0, "uploads_dropped": 0}')),
+    "register depth 20000": ("/v1/devices", b"[" * 20_000 + b"]" * 20_000),
+    "register map depth": ("/v1/devices", b'{"a":' * 5000 + b"1" + b"}" * 5000),
+    "register protocol 10^400": ("/v1/devices", b'{"device_name": "d", "protocol_version": 1' + b"0" * 400 + b"}"),
+    "register 3000 keys": ("/v1/devices", json.dumps({f"k{i}": i for i in range(3000)}).encode()),
+    "register 60 KB cohort": ("/v1/devices", json.dumps({"device_name": "d", "cohort": "c" * 60_000}).encode()),
+    "rollback version 10^400": ("/v1/cohorts/c/rollback", b'{"version": 1' + b"0" * 400 + b"}"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(HOSTILE_JSON))
+def test_hostile_json_bodies_get_a_small_4xx(live, name):
+    url, token = live
+    path, body = HOSTILE_JSON[name]
+    bearer = ADMIN_TOKEN if path.startswith(ADMIN_PATHS) else token
+    r = httpx.post(f"{url}{path}", content=body, headers={"Authorization": f"Bearer {bearer}",
+                                                          "Content-Type": "application/json"})
+    assert 400 <= r.status_code < 500 and set(r.json()) == {"error", "detail"}, (r.status_code, r.text[:300])
+    assert len(r.content) < 2048

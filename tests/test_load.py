@@ -16,7 +16,7 @@ def test_simulated_fleet_gets_no_5xx_loses_nothing_and_converges(tmp_path):
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     server = subprocess.Popen(
-        cli("serve", "--port", str(port), "--state-dir", str(tmp_path / "server"), "--admin-token", "adm",
+        cli("serve", "--port", str(port), "--state-dir", str(tmp_path / "server"), "--admin-token", "adm-test-token-0123456789",
             "--step-max-wait-s", "0.5"),
         stdout=(tmp_path / "server.log").open("w"), stderr=subprocess.STDOUT, env=dict(os.environ, PYTHONUNBUFFERED="1"),
     )
@@ -29,7 +29,7 @@ def test_simulated_fleet_gets_no_5xx_loses_nothing_and_converges(tmp_path):
         assert report["converged_devices"] == 12, report
         assert report["server_rss_mb_max"] is not None and report["server_rss_mb_max"] < 4096
         assert report["upload_latency_ms_p99"] is not None and report["freshness_s_p95"] is not None
-        fleet = httpx.get(f"{url}/v1/fleet", headers={"Authorization": "Bearer adm"}).json()
+        fleet = httpx.get(f"{url}/v1/fleet", headers={"Authorization": "Bearer adm-test-token-0123456789"}).json()
         assert sum(c["accepted_samples"] for c in fleet["cohorts"]) == report["acked_samples"]
         assert all(c["learnt_samples"] >= c["accepted_samples"] for c in fleet["cohorts"])  # nothing accepted lost
     finally:

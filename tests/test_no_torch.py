@@ -47,3 +47,15 @@ def test_an_env_var_meant_for_one_subcommand_does_not_break_another():
                              "sys.argv=['driftsync']; main(['export', '--help'])"], capture_output=True, text=True,
                             timeout=120, env=env)
     assert parsed.returncode == 0, parsed.stderr
+
+
+def test_api_replica_imports_without_torch():
+    """`driftsync serve --role api` needs fastapi and uvicorn but neither torch nor onnx."""
+    result = subprocess.run([sys.executable, "-c", (
+        "import sys\nfor m in ('torch', 'onnx'): sys.modules[m] = None\n"
+        "import server.api_role, server.app, server.broker_redis, server.store, server.store_postgres\n"
+        "from driftsync.cli import main\n"
+        "assert 'torch' not in [m for m in sys.modules if sys.modules[m] is not None]\n"
+        "print('ok')")], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "ok"

@@ -19,7 +19,7 @@ from server.store import SqliteStore
 from tests.conftest import tiny_pair
 from tests.test_engine import _images
 
-ADMIN = {"Authorization": "Bearer adm"}
+ADMIN = {"Authorization": "Bearer adm-test-token-0123456789"}
 
 
 def _adam_engine() -> CemaEngine:
@@ -60,26 +60,26 @@ def test_versions_state_and_uploads_commit_together(tmp_path) -> None:
     second = store.add_upload("c", "d", b"body-2", 3)
     params = {"w": Tensor.from_numpy(np.ones(2, np.float32))}
     record = VersionRecord("c", 1, time.time(), 0.0, params, tensors_digest(params))
-    store.commit("c", record, b"state-1", {first: 5, second: 1}, learnt=6)
+    store.commit("c", record, b"state-1", {first: 5, second: 1})
     reopened = SqliteStore(tmp_path / "s.sqlite")
     [left] = reopened.pending_uploads()
     assert left.upload_id == second and left.remaining == 2 and left.body == b"body-2"
     assert reopened.load_state("c") == b"state-1" and reopened.version_number("c") == 1
     assert reopened.learnt_samples("c") == 6
     try:  # a failed commit leaves nothing behind: the same version twice violates the key
-        reopened.commit("c", record, b"state-2", {second: 2}, learnt=2)
+        reopened.commit("c", record, b"state-2", {second: 2})
     except Exception:
         pass
     assert reopened.load_state("c") == b"state-1" and len(reopened.pending_uploads()) == 1
     assert reopened.learnt_samples("c") == 6
-    reopened.commit("c", None, None, {second: 2}, learnt=2)  # a withheld step: no version, uploads used up
+    reopened.commit("c", None, None, {second: 2})  # a withheld step: no version, uploads used up
     assert reopened.learnt_samples("c") == 8 and reopened.pending_uploads() == []
     assert reopened.load_state("c") == b"state-1" and reopened.version_number("c") == 1
 
 
 def _serve(port: int, state, log, *extra: str) -> subprocess.Popen:
     process = subprocess.Popen(
-        cli("serve", "--port", str(port), "--state-dir", str(state), "--admin-token", "adm", *extra),
+        cli("serve", "--port", str(port), "--state-dir", str(state), "--admin-token", "adm-test-token-0123456789", *extra),
         stdout=log.open("a"), stderr=subprocess.STDOUT, env=dict(os.environ, PYTHONUNBUFFERED="1"),
     )
     wait_healthy(f"http://127.0.0.1:{port}", process)

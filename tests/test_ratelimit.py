@@ -83,3 +83,28 @@ def test_a_full_queue_turns_into_delay_not_loss(tmp_path) -> None:
             assert time.monotonic() < deadline
             time.sleep(0.1)
         assert parts.store.accepted_samples(cohort) == 64
+
+
+def test_check_is_take_without_spending() -> None:
+    limiter = RateLimiter(rate=10.0, burst=20.0)
+    assert limiter.check("a", 20, now=0.0) is None  # an unknown key has a full bucket
+    assert limiter.take("a", 20, now=0.0) is None
+    assert limiter.check("a", 5, now=0.0) == 0.5 and limiter.check("a", 5, now=0.0) == 0.5  # nothing spent
+    assert limiter.check("a", 5, now=0.5) is None
+
+
+def test_a_device_in_debt_gets_429_before_its_body_is_read(tmp_path) -> None:
+    """The cheap admission: the server answers at once, though not a byte of the declared body was sent."""
+    from tests.test_attacks import exchange, request_head
+
+    parts = build_test_parts(tmp_path / "server", device_samples_per_s=0.5, device_burst_samples=8.0)
+    with serve_in_thread(create_app(parts)) as url:
+        token = httpx.post(f"{url}/v1/devices", json=RegisterRequest(device_name="fast").model_dump()).json()["token"]
+        batch = UploadBatch(device_version=0, codec="png", images=[encode_image(x, "png") for x in _images(8)],
+                            entropy=[0.5] * 8, captured_at=[time.time()] * 8)
+        accepted = httpx.post(f"{url}/v1/uploads", content=pack(batch),
+                              headers={"Content-Type": "application/msgpack", "Authorization": f"Bearer {token}"})
+        assert accepted.status_code == 202  # the bucket is empty now; one sample takes 2 s to refill
+        head = request_head("POST", "/v1/uploads", {"Authorization": f"Bearer {token}", "Content-Length": str(1 << 20)})
+        reply = exchange(int(url.rsplit(":", 1)[1]), head, [], timeout=5)
+        assert reply.status == 429 and reply.seconds < 1.5 and int(reply.headers["retry-after"]) >= 1

@@ -113,33 +113,41 @@ def test_bad_requests_get_clear_json_errors_and_server_keeps_serving(tiny_server
     assert 'driftsync_auth_failures_total 2.0' in httpx.get(f"{url}/metrics").text
 
 
-def _forged_delta(device: DeviceClient, new_version: int, scale: float = 1.0) -> Delta:
-    params = {k: Tensor.from_numpy(v * scale) for k, v in device.source_params.items()}
-    return Delta(cohort=device.identity.cohort, base_version=0, new_version=new_version, created_at=time.time(),
-                 newest_upload_at=time.time(), params=params, sha256=tensors_digest(params))
+def _forged_delta(device: DeviceClient, new_version: int, scale: float = 1.0, params: dict | None = None,
+                  sha256: str | None = None, signer=None) -> Delta:
+    """A delta for `device`, signed by `signer` (the server's key) over whatever it holds."""
+    from shared.signing import delta_fields
+
+    params = params or {k: Tensor.from_numpy(v * scale) for k, v in device.source_params.items()}
+    delta = Delta(cohort=device.identity.cohort, base_version=0, new_version=new_version, created_at=time.time(),
+                  newest_upload_at=time.time(), params=params, sha256=sha256 or tensors_digest(params),
+                  device_id=device.identity.device_id)
+    return delta if signer is None else delta.model_copy(update={"signature": signer.sign("delta", delta_fields(delta), 600)})
 
 
 def test_device_refuses_stale_tampered_and_malformed_deltas(tiny_server, tmp_path):
-    url, _ = tiny_server
+    """Payload checks, behind a valid signature: what a server bug, not an attacker, could send."""
+    url, parts = tiny_server
+    signer = parts.signer
     device = _device(url, tmp_path)
-    assert device.apply_delta(_forged_delta(device, 5))
+    assert device.apply_delta(_forged_delta(device, 5, signer=signer))
     assert device.model.version == 5
 
-    assert not device.apply_delta(_forged_delta(device, 5))  # not newer
-    assert not device.apply_delta(_forged_delta(device, 3))  # rollback
-    tampered = _forged_delta(device, 9)
-    name = next(iter(tampered.params))
-    bad = tampered.params[name].to_numpy() + 1.0
-    tampered = tampered.model_copy(update={"params": tampered.params | {name: Tensor.from_numpy(bad)}})
-    assert not device.apply_delta(tampered)
-    extra = _forged_delta(device, 10)
-    extra_params = extra.params | {"evil.weight": Tensor.from_numpy(np.ones(3, np.float32))}
-    assert not device.apply_delta(extra.model_copy(update={"params": extra_params, "sha256": tensors_digest(extra_params)}))
+    assert not device.apply_delta(_forged_delta(device, 5, signer=signer))  # not newer
+    assert not device.apply_delta(_forged_delta(device, 3, signer=signer))  # rollback
+    good = _forged_delta(device, 9)
+    name = next(iter(good.params))
+    tampered = good.params | {name: Tensor.from_numpy(good.params[name].to_numpy() + 1.0)}
+    assert not device.apply_delta(_forged_delta(device, 9, params=tampered, sha256=good.sha256, signer=signer))
+    extra_params = good.params | {"evil.weight": Tensor.from_numpy(np.ones(3, np.float32))}
+    assert not device.apply_delta(_forged_delta(device, 10, params=extra_params, signer=signer))
     nan_params = {k: Tensor.from_numpy(np.full(v.shape, np.nan, np.float32)) for k, v in device.source_params.items()}
-    assert not device.apply_delta(_forged_delta(device, 11).model_copy(update={"params": nan_params, "sha256": tensors_digest(nan_params)}))
+    assert not device.apply_delta(_forged_delta(device, 11, params=nan_params, signer=signer))
+    assert not device.apply_delta(_forged_delta(device, 12))  # unsigned
 
     assert device.model.version == 5
-    assert device.deltas.refused == {"stale": 2, "hash_mismatch": 1, "unexpected_tensors": 1, "non_finite": 1}
+    assert device.deltas.refused == {"stale": 2, "hash_mismatch": 1, "unexpected_tensors": 1, "non_finite": 1,
+                                     "unsigned": 1}
     device.stop()
 
 
@@ -207,8 +215,8 @@ def test_batch_statistics_device_predicts_as_train_mode_bn_and_gets_affine_only_
 def test_bad_device_statistics_are_refused(tiny_server):
     url, parts = tiny_server
     token = _register(url)["token"]
-    name = next(k for k in parts.descriptor.parameters if k.endswith("running_var"))
-    shape = parts.descriptor.parameters[name]
+    name = next(k for k in parts.model().descriptor().parameters if k.endswith("running_var"))
+    shape = parts.model().descriptor().parameters[name]
     base = UploadBatch(device_version=0, codec="png", images=[encode_image(_images(1)[0], "png")],
                        entropy=[0.5], captured_at=[time.time()])
     for stats in (
@@ -251,3 +259,20 @@ def test_replay_tallies_per_sample_domains_of_a_mixed_stream(tiny_server, tmp_pa
     assert all(r["samples"] == 16 for r in rows.values())
     assert sum(r["uploaded"] for r in rows.values()) == summary["status"]["uploads"]["offered"]
     assert sum(r["uplink_bytes"] for r in rows.values()) == summary["status"]["uploads"]["sent_bytes"]
+
+
+def test_device_fails_over_between_the_servers_it_is_given(tiny_server, tmp_path):
+    """`--server A,B`: with A gone, the device enrols, uploads and adapts through B."""
+    from driftsync.processes import free_port
+
+    url, parts = tiny_server
+    dead = f"http://127.0.0.1:{free_port()}"
+    device = _device(f"{dead},{url}", tmp_path)
+    for i in range(6):
+        device.predict(_images(8, seed=i))
+    wait_for(lambda: device.deltas.applied >= 1, what="a delta through the second server")
+    assert device.status()["uploads"]["sent"] > 0
+    device.stop()
+    restarted = _device(f"{dead},{url}", tmp_path)  # the same list: the same identity, nothing downloaded again
+    assert not restarted.downloaded_model
+    restarted.stop()
