@@ -108,11 +108,14 @@ class WebhookSink:
         self._client.close()
 
 
-def open_sink(spec: str, supervisor: Supervisor | None = None) -> Sink:
-    """jsonl:- (stdout), jsonl:PATH, or webhook:URL."""
+def parse_sink(spec: str) -> tuple[str, str]:
+    """jsonl:- (stdout), jsonl:PATH, or webhook:URL -> (kind, target); checked before anything opens."""
     kind, _, target = spec.partition(":")
-    if kind == "jsonl" and target:
-        return JsonlSink(target)
-    if kind == "webhook" and target.startswith(("http://", "https://")):
-        return WebhookSink(target, supervisor=supervisor)
-    raise ValueError(f"unknown sink {spec!r}; use jsonl:-, jsonl:PATH or webhook:URL")
+    if (kind == "jsonl" and target) or (kind == "webhook" and target.startswith(("http://", "https://"))):
+        return kind, target
+    raise ValueError(f"unknown sink {spec!r}; use jsonl:-, jsonl:PATH, webhook:URL or none")
+
+
+def open_sink(spec: str, supervisor: Supervisor | None = None) -> Sink:
+    kind, target = parse_sink(spec)
+    return JsonlSink(target) if kind == "jsonl" else WebhookSink(target, supervisor=supervisor)

@@ -53,7 +53,8 @@ def run_device(args: argparse.Namespace) -> int:
     except Exception as exc:  # noqa: BLE001 (a refusal or a stop while provisioning: say why and exit)
         log.error("device not started: %s", exc)
         return 1
-    sinks = [open_sink(spec.strip(), client.supervisor) for spec in args.sink.split(",") if spec.strip()]
+    specs = [] if args.sink.strip() == "none" else [spec.strip() for spec in args.sink.split(",") if spec.strip()]
+    sinks = [open_sink(spec, client.supervisor) for spec in specs]
     reporter = StatusReporter(
         client, Path(args.status_file) if args.status_file else state_dir / "status.json",
         telemetry_every_s=args.telemetry_every_s, port=args.status_port,

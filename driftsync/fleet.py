@@ -45,7 +45,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from driftsync.config import add, optional
+from driftsync.config import FILE, PORT, POSITIVE, add, optional
 from driftsync.localservices import KNOWN_IMAGES
 from driftsync.processes import cli, free_port
 
@@ -515,8 +515,14 @@ def _pairs(items: list[str], flag: str) -> dict[str, str]:
 
 def add_fleet_parser(subparsers: Any) -> argparse.ArgumentParser:
     """The `fleet` subcommand's parser."""
-    p = subparsers.add_parser("fleet", help="run a compose file's services as local processes (no Docker)")
-    add(p, "--compose", "docker-compose.yml", help="compose file: the topology")
+    p = subparsers.add_parser(
+        "fleet", help="run a compose file's services as local processes (no Docker)",
+        description="Run the services of a compose file (docker-compose.yml: the server roles and their devices) "
+        "as local processes: replicas, environment, volumes, published ports, profiles and depends_on conditions.",
+        epilog="examples:\n  driftsync fleet --scale device=4 --duration 120\n"
+               "  driftsync fleet --env DRIFTSYNC_REPEAT=no --env DRIFTSYNC_SAMPLES_PER_DOMAIN=32",
+    )
+    add(p, "--compose", "docker-compose.yml", FILE, help="compose file: the topology")
     p.add_argument("--profile", action="append", default=[], metavar="NAME",
                    help="activate a compose profile (repeatable; default: COMPOSE_PROFILES, from the environment or .env)")
     p.add_argument("--scale", action="append", default=[], metavar="SERVICE=N",
@@ -524,12 +530,12 @@ def add_fleet_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
                    help="set an environment variable for every service (repeatable)")
     add(p, "--work", "driftsync-fleet", help="volumes (<work>/volumes) and logs (<work>/logs)")
-    add(p, "--duration", None, optional(float), help="stop the replicas after this many seconds ('none': when they exit)")
+    add(p, "--duration", None, optional(POSITIVE), help="stop the replicas after this many seconds ('none': when they exit)")
     p.add_argument("--until-exit", action="append", default=[], metavar="SERVICE",
                    help="stop everything once every replica of SERVICE has exited (repeatable; default: every "
                         "service no other waits on as healthy)")
-    add(p, "--port", 0, int, help="local port for the first published port (0: a free one)")
-    add(p, "--health-timeout", 600.0, float, help="longest wait for a depends_on condition")
+    add(p, "--port", 0, PORT, help="local port for the first published port (0: a free one)")
+    add(p, "--health-timeout", 600.0, POSITIVE, help="longest wait for a depends_on condition")
     return p
 
 

@@ -23,7 +23,8 @@ from pathlib import Path
 import httpx
 import numpy as np
 
-from driftsync.config import add, optional
+from driftsync.config import NONNEGATIVE, POSITIVE, POSITIVE_INT, URLS, add, bounded, optional
+from driftsync.errors import UserError
 from shared.codec import MSGPACK_MEDIA_TYPE, decode, pack
 from shared.images import encode_image
 from shared.protocol import Delta, RegisterRequest, UploadBatch
@@ -266,22 +267,42 @@ def _names(fleet: dict, cohort: dict) -> list[str]:
 
 
 def add_loadtest_parser(subparsers) -> None:
-    p = subparsers.add_parser("loadtest", help="simulated devices against a running server: latency, freshness, RSS")
-    add(p, "--server", "http://127.0.0.1:8700", help="server base URL, or a comma list of API replicas to fail over between")
+    p = subparsers.add_parser(
+        "loadtest", help="simulated devices against a running server: latency, freshness, RSS",
+        description="Many simulated devices against one running server, over real HTTP: each registers, "
+        "uploads real WebP images at --fps x --upload-ratio and long-polls for deltas. Reports upload "
+        "latency, refusals, 5xx, delta freshness, the server's RSS and convergence.",
+        epilog="examples:\n  driftsync loadtest --server http://127.0.0.1:8700 --devices 64 --duration-s 60\n"
+               "  driftsync loadtest --devices 16 --cohort shared --server-pid \"$(pgrep -f 'driftsync serve')\" --json load.json",
+    )
+    add(p, "--server", "http://127.0.0.1:8700", URLS, help="server base URL, or a comma list of API replicas to fail over between")
     add(p, "--admin-token", None, optional(str), help="read accepted/learnt totals from the fleet API at the end")
-    add(p, "--devices", 16, int, help="simulated devices")
-    add(p, "--duration-s", 30.0, float, help="upload for this long")
-    add(p, "--fps", 30.0, float, help="frames/s per device")
-    add(p, "--upload-ratio", 0.25, float, help="share of frames each device uploads")
-    add(p, "--batch", 8, int, help="samples per upload request")
-    add(p, "--settle-s", 30.0, float, help="after uploading, wait this long for the last deltas")
+    add(p, "--devices", 16, POSITIVE_INT, help="simulated devices")
+    add(p, "--duration-s", 30.0, POSITIVE, help="upload for this long")
+    add(p, "--fps", 30.0, POSITIVE, help="frames/s per device")
+    add(p, "--upload-ratio", 0.25, bounded(float, 0.0, 1.0, above=True), help="share of frames each device uploads")
+    add(p, "--batch", 8, POSITIVE_INT, help="samples per upload request")
+    add(p, "--settle-s", 30.0, NONNEGATIVE, help="after uploading, wait this long for the last deltas")
     add(p, "--enrolment-token", None, optional(str), help="fleet enrolment token", secret=True)
     add(p, "--cohort", None, optional(str), help="put every device in this cohort (default: each its own)")
-    add(p, "--server-pid", None, optional(int), help="read this process's RSS during the run")
+    add(p, "--server-pid", None, optional(POSITIVE_INT), help="read this process's RSS during the run")
     add(p, "--json", None, optional(str), help="also write the report here")
 
 
+def _check_reachable(servers: str) -> None:
+    """Fail in one line before any work when no server of the list answers at /healthz."""
+    error: Exception | None = None
+    for server in servers.split(","):
+        try:
+            httpx.get(f"{server.strip()}/healthz", timeout=5.0).raise_for_status()
+            return
+        except httpx.HTTPError as exc:
+            error = exc
+    raise UserError(f"no healthy driftsync server at {servers}: {error}") from error
+
+
 def run_loadtest_command(args: argparse.Namespace) -> int:
+    _check_reachable(args.server)
     opts = LoadOptions(server=args.server, devices=args.devices, duration_s=args.duration_s, fps=args.fps,
                        upload_ratio=args.upload_ratio, batch=args.batch, settle_s=args.settle_s,
                        enrolment_token=args.enrolment_token, server_pid=args.server_pid, cohort=args.cohort,

@@ -22,6 +22,7 @@ from driftsync.config import home
 from driftsync.data import streams
 from driftsync.data.corruptions import constants_for_size
 from driftsync.processes import mean_curve, run_fleet
+from driftsync.progress import bar
 from driftsync.report import build_report, markdown_methods, write_methods_report
 
 DATASETS = ("embedded", "cifar10", "cifar10-c", "imagenet-c", "folder")
@@ -162,11 +163,8 @@ def build_stream(opts: ReplayOptions, spec: StreamSpec, directory: Path) -> int:
     total = streams.stream_length(opts.setting, spec.samples_per_domain, corruptions, opts.severity)
     chunks = streams.stream(opts.setting, spec.source, corruptions, opts.severity, opts.batch_size,
                             seed=opts.seed, dirichlet=opts.dirichlet)
-    def progress(done: int) -> None:
-        if done * 10 // total != (done - opts.batch_size) * 10 // total or done == total:
-            print(f"[replay] stream: {done}/{total} samples prepared", flush=True)
-
-    return streams.write_stream(chunks, directory, progress)
+    with bar(total, "[replay] building the stream") as progress:
+        return streams.write_stream(chunks, directory, lambda done: progress.update(done - progress.n))
 
 
 # --------------------------------------------------------------------------- on-device methods
@@ -174,10 +172,11 @@ def build_stream(opts: ReplayOptions, spec: StreamSpec, directory: Path) -> int:
 
 def source_predictions(opts: ReplayOptions, stream_dir: Path) -> np.ndarray:
     """The source model's predictions over the stream, once, for every method's source column."""
-    return run_on_device("source", opts, stream_dir, None)["predictions"]
+    return run_on_device("source", opts, stream_dir, None, label="source predictions (every method's reference)")["predictions"]
 
 
-def run_on_device(name: str, opts: ReplayOptions, stream_dir: Path, source_pred: np.ndarray | None) -> dict:
+def run_on_device(name: str, opts: ReplayOptions, stream_dir: Path, source_pred: np.ndarray | None,
+                  label: str | None = None) -> dict:
     """An in-process torch reference, summarised like a device replay so one report covers both."""
     import torch
 
@@ -196,6 +195,7 @@ def run_on_device(name: str, opts: ReplayOptions, stream_dir: Path, source_pred:
     curve: list[dict] = []
     predictions = np.empty(total, dtype=np.int64)
     done, started = 0, time.monotonic()
+    progress = bar(total, f"[replay] {label or name}")
     for chunk in streams.read_stream(stream_dir):
         if chunk.reset:
             method.reset()
@@ -213,8 +213,8 @@ def run_on_device(name: str, opts: ReplayOptions, stream_dir: Path, source_pred:
                       "accuracy": float((predicted == chunk.labels).mean()),
                       "accuracy_source": float((src == chunk.labels).mean())})
         done += len(predicted)
-        if done * 10 // total != (done - len(predicted)) * 10 // total:
-            print(f"[replay] {name}: {done}/{total} samples, {time.monotonic() - started:.0f}s", flush=True)
+        progress.update(len(predicted))
+    progress.close()
     return {
         "domains": list(tallies.values()),
         "curve": curve,
@@ -249,7 +249,7 @@ def run_collaborative(name: str, opts: ReplayOptions, stream_dir: Path, work: Pa
         for i in range(opts.devices)
     ]
     return run_fleet([*server, *opts.server_args], devices, work,
-                     report=lambda elapsed, progress: print(f"[replay] {name}: {elapsed:4.0f}s {progress}", flush=True))
+                     frames=opts.devices * streams.stream_file_length(stream_dir), label=f"replay {name}")
 
 
 # --------------------------------------------------------------------------- the run

@@ -68,14 +68,20 @@ def markdown(report: dict) -> str:
         "",
         f"Student `{report['student']}`, teacher `{report['teacher']}`, {report['devices']} device(s), {report['samples']} samples.",
         "",
-        "| domain | samples | source error % | adapted error % | uploaded | uplink bytes |",
-        "|---|---:|---:|---:|---:|---:|",
+        "| domain | samples | source error % | adapted error % | change (points) | uploaded | uplink bytes |",
+        "|---|---:|---:|---:|---:|---:|---:|",
     ]
     for r in report["domains"]:
-        lines.append(f"| {r['name']} | {r['samples']} | {r['error_source']:.1f} | {r['error']:.1f} | {r['uploaded']} | {r['uplink_bytes']} |")
-    lines.append(f"| **mean** | {report['samples']} | **{report['mean_error_source']:.1f}** | **{report['mean_error']:.1f}** | | |")
+        change = r["error"] - r["error_source"]
+        flag = " **worse**" if change > 0 else ""
+        lines.append(f"| {r['name']} | {r['samples']} | {r['error_source']:.1f} | {r['error']:.1f} | {change:+.1f}{flag} "
+                     f"| {r['uploaded']} | {r['uplink_bytes']} |")
+    mean_change = report["mean_error"] - report["mean_error_source"]
+    lines.append(f"| **mean** | {report['samples']} | **{report['mean_error_source']:.1f}** | **{report['mean_error']:.1f}** "
+                 f"| **{mean_change:+.1f}** | | |")
     lines += [
         "",
+        worse_than_source(report["domains"]),
         f"- upload ratio: {report['upload_ratio']:.3f}",
         f"- uplink bytes per stream sample: {report['uplink_bytes_per_sample']}",
         f"- deltas applied: {report['deltas_applied']}, downlink bytes: {report['downlink_bytes']} "
@@ -84,6 +90,14 @@ def markdown(report: dict) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def worse_than_source(domains: list[dict]) -> str:
+    """One line naming every domain where adaptation made the error worse than the source model's."""
+    worse = [f"{d['name']} ({d['error_source']:.1f} -> {d['error']:.1f})" for d in domains if d["error"] > d["error_source"]]
+    if not worse:
+        return "- adaptation is at least as good as the source model on every domain"
+    return f"- **worse than the source model on {len(worse)} domain(s): {', '.join(worse)}**"
 
 
 def _smooth(values: np.ndarray, window: int) -> np.ndarray:
@@ -97,19 +111,55 @@ def _smooth(values: np.ndarray, window: int) -> np.ndarray:
 PALETTE = ((30, 90, 200), (200, 60, 60), (40, 150, 70), (150, 80, 180), (230, 140, 20), (20, 160, 170), (120, 120, 120))
 
 
+def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
+    try:
+        return ImageFont.load_default(size=size)  # Pillow >= 10.1 with FreeType: a scalable font
+    except (TypeError, OSError, ImportError):
+        return ImageFont.load_default()
+
+
+def _segments(domains: list[str]) -> list[tuple[str, int, int]]:
+    """(domain, first index, end index) for each run of equal consecutive domains."""
+    runs: list[tuple[str, int, int]] = []
+    for i, domain in enumerate(domains):
+        if runs and runs[-1][0] == domain:
+            runs[-1] = (domain, runs[-1][1], i + 1)
+        else:
+            runs.append((domain, i, i + 1))
+    return runs
+
+
 def plot(lines: dict[str, np.ndarray], domains: list[str], path: Path, title: str) -> None:
-    """Online accuracy per named line over the stream, smoothed, with domain boundaries."""
-    width, height, left, right, top, bottom = 1100, 460, 60, 20, 40, 90
+    """Online accuracy per named line over the stream, smoothed, with domain boundaries.
+
+    Layout, top to bottom: title, legend row, plot, full domain names (rotated), x-axis title;
+    the y-axis title runs up the left edge.
+    """
+    font, small = _font(14), _font(12)
+    label_height = max((int(small.getlength(d)) for d in set(domains)), default=0) + 8
+    width, left, right, top = 1100, 78, 20, 62
+    ph = 330
+    height = top + ph + label_height + 30
+    pw = width - left - right
     img = Image.new("RGB", (width, height), "white")
     draw = ImageDraw.Draw(img)
-    font = ImageFont.load_default()
-    draw.text((left, 10), title, fill="black", font=font)
-    pw, ph = width - left - right, height - top - bottom
+    draw.text((left, 8), title, fill="black", font=font)
+    x = left
+    for name, colour in zip(lines, PALETTE):  # legend: its own row under the title
+        draw.line([x, 41, x + 22, 41], fill=colour, width=3)
+        draw.text((x + 28, 34), name, fill="black", font=small)
+        x += 28 + int(small.getlength(name)) + 22
     draw.rectangle([left, top, left + pw, top + ph], outline="black")
     for frac in (0.0, 0.25, 0.5, 0.75, 1.0):
         y = top + ph * (1 - frac)
         draw.line([left, y, left + pw, y], fill=(225, 225, 225))
-        draw.text((8, y - 6), f"{frac:.0%}", fill="black", font=font)
+        text = f"{frac:.0%}"
+        draw.text((left - 6 - small.getlength(text), y - 7), text, fill="black", font=small)
+    axis = "online accuracy (moving average)"
+    tag = Image.new("RGBA", (int(small.getlength(axis)) + 4, 16), (255, 255, 255, 0))
+    ImageDraw.Draw(tag).text((0, 0), axis, fill="black", font=small)
+    tag = tag.rotate(90, expand=True)
+    img.paste(tag, (6, top + (ph - tag.height) // 2), tag)
     n = len(domains)
     if n:
         xs = np.linspace(left, left + pw, n)
@@ -119,20 +169,18 @@ def plot(lines: dict[str, np.ndarray], domains: list[str], path: Path, title: st
                 continue
             ys = top + ph * (1 - _smooth(np.asarray(values, dtype=float), window))
             draw.line(list(zip(xs.tolist(), ys.tolist())), fill=colour, width=2)
-        previous = None
-        for i, domain in enumerate(domains):
-            if domain != previous:
-                x = float(xs[i])
-                draw.line([x, top, x, top + ph], fill=(150, 150, 150))
-                label = Image.new("RGBA", (80, 12), (255, 255, 255, 0))
-                ImageDraw.Draw(label).text((0, 0), domain[:13], fill="black", font=font)
-                img.paste(label.rotate(90, expand=True), (int(x) - 6, top + ph + 4), label.rotate(90, expand=True))
-                previous = domain
-    x = left + 250
-    for name, colour in zip(lines, PALETTE):
-        draw.line([x, 18, x + 20, 18], fill=colour, width=3)
-        draw.text((x + 25, 12), name, fill="black", font=font)
-        x += 35 + 7 * len(name)
+        step = pw / max(n - 1, 1)
+        for domain, first, end in _segments(domains):
+            x0 = left + first * step
+            if first:
+                draw.line([x0, top, x0, top + ph], fill=(150, 150, 150))
+            label = Image.new("RGBA", (int(small.getlength(domain)) + 4, 16), (255, 255, 255, 0))
+            ImageDraw.Draw(label).text((0, 0), domain, fill="black", font=small)
+            label = label.rotate(90, expand=True)
+            centre = left + (first + end - 1) / 2 * step
+            img.paste(label, (int(centre - label.width / 2), top + ph + 4), label)
+    axis = "position in the stream (each band is one domain, in the order replayed)"
+    draw.text((left + (pw - small.getlength(axis)) / 2, height - 22), axis, fill="black", font=small)
     img.save(path)
 
 

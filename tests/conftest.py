@@ -13,6 +13,24 @@ SHARED = REPO.parent / "shared"
 pytest_plugins = ["postgres_service", "redis_service"]  # private PostgreSQL and Redis for the scale-out tests
 
 
+def missing_shared(*relative: str) -> str | None:
+    """Why tests needing ../shared/<relative> must skip (None: all present). The product never needs them."""
+    if not SHARED.is_dir():
+        return "../shared (the team resource folder beside the clone) is absent"
+    absent = [r for r in relative if not (SHARED / r).exists()]
+    return f"../shared (the team resource folder) lacks {', '.join(absent)}" if absent else None
+
+
+@pytest.fixture(scope="session", autouse=True)
+def driftsync_home(tmp_path_factory: pytest.TempPathFactory):
+    """A fresh DRIFTSYNC_HOME for the whole run, inherited by every process a test starts:
+    tests never read or write the user's (~/.cache/driftsync), and use the shipped models."""
+    home = tmp_path_factory.mktemp("driftsync-home")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("DRIFTSYNC_HOME", str(home))
+        yield home
+
+
 def wait_for(predicate, timeout: float = 60.0, what: str = "condition"):
     """Poll until `predicate()` is truthy and return its value; fail saying what never happened."""
     deadline = time.monotonic() + timeout

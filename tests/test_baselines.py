@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import copy
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,10 +13,10 @@ from server.augment import cotta_augment
 from server.baselines import build_method
 from server.engine import entropy
 from server.norm import affine_parameters
+from tests.conftest import SHARED, missing_shared
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
-RESNET20 = SHARED / "models" / "cifar10-resnet" / "resnet20-12fca82f.th"
-CIFAR_TEST = SHARED / "data" / "cifar10" / "test.npz"
+RESNET20_PATH, CIFAR_TEST_PATH = "models/cifar10-resnet/resnet20-12fca82f.th", "data/cifar10/test.npz"
+RESNET20, CIFAR_TEST = SHARED / RESNET20_PATH, SHARED / CIFAR_TEST_PATH
 
 
 def tiny_net(seed: int = 0, logit_scale: float = 1.0) -> nn.Module:
@@ -170,8 +169,8 @@ def test_cotta_augment_shapes_and_range() -> None:
 
 
 def test_real_resnet20_bn_and_tent_beat_source() -> None:
-    if not (RESNET20.exists() and CIFAR_TEST.exists()):
-        pytest.skip(f"real assets absent: need {RESNET20} and {CIFAR_TEST}")
+    if reason := missing_shared(RESNET20_PATH, CIFAR_TEST_PATH):
+        pytest.skip(reason)
     from driftsync.data.corruptions import corrupt
     from server.models.registry import build_model
 

@@ -17,10 +17,11 @@ import yaml
 
 from driftsync import fleet
 from server.tokens import weak_tokens
+from tests.conftest import SHARED, missing_shared
 
 REPO = Path(__file__).resolve().parents[1]
 COMPOSE = REPO / "docker-compose.yml"
-SCHEMA = Path(__file__).parents[2] / "shared/schemas/compose-spec.json"
+SCHEMA = SHARED / "schemas/compose-spec.json"
 DOCKERFILES = {name: REPO / "docker" / f"{name}.Dockerfile" for name in ("server", "device")}
 
 
@@ -33,8 +34,8 @@ def doc() -> dict:
 
 
 def test_compose_file_matches_the_compose_specification(doc):
-    if not SCHEMA.exists():
-        pytest.skip(f"Compose Specification schema not found at {SCHEMA}")
+    if reason := missing_shared("schemas/compose-spec.json"):
+        pytest.skip(reason)
     jsonschema = pytest.importorskip("jsonschema", reason="jsonschema is in the dev extra")
     errors = sorted(jsonschema.Draft7Validator(json.loads(SCHEMA.read_text())).iter_errors(doc), key=str)
     assert not errors, "\n".join(f"{list(e.absolute_path)}: {e.message}" for e in errors)
@@ -143,11 +144,14 @@ def test_device_dockerfile_installs_no_torch():
     assert re.search(r"about \d+ MB", DOCKERFILES["device"].read_text())  # the size estimate comment
 
 
-def test_server_dockerfile_installs_cpu_torch_then_the_server_extra_and_trains():
+def test_server_dockerfile_installs_cpu_torch_then_the_server_extra_and_checks_the_shipped_models():
     text = " ".join(_instructions(DOCKERFILES["server"]))
     torch_at = text.index("pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu")
-    assert torch_at < text.index('pip install ".[server]"') < text.index("RUN driftsync train")
+    assert torch_at < text.index('pip install ".[server]"') < text.index("embedded.verify_packaged")
+    assert "driftsync train" not in text  # the models ship in the package: no training at build
     assert "DRIFTSYNC_HOME=/var/lib/driftsync/home" in text and "EXPOSE 8700" in text
+    ignored = (REPO / ".dockerignore").read_text().split()
+    assert ignored.index("!server/models/weights/*.pt") > ignored.index("*.pt")  # the exception comes after
 
 
 def test_dockerignore_keeps_the_build_context_small():

@@ -135,7 +135,7 @@ def test_daemon_watches_a_folder_spools_offline_and_survives_kill_9(tmp_path):
 @pytest.mark.parametrize("flags, message", [
     (["--source", "stdin"], "--frame-size"),
     (["--source", "folder"], "--data"),
-    (["--source", "nonsense"], "unknown --source"),
+    (["--source", "nonsense"], "argument --source: expected one of folder"),
 ])
 def test_daemon_refuses_incomplete_source_options(tiny_server, tmp_path, flags, message):
     url, _ = tiny_server

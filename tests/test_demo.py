@@ -11,6 +11,11 @@ from driftsync.report import REPORT_KEYS
 
 def test_reduced_demo_runs_processes_over_http_and_writes_the_report(tmp_path):
     out = tmp_path / "demo"
+    stale = out / "server-state" / "driftsync.sqlite"  # a previous run's adapted state must not leak in
+    stale.parent.mkdir(parents=True)
+    stale.write_bytes(b"not a database")
+    (out / "devices" / "0").mkdir(parents=True)
+    (out / "devices" / "0" / "status.json").write_text('{"frames": 99999, "version": 77}')
     report = run_demo(DemoOptions(
         devices=2, samples_per_domain=96, corruptions="gaussian_noise,fog,contrast", out=out, fps=24.0, batch_size=16,
     ))
@@ -29,3 +34,4 @@ def test_reduced_demo_runs_processes_over_http_and_writes_the_report(tmp_path):
     for i in range(2):
         summary = json.loads((out / "devices" / str(i) / "summary.json").read_text())
         assert summary["status"]["uploads"]["dropped"] == 0
+        assert summary["status"]["frames"] == 3 * 96

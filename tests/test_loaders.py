@@ -20,7 +20,6 @@ from driftsync.data.loaders import (
     ImageNetCFolder,
     cache_key,
     corrupt_cached,
-    corrupt_main,
     corruption_rng,
     imagenet_c_wnids,
     load_cifar10c,
@@ -342,12 +341,11 @@ def test_parse_severities() -> None:
             parse_severities(bad)
 
 
-def test_write_corrupted_tree_round_trips(class_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+def test_write_corrupted_tree_round_trips(class_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "out"
-    with caplog.at_level(logging.INFO, logger="driftsync.data.loaders"):
-        written = write_corrupted_tree(class_dir, out, ["gaussian_noise", "contrast"], [1, 4], seed=3)
+    written = write_corrupted_tree(class_dir, out, ["gaussian_noise", "contrast"], [1, 4], seed=3)
     assert written == 5 * 2 * 2
-    assert "100%" in caplog.text
+    assert "20/20" in capsys.readouterr().err  # the progress bar, on stderr
     tree = out / "contrast" / "4"
     assert sorted(p.relative_to(tree).as_posix() for p in tree.rglob("*.JPEG")) == [
         "cat/a.JPEG", "cat/b.JPEG", "dog/c.JPEG", "dog/d.JPEG", "dog/e.JPEG",
@@ -399,13 +397,15 @@ def test_corrupt_main_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[s
             np.testing.assert_array_equal(y, [0, 0, 1, 1])  # car < plane
 
     everything = tmp_path / "all"
-    assert corrupt_main(["--input", str(source), "--output", str(everything), "--severities", "5"]) == 0
+    assert main(["corrupt", "--input", str(source), "--output", str(everything), "--severities", "5"]) == 0
     assert len(list(everything.glob("*/5/*/*.JPEG"))) == 15 * 4
 
-    assert corrupt_main(["--input", str(tmp_path / "missing"), "--output", str(out)]) == 1
-    for bad in (["--corruptions", "rain"], ["--severities", "0"], ["--size", "4"]):
+    (source / "empty").mkdir()  # a class folder without images: refused in one line, exit 1
+    assert main(["corrupt", "--input", str(source), "--output", str(out)]) == 1
+    assert "class folders without images" in capsys.readouterr().err
+    for bad in (["--corruptions", "rain"], ["--severities", "0"], ["--size", "4"], ["--input", str(tmp_path / "missing")]):
         with pytest.raises(SystemExit) as exit_info:
-            corrupt_main(["--input", str(source), "--output", str(out), *bad])
+            main(["corrupt", "--input", str(source), "--output", str(out), *bad])
         assert exit_info.value.code == 2
 
 

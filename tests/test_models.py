@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 import torch
 
-from driftsync.config import home as driftsync_home
 from driftsync.data import synthetic
 from server.models import embedded
 from server.models.cifar_resnet import cifar_resnet
@@ -21,9 +20,8 @@ from server.models.registry import (
     model_names,
     untrained_model,
 )
+from tests.conftest import REPO, SHARED, missing_shared
 
-REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared"
 CIFAR_TEST = SHARED / "data" / "cifar10" / "test.npz"
 RESNETS = SHARED / "models" / "cifar10-resnet"
 
@@ -166,25 +164,42 @@ def test_augment_is_generic_and_deterministic() -> None:
     assert a.shape == (16, 3, 32, 32) and 0.0 <= float(a.min()) and float(a.max()) <= 1.0
 
 
-@pytest.fixture(scope="session")
-def trained_home() -> Path:
-    """The embedded models in the user's DRIFTSYNC_HOME, trained on first use (~2.5 min on 2 cores).
-
-    The same cache the demo uses, so a test run trains them at most once.
-    """
-    home = driftsync_home()
-    for name in ("embedded-student", "embedded-teacher"):
-        path = embedded.ensure_trained(name, home)
-        assert path.exists() and path.parent == home / "models"
-    return home
+def test_shipped_weights_were_trained_under_the_current_recipe() -> None:
+    """A changed recipe or generator needs new shipped weights: python scripts/ship_embedded.py."""
+    for name, config in embedded.CONFIGS.items():
+        assert embedded.PACKAGED[name].digest == config.digest(), name
 
 
-def test_embedded_models_train_and_cache(trained_home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_shipped_models_load_verified_without_training(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     x, y = synthetic.generate(10**6, 2000)
-    monkeypatch.setattr(embedded, "train", lambda *a, **k: pytest.fail("cache miss: trained again"))
+    monkeypatch.setattr(embedded, "train", lambda *a, **k: pytest.fail("a first run must not train"))
     for name in ("embedded-student", "embedded-teacher"):
-        model = build_model(name, home=trained_home)
+        assert embedded.checkpoint(name, tmp_path) == embedded.packaged_path(name)
+        model = build_model(name, home=tmp_path)
         assert _accuracy(model, x, y) >= 0.85, name
+    assert not (tmp_path / "models").exists()  # nothing written into DRIFTSYNC_HOME
+
+
+def test_a_shipped_file_that_differs_from_its_recorded_hash_is_refused(tmp_path: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    blob = bytearray(embedded.packaged_path("embedded-student").read_bytes())
+    blob[-100] ^= 0xFF
+    (tmp_path / "embedded-student.pt").write_bytes(bytes(blob))
+    monkeypatch.setattr(embedded, "WEIGHTS_DIR", tmp_path)
+    with pytest.raises(ValueError, match="SHA-256"):
+        build_model("embedded-student", home=tmp_path / "home")
+
+
+def test_retrain_writes_into_home_which_then_takes_precedence(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A real (tiny) training run through retrain(): the copy in DRIFTSYNC_HOME wins over the shipped one."""
+    tiny = embedded.TrainConfig(plan=((8, 2, 3),), train_samples=512, epochs=1, batch_size=64)
+    monkeypatch.setitem(embedded.CONFIGS, "embedded-student", tiny)
+    path = embedded.retrain("embedded-student", tmp_path, log=lambda m: None)
+    assert path == embedded.checkpoint_path("embedded-student", tmp_path) and path.parent == tmp_path / "models"
+    assert embedded.checkpoint("embedded-student", tmp_path) == path
+    net = embedded.load_trained("embedded-student", tmp_path)
+    assert net.head.in_features == 8 and not net.training
+    assert not list((tmp_path / "models").glob("*.tmp"))
 
 
 # --- real pretrained CIFAR-10 ResNets (../shared) ------------------------------------------------
@@ -196,8 +211,8 @@ def test_embedded_models_train_and_cache(trained_home: Path, monkeypatch: pytest
 )
 def test_real_cifar_resnet_accuracy(name: str, filename: str, expected: float) -> None:
     ckpt = RESNETS / filename
-    if not (ckpt.exists() and CIFAR_TEST.exists()):
-        pytest.skip(f"real assets absent: need {ckpt} and {CIFAR_TEST}")
+    if reason := missing_shared(f"models/cifar10-resnet/{filename}", "data/cifar10/test.npz"):
+        pytest.skip(reason)
     data = np.load(CIFAR_TEST, allow_pickle=False)
     model = build_model(f"{name}:{ckpt}")
     assert abs(_accuracy(model, data["x_exact1000"], data["y_exact1000"]) - expected) <= 0.005

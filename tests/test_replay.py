@@ -16,14 +16,12 @@ from driftsync.data import streams
 from driftsync.replay import ReplayOptions, run
 from driftsync.report import REPORT_KEYS
 from server.models.registry import untrained_model
+from tests.conftest import SHARED, missing_shared
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 CIFAR_NPZ = SHARED / "data" / "cifar10" / "test.npz"
 RESNET20 = SHARED / "models" / "cifar10-resnet" / "resnet20-12fca82f.th"
-needs_assets = pytest.mark.skipif(
-    not (CIFAR_NPZ.is_file() and RESNET20.is_file()),
-    reason=f"real CIFAR-10 and ResNet-20 not found under {SHARED} (see ../shared/ASSETS.md)",
-)
+_MISSING = missing_shared("data/cifar10/test.npz", "models/cifar10-resnet/resnet20-12fca82f.th")
+needs_assets = pytest.mark.skipif(_MISSING is not None, reason=_MISSING or "")
 
 
 def embedded_images(count: int) -> tuple[np.ndarray, np.ndarray]:
@@ -58,7 +56,7 @@ def test_replay_runs_every_method_on_one_stream(tmp_path: Path) -> None:
     assert [m["method"] for m in saved["methods"]] == list(methods)
     md = (tmp_path / "report.md").read_text()
     assert "| cema | collaborative |" in md and "| tent | on-device |" in md
-    assert Image.open(tmp_path / "report.png").size == (1100, 460)
+    assert Image.open(tmp_path / "report.png").size[0] == 1100
 
 
 @pytest.mark.parametrize("prompt", ["lowres:8", "padding:2"])

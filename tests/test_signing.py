@@ -272,7 +272,7 @@ def test_a_pinned_device_follows_a_signed_rotation_and_refuses_a_key_swap(mitm, 
     url, proxied, proxy, parts = mitm
     device = _device(url, tmp_path / "d").start()
     old = device.identity.server_key
-    parts.signer = parts.signer.rotated()  # what `driftsync serve --rotate-signing-key true` does at start
+    parts.signer = parts.signer.rotated()  # what `driftsync serve --rotate-signing-key` does at start
     for i in range(3):
         device.predict(_images(8, seed=20 + i))
     wait_for(lambda: device.deltas.applied >= 1, what="a delta signed by the rotated key")

@@ -17,8 +17,11 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from driftsync.config import add, bounded, checked, optional
 from driftsync.data.corruptions import CORRUPTIONS, constants_for_size, corrupt
 from driftsync.data.streams import corruption_rng, parse_corruptions
+from driftsync.errors import UserError
+from driftsync.progress import bar
 from shared.images import fit_image
 
 log = logging.getLogger(__name__)
@@ -374,7 +377,8 @@ def write_corrupted_tree(
             (output_dir / corruption / str(severity) / name).mkdir(parents=True, exist_ok=True)
     rngs = {(c, s): corruption_rng(seed, c, s) for c, s in pairs}
     total = len(paths) * len(pairs)
-    written = reported = 0
+    written = 0
+    progress = bar(total, "[corrupt] writing", unit="file")
     for start in range(0, len(paths), _WRITE_BATCH):
         batch_paths = paths[start : start + _WRITE_BATCH]
         images = np.stack([_read(p, size) for p in batch_paths])
@@ -385,38 +389,37 @@ def write_corrupted_tree(
                 target = output_dir / corruption / str(severity) / classes[label] / f"{path.stem}.JPEG"
                 Image.fromarray(image).save(target, format="JPEG", quality=JPEG_QUALITY)
             written += len(out)
-            decile = written * 10 // total
-            if decile > reported:
-                log.info("corrupt: %d/%d files (%d%%)", written, total, written * 100 // total)
-                reported = decile
+            progress.update(len(out))
+    progress.close()
     return written
 
 
-def corrupt_main(argv: list[str] | None = None) -> int:
+def _severities(text: str) -> None:
+    parse_severities(text)
+
+
+def add_corrupt_args(p: argparse.ArgumentParser) -> None:
+    """`driftsync corrupt`'s flags, checked at parse time."""
+    add(p, "--input", None, checked(_existing_dir, "DIR"), help="class-per-folder image tree", required=True)
+    add(p, "--output", None, help="where the corrupted tree goes", required=True)
+    add(p, "--corruptions", "all", checked(parse_corruptions, "all|NAME,..."),
+        help="comma list or 'all' (the 15 benchmark corruptions)")
+    add(p, "--severities", "1-5", checked(_severities, "1-5|N|N,N"), help="'1-5', '3' or '1,3,5'")
+    add(p, "--seed", 0, int, help="corruption seed")
+    add(p, "--size", None, optional(bounded(int, 8)), help="output side, at least 8 ('none': keep if all equal, else 224)")
+
+
+def _existing_dir(text: str) -> None:
+    if not Path(text).is_dir():
+        raise ValueError(f"{text} is not a directory")
+
+
+def run_corrupt(args: argparse.Namespace) -> int:
     """``driftsync corrupt``: build an ImageNet-C-style tree from any class-per-folder image set."""
-    parser = argparse.ArgumentParser(
-        prog="driftsync corrupt",
-        description="Write <output>/<corruption>/<severity>/<class>/<stem>.JPEG from <input>/<class>/<images>.",
-    )
-    parser.add_argument("--input", required=True, type=Path, help="class-per-folder image tree")
-    parser.add_argument("--output", required=True, type=Path, help="where the corrupted tree goes")
-    parser.add_argument("--corruptions", default="all", help="comma list or 'all' (the 15 benchmark corruptions)")
-    parser.add_argument("--severities", default="1-5", help="'1-5', '3' or '1,3,5'")
-    parser.add_argument("--seed", default=0, type=int, help="corruption seed")
-    parser.add_argument("--size", default=None, type=int, help="output side (default: keep if all equal, else 224)")
-    args = parser.parse_args(argv)
     try:
-        corruptions = parse_corruptions(args.corruptions)
-        severities = parse_severities(args.severities)
-    except ValueError as exc:
-        parser.error(str(exc))
-    if args.size is not None and args.size < 8:
-        parser.error(f"--size must be at least 8 (the corruptions need 8 px), got {args.size}")
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    try:
-        written = write_corrupted_tree(args.input, args.output, corruptions, severities, args.seed, args.size)
+        written = write_corrupted_tree(Path(args.input), Path(args.output), parse_corruptions(args.corruptions),
+                                       parse_severities(args.severities), args.seed, args.size)
     except (OSError, ValueError) as exc:
-        log.error("corrupt failed: %s", exc)
-        return 1
+        raise UserError(f"corrupt failed: {exc}") from exc
     print(f"wrote {written} files to {args.output}")
     return 0

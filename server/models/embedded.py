@@ -1,7 +1,9 @@
-"""Default student/teacher pair, trained on first use on the embedded synthetic dataset.
+"""Default student/teacher pair, trained on the embedded synthetic dataset and shipped with the package.
 
-A fresh machine has no pretrained weights and cannot download any, so the defaults train
-themselves (deterministically, in a few CPU minutes) and cache the result under DRIFTSYNC_HOME.
+The trained weights are small (~0.6 MB and ~3 MB), so they ship in server/models/weights/ as plain
+state dicts, loaded with torch.load(weights_only=True) and checked against the SHA-256 recorded in
+PACKAGED: a first run trains nothing. `driftsync train` retrains them (deterministically, in a few
+CPU minutes) into DRIFTSYNC_HOME/models, where a retrained copy takes precedence.
 Training sees only clean images with generic augmentation (crop, flip, mild colour jitter):
 the evaluation corruptions must stay unseen, otherwise there would be nothing to adapt to.
 """
@@ -25,6 +27,7 @@ from torch import nn
 
 from driftsync.config import home as driftsync_home
 from driftsync.data import synthetic
+from driftsync.progress import bar as progress_bar
 
 # Normalisation applied by the registry's input wrapper; training uses the same constants.
 MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
@@ -89,6 +92,21 @@ CONFIGS: dict[str, TrainConfig] = {
 }
 
 
+@dataclass(frozen=True)
+class Packaged:
+    """A shipped checkpoint: the TrainConfig digest it was trained under and the file's SHA-256."""
+
+    digest: str
+    sha256: str
+
+
+WEIGHTS_DIR = Path(__file__).parent / "weights"
+PACKAGED: dict[str, Packaged] = {
+    "embedded-student": Packaged("4c281ecfe4bc", "e491ad11ab59906f111d67e5d5b994e2ca9c696bcbdd3776295028ca4a8d7941"),
+    "embedded-teacher": Packaged("933d3654a89d", "7a0a9a40c7eacfc0c7513ec607f8af09e1a9a0824908427a4796a190397f9ca8"),
+}
+
+
 def build_embedded(name: str) -> ConvBNNet:
     """Untrained network for an embedded model name."""
     if name not in CONFIGS:
@@ -97,25 +115,50 @@ def build_embedded(name: str) -> ConvBNNet:
 
 
 def checkpoint_path(name: str, home: Path | None = None) -> Path:
-    """Where the trained state_dict for name lives (the config hash keeps stale caches apart)."""
+    """Where a retrained state_dict for name lives (the config hash keeps stale ones apart)."""
     if name not in CONFIGS:
         raise ValueError(f"unknown embedded model {name!r}; choose from {sorted(CONFIGS)}")
     return Path(home or driftsync_home()) / "models" / f"{name}-{CONFIGS[name].digest()}.pt"
 
 
-def ensure_trained(name: str, home: Path | None = None, log: Callable[[str], None] = print) -> Path:
-    """Return the cached checkpoint for name, training it first if absent.
+def packaged_path(name: str) -> Path:
+    return WEIGHTS_DIR / f"{name}.pt"
+
+
+def checkpoint(name: str, home: Path | None = None) -> Path:
+    """The weights to load for name: a retrained copy in home, else the shipped one (hash-checked).
+
+    Nothing trains here: a first run must not spend minutes of CPU. If the training recipe changed
+    since the weights were shipped (a developer's edit; tests/test_models.py catches it), retrain
+    and ship them again: `scripts/ship_embedded.py`.
+    """
+    path = checkpoint_path(name, home)
+    if path.exists():
+        return path
+    if PACKAGED[name].digest != CONFIGS[name].digest():
+        raise ValueError(f"the shipped {name} weights were trained under recipe {PACKAGED[name].digest}, "
+                         f"not the current {CONFIGS[name].digest()}: run `driftsync train`")
+    verify_packaged(name)
+    return packaged_path(name)
+
+
+def verify_packaged(name: str) -> None:
+    """Refuse a shipped checkpoint whose bytes are not the ones recorded (a broken install)."""
+    digest = hashlib.sha256(packaged_path(name).read_bytes()).hexdigest()
+    if digest != PACKAGED[name].sha256:
+        raise ValueError(f"{packaged_path(name)} has SHA-256 {digest[:12]}..., expected "
+                         f"{PACKAGED[name].sha256[:12]}...: reinstall driftsync or run `driftsync train`")
+
+
+def retrain(name: str, home: Path | None = None, log: Callable[[str], None] = print) -> Path:
+    """Train name from scratch and save it into home, replacing an earlier retrained copy.
 
     A lock file serialises concurrent processes; the write itself is atomic (tmp + os.replace),
     so readers never see a partial file even where locking is unavailable.
     """
     path = checkpoint_path(name, home)
-    if path.exists():
-        return path
     path.parent.mkdir(parents=True, exist_ok=True)
     with _file_lock(path.with_suffix(".lock")):
-        if path.exists():  # another process finished while we waited
-            return path
         start = time.perf_counter()
         state = train(name, log=log)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
@@ -130,10 +173,10 @@ def ensure_trained(name: str, home: Path | None = None, log: Callable[[str], Non
     return path
 
 
-def load_trained(name: str, home: Path | None = None, log: Callable[[str], None] = print) -> ConvBNNet:
-    """Trained embedded network (eval mode), training it on first use."""
+def load_trained(name: str, home: Path | None = None) -> ConvBNNet:
+    """Trained embedded network (eval mode): shipped, or retrained into home."""
     net = build_embedded(name)
-    net.load_state_dict(torch.load(ensure_trained(name, home, log), map_location="cpu", weights_only=True))
+    net.load_state_dict(torch.load(checkpoint(name, home), map_location="cpu", weights_only=True))
     return net.eval()
 
 
@@ -214,6 +257,7 @@ def train(name: str, log: Callable[[str], None] = print) -> dict[str, torch.Tens
         opt, max_lr=cfg.lr, total_steps=cfg.epochs * steps_per_epoch, pct_start=0.25
     )
     net.train()
+    bar = progress_bar(cfg.epochs * steps_per_epoch, f"[train] {name}", unit="step")
     for epoch in range(cfg.epochs):
         perm = torch.randperm(cfg.train_samples, generator=gen)
         loss_sum, correct = 0.0, 0
@@ -228,9 +272,10 @@ def train(name: str, log: Callable[[str], None] = print) -> dict[str, torch.Tens
             sched.step()
             loss_sum += loss.item()
             correct += int((logits.argmax(1) == y_all[idx]).sum())
-        seen = steps_per_epoch * cfg.batch_size
-        log(f"[{name}] epoch {epoch + 1}/{cfg.epochs} loss {loss_sum / steps_per_epoch:.3f} "
-            f"acc {100 * correct / seen:.1f}% {time.perf_counter() - t0:.1f}s")
+            bar.update()
+            bar.set_postfix(epoch=epoch + 1, loss=f"{loss_sum / (step + 1):.3f}",
+                            acc=f"{100 * correct / ((step + 1) * cfg.batch_size):.1f}%", refresh=False)
+    bar.close()
     return {k: v.detach().contiguous() for k, v in net.eval().state_dict().items()}
 
 

@@ -2,14 +2,12 @@
 
 Every model takes float32 NCHW RGB in [0, 1]: normalisation lives inside the module, so an
 ONNX export carries it and the device only divides by 255.
-Specs are "NAME" or "NAME:CHECKPOINT" (embedded models train on first use when no checkpoint
-is given; CIFAR ResNets need one).
+Specs are "NAME" or "NAME:CHECKPOINT" (embedded models load their shipped weights when no
+checkpoint is given; CIFAR and ImageNet ResNets need one).
 """
 
 from __future__ import annotations
 
-import logging
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,9 +25,6 @@ CIFAR10_CLASSES: tuple[str, ...] = (
 )
 IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
 IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
-
-_log = logging.getLogger(__name__)
-
 
 @dataclass(frozen=True)
 class ModelInfo:
@@ -100,7 +95,7 @@ def parse_spec(spec: str) -> tuple[str, Path | None]:
     return name, Path(ckpt) if ckpt else None
 
 
-def build_model(spec: str, home: Path | None = None, log: Callable[[str], None] = _log.info) -> InputNormalization:
+def build_model(spec: str, home: Path | None = None) -> InputNormalization:
     """Model for spec in eval mode, wrapped to take float32 NCHW RGB in [0, 1]."""
     name, ckpt = parse_spec(spec)
     info = _INFOS[name]
@@ -115,7 +110,7 @@ def build_model(spec: str, home: Path | None = None, log: Callable[[str], None] 
         net = ImageNetResNet(name)
         net.load_state_dict(load_state_dict(ckpt))
     elif ckpt is None:
-        net = embedded.load_trained(name, home, log)
+        net = embedded.load_trained(name, home)
     else:
         net = embedded.build_embedded(name)
         net.load_state_dict(load_state_dict(ckpt))
