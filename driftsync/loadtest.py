@@ -23,7 +23,15 @@ from pathlib import Path
 import httpx
 import numpy as np
 
-from driftsync.config import NONNEGATIVE, POSITIVE, POSITIVE_INT, URLS, add, bounded, optional
+from driftsync.config import (
+    NONNEGATIVE,
+    POSITIVE,
+    POSITIVE_INT,
+    URLS,
+    add,
+    bounded,
+    optional,
+)
 from driftsync.errors import UserError
 from shared.codec import MSGPACK_MEDIA_TYPE, decode, pack
 from shared.images import encode_image
