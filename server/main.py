@@ -10,9 +10,12 @@ import os
 import socket
 import threading
 import uuid
+from contextlib import asynccontextmanager
 
 import torch
 from fastapi import FastAPI
+from fastapi.responses import Response
+from starlette.concurrency import run_in_threadpool
 
 from server.api_role import api_parts, open_backends, publish_model, summary_of
 from server.app import ServerParts, ServerSettings, create_app
@@ -159,9 +162,7 @@ def build_worker_app(opts: ServeOptions) -> FastAPI:
                 "partitions": sorted(worker.keeper.held()) if worker.keeper else []}
 
     @app.get("/metrics")
-    def render_metrics():
-        from fastapi.responses import Response
-
+    def render_metrics() -> Response:
         return Response(metrics.render(), media_type="text/plain; version=0.0.4")
 
     return app
@@ -202,10 +203,6 @@ def _worker_metrics(metrics: Registry) -> dict:
 
 
 def _lifespan(start, stops):
-    from contextlib import asynccontextmanager
-
-    from starlette.concurrency import run_in_threadpool
-
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         await run_in_threadpool(start)
