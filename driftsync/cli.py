@@ -195,7 +195,8 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
 
 
 def _device_args(p: argparse.ArgumentParser) -> None:
-    add(p, "--server", "http://127.0.0.1:8700", URLS, help="server base URL, or a comma list of servers (replicas, a gateway and a fallback) to fail over between")
+    add(p, "--server", "http://127.0.0.1:8700", URLS,
+        help="server base URL, or a comma list of servers (replicas, a gateway and a fallback) to fail over between")
     add(p, "--name", socket.gethostname(), help="device name shown to operators (default: the hostname)")
     add(p, "--state-dir", str(home() / "device" / "{name}"),
         help="identity, cached model, applied delta, spool and status; '{name}' expands to --name")
