@@ -163,8 +163,8 @@ class RedisBroker:
             return None
         except redis.RedisError as exc:
             raise BrokerUnavailable(str(exc)) from exc
-        jobs = [_job(message_id, fields) for _, messages in replies or []
-                for message_id, fields in messages]
+        jobs = [job for stream, messages in replies or [] for message_id, fields in messages
+                if (job := self._parse(stream, message_id, fields)) is not None]
         with self._lock:
             self._buffer.extend(job for job in jobs if job.partition in self._held)
             return self._buffer.popleft() if self._buffer else None
@@ -180,6 +180,24 @@ class RedisBroker:
                 pipe.execute()
         except redis.RedisError as exc:  # it stays pending; its upload is learnt, so a redelivery is skipped
             log.warning("could not ack %s on %s: %s", job.receipt, stream, exc)
+
+    def _parse(self, stream: bytes | str, message_id: bytes | str, fields: dict | None) -> Job | None:
+        """A message as a job; one that is not ours (or was deleted) is dropped, never stalls a partition."""
+        try:
+            return _job(message_id, fields or {})
+        except (KeyError, ValueError, UnicodeDecodeError, AttributeError) as exc:
+            log.error("dropping malformed message %s on %s: %r", message_id, stream, exc)
+            self._drop(stream, message_id)
+            return None
+
+    def _drop(self, stream: bytes | str, message_id: bytes | str) -> None:
+        try:
+            with self._redis.pipeline(transaction=False) as pipe:
+                pipe.xack(stream, GROUP, message_id)
+                pipe.xdel(stream, message_id)
+                pipe.execute()
+        except redis.RedisError as exc:
+            log.warning("could not drop %s: %s", message_id, exc)
 
     def _ensure_group(self, partition: int) -> None:
         if partition in self._grouped:
@@ -200,7 +218,7 @@ class RedisBroker:
                 reply = self._redis.xautoclaim(stream, GROUP, self.consumer, min_idle_time=0, start_id=start,
                                                count=256)
                 start, messages = reply[0], reply[1]
-                jobs += [_job(mid, fields) for mid, fields in messages if fields]
+                jobs += [job for mid, fields in messages if (job := self._parse(stream, mid, fields)) is not None]
                 if start in (b"0-0", "0-0"):
                     return jobs
         except redis.RedisError as exc:

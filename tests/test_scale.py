@@ -185,3 +185,21 @@ def test_a_stalled_worker_does_not_hold_up_other_partitions(topology) -> None:
     assert not moved - others, "nothing published for the stalled worker's partitions"
     load.join(timeout=240)
     _assert_nothing_lost(result, 8)
+
+
+def test_a_malformed_broker_message_is_dropped_and_the_partition_goes_on(redis_url) -> None:
+    import redis as redis_client
+
+    from server.broker_redis import RedisBroker
+
+    front, worker = RedisBroker(redis_url, PARTITIONS), RedisBroker(redis_url, PARTITIONS, consumer="w1")
+    p = partition_of("site", PARTITIONS)
+    worker.hold(p)
+    raw = redis_client.Redis.from_url(redis_url)
+    raw.xadd(f"driftsync:uploads:{p}", {"kind": "upload", "upload_id": "not-a-number", "partition": str(p)})
+    raw.xadd(f"driftsync:uploads:{p}", {"garbage": b"\xff\xfe"})
+    assert front.offer(StoredJob(7, "site", "dev", 1.0, b"body", p))
+    job = worker.take(1.0)
+    assert job is not None and job.upload_id == 7  # the two foreign messages were skipped
+    worker.ack(job)
+    assert raw.xlen(f"driftsync:uploads:{p}") == 0  # and removed, not left pending
