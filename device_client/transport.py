@@ -150,7 +150,6 @@ class ServerApi:
                  verify: str | bool = True, on_unknown_token: Callable[[str | None], None] | None = None) -> None:
         self.urls = server_urls(base_url)
         self._current = 0
-        self.failovers = 0
         self.token = token
         self.on_unknown_token = on_unknown_token
         context = ssl.create_default_context(cafile=verify) if isinstance(verify, str) else verify
@@ -163,7 +162,6 @@ class ServerApi:
     def _fail_over(self) -> None:
         if len(self.urls) > 1:
             self._current = (self._current + 1) % len(self.urls)
-            self.failovers += 1
 
     def close(self) -> None:
         self._client.close()

@@ -138,10 +138,6 @@ class RedisBroker:
             self._held.discard(partition)
             self._buffer = deque(job for job in self._buffer if job.partition != partition)
 
-    def held(self) -> set[int]:
-        with self._lock:
-            return set(self._held)
-
     def take(self, timeout: float) -> Job | None:
         with self._lock:
             if self._buffer:
