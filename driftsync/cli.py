@@ -222,7 +222,7 @@ def _device_args(p: argparse.ArgumentParser) -> None:
     add(p, "--telemetry-every-s", 5.0, optional(POSITIVE), help="send label-free health to the server this often ('none': never)")
     add(p, "--spool-max-bytes", 64 * 1024 * 1024, NONNEGATIVE_INT, help="uploads kept on disk while the server is away; oldest dropped beyond")
     add(p, "--data-key", "x", help="image key in the npz (e.g. x_exact1000; labels: y_exact1000)")
-    add(p, "--class-index", None, optional(FILE), help="imagenet-c: wnids in the model's class order, one per line")
+    add(p, "--class-index", None, optional(FILE), help="imagenet-c: the model's classes (wnids) in order, one a line (default: the model's own list)")
     add(p, "--corruptions", "all", CORRUPTIONS, help="comma list, 'all' (CoTTA order) or 'none'")
     add(p, "--severity", 5, SEVERITY, help="corruption severity 1-5 (gradual: the peak)")
     add(p, "--setting", "continual", SETTING, help="continual, reset_each_shift, gradual, mixed or correlated")
@@ -275,7 +275,7 @@ def _replay_args(p: argparse.ArgumentParser) -> None:
     add(p, "--dataset", "embedded", choice("embedded", "cifar10", "cifar10-c", "imagenet-c", "folder"), help="embedded, cifar10 (npz x/y), cifar10-c, imagenet-c or folder (class per folder)")
     add(p, "--data", None, optional(str), help="dataset path (npz file, CIFAR-10-C or ImageNet-C root, image folder)")
     add(p, "--data-key", "x", help="npz image key; x_exact1000 selects CIFAR-10's 1000 bit-exact test images")
-    add(p, "--class-index", None, optional(FILE), help="ImageNet-C: wnids in the model's class order, one per line")
+    add(p, "--class-index", None, optional(FILE), help="imagenet-c, folder: the model's classes (wnids) in order, one a line (default: the model's own list)")
     add(p, "--student", "embedded-student", MODEL, help="device model NAME[:CHECKPOINT]")
     add(p, "--teacher", "embedded-teacher", MODEL, help="cloud model NAME[:CHECKPOINT]")
     add(p, "--method", "source,bn,tent,cema", comma_list(_replay_methods), help="comma list of cema, prompt, cema+prompt (joint), cema/prompt (alternating), each also with @ugs; "

@@ -24,6 +24,7 @@ from device_client.sources import (
 from device_client.state import atomic_write
 from device_client.status import StatusReporter
 from driftsync.data import loaders, streams
+from driftsync.data.labels import class_order, folder_labels
 from shared.protocol import ModelDescriptor
 
 log = logging.getLogger("driftsync.device")
@@ -106,8 +107,8 @@ def _replay_chunks(args: argparse.Namespace, descriptor: ModelDescriptor) -> tup
     if args.source == "imagenet-c":
         if not args.data:
             raise SystemExit("--source imagenet-c needs --data ROOT (<corruption>/<severity>/<wnid>/*.JPEG)")
-        wnids = ([line.split()[0] for line in Path(args.class_index).read_text().splitlines() if line.strip()]
-                 if args.class_index else loaders.imagenet_c_wnids(Path(args.data)))
+        wnids = class_order(descriptor.class_names, Path(args.class_index) if args.class_index else None)
+        folder_labels(loaders.imagenet_c_wnids(Path(args.data)), wnids, args.data)
 
         def source(domain):
             return loaders.ImageNetCFolder(Path(args.data), domain.name, domain.severity, wnids=wnids, count=count,

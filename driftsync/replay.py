@@ -21,6 +21,7 @@ import numpy as np
 from driftsync.config import home
 from driftsync.data import streams
 from driftsync.data.corruptions import constants_for_size
+from driftsync.data.labels import check_labels, class_order, folder_labels
 from driftsync.processes import mean_curve, run_fleet
 from driftsync.progress import bar
 from driftsync.report import build_report, markdown_methods, write_methods_report
@@ -37,7 +38,7 @@ class ReplayOptions:
     dataset: str = "embedded"
     data: Path | None = None
     data_key: str = "x"
-    class_index: Path | None = None  # ImageNet-C: wnids in the model's class order, one per line
+    class_index: Path | None = None  # class folders: the model's classes (wnids), one a line; default: the model's own list
     student: str = "embedded-student"
     teacher: str = "embedded-teacher"
     methods: tuple[str, ...] = ("source", "bn", "tent", "cema")
@@ -73,6 +74,9 @@ class ReplayOptions:
             raise ValueError(f"unknown setting {self.setting!r}; choose from {list(streams.SETTINGS)}")
         if self.devices < 1 or self.batch_size < 1:
             raise ValueError("devices and batch size must be at least 1")
+        if self.class_index is not None and self.dataset not in ("imagenet-c", "folder"):
+            raise ValueError(f"--class-index names class folders (imagenet-c, folder); --dataset {self.dataset} "
+                             "carries integer labels, in the model's class order already")
 
 
 # --------------------------------------------------------------------------- the stream
@@ -97,20 +101,19 @@ def _cached_corruption(cache_dir: Path) -> Callable[[np.ndarray, streams.Domain,
     return corrupt_fn
 
 
-def imagenet_wnids(opts: ReplayOptions, num_classes: int) -> list[str]:
-    """The model's class order. Sorted wnids are torchvision's order, but only when every class
-    is on disk: with a subset, sorting would shift the labels, so a class index is required."""
+def model_classes(opts: ReplayOptions) -> list[str]:
+    """The student's class order, which every class folder's label indexes (driftsync.data.labels)."""
+    from server.models.registry import model_info
+
+    return class_order(model_info(opts.student).class_names, opts.class_index)
+
+
+def imagenet_wnids(opts: ReplayOptions) -> list[str]:
+    """The model's class order, once every class folder anywhere in the tree is known to name one of its classes."""
     from driftsync.data import loaders
 
-    if opts.class_index is not None:
-        wnids = [line.split()[0] for line in opts.class_index.read_text().splitlines() if line.strip()]
-    else:
-        wnids = loaders.imagenet_c_wnids(opts.data)
-        if len(wnids) != num_classes:
-            raise ValueError(f"{opts.data} has {len(wnids)} class folders but the model has {num_classes} classes; "
-                             "give --class-index FILE (one wnid per line, in the model's class order)")
-    if len(wnids) != num_classes:
-        raise ValueError(f"{opts.class_index} lists {len(wnids)} wnids; the model has {num_classes} classes")
+    wnids = model_classes(opts)
+    folder_labels(loaders.imagenet_c_wnids(opts.data), wnids, opts.data)
     return wnids
 
 
@@ -126,8 +129,10 @@ def stream_spec(opts: ReplayOptions, input_size: int, num_classes: int) -> Strea
         elif opts.dataset == "cifar10":
             images, labels = streams.npz_base(opts.data, count, key=opts.data_key,
                                               label_key=streams.label_key_for(opts.data_key))
+            labels = check_labels(labels, num_classes, opts.data)
         else:
-            images, labels, _ = loaders.load_class_folder(opts.data, size=input_size, count=count, seed=opts.seed)
+            images, labels, _ = loaders.load_class_folder(opts.data, size=input_size, count=count, seed=opts.seed,
+                                                          classes=model_classes(opts))
         source = streams.corrupting(images, labels, opts.seed, _cached_corruption(cache))
         h, w = images.shape[1:3]
         return StreamSpec(source, len(labels), (h, w), constants_for_size(h, w))
@@ -135,10 +140,11 @@ def stream_spec(opts: ReplayOptions, input_size: int, num_classes: int) -> Strea
         def read_cifar10c(domain: streams.Domain) -> tuple[np.ndarray, np.ndarray]:
             if domain.name == streams.CLEAN:
                 raise ValueError("CIFAR-10-C has no clean split: use --dataset cifar10 for --corruptions none")
-            return loaders.load_cifar10c(opts.data, domain.name, domain.severity, count)
+            images, labels = loaders.load_cifar10c(opts.data, domain.name, domain.severity, count)
+            return images, check_labels(labels, num_classes, opts.data / "labels.npy")
         first = read_cifar10c(streams.Domain(_first_corruption(opts), opts.severity))
         return StreamSpec(read_cifar10c, len(first[1]), first[0].shape[1:3], "as released (CIFAR-10-C files)")
-    wnids = imagenet_wnids(opts, num_classes)
+    wnids = imagenet_wnids(opts)
 
     def read_imagenet_c(domain: streams.Domain) -> tuple[np.ndarray, np.ndarray]:
         if domain.name == streams.CLEAN:

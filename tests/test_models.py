@@ -102,7 +102,7 @@ def test_cifar_resnet_parameter_counts(name: str, params: int) -> None:
 
 def test_registry_names_and_info() -> None:
     assert model_names() == ["embedded-student", "embedded-teacher", "resnet20", "resnet32", "resnet44", "resnet56",
-                             "resnet18", "resnet34", "resnet50", "resnet101", "resnet152"]
+                             "resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "efficientnet-lite0"]
     info = model_info("embedded-student")
     assert info.num_classes == len(info.class_names) == len(synthetic.CLASS_NAMES)
     assert info.input_size == (32, 32) and info.input_shape == (3, 32, 32)

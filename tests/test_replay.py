@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from driftsync.data import streams
+from driftsync.data import streams, synthetic
 from driftsync.replay import ReplayOptions, run
 from driftsync.report import REPORT_KEYS
 from server.models.registry import untrained_model
@@ -158,12 +158,14 @@ def test_replay_imagenet_c_tree_with_a_torchvision_state_dict(tmp_path: Path) ->
 def test_replay_class_folder(tmp_path: Path) -> None:
     x, y = embedded_images(24)
     for i, (image, label) in enumerate(zip(x, y)):
-        folder = tmp_path / "photos" / f"class{label}"
+        folder = tmp_path / "photos" / synthetic.CLASS_NAMES[label]  # folders name the model's classes
         folder.mkdir(parents=True, exist_ok=True)
         Image.fromarray(image).save(folder / f"{i}.png")
     report = run(ReplayOptions(dataset="folder", data=tmp_path / "photos", corruptions="fog", methods=("source",),
                                samples_per_domain=None, batch_size=8, out=tmp_path / "out"))
     assert report["samples"] == 24 and report["corruption_constants"] == "cifar10"
+    labels = np.concatenate([c.labels for c in streams.read_stream(tmp_path / "out" / "stream")])
+    np.testing.assert_array_equal(np.sort(labels), np.sort(y))  # the model's class indices, not sorted-folder ones
 
 
 def test_replay_refuses_bad_options(tmp_path: Path) -> None:

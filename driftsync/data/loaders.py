@@ -19,6 +19,7 @@ from PIL import Image
 
 from driftsync.config import add, bounded, checked, optional
 from driftsync.data.corruptions import CORRUPTIONS, constants_for_size, corrupt
+from driftsync.data.labels import folder_labels
 from driftsync.data.streams import corruption_rng, parse_corruptions
 from driftsync.errors import UserError
 from driftsync.progress import bar
@@ -252,15 +253,22 @@ def _class_folder_files(root: Path) -> tuple[list[Path], list[int], list[str]]:
 
 
 def load_class_folder(
-    root: Path, size: int | None = None, count: int | None = None, seed: int | None = 0
+    root: Path, size: int | None = None, count: int | None = None, seed: int | None = 0,
+    classes: Sequence[str] | None = None,
 ) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """Images of a ``<root>/<class>/*.{jpg,png,...}`` tree as (uint8 NHWC, int64 labels, class names).
 
     ``size`` None keeps images as they are when all share one size, else 224.
     ``seed`` shuffles the order (on disk it is label-sorted); None keeps (class, name) order.
-    Labels index the sorted class names.
+    Labels index ``classes`` (the model's class order; every folder must name one), else the
+    sorted folder names.
     """
-    paths, labels, classes = _class_folder_files(root)
+    paths, labels, folders = _class_folder_files(root)
+    if classes is None:
+        classes = folders
+    else:
+        mapping = folder_labels(folders, classes, root)
+        labels = [mapping[folders[label]] for label in labels]
     picks = _select(len(paths), _check_count(count, len(paths), str(root)), seed)
     chosen = [paths[i] for i in picks]
     if size is None:
@@ -268,7 +276,7 @@ def load_class_folder(
     elif size < 1:
         raise ValueError(f"size must be >= 1, got {size}")
     x = np.stack([_read(p, size) for p in chosen])
-    return x, np.asarray(labels, dtype=np.int64)[picks], classes
+    return x, np.asarray(labels, dtype=np.int64)[picks], list(classes)
 
 
 # --------------------------------------------------------------------------- corruption cache
