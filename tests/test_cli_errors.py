@@ -10,6 +10,8 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
+from pathlib import Path
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -19,6 +21,8 @@ from driftsync.processes import free_port
 from tests.conftest import REPO
 
 DEAD = f"http://127.0.0.1:{free_port()}"  # nothing listens here
+SCRATCH = str(Path(tempfile.gettempdir()) / "driftsync-cli-errors")  # where a refused replay may make its --out
+PHOTOS = "tests/data/imagenet-photos"  # class folders named by ImageNet wnids
 
 # (subcommand words, extra environment, a phrase the one line must contain)
 CASES: list[tuple[list[str], dict[str, str], str]] = [
@@ -42,6 +46,13 @@ CASES: list[tuple[list[str], dict[str, str], str]] = [
     (["demo", "--fps", "nan"], {}, "--fps: expected a finite number, got 'nan'"),
     (["replay", "--method", "foo"], {}, "unknown 'foo'"),
     (["replay", "--dataset", "cifar10"], {}, "--dataset cifar10 needs --data PATH"),
+    (["replay", "--class-index", "/nonexistent/classes.txt"], {}, "--class-index: /nonexistent/classes.txt is not a file"),
+    (["replay", "--dataset", "cifar10", "--data", "x.npz", "--class-index", "README.md"], {},
+     "--class-index names class folders"),
+    (["replay", "--dataset", "folder", "--data", PHOTOS, "--method", "source", "--out", SCRATCH], {},
+     "4 of 4 class folders in tests/data/imagenet-photos are not classes of the model"),
+    (["replay", "--dataset", "imagenet-c", "--data", PHOTOS, "--class-index", "server/models/imagenet_classes.txt",
+      "--method", "source", "--out", SCRATCH], {}, "lists 1000 classes but the model has"),
     (["fleet", "--port", "70000"], {}, "--port: must be from 0 to 65535"),
     (["fleet", "--compose", "/nonexistent/compose.yml"], {}, "is not a file"),
     (["loadtest", "--server", DEAD, "--duration-s", "1"], {}, f"no healthy driftsync server at {DEAD}"),
