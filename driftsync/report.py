@@ -4,7 +4,9 @@ The plot is drawn with Pillow so that no plotting library is needed anywhere.
 """
 from __future__ import annotations
 
+import itertools
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -108,7 +110,9 @@ def _smooth(values: np.ndarray, window: int) -> np.ndarray:
     return np.convolve(padded, kernel, mode="valid")
 
 
-PALETTE = ((30, 90, 200), (200, 60, 60), (40, 150, 70), (150, 80, 180), (230, 140, 20), (20, 160, 170), (120, 120, 120))
+PALETTE = ((30, 90, 200), (200, 60, 60), (40, 150, 70), (150, 80, 180), (230, 140, 20), (20, 160, 170),
+           (120, 120, 120), (140, 90, 40), (220, 100, 170), (110, 140, 20))  # cycled beyond ten lines
+WIDTH, LEFT, RIGHT, PLOT_HEIGHT = 1100, 78, 20, 330
 
 
 def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
@@ -129,26 +133,92 @@ def _segments(domains: list[str]) -> list[tuple[str, int, int]]:
     return runs
 
 
-def plot(lines: dict[str, np.ndarray], domains: list[str], path: Path, title: str) -> None:
-    """Online accuracy per named line over the stream, smoothed, with domain boundaries.
+@dataclass(frozen=True)
+class Box:
+    """A rectangle in image pixels: left, top, right, bottom."""
 
-    Layout, top to bottom: title, legend row, plot, full domain names (rotated), x-axis title;
-    the y-axis title runs up the left edge.
-    """
+    x0: float
+    y0: float
+    x1: float
+    y1: float
+
+    def overlaps(self, other: Box) -> bool:
+        return self.x0 < other.x1 and other.x0 < self.x1 and self.y0 < other.y1 and other.y0 < self.y1
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where every piece of report.png goes, decided before drawing so that tests can check it."""
+
+    width: int
+    height: int
+    title: list[tuple[str, Box]]  # one entry per wrapped line
+    legend: list[tuple[str, Box]]  # swatch and name, wrapped into rows
+    plot: Box
+    domains: list[tuple[str, Box]]  # full names, rotated; a label that would overlap its neighbour is left out
+
+
+def _text_height(font: ImageFont.ImageFont | ImageFont.FreeTypeFont) -> int:
+    return int(font.getbbox("Ag")[3]) + 2
+
+
+def _wrap(text: str, font: ImageFont.ImageFont | ImageFont.FreeTypeFont, width: float) -> list[str]:
+    lines: list[str] = []
+    for word in text.split():
+        if lines and font.getlength(f"{lines[-1]} {word}") <= width:
+            lines[-1] = f"{lines[-1]} {word}"
+        else:
+            lines.append(word)
+    return lines or [""]
+
+
+def layout(names: list[str], domains: list[str], title: str) -> Layout:
+    """Top to bottom: the title (wrapped), the legend (wrapped into rows), the plot, the full domain
+    names (rotated), the x-axis title; nothing overlaps and nothing leaves the image."""
     font, small = _font(14), _font(12)
-    label_height = max((int(small.getlength(d)) for d in set(domains)), default=0) + 8
-    width, left, right, top = 1100, 78, 20, 62
-    ph = 330
-    height = top + ph + label_height + 30
-    pw = width - left - right
-    img = Image.new("RGB", (width, height), "white")
+    line_h, small_h = _text_height(font), _text_height(small)
+    usable = WIDTH - LEFT - RIGHT
+    y = 8
+    title_lines = []
+    for text in _wrap(title, font, usable):
+        title_lines.append((text, Box(LEFT, y, LEFT + font.getlength(text), y + line_h)))
+        y += line_h + 2
+    y += 8
+    x, legend = LEFT, []
+    for name in names:
+        w = 28 + small.getlength(name)
+        if x > LEFT and x + w > WIDTH - RIGHT:
+            x, y = LEFT, y + small_h + 6
+        legend.append((name, Box(x, y, x + w, y + small_h)))
+        x += w + 22
+    top = y + small_h + 12
+    plot_box = Box(LEFT, top, LEFT + usable, top + PLOT_HEIGHT)
+    labels: list[tuple[str, Box]] = []
+    step = usable / max(len(domains) - 1, 1)
+    for domain, first, end in _segments(domains):
+        centre = LEFT + (first + end - 1) / 2 * step
+        box = Box(centre - small_h / 2, plot_box.y1 + 4, centre + small_h / 2, plot_box.y1 + 8 + small.getlength(domain))
+        if not labels or not box.overlaps(labels[-1][1]):
+            labels.append((domain, box))
+    bottom = max((b.y1 for _, b in labels), default=plot_box.y1)
+    return Layout(WIDTH, int(bottom) + 30, title_lines, legend, plot_box, labels)
+
+
+def plot(lines: dict[str, np.ndarray], domains: list[str], path: Path, title: str) -> None:
+    """Online accuracy per named line over the stream, smoothed, with domain boundaries, as ``layout`` places it;
+    the y-axis title runs up the left edge."""
+    font, small = _font(14), _font(12)
+    at = layout(list(lines), domains, title)
+    colours = dict(zip(lines, itertools.cycle(PALETTE)))
+    img = Image.new("RGB", (at.width, at.height), "white")
     draw = ImageDraw.Draw(img)
-    draw.text((left, 8), title, fill="black", font=font)
-    x = left
-    for name, colour in zip(lines, PALETTE):  # legend: its own row under the title
-        draw.line([x, 41, x + 22, 41], fill=colour, width=3)
-        draw.text((x + 28, 34), name, fill="black", font=small)
-        x += 28 + int(small.getlength(name)) + 22
+    for text, box in at.title:
+        draw.text((box.x0, box.y0), text, fill="black", font=font)
+    for name, box in at.legend:
+        middle = (box.y0 + box.y1) / 2
+        draw.line([box.x0, middle, box.x0 + 22, middle], fill=colours[name], width=3)
+        draw.text((box.x0 + 28, box.y0), name, fill="black", font=small)
+    left, top, pw, ph = at.plot.x0, at.plot.y0, at.plot.x1 - at.plot.x0, at.plot.y1 - at.plot.y0
     draw.rectangle([left, top, left + pw, top + ph], outline="black")
     for frac in (0.0, 0.25, 0.5, 0.75, 1.0):
         y = top + ph * (1 - frac)
@@ -159,28 +229,26 @@ def plot(lines: dict[str, np.ndarray], domains: list[str], path: Path, title: st
     tag = Image.new("RGBA", (int(small.getlength(axis)) + 4, 16), (255, 255, 255, 0))
     ImageDraw.Draw(tag).text((0, 0), axis, fill="black", font=small)
     tag = tag.rotate(90, expand=True)
-    img.paste(tag, (6, top + (ph - tag.height) // 2), tag)
+    img.paste(tag, (6, int(top + (ph - tag.height) // 2)), tag)
     n = len(domains)
     if n:
         xs = np.linspace(left, left + pw, n)
         window = max(1, n // 60)
-        for (name, values), colour in zip(lines.items(), PALETTE):
+        for name, values in lines.items():
             if len(values) != n:
                 continue
             ys = top + ph * (1 - _smooth(np.asarray(values, dtype=float), window))
-            draw.line(list(zip(xs.tolist(), ys.tolist())), fill=colour, width=2)
+            draw.line(list(zip(xs.tolist(), ys.tolist())), fill=colours[name], width=2)
         step = pw / max(n - 1, 1)
-        for domain, first, end in _segments(domains):
-            x0 = left + first * step
-            if first:
-                draw.line([x0, top, x0, top + ph], fill=(150, 150, 150))
-            label = Image.new("RGBA", (int(small.getlength(domain)) + 4, 16), (255, 255, 255, 0))
+        for _, first, _ in _segments(domains)[1:]:
+            draw.line([left + first * step, top, left + first * step, top + ph], fill=(150, 150, 150))
+        for domain, box in at.domains:
+            label = Image.new("RGBA", (int(small.getlength(domain)) + 4, int(box.x1 - box.x0)), (255, 255, 255, 0))
             ImageDraw.Draw(label).text((0, 0), domain, fill="black", font=small)
             label = label.rotate(90, expand=True)
-            centre = left + (first + end - 1) / 2 * step
-            img.paste(label, (int(centre - label.width / 2), top + ph + 4), label)
+            img.paste(label, (int(box.x0), int(box.y0)), label)
     axis = "position in the stream (each band is one domain, in the order replayed)"
-    draw.text((left + (pw - small.getlength(axis)) / 2, height - 22), axis, fill="black", font=small)
+    draw.text((left + (pw - small.getlength(axis)) / 2, at.height - 22), axis, fill="black", font=small)
     img.save(path)
 
 

@@ -1,10 +1,12 @@
-"""report.md names every domain where adaptation is worse than the source; report.png keeps full names."""
+"""report.md names every domain where adaptation is worse than the source; report.png keeps full names and
+keeps its title, legend, plot and labels apart."""
 from __future__ import annotations
 
 import numpy as np
 from PIL import Image
 
-from driftsync.report import build_report, markdown, plot
+from driftsync.data.corruptions import CORRUPTIONS
+from driftsync.report import _font, build_report, layout, markdown, plot
 
 
 def _summary(rows: list[tuple[str, int, int]]) -> dict:
@@ -42,3 +44,33 @@ def test_plot_makes_room_for_the_longest_domain_name(tmp_path) -> None:
             heights[name] = png.size[1]
             assert png.size[0] == 1100
     assert heights["jpeg_compression_with_a_very_long_name"] > heights["fog"] + 100  # labels are never cut
+
+
+def test_layout_keeps_the_title_legend_plot_and_full_domain_names_apart(tmp_path) -> None:
+    """ImageNet-C's 15 domains and 14 methods under a title too long for one line: every piece has its own room."""
+    domains = [d for d in CORRUPTIONS for _ in range(8)]
+    names = ["source", "bn", "tent", "eata", "cotta"] + [f"{m}{u}" for m in ("cema", "prompt", "cema+prompt",
+                                                                                "cema/prompt") for u in ("", "@ugs")]
+    title = "imagenet-c, continual: online accuracy (moving average) of every method against the source model " * 2
+    at = layout(names, domains, title)
+    assert len(at.title) >= 2 and " ".join(text for text, _ in at.title) == title.strip()
+    assert [name for name, _ in at.legend] == names  # every line in the legend, none dropped past the palette
+    boxes = [b for _, b in at.title] + [b for _, b in at.legend] + [at.plot] + [b for _, b in at.domains]
+    for i, box in enumerate(boxes):
+        assert 0 <= box.x0 < box.x1 <= at.width and 0 <= box.y0 < box.y1 <= at.height, box
+        assert not any(box.overlaps(other) for other in boxes[i + 1:]), box
+    assert max(b.y1 for _, b in at.title) < min(b.y0 for _, b in at.legend)
+    assert max(b.y1 for _, b in at.legend) < at.plot.y0 and at.plot.y1 < min(b.y0 for _, b in at.domains)
+    assert [d for d, _ in at.domains] == list(CORRUPTIONS)  # full names, each once
+    small = _font(12)
+    assert all(b.y1 - b.y0 >= small.getlength(d) for d, b in at.domains)  # room for the whole name
+    plot({n: np.full(len(domains), 0.5) for n in names}, domains, tmp_path / "p.png", title)
+    with Image.open(tmp_path / "p.png") as png:
+        assert png.size == (at.width, at.height)
+
+
+def test_labels_that_would_collide_are_left_out_not_overdrawn() -> None:
+    domains = [CORRUPTIONS[i % 3] for i in range(300)]  # a mixed stream: a new domain every sample
+    at = layout(["source"], domains, "mixed")
+    shown = [b for _, b in at.domains]
+    assert 1 < len(shown) < 300 and not any(a.overlaps(b) for a, b in zip(shown, shown[1:]))
