@@ -151,3 +151,30 @@ def test_folders_that_name_no_model_class_are_refused(tmp_path: Path) -> None:
                           student="resnet18:/unused.pth", out=tmp_path / "o"))
     with pytest.raises(ValueError, match="--class-index names class folders"):
         ReplayOptions(dataset="cifar10", data=tmp_path / "x.npz", class_index=tmp_path / "classes.txt")
+
+
+def test_the_device_replay_labels_by_the_same_rule(tmp_path: Path) -> None:
+    """`driftsync device --source imagenet-c` labels by the class list the server publishes, or --class-index."""
+    import argparse
+
+    from driftsync.device import _replay_chunks
+    from shared.protocol import ModelDescriptor
+
+    root = tmp_path / "ImageNet-C"
+    for image in PHOTOS.glob("*/*.jpg"):
+        (root / "fog" / "5" / image.parent.name).mkdir(parents=True)
+        shutil.copy(image, root / "fog" / "5" / image.parent.name / f"{image.stem}.JPEG")
+    descriptor = ModelDescriptor(name="resnet18", num_classes=1000, class_names=list(IMAGENET_WNIDS),
+                                 input_shape=(3, 224, 224), onnx_sha256="", onnx_bytes=0, norm_sha256="",
+                                 stats_sha256="", parameters={})
+    args = argparse.Namespace(source="imagenet-c", data=str(root), class_index=None, corruptions="fog", severity=5,
+                              domain_offset="0", name="device-0", samples_per_domain=None, seed=0, setting="continual",
+                              batch_size=4, dirichlet=0.1)
+    chunks, total = _replay_chunks(args, descriptor)
+    labels = np.concatenate([c.labels for c in chunks])
+    assert total == 4 and sorted(labels.tolist()) == sorted(IMAGENET_WNIDS.index(p.name) for p in PHOTOS.iterdir()
+                                                            if p.is_dir())
+    (tmp_path / "index.txt").write_text("".join(f"n{i:08d}\n" for i in range(1000)))  # an order without these wnids
+    args.class_index = str(tmp_path / "index.txt")
+    with pytest.raises(ValueError, match="4 of 4 class folders .* are not classes of the model"):
+        _replay_chunks(args, descriptor)
