@@ -11,8 +11,8 @@ import socket
 import subprocess
 import sys
 import tempfile
-from pathlib import Path
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
 

@@ -125,8 +125,8 @@ def test_an_imagenet_c_tree_scores_correctly_with_and_without_a_class_index(tmp_
         folder = root / "brightness" / "1" / image.parent.name
         folder.mkdir(parents=True)
         shutil.copy(image, folder / f"{image.stem}.JPEG")
-    options = dict(dataset="imagenet-c", data=root, corruptions="brightness", severity=1,
-                   student="efficientnet-lite0", teacher="efficientnet-lite0")
+    options = {"dataset": "imagenet-c", "data": root, "corruptions": "brightness", "severity": 1,
+               "student": "efficientnet-lite0", "teacher": "efficientnet-lite0"}
     error, labels = _source_error(tmp_path / "own", **options)
     assert error <= 25 and set(labels.tolist()) == {281, 967, IMAGENET_WNIDS.index("n03773504"),
                                                     IMAGENET_WNIDS.index("n04485082")}

@@ -2,6 +2,8 @@
 keeps its title, legend, plot and labels apart."""
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 from PIL import Image
 
@@ -73,4 +75,4 @@ def test_labels_that_would_collide_are_left_out_not_overdrawn() -> None:
     domains = [CORRUPTIONS[i % 3] for i in range(300)]  # a mixed stream: a new domain every sample
     at = layout(["source"], domains, "mixed")
     shown = [b for _, b in at.domains]
-    assert 1 < len(shown) < 300 and not any(a.overlaps(b) for a, b in zip(shown, shown[1:]))
+    assert 1 < len(shown) < 300 and not any(a.overlaps(b) for a, b in itertools.pairwise(shown))
