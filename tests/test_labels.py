@@ -11,7 +11,12 @@ import pytest
 from PIL import Image
 
 from driftsync.data import streams
-from driftsync.data.labels import check_labels, class_order, folder_labels, read_class_index
+from driftsync.data.labels import (
+    check_labels,
+    class_order,
+    folder_labels,
+    read_class_index,
+)
 from driftsync.data.loaders import load_class_folder
 from driftsync.replay import ReplayOptions, run
 from server.models.registry import CIFAR10_CLASSES, IMAGENET_WNIDS, model_info
