@@ -132,23 +132,17 @@ def stream_spec(opts: ReplayOptions, input_size: int, num_classes: int) -> Strea
         h, w = images.shape[1:3]
         return StreamSpec(source, len(labels), (h, w), constants_for_size(h, w))
     if opts.dataset == "cifar10-c":
-        def read_cifar10c(domain: streams.Domain) -> tuple[np.ndarray, np.ndarray]:
+        def read_cifar10c(domain: streams.Domain) -> streams.Frames:
             if domain.name == streams.CLEAN:
                 raise ValueError("CIFAR-10-C has no clean split: use --dataset cifar10 for --corruptions none")
-            return loaders.load_cifar10c(opts.data, domain.name, domain.severity, count)
+            return streams.ArrayFrames(*loaders.load_cifar10c(opts.data, domain.name, domain.severity, count))
         first = read_cifar10c(streams.Domain(_first_corruption(opts), opts.severity))
-        return StreamSpec(read_cifar10c, len(first[1]), first[0].shape[1:3], "as released (CIFAR-10-C files)")
+        return StreamSpec(read_cifar10c, len(first), first.images.shape[1:3], "as released (CIFAR-10-C files)")
     wnids = imagenet_wnids(opts, num_classes)
-
-    def read_imagenet_c(domain: streams.Domain) -> tuple[np.ndarray, np.ndarray]:
-        if domain.name == streams.CLEAN:
-            raise ValueError("ImageNet-C has no clean split; replay a class folder with --dataset folder instead")
-        folder = loaders.ImageNetCFolder(opts.data, domain.name, domain.severity, wnids=wnids, count=count,
-                                         seed=opts.seed, size=input_size)
-        return folder.load_all()
-    probe = loaders.ImageNetCFolder(opts.data, _first_corruption(opts), opts.severity, wnids=wnids, count=count,
-                                    seed=opts.seed, size=input_size)
-    return StreamSpec(read_imagenet_c, len(probe), (input_size, input_size), "as released (ImageNet-C files)")
+    _first_corruption(opts)
+    domains = streams.schedule(opts.setting, streams.parse_corruptions(opts.corruptions), opts.severity)
+    source, samples = loaders.imagenet_c_source(opts.data, domains, wnids, count, opts.seed, input_size)
+    return StreamSpec(source, samples, (input_size, input_size), "as released (ImageNet-C files)")
 
 
 def _first_corruption(opts: ReplayOptions) -> str:
@@ -196,7 +190,7 @@ def run_on_device(name: str, opts: ReplayOptions, stream_dir: Path, source_pred:
     predictions = np.empty(total, dtype=np.int64)
     done, started = 0, time.monotonic()
     progress = bar(total, f"[replay] {label or name}")
-    for chunk in streams.read_stream(stream_dir):
+    for chunk in streams.read_stream(stream_dir):  # one batch decoded at a time
         if chunk.reset:
             method.reset()
         x = to_input(chunk.images, device)

@@ -19,7 +19,7 @@ from PIL import Image
 
 from driftsync.config import add, bounded, checked, optional
 from driftsync.data.corruptions import CORRUPTIONS, constants_for_size, corrupt
-from driftsync.data.streams import corruption_rng, parse_corruptions
+from driftsync.data.streams import CLEAN, Domain, DomainSource, corruption_rng, parse_corruptions
 from driftsync.errors import UserError
 from driftsync.progress import bar
 from shared.images import fit_image
@@ -217,12 +217,51 @@ class ImageNetCFolder:
             images = np.stack([_read(p, self.size) for p in self.paths[start:stop]])
             yield images, self.labels[start:stop]
 
+    def pixels(self, index: np.ndarray) -> np.ndarray:
+        """The images at `index`, decoded now (`streams.Frames`)."""
+        return np.stack([_read(self.paths[i], self.size) for i in index])
+
+    def encoded(self, index: np.ndarray) -> list[bytes]:
+        """The files at `index` byte for byte: a stream file keeps ImageNet-C's JPEGs as released."""
+        return [self.paths[i].read_bytes() for i in index]
+
     def load_all(self) -> tuple[np.ndarray, np.ndarray]:
-        """Every selected image at once: for subsets that fit in memory (e.g. 5,000)."""
+        """Every selected image at once: for small subsets (tests); replays read by index instead."""
         x = np.empty((len(self), self.size, self.size, 3), dtype=np.uint8)
         for start, (images, _) in zip(range(0, len(self), 256), self.batches(256), strict=True):
             x[start : start + len(images)] = images
         return x, self.labels.copy()
+
+
+def imagenet_c_source(
+    root: Path, domains: Sequence[Domain], wnids: Sequence[str], count: int | None, seed: int | None, size: int,
+) -> tuple[DomainSource, int]:
+    """A replay source over an ImageNet-C tree and the sample count of its first domain.
+
+    Every folder the schedule needs is checked up front, so a partial tree or too few images
+    is one clear error before anything runs, not a failure minutes into the stream; a domain's
+    files are listed again (not held) when it is replayed."""
+    root = Path(root)
+    if any(d.name == CLEAN for d in domains):
+        raise ValueError("ImageNet-C has no clean split; replay a class folder with --dataset folder instead")
+    keys = list(dict.fromkeys((d.name, d.severity) for d in domains))
+    missing = [(name, severity) for name, severity in keys if not (root / name / str(severity)).is_dir()]
+    if missing:
+        complete = [n for n in dict.fromkeys(n for n, _ in keys) if all(k[0] != n for k in missing)]
+        hint = (f"pass --corruptions {','.join(complete)} to replay what is there" if complete
+                else "build it with `driftsync corrupt` or pass --corruptions with the corruptions it has")
+        raise UserError(f"{root} lacks {len(missing)} of the {len(keys)} corruption/severity folders the stream needs "
+                        f"({', '.join(f'{n}/{s}' for n, s in missing)}); {hint}")
+
+    def folder(name: str, severity: int, n: int | None) -> ImageNetCFolder:
+        return ImageNetCFolder(root, name, severity, wnids=wnids, count=n, seed=seed, size=size)
+
+    sizes = {key: len(folder(*key, None)) for key in keys}
+    short = [f"{n}/{s} has {sizes[(n, s)]}" for n, s in keys if count is not None and sizes[(n, s)] < count]
+    if short:
+        raise UserError(f"--samples-per-domain {count} is more than a domain has ({', '.join(short)}); "
+                        f"ask for at most {min(sizes.values())}, or 'none' for every image")
+    return (lambda domain: folder(domain.name, domain.severity, count)), count or sizes[keys[0]]
 
 
 # --------------------------------------------------------------------------- class folders
