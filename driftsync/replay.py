@@ -135,9 +135,9 @@ def stream_spec(opts: ReplayOptions, input_size: int, num_classes: int) -> Strea
         def read_cifar10c(domain: streams.Domain) -> streams.Frames:
             if domain.name == streams.CLEAN:
                 raise ValueError("CIFAR-10-C has no clean split: use --dataset cifar10 for --corruptions none")
-            return streams.ArrayFrames(*loaders.load_cifar10c(opts.data, domain.name, domain.severity, count))
+            return loaders.cifar10c_frames(opts.data, domain.name, domain.severity, count)
         first = read_cifar10c(streams.Domain(_first_corruption(opts), opts.severity))
-        return StreamSpec(read_cifar10c, len(first), first.images.shape[1:3], "as released (CIFAR-10-C files)")
+        return StreamSpec(read_cifar10c, len(first), first.shape[:2], "as released (CIFAR-10-C files)")
     wnids = imagenet_wnids(opts, num_classes)
     _first_corruption(opts)
     domains = streams.schedule(opts.setting, streams.parse_corruptions(opts.corruptions), opts.severity)

@@ -12,6 +12,7 @@ import os
 import tempfile
 from collections import Counter
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +20,7 @@ from PIL import Image
 
 from driftsync.config import add, bounded, checked, optional
 from driftsync.data.corruptions import CORRUPTIONS, constants_for_size, corrupt
-from driftsync.data.streams import CLEAN, Domain, DomainSource, corruption_rng, parse_corruptions
+from driftsync.data.streams import CLEAN, Domain, DomainSource, corruption_rng, encode_png, parse_corruptions
 from driftsync.errors import UserError
 from driftsync.progress import bar
 from shared.images import fit_image
@@ -108,13 +109,37 @@ def _map_npy(path: Path) -> np.ndarray:
         raise ValueError(f"{path} is not a plain numeric .npy array: {exc}") from exc
 
 
-def load_cifar10c(
-    root: Path, corruption: str, severity: int, count: int | None = None
-) -> tuple[np.ndarray, np.ndarray]:
-    """Rows of one severity from ``<root>/<corruption>.npy`` and ``labels.npy``.
+@dataclass(frozen=True)
+class NpyRows:
+    """Rows of a uint8 (N, H, W, 3) .npy, read with pread for the indices asked (`streams.Frames`).
 
-    Severity s is the s-th fifth of the rows ([(s-1)*10000, s*10000) in the released
-    files). Files are memory-mapped so only the selected rows are read.
+    Not a memory map: the pages of a mapped file that a reader touches count in its resident
+    memory until the map goes, so a replay through a mapped domain would grow with it."""
+
+    path: Path
+    offset: int  # bytes to row 0 of the selection
+    shape: tuple[int, int, int]
+    labels: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def pixels(self, index: np.ndarray) -> np.ndarray:
+        row = int(np.prod(self.shape))
+        out = np.empty((len(index), *self.shape), dtype=np.uint8)
+        with self.path.open("rb") as f:
+            for k, i in enumerate(index):
+                out[k] = np.frombuffer(os.pread(f.fileno(), row, self.offset + int(i) * row), np.uint8).reshape(self.shape)
+        return out
+
+    def encoded(self, index: np.ndarray) -> list[bytes]:
+        return [encode_png(image) for image in self.pixels(index)]
+
+
+def cifar10c_frames(root: Path, corruption: str, severity: int, count: int | None = None) -> NpyRows:
+    """Rows of one severity from ``<root>/<corruption>.npy`` and ``labels.npy``, read when asked.
+
+    Severity s is the s-th fifth of the rows ([(s-1)*10000, s*10000) in the released files).
     """
     root = Path(root)
     severity = _check_severity(severity)
@@ -126,7 +151,7 @@ def load_cifar10c(
         raise FileNotFoundError(f"no {images_path}; corruptions in {root}: {available}")
     if not labels_path.is_file():
         raise FileNotFoundError(f"no {labels_path}: a CIFAR-10-C directory needs labels.npy beside the corruptions")
-    x, y = _map_npy(images_path), _map_npy(labels_path)
+    x, y = _map_npy(images_path), _map_npy(labels_path)  # headers and labels only: no image page is touched
     if x.dtype != np.uint8 or x.ndim != 4 or x.shape[3] != 3:
         raise ValueError(f"{images_path} must be uint8 (N, H, W, 3), got {x.dtype} {x.shape}")
     if not np.issubdtype(y.dtype, np.integer) or y.ndim != 1:
@@ -138,7 +163,16 @@ def load_cifar10c(
     per_severity = len(x) // len(SEVERITIES)
     n = _check_count(count, per_severity, f"{corruption} severity {severity}")
     start = (severity - 1) * per_severity
-    return np.array(x[start : start + n]), np.array(y[start : start + n], dtype=np.int64)
+    row = int(np.prod(x.shape[1:]))
+    return NpyRows(images_path, int(x.offset) + start * row, tuple(x.shape[1:]), np.array(y[start : start + n], dtype=np.int64))
+
+
+def load_cifar10c(
+    root: Path, corruption: str, severity: int, count: int | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Every selected row of one severity at once (see `cifar10c_frames`)."""
+    frames = cifar10c_frames(root, corruption, severity, count)
+    return frames.pixels(np.arange(len(frames))), frames.labels
 
 
 # --------------------------------------------------------------------------- ImageNet-C
