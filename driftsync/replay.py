@@ -12,7 +12,6 @@ when it made it.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -86,15 +85,16 @@ class StreamSpec:
     corruption_constants: str
 
 
-def _cached_corruption(cache_dir: Path) -> Callable[[np.ndarray, streams.Domain, int], np.ndarray]:
-    from driftsync.data.loaders import corrupt_cached
+def _cached_corruption(images: np.ndarray, labels: np.ndarray, seed: int, cache_dir: Path) -> streams.DomainSource:
+    """Each domain corrupted once into the on-disk cache and read back by rows, as the stream needs them."""
+    from driftsync.data.loaders import corrupted_frames
 
-    def corrupt_fn(images: np.ndarray, domain: streams.Domain, seed: int) -> np.ndarray:
+    def source(domain: streams.Domain) -> streams.Frames:
         if domain.name == streams.CLEAN:
-            return images
-        return corrupt_cached(images, domain.name, domain.severity, seed, cache_dir)
+            return streams.ArrayFrames(images, labels)
+        return corrupted_frames(images, labels, domain.name, domain.severity, seed, cache_dir)
 
-    return corrupt_fn
+    return source
 
 
 def imagenet_wnids(opts: ReplayOptions, num_classes: int) -> list[str]:
@@ -128,7 +128,7 @@ def stream_spec(opts: ReplayOptions, input_size: int, num_classes: int) -> Strea
                                               label_key=streams.label_key_for(opts.data_key))
         else:
             images, labels, _ = loaders.load_class_folder(opts.data, size=input_size, count=count, seed=opts.seed)
-        source = streams.corrupting(images, labels, opts.seed, _cached_corruption(cache))
+        source = _cached_corruption(images, labels, opts.seed, cache)
         h, w = images.shape[1:3]
         return StreamSpec(source, len(labels), (h, w), constants_for_size(h, w))
     if opts.dataset == "cifar10-c":

@@ -5,6 +5,7 @@ JPEG tree, and a class-per-folder tree of mixed formats and sizes.
 """
 from __future__ import annotations
 
+import itertools
 import logging
 import subprocess
 import sys
@@ -433,7 +434,7 @@ def test_an_imagenet_c_stream_file_keeps_the_jpegs_and_decodes_as_the_folder_doe
         records = (out / "frames.bin").read_bytes()
         offsets = np.load(out / "offsets.npy")
         files = [p.read_bytes() for c in chunks for p in _paths(c)]
-        assert [records[a:b] for a, b in zip(offsets[:-1], offsets[1:])] == files  # the released bytes, not re-encoded
+        assert [records[a:b] for a, b in itertools.pairwise(offsets)] == files  # the released bytes, not re-encoded
         for written, read in zip(chunks, streams.read_stream(out), strict=True):
             np.testing.assert_array_equal(read.images, written.images)
             np.testing.assert_array_equal(read.labels, written.labels)
@@ -484,3 +485,15 @@ def test_device_imagenet_c_source_streams_by_batches(imagenet_c_dir: Path) -> No
     args.corruptions = "gaussian_noise,snow"
     with pytest.raises(loaders.UserError, match=r"lacks 1 of the 2 .*\(snow/3\); pass --corruptions gaussian_noise"):
         _replay_chunks(args, descriptor)
+
+
+def test_corrupted_frames_are_the_cached_corruption_read_by_rows(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    images = np.random.default_rng(2).integers(0, 256, (6, 32, 32, 3), dtype=np.uint8)
+    labels = np.arange(6)
+    frames = loaders.corrupted_frames(images, labels, "fog", 2, 4, tmp_path)
+    expected = corrupt_cached(images, "fog", 2, 4)  # no cache: computed afresh
+    np.testing.assert_array_equal(frames.pixels(np.array([5, 1])), expected[[5, 1]])
+    np.testing.assert_array_equal(frames.labels, labels)
+    monkeypatch.setattr(loaders, "corrupt", lambda *a, **k: pytest.fail("recomputed instead of reading the cache"))
+    again = loaders.corrupted_frames(images, labels, "fog", 2, 4, tmp_path)
+    np.testing.assert_array_equal(again.pixels(np.arange(6)), expected)

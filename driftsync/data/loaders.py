@@ -20,7 +20,14 @@ from PIL import Image
 
 from driftsync.config import add, bounded, checked, optional
 from driftsync.data.corruptions import CORRUPTIONS, constants_for_size, corrupt
-from driftsync.data.streams import CLEAN, Domain, DomainSource, corruption_rng, encode_png, parse_corruptions
+from driftsync.data.streams import (
+    CLEAN,
+    Domain,
+    DomainSource,
+    corruption_rng,
+    encode_png,
+    parse_corruptions,
+)
 from driftsync.errors import UserError
 from driftsync.progress import bar
 from shared.images import fit_image
@@ -366,6 +373,27 @@ def _save_atomic(path: Path, array: np.ndarray) -> None:
         raise
 
 
+def _cache_path(images: np.ndarray, name: str, severity: int, seed: int, cache_dir: Path) -> Path:
+    constants = constants_for_size(images.shape[1], images.shape[2])
+    return cache_dir / f"{name}_{severity}_{cache_key(images, name, severity, seed, constants)}.npy"
+
+
+def corrupted_frames(
+    images: np.ndarray, labels: np.ndarray, name: str, severity: int, seed: int, cache_dir: Path
+) -> NpyRows:
+    """A corrupted domain as `corrupt_cached` makes it, written to the cache once and then read
+    by rows: a `mixed` stream over every corruption of a base set holds none of them in memory."""
+    path = _cache_path(images, name, severity, seed, Path(cache_dir))
+    try:
+        cached = _map_npy(path) if path.is_file() else None  # the header only
+    except ValueError:
+        cached = None
+    if cached is None or cached.dtype != np.uint8 or cached.shape != images.shape:
+        corrupt_cached(images, name, severity, seed, cache_dir)  # computes and stores it; the array goes
+        cached = _map_npy(path)
+    return NpyRows(path, int(cached.offset), tuple(cached.shape[1:]), np.asarray(labels, dtype=np.int64))
+
+
 def corrupt_cached(
     images: np.ndarray, name: str, severity: int, seed: int, cache_dir: Path | None = None
 ) -> np.ndarray:
@@ -379,8 +407,7 @@ def corrupt_cached(
     constants = constants_for_size(images.shape[1], images.shape[2])
     path = None
     if cache_dir is not None:
-        cache_dir = Path(cache_dir)
-        path = cache_dir / f"{name}_{severity}_{cache_key(images, name, severity, seed, constants)}.npy"
+        path = _cache_path(images, name, severity, seed, Path(cache_dir))
         if path.is_file():
             try:
                 cached = np.load(path, allow_pickle=False)

@@ -225,11 +225,10 @@ DomainSource = Callable[[Domain], Frames]
 """A domain's labelled frames: corrupted on the fly from a base set, or read from disk (CIFAR-10-C, ImageNet-C)."""
 
 
-def corrupting(images: np.ndarray, labels: np.ndarray, seed: int = 0,
-               corrupt_fn: Callable[[np.ndarray, Domain, int], np.ndarray] = corrupted) -> DomainSource:
-    """Each domain corrupted whole when it is asked for (a corruption's random draws span the
-    base set), so one domain of the base set's size sits in memory while it is replayed."""
-    return lambda domain: ArrayFrames(corrupt_fn(images, domain, seed), labels)
+def corrupting(images: np.ndarray, labels: np.ndarray, seed: int = 0) -> DomainSource:
+    """Each domain corrupted whole in memory when it is asked for (a corruption's random draws
+    span the base set); `driftsync replay` reads them from its on-disk cache instead."""
+    return lambda domain: ArrayFrames(corrupted(images, domain, seed), labels)
 
 
 def dirichlet_order(labels: np.ndarray, concentration: float, slots: int, rng: np.random.Generator) -> np.ndarray:
