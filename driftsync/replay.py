@@ -139,7 +139,7 @@ def stream_spec(opts: ReplayOptions, input_size: int, num_classes: int) -> Strea
         first = read_cifar10c(streams.Domain(_first_corruption(opts), opts.severity))
         return StreamSpec(read_cifar10c, len(first), first.shape[:2], "as released (CIFAR-10-C files)")
     wnids = imagenet_wnids(opts, num_classes)
-    _first_corruption(opts)
+    _first_corruption(opts)  # refuses --corruptions none in its own words: the tree is corrupted already
     domains = streams.schedule(opts.setting, streams.parse_corruptions(opts.corruptions), opts.severity)
     source, samples = loaders.imagenet_c_source(opts.data, domains, wnids, count, opts.seed, input_size)
     return StreamSpec(source, samples, (input_size, input_size), "as released (ImageNet-C files)")
