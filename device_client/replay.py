@@ -58,7 +58,7 @@ def _tally(
 
 
 def _chunks(chunks: Iterable[Chunk], repeat: bool) -> Iterable[Chunk]:
-    """The stream once, or (held in memory) forever."""
+    """The stream once, or forever: the chunks are held (indices, not pixels) and decode each pass."""
     if not repeat:
         yield from chunks
         return
@@ -101,11 +101,12 @@ def run_replay(
         if lockstep_timeout_s and last_uploaded_at and not client.wait_for_delta_covering(last_uploaded_at, lockstep_timeout_s):
             lockstep_timeouts += 1
         now = time.time()
-        captured = now + 1e-6 * np.arange(len(chunk.images))  # distinct, so a delta's coverage is exact
-        out = client.predict(chunk.images, captured)
+        images = chunk.images  # decoded here, once per batch
+        captured = now + 1e-6 * np.arange(len(images))  # distinct, so a delta's coverage is exact
+        out = client.predict(images, captured)
         if out.uploaded.any():
             last_uploaded_at = float(captured[out.uploaded].max())
-        source_pred = source.run(None, {"input": to_model_input(chunk.images)})[0].argmax(axis=1)
+        source_pred = source.run(None, {"input": to_model_input(images)})[0].argmax(axis=1)
         names = chunk.domain_names()
         sent_now = client.uploader.stats.sent_bytes
         _tally(tallies, chunk, names, out.labels, source_pred, out.uploaded, sent_now - sent_before)

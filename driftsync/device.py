@@ -109,11 +109,8 @@ def _replay_chunks(args: argparse.Namespace, descriptor: ModelDescriptor) -> tup
             raise SystemExit("--source imagenet-c needs --data ROOT (<corruption>/<severity>/<wnid>/*.JPEG)")
         wnids = class_order(descriptor.class_names, Path(args.class_index) if args.class_index else None)
         folder_labels(loaders.imagenet_c_wnids(Path(args.data)), wnids, args.data)
-
-        def source(domain):
-            return loaders.ImageNetCFolder(Path(args.data), domain.name, domain.severity, wnids=wnids, count=count,
-                                           seed=args.seed, size=descriptor.input_shape[1]).load_all()
-        samples = len(loaders.ImageNetCFolder(Path(args.data), corruptions[0], args.severity, wnids=wnids, count=count))
+        source, samples = loaders.imagenet_c_source(Path(args.data), streams.schedule(args.setting, corruptions, args.severity),
+                                                    wnids, count, args.seed, descriptor.input_shape[1])
     else:
         if args.source == "embedded":
             images, labels = streams.embedded_base(count or 200, args.image_offset)

@@ -12,7 +12,6 @@ when it made it.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -90,15 +89,16 @@ class StreamSpec:
     corruption_constants: str
 
 
-def _cached_corruption(cache_dir: Path) -> Callable[[np.ndarray, streams.Domain, int], np.ndarray]:
-    from driftsync.data.loaders import corrupt_cached
+def _cached_corruption(images: np.ndarray, labels: np.ndarray, seed: int, cache_dir: Path) -> streams.DomainSource:
+    """Each domain corrupted once into the on-disk cache and read back by rows, as the stream needs them."""
+    from driftsync.data.loaders import corrupted_frames
 
-    def corrupt_fn(images: np.ndarray, domain: streams.Domain, seed: int) -> np.ndarray:
+    def source(domain: streams.Domain) -> streams.Frames:
         if domain.name == streams.CLEAN:
-            return images
-        return corrupt_cached(images, domain.name, domain.severity, seed, cache_dir)
+            return streams.ArrayFrames(images, labels)
+        return corrupted_frames(images, labels, domain.name, domain.severity, seed, cache_dir)
 
-    return corrupt_fn
+    return source
 
 
 def model_classes(opts: ReplayOptions) -> list[str]:
@@ -133,28 +133,23 @@ def stream_spec(opts: ReplayOptions, input_size: int, num_classes: int) -> Strea
         else:
             images, labels, _ = loaders.load_class_folder(opts.data, size=input_size, count=count, seed=opts.seed,
                                                           classes=model_classes(opts))
-        source = streams.corrupting(images, labels, opts.seed, _cached_corruption(cache))
+        source = _cached_corruption(images, labels, opts.seed, cache)
         h, w = images.shape[1:3]
         return StreamSpec(source, len(labels), (h, w), constants_for_size(h, w))
     if opts.dataset == "cifar10-c":
-        def read_cifar10c(domain: streams.Domain) -> tuple[np.ndarray, np.ndarray]:
+        def read_cifar10c(domain: streams.Domain) -> streams.Frames:
             if domain.name == streams.CLEAN:
                 raise ValueError("CIFAR-10-C has no clean split: use --dataset cifar10 for --corruptions none")
-            images, labels = loaders.load_cifar10c(opts.data, domain.name, domain.severity, count)
-            return images, check_labels(labels, num_classes, opts.data / "labels.npy")
+            frames = loaders.cifar10c_frames(opts.data, domain.name, domain.severity, count)
+            check_labels(frames.labels, num_classes, opts.data / "labels.npy")
+            return frames
         first = read_cifar10c(streams.Domain(_first_corruption(opts), opts.severity))
-        return StreamSpec(read_cifar10c, len(first[1]), first[0].shape[1:3], "as released (CIFAR-10-C files)")
+        return StreamSpec(read_cifar10c, len(first), first.shape[:2], "as released (CIFAR-10-C files)")
     wnids = imagenet_wnids(opts)
-
-    def read_imagenet_c(domain: streams.Domain) -> tuple[np.ndarray, np.ndarray]:
-        if domain.name == streams.CLEAN:
-            raise ValueError("ImageNet-C has no clean split; replay a class folder with --dataset folder instead")
-        folder = loaders.ImageNetCFolder(opts.data, domain.name, domain.severity, wnids=wnids, count=count,
-                                         seed=opts.seed, size=input_size)
-        return folder.load_all()
-    probe = loaders.ImageNetCFolder(opts.data, _first_corruption(opts), opts.severity, wnids=wnids, count=count,
-                                    seed=opts.seed, size=input_size)
-    return StreamSpec(read_imagenet_c, len(probe), (input_size, input_size), "as released (ImageNet-C files)")
+    _first_corruption(opts)  # refuses --corruptions none in its own words: the tree is corrupted already
+    domains = streams.schedule(opts.setting, streams.parse_corruptions(opts.corruptions), opts.severity)
+    source, samples = loaders.imagenet_c_source(opts.data, domains, wnids, count, opts.seed, input_size)
+    return StreamSpec(source, samples, (input_size, input_size), "as released (ImageNet-C files)")
 
 
 def _first_corruption(opts: ReplayOptions) -> str:
@@ -202,7 +197,7 @@ def run_on_device(name: str, opts: ReplayOptions, stream_dir: Path, source_pred:
     predictions = np.empty(total, dtype=np.int64)
     done, started = 0, time.monotonic()
     progress = bar(total, f"[replay] {label or name}")
-    for chunk in streams.read_stream(stream_dir):
+    for chunk in streams.read_stream(stream_dir):  # one batch decoded at a time
         if chunk.reset:
             method.reset()
         x = to_input(chunk.images, device)

@@ -152,3 +152,47 @@ def test_device_predictions_go_to_stdout_by_default() -> None:
 def test_top_level_help_describes_the_device_daemon() -> None:
     text = " ".join(build_parser().format_help().split())  # argparse wraps lines
     assert "daemon for folders, video, cameras, stdin and replays" in text
+
+
+def _imagenet_c_tree(root, corruptions: tuple[str, ...], per_class: int) -> list[str]:
+    """<root>/<corruption>/5/<wnid>/*.JPEG for 10 wnids; returns the wnids (the embedded student's class count)."""
+    from PIL import Image
+
+    wnids = [f"n{i:08d}" for i in range(10)]
+    for corruption in corruptions:
+        for wnid in wnids:
+            (root / corruption / "5" / wnid).mkdir(parents=True)
+            for k in range(per_class):
+                Image.new("RGB", (32, 32), (20 * k, 90, 120)).save(root / corruption / "5" / wnid / f"{k}.JPEG")
+    (root.parent / "classes.txt").write_text("\n".join(wnids) + "\n")
+    return wnids
+
+
+def _replay_imagenet_c(root, *flags: str) -> subprocess.CompletedProcess:
+    return _run(["replay", "--dataset", "imagenet-c", "--data", str(root), "--class-index",
+                 str(root.parent / "classes.txt"), "--method", "source", "--out", str(root.parent / "out"), *flags], {})
+
+
+def _one_clear_line(result: subprocess.CompletedProcess) -> str:
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 1 and len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+    assert lines[0].startswith("driftsync replay: error: ")
+    return lines[0]
+
+
+def test_a_partial_imagenet_c_tree_with_every_corruption_says_what_is_missing(tmp_path) -> None:
+    root = tmp_path / "ImageNet-C"
+    _imagenet_c_tree(root, ("fog", "contrast"), 1)
+    line = _one_clear_line(_replay_imagenet_c(root))  # --corruptions all, the default
+    assert "lacks 13 of the 15 corruption/severity folders" in line
+    assert "gaussian_noise/5" in line and "jpeg_compression/5" in line and "fog/5," not in line
+    assert "pass --corruptions fog,contrast to replay what is there" in line  # CoTTA order
+    assert not (tmp_path / "out" / "stream").exists()  # refused before anything ran
+
+
+def test_more_samples_than_a_domain_has_is_one_line(tmp_path) -> None:
+    root = tmp_path / "ImageNet-C"
+    _imagenet_c_tree(root, ("fog", "contrast"), 2)
+    line = _one_clear_line(_replay_imagenet_c(root, "--corruptions", "fog,contrast", "--samples-per-domain", "50"))
+    assert "--samples-per-domain 50 is more than a domain has (fog/5 has 20, contrast/5 has 20)" in line
+    assert "ask for at most 20, or 'none'" in line

@@ -5,6 +5,7 @@ JPEG tree, and a class-per-folder tree of mixed formats and sizes.
 """
 from __future__ import annotations
 
+import itertools
 import logging
 import subprocess
 import sys
@@ -414,3 +415,85 @@ def test_loaders_import_without_torch() -> None:
     result = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "ok"
+
+
+# --------------------------------------------------------------------------- streaming from disk
+
+
+def test_an_imagenet_c_stream_file_keeps_the_jpegs_and_decodes_as_the_folder_does(imagenet_c_dir: Path, tmp_path: Path) -> None:
+    from driftsync.data import streams
+
+    domains = [Domain("gaussian_noise", 3), Domain("contrast", 1)]
+    source, samples = loaders.imagenet_c_source(imagenet_c_dir, domains, WNIDS, None, 5, 224)
+    assert samples == 6
+    for setting in ("continual", "mixed"):
+        out = tmp_path / setting
+        chunks = list(streams.stream(setting, source, ["gaussian_noise", "contrast"], 3, 4, seed=5))
+        assert all(isinstance(c.frames, (ImageNetCFolder, streams.MixedFrames)) for c in chunks)  # indices, no pixels
+        assert streams.write_stream(iter(chunks), out) == 12
+        records = (out / "frames.bin").read_bytes()
+        offsets = np.load(out / "offsets.npy")
+        files = [p.read_bytes() for c in chunks for p in _paths(c)]
+        assert [records[a:b] for a, b in itertools.pairwise(offsets)] == files  # the released bytes, not re-encoded
+        for written, read in zip(chunks, streams.read_stream(out), strict=True):
+            np.testing.assert_array_equal(read.images, written.images)
+            np.testing.assert_array_equal(read.labels, written.labels)
+            assert read.domain_names() == written.domain_names()
+
+
+def _paths(chunk) -> list[Path]:
+    from driftsync.data import streams
+
+    if isinstance(chunk.frames, streams.MixedFrames):
+        parts = chunk.frames.part_of(chunk.index)
+        return [chunk.frames.parts[p].paths[i - chunk.frames.starts[p]] for p, i in zip(parts, chunk.index)]
+    return [chunk.frames.paths[i] for i in chunk.index]
+
+
+def test_a_stream_file_of_another_version_is_refused_with_how_to_rebuild(tmp_path: Path) -> None:
+    from driftsync.data import streams
+
+    (tmp_path / "stream.json").write_text('{"version": 1, "domain_names": [], "chunks": []}')
+    with pytest.raises(ValueError, match="version 1 stream file.*run `driftsync replay` again"):
+        list(streams.read_stream(tmp_path))
+
+
+def test_cifar10c_rows_are_read_by_index(cifar_dir: Path) -> None:
+    frames = loaders.cifar10c_frames(cifar_dir, "fog", 2, 10)
+    assert len(frames) == 10 and frames.shape == (32, 32, 3)
+    x = frames.pixels(np.array([7, 0, 3]))
+    np.testing.assert_array_equal(x[:, 0, 0, 0], np.array([7, 0, 3]) + PER_SEVERITY + 100)
+    np.testing.assert_array_equal(frames.labels[[7, 0, 3]], (3 * (np.array([7, 0, 3]) + PER_SEVERITY)) % 10)
+
+
+def test_device_imagenet_c_source_streams_by_batches(imagenet_c_dir: Path) -> None:
+    """`driftsync device --source imagenet-c`: every domain checked up front, then read batch by batch."""
+    from types import SimpleNamespace
+
+    from driftsync.cli import build_parser
+    from driftsync.device import _replay_chunks
+
+    descriptor = SimpleNamespace(input_shape=(3, 32, 32), class_names=list(WNIDS))
+    args = build_parser().parse_args(["device", "--source", "imagenet-c", "--data", str(imagenet_c_dir),
+                                      "--corruptions", "gaussian_noise,contrast", "--severity", "3", "--batch-size", "4",
+                                      "--samples-per-domain", "none"])
+    chunks, total = _replay_chunks(args, descriptor)
+    chunks = list(chunks)
+    assert total == 12 and [len(c) for c in chunks] == [4, 2, 4, 2]
+    assert all(isinstance(c.frames, ImageNetCFolder) for c in chunks)
+    assert chunks[0].images.shape == (4, 32, 32, 3)
+    args.corruptions = "gaussian_noise,snow"
+    with pytest.raises(loaders.UserError, match=r"lacks 1 of the 2 .*\(snow/3\); pass --corruptions gaussian_noise"):
+        _replay_chunks(args, descriptor)
+
+
+def test_corrupted_frames_are_the_cached_corruption_read_by_rows(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    images = np.random.default_rng(2).integers(0, 256, (6, 32, 32, 3), dtype=np.uint8)
+    labels = np.arange(6)
+    frames = loaders.corrupted_frames(images, labels, "fog", 2, 4, tmp_path)
+    expected = corrupt_cached(images, "fog", 2, 4)  # no cache: computed afresh
+    np.testing.assert_array_equal(frames.pixels(np.array([5, 1])), expected[[5, 1]])
+    np.testing.assert_array_equal(frames.labels, labels)
+    monkeypatch.setattr(loaders, "corrupt", lambda *a, **k: pytest.fail("recomputed instead of reading the cache"))
+    again = loaders.corrupted_frames(images, labels, "fog", 2, 4, tmp_path)
+    np.testing.assert_array_equal(again.pixels(np.arange(6)), expected)

@@ -12,6 +12,7 @@ import os
 import tempfile
 from collections import Counter
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +21,14 @@ from PIL import Image
 from driftsync.config import add, bounded, checked, optional
 from driftsync.data.corruptions import CORRUPTIONS, constants_for_size, corrupt
 from driftsync.data.labels import folder_labels
-from driftsync.data.streams import corruption_rng, parse_corruptions
+from driftsync.data.streams import (
+    CLEAN,
+    Domain,
+    DomainSource,
+    corruption_rng,
+    encode_png,
+    parse_corruptions,
+)
 from driftsync.errors import UserError
 from driftsync.progress import bar
 from shared.images import fit_image
@@ -109,13 +117,37 @@ def _map_npy(path: Path) -> np.ndarray:
         raise ValueError(f"{path} is not a plain numeric .npy array: {exc}") from exc
 
 
-def load_cifar10c(
-    root: Path, corruption: str, severity: int, count: int | None = None
-) -> tuple[np.ndarray, np.ndarray]:
-    """Rows of one severity from ``<root>/<corruption>.npy`` and ``labels.npy``.
+@dataclass(frozen=True)
+class NpyRows:
+    """Rows of a uint8 (N, H, W, 3) .npy, read with pread for the indices asked (`streams.Frames`).
 
-    Severity s is the s-th fifth of the rows ([(s-1)*10000, s*10000) in the released
-    files). Files are memory-mapped so only the selected rows are read.
+    Not a memory map: the pages of a mapped file that a reader touches count in its resident
+    memory until the map goes, so a replay through a mapped domain would grow with it."""
+
+    path: Path
+    offset: int  # bytes to row 0 of the selection
+    shape: tuple[int, int, int]
+    labels: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def pixels(self, index: np.ndarray) -> np.ndarray:
+        row = int(np.prod(self.shape))
+        out = np.empty((len(index), *self.shape), dtype=np.uint8)
+        with self.path.open("rb") as f:
+            for k, i in enumerate(index):
+                out[k] = np.frombuffer(os.pread(f.fileno(), row, self.offset + int(i) * row), np.uint8).reshape(self.shape)
+        return out
+
+    def encoded(self, index: np.ndarray) -> list[bytes]:
+        return [encode_png(image) for image in self.pixels(index)]
+
+
+def cifar10c_frames(root: Path, corruption: str, severity: int, count: int | None = None) -> NpyRows:
+    """Rows of one severity from ``<root>/<corruption>.npy`` and ``labels.npy``, read when asked.
+
+    Severity s is the s-th fifth of the rows ([(s-1)*10000, s*10000) in the released files).
     """
     root = Path(root)
     severity = _check_severity(severity)
@@ -127,7 +159,7 @@ def load_cifar10c(
         raise FileNotFoundError(f"no {images_path}; corruptions in {root}: {available}")
     if not labels_path.is_file():
         raise FileNotFoundError(f"no {labels_path}: a CIFAR-10-C directory needs labels.npy beside the corruptions")
-    x, y = _map_npy(images_path), _map_npy(labels_path)
+    x, y = _map_npy(images_path), _map_npy(labels_path)  # headers and labels only: no image page is touched
     if x.dtype != np.uint8 or x.ndim != 4 or x.shape[3] != 3:
         raise ValueError(f"{images_path} must be uint8 (N, H, W, 3), got {x.dtype} {x.shape}")
     if not np.issubdtype(y.dtype, np.integer) or y.ndim != 1:
@@ -139,7 +171,16 @@ def load_cifar10c(
     per_severity = len(x) // len(SEVERITIES)
     n = _check_count(count, per_severity, f"{corruption} severity {severity}")
     start = (severity - 1) * per_severity
-    return np.array(x[start : start + n]), np.array(y[start : start + n], dtype=np.int64)
+    row = int(np.prod(x.shape[1:]))
+    return NpyRows(images_path, int(x.offset) + start * row, tuple(x.shape[1:]), np.array(y[start : start + n], dtype=np.int64))
+
+
+def load_cifar10c(
+    root: Path, corruption: str, severity: int, count: int | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Every selected row of one severity at once (see `cifar10c_frames`)."""
+    frames = cifar10c_frames(root, corruption, severity, count)
+    return frames.pixels(np.arange(len(frames))), frames.labels
 
 
 # --------------------------------------------------------------------------- ImageNet-C
@@ -218,12 +259,51 @@ class ImageNetCFolder:
             images = np.stack([_read(p, self.size) for p in self.paths[start:stop]])
             yield images, self.labels[start:stop]
 
+    def pixels(self, index: np.ndarray) -> np.ndarray:
+        """The images at `index`, decoded now (`streams.Frames`)."""
+        return np.stack([_read(self.paths[i], self.size) for i in index])
+
+    def encoded(self, index: np.ndarray) -> list[bytes]:
+        """The files at `index` byte for byte: a stream file keeps ImageNet-C's JPEGs as released."""
+        return [self.paths[i].read_bytes() for i in index]
+
     def load_all(self) -> tuple[np.ndarray, np.ndarray]:
-        """Every selected image at once: for subsets that fit in memory (e.g. 5,000)."""
+        """Every selected image at once: for small subsets (tests); replays read by index instead."""
         x = np.empty((len(self), self.size, self.size, 3), dtype=np.uint8)
         for start, (images, _) in zip(range(0, len(self), 256), self.batches(256), strict=True):
             x[start : start + len(images)] = images
         return x, self.labels.copy()
+
+
+def imagenet_c_source(
+    root: Path, domains: Sequence[Domain], wnids: Sequence[str], count: int | None, seed: int | None, size: int,
+) -> tuple[DomainSource, int]:
+    """A replay source over an ImageNet-C tree and the sample count of its first domain.
+
+    Every folder the schedule needs is checked up front, so a partial tree or too few images
+    is one clear error before anything runs, not a failure minutes into the stream; a domain's
+    files are listed again (not held) when it is replayed."""
+    root = Path(root)
+    if any(d.name == CLEAN for d in domains):
+        raise ValueError("ImageNet-C has no clean split; replay a class folder with --dataset folder instead")
+    keys = list(dict.fromkeys((d.name, d.severity) for d in domains))
+    missing = [(name, severity) for name, severity in keys if not (root / name / str(severity)).is_dir()]
+    if missing:
+        complete = [n for n in dict.fromkeys(n for n, _ in keys) if all(k[0] != n for k in missing)]
+        hint = (f"pass --corruptions {','.join(complete)} to replay what is there" if complete
+                else "build it with `driftsync corrupt` or pass --corruptions with the corruptions it has")
+        raise UserError(f"{root} lacks {len(missing)} of the {len(keys)} corruption/severity folders the stream needs "
+                        f"({', '.join(f'{n}/{s}' for n, s in missing)}); {hint}")
+
+    def folder(name: str, severity: int, n: int | None) -> ImageNetCFolder:
+        return ImageNetCFolder(root, name, severity, wnids=wnids, count=n, seed=seed, size=size)
+
+    sizes = {key: len(folder(*key, None)) for key in keys}
+    short = [f"{n}/{s} has {sizes[(n, s)]}" for n, s in keys if count is not None and sizes[(n, s)] < count]
+    if short:
+        raise UserError(f"--samples-per-domain {count} is more than a domain has ({', '.join(short)}); "
+                        f"ask for at most {min(sizes.values())}, or 'none' for every image")
+    return (lambda domain: folder(domain.name, domain.severity, count)), count or sizes[keys[0]]
 
 
 # --------------------------------------------------------------------------- class folders
@@ -301,6 +381,27 @@ def _save_atomic(path: Path, array: np.ndarray) -> None:
         raise
 
 
+def _cache_path(images: np.ndarray, name: str, severity: int, seed: int, cache_dir: Path) -> Path:
+    constants = constants_for_size(images.shape[1], images.shape[2])
+    return cache_dir / f"{name}_{severity}_{cache_key(images, name, severity, seed, constants)}.npy"
+
+
+def corrupted_frames(
+    images: np.ndarray, labels: np.ndarray, name: str, severity: int, seed: int, cache_dir: Path
+) -> NpyRows:
+    """A corrupted domain as `corrupt_cached` makes it, written to the cache once and then read
+    by rows: a `mixed` stream over every corruption of a base set holds none of them in memory."""
+    path = _cache_path(images, name, severity, seed, Path(cache_dir))
+    try:
+        cached = _map_npy(path) if path.is_file() else None  # the header only
+    except ValueError:
+        cached = None
+    if cached is None or cached.dtype != np.uint8 or cached.shape != images.shape:
+        corrupt_cached(images, name, severity, seed, cache_dir)  # computes and stores it; the array goes
+        cached = _map_npy(path)
+    return NpyRows(path, int(cached.offset), tuple(cached.shape[1:]), np.asarray(labels, dtype=np.int64))
+
+
 def corrupt_cached(
     images: np.ndarray, name: str, severity: int, seed: int, cache_dir: Path | None = None
 ) -> np.ndarray:
@@ -314,8 +415,7 @@ def corrupt_cached(
     constants = constants_for_size(images.shape[1], images.shape[2])
     path = None
     if cache_dir is not None:
-        cache_dir = Path(cache_dir)
-        path = cache_dir / f"{name}_{severity}_{cache_key(images, name, severity, seed, constants)}.npy"
+        path = _cache_path(images, name, severity, seed, Path(cache_dir))
         if path.is_file():
             try:
                 cached = np.load(path, allow_pickle=False)
