@@ -303,6 +303,9 @@ def _replay_args(p: argparse.ArgumentParser) -> None:
     add(p, "--torch-device", "cpu", TORCH_DEVICE, help="torch device for the on-device references: cpu, cuda, cuda:N or auto")
     add(p, "--server-args", "", help="extra `driftsync serve` flags, e.g. '--teacher-augmentations 8'")
     add(p, "--device-args", "", help="extra `driftsync device` flags, e.g. '--e-min-factor 0.02'")
+    add(p, "--health-timeout-s", 300.0, POSITIVE, help="longest wait for the server to load its models and answer /healthz")
+    add(p, "--codec", DEFAULT_UPLOAD_CODEC, UPLOAD_CODEC, help="the devices' upload codec, as for `driftsync device --codec`")
+    add(p, "--upload-max-side", None, optional(UPLOAD_SIDE), help="the devices' upload downscale, as for `driftsync device`")
 
 
 def _db_args(p: argparse.ArgumentParser) -> None:
@@ -558,7 +561,8 @@ def _replay(args: argparse.Namespace) -> int:
         batch_size=args.batch_size, devices=args.devices, seed=args.seed, out=Path(args.out), fps=args.fps,
         lockstep_timeout_s=args.lockstep_timeout_s, normalization=args.normalization, prompt=args.prompt, dirichlet=args.dirichlet,
         torch_threads=args.torch_threads, torch_device=args.torch_device, server_args=tuple(shlex.split(args.server_args)),
-        device_args=tuple(shlex.split(args.device_args)),
+        device_args=tuple(shlex.split(args.device_args)), health_timeout_s=args.health_timeout_s, codec=args.codec,
+        upload_max_side=args.upload_max_side,
     )
     run(opts)
     return 0
