@@ -128,7 +128,7 @@ def measure(engine: CemaEngine, pool: np.ndarray, rng: np.random.Generator, per_
                 timings[key].append(seconds)
         samples = n * per_device
         rate = {k: samples / statistics.median(v) for k, v in timings.items()}
-        rows.append({"per_device": per_device, "devices": n, "samples_per_round": samples} | {f"{k}_samples_per_s": round(v, 1) for k, v in rate.items()}
+        rows.append({"per_device": per_device, "devices": n, "samples_per_round": samples} | {f"{k}_samples_per_s": round(v, 3) for k, v in rate.items()}
                     | {"teacher_speedup": round(rate["teacher_batched"] / rate["teacher_sequential"], 2),
                        "step_speedup": round(rate["step_batched"] / rate["step_sequential"], 2)})
         print(f"[bench] {per_device} per device, {n} devices done", flush=True)
