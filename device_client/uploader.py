@@ -21,7 +21,7 @@ from device_client.spool import Spool
 from device_client.supervisor import Supervisor
 from device_client.transport import Backoff, ServerApi, ServerError
 from shared.codec import pack
-from shared.images import UploadEncoding
+from shared.images import DEFAULT_UPLOAD_CODEC, UploadEncoding
 from shared.protocol import UploadBatch
 from shared.tensors import Tensor
 
@@ -61,7 +61,7 @@ class Uploader:
         self.api = api
         self.budget = budget
         self.spool = spool
-        self.encoding = encoding or UploadEncoding()
+        self.encoding = encoding or UploadEncoding.parse(DEFAULT_UPLOAD_CODEC)
         self.batch_size = batch_size
         self.flush_s = flush_s
         self.stats_source = stats_source
