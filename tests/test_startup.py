@@ -26,7 +26,7 @@ def test_health_answers_before_the_warm_up_ends_and_uploads_queue_meanwhile(tmp_
     url = f"http://127.0.0.1:{port}"
     log = tmp_path / "server.log"
     server = subprocess.Popen(
-        cli("serve", "--port", str(port), "--state-dir", str(tmp_path / "server"), "--torch-threads", "1",
+        cli("serve", "--port", str(port), "--state-dir", str(tmp_path / "server"), "--torch-threads", "1", "--torch-device", "cpu",
             "--new-per-step", WARM_UP_SAMPLES, "--step-min-samples", "1", "--step-max-wait-s", "0.3"),
         stdout=log.open("w"), stderr=subprocess.STDOUT, env=dict(os.environ, PYTHONUNBUFFERED="1"),
     )
