@@ -53,9 +53,9 @@ from device_client.transport import (
 )
 from device_client.trust import check_delta, check_enrolment, check_key
 from device_client.uploader import Uploader
+from shared.images import DEFAULT_UPLOAD_CODEC, UploadEncoding
 from shared.protocol import (
     Delta,
-    ImageCodec,
     RegisterRequest,
     RegisterResponse,
     Signature,
@@ -86,7 +86,8 @@ class DeviceConfig:
     name: str = "device"
     cohort: str | None = None
     enrolment_token: str | None = None
-    codec: ImageCodec = "webp"
+    codec: str = DEFAULT_UPLOAD_CODEC  # see shared.images.UploadEncoding.parse
+    upload_max_side: int | None = None  # downscale uploads to this longer side (px) first
     upload_batch: int = 32
     upload_flush_s: float = 0.5
     spool_max_bytes: int = 64 * 1024 * 1024  # selected uploads kept on disk while the server is away
@@ -113,6 +114,7 @@ class DeviceConfig:
     backoff_cap_s: float = 30.0  # the longest wait between retries when the server gave no Retry-After
 
     def __post_init__(self) -> None:
+        UploadEncoding.parse(self.codec, self.upload_max_side)  # a bad setting fails at start-up, not in a thread
         if self.selection not in ("cema", "ugs"):
             raise ValueError(f"selection must be cema or ugs, not {self.selection!r}")
         if self.normalization not in NORMALIZATIONS:
@@ -245,7 +247,7 @@ class DeviceClient:
             self.open_api(),
             UploadBudget.from_rates(self.cfg.upload_samples_per_s, self.cfg.upload_bytes_per_s),
             Spool(self.state.root / "spool", self.cfg.spool_max_bytes),
-            codec=self.cfg.codec,
+            encoding=UploadEncoding.parse(self.cfg.codec, self.cfg.upload_max_side),
             batch_size=self.cfg.upload_batch,
             flush_s=self.cfg.upload_flush_s,
             stats_source=self._current_statistics if self.cfg.normalization == "running" else None,

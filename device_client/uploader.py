@@ -21,8 +21,8 @@ from device_client.spool import Spool
 from device_client.supervisor import Supervisor
 from device_client.transport import Backoff, ServerApi, ServerError
 from shared.codec import pack
-from shared.images import encode_image
-from shared.protocol import ImageCodec, UploadBatch
+from shared.images import DEFAULT_UPLOAD_CODEC, UploadEncoding
+from shared.protocol import UploadBatch
 from shared.tensors import Tensor
 
 log = logging.getLogger("driftsync.device.uploader")
@@ -48,7 +48,7 @@ class Uploader:
         budget: UploadBudget,
         spool: Spool,
         *,
-        codec: ImageCodec = "webp",
+        encoding: UploadEncoding | None = None,
         batch_size: int = 32,
         flush_s: float = 0.5,
         max_queue: int = 2048,
@@ -61,7 +61,7 @@ class Uploader:
         self.api = api
         self.budget = budget
         self.spool = spool
-        self.codec = codec
+        self.encoding = encoding or UploadEncoding.parse(DEFAULT_UPLOAD_CODEC)
         self.batch_size = batch_size
         self.flush_s = flush_s
         self.stats_source = stats_source
@@ -145,7 +145,7 @@ class Uploader:
         now = time.monotonic()
         images, entropy, captured = [], [], []
         for image, ent, ts, _ in batch:
-            encoded = encode_image(image, self.codec)
+            encoded = self.encoding.encode(image)
             if not self.budget.allow(len(encoded), now):
                 self.stats.dropped_budget += 1
                 continue
@@ -156,7 +156,7 @@ class Uploader:
             return
         upload = UploadBatch(
             device_version=min(v for *_, v in batch),
-            codec=self.codec,
+            codec=self.encoding.codec,
             images=images,
             entropy=entropy,
             captured_at=captured,

@@ -39,6 +39,7 @@ from driftsync.config import (
 from driftsync.errors import UserError
 from driftsync.fleet import add_fleet_parser, run_fleet_command
 from driftsync.loadtest import add_loadtest_parser
+from shared.images import DEFAULT_UPLOAD_CODEC, MIN_UPLOAD_SIDE, UploadEncoding
 
 log = logging.getLogger("driftsync")
 
@@ -130,6 +131,8 @@ MODEL = checked(_needs_torch(_model_spec), "NAME[:CHECKPOINT]")
 TORCH_DEVICE = checked(_needs_torch(_torch_device), "DEVICE")
 PROMPT = checked(_needs_torch(_prompt_spec), "KIND:SIZE")
 CORRUPTIONS = checked(_corruptions, "all|none|NAME,...")
+UPLOAD_CODEC = checked(UploadEncoding.parse, "webp-lossless|webp:Q|jpeg:Q|png|raw")
+UPLOAD_SIDE = bounded(int, MIN_UPLOAD_SIDE)
 SETTING = choice("continual", "reset_each_shift", "gradual", "mixed", "correlated")
 
 
@@ -237,7 +240,10 @@ def _device_args(p: argparse.ArgumentParser) -> None:
     add(p, "--lockstep-timeout-s", None, optional(POSITIVE),
         help="evaluation pacing: before each batch, wait up to this long for a delta that includes the uploads so far")
     add(p, "--seed", 0, int, help="corruption seed")
-    add(p, "--codec", "webp", choice("webp", "png", "jpeg", "raw"), help="upload image codec: webp (lossless), png, jpeg or raw")
+    add(p, "--codec", DEFAULT_UPLOAD_CODEC, UPLOAD_CODEC, help="upload image codec: webp-lossless, webp:Q or jpeg:Q "
+        "(lossy, quality Q 1-100), png or raw")
+    add(p, "--upload-max-side", None, optional(UPLOAD_SIDE), help="downscale uploads so their longer side is at most "
+        "this many px (the server scales them back up; 'none': the model's size)")
     add(p, "--upload-batch", 32, POSITIVE_INT, help="samples per upload request")
     add(p, "--upload-samples-per-s", None, optional(POSITIVE), help="uplink budget in samples/s")
     add(p, "--upload-bytes-per-s", None, optional(POSITIVE), help="uplink budget in bytes/s")
@@ -297,6 +303,9 @@ def _replay_args(p: argparse.ArgumentParser) -> None:
     add(p, "--torch-device", "cpu", TORCH_DEVICE, help="torch device for the on-device references: cpu, cuda, cuda:N or auto")
     add(p, "--server-args", "", help="extra `driftsync serve` flags, e.g. '--teacher-augmentations 8'")
     add(p, "--device-args", "", help="extra `driftsync device` flags, e.g. '--e-min-factor 0.02'")
+    add(p, "--health-timeout-s", 300.0, POSITIVE, help="longest wait for the server to load its models and answer /healthz")
+    add(p, "--codec", DEFAULT_UPLOAD_CODEC, UPLOAD_CODEC, help="the devices' upload codec, as for `driftsync device --codec`")
+    add(p, "--upload-max-side", None, optional(UPLOAD_SIDE), help="the devices' upload downscale, as for `driftsync device`")
 
 
 def _db_args(p: argparse.ArgumentParser) -> None:
@@ -552,7 +561,8 @@ def _replay(args: argparse.Namespace) -> int:
         batch_size=args.batch_size, devices=args.devices, seed=args.seed, out=Path(args.out), fps=args.fps,
         lockstep_timeout_s=args.lockstep_timeout_s, normalization=args.normalization, prompt=args.prompt, dirichlet=args.dirichlet,
         torch_threads=args.torch_threads, torch_device=args.torch_device, server_args=tuple(shlex.split(args.server_args)),
-        device_args=tuple(shlex.split(args.device_args)),
+        device_args=tuple(shlex.split(args.device_args)), health_timeout_s=args.health_timeout_s, codec=args.codec,
+        upload_max_side=args.upload_max_side,
     )
     run(opts)
     return 0

@@ -38,6 +38,7 @@ def run_device(args: argparse.Namespace) -> int:
     cfg = DeviceConfig(
         server=args.server, state_dir=state_dir, name=args.name, cohort=args.cohort,
         enrolment_token=args.enrolment_token, ca_file=args.ca_file, codec=args.codec, upload_batch=args.upload_batch,
+        upload_max_side=args.upload_max_side,
         upload_samples_per_s=args.upload_samples_per_s, upload_bytes_per_s=args.upload_bytes_per_s,
         spool_max_bytes=args.spool_max_bytes,
         e_max_factor=args.e_max_factor, dynamic_lambda=args.dynamic_lambda, entropy_ema=args.entropy_ema,

@@ -38,7 +38,7 @@ def wait_healthy(url: str, process: subprocess.Popen, timeout: float = 300.0) ->
         except httpx.HTTPError:
             pass
         time.sleep(0.3)
-    raise TimeoutError(f"server at {url} not healthy after {timeout:.0f}s")
+    raise UserError(f"server at {url} not healthy after {timeout:.0f}s (a larger --health-timeout-s waits longer)")
 
 
 def cli(*args: str) -> list[str]:
@@ -70,6 +70,7 @@ def run_fleet(
     port: int = 0,
     frames: int | None = None,
     label: str = "fleet",
+    health_timeout_s: float = 300.0,
 ) -> list[dict]:
     """Serve, run one device per argument list to completion, stop the server; return the
     devices' replay summaries. Each device gets --server, --state-dir, --summary and --sink none
@@ -92,7 +93,7 @@ def run_fleet(
     try:
         print(f"[{label}] starting the server", file=sys.stderr, flush=True)
         try:
-            wait_healthy(url, server)
+            wait_healthy(url, server, health_timeout_s)
         except UserError as exc:
             raise UserError(f"{exc}: {last_line(logs / 'server.log')} (see {logs / 'server.log'})") from exc
         print(f"[{label}] server ready in {time.monotonic() - started:.1f}s; starting {len(device_args)} device(s)",

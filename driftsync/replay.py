@@ -24,6 +24,7 @@ from driftsync.data.labels import check_labels, class_order, folder_labels
 from driftsync.processes import mean_curve, run_fleet
 from driftsync.progress import bar
 from driftsync.report import build_report, markdown_methods, write_methods_report
+from shared.images import DEFAULT_UPLOAD_CODEC
 
 DATASETS = ("embedded", "cifar10", "cifar10-c", "imagenet-c", "folder")
 LEARNS = {"cema": "norm", "prompt": "prompt", "cema+prompt": "norm+prompt", "cema/prompt": "norm/prompt"}
@@ -58,6 +59,9 @@ class ReplayOptions:
     torch_device: str = "cpu"  # where the on-device references compute (cuda: CoTTA's 32 views are slow on CPU)
     server_args: tuple[str, ...] = ()
     device_args: tuple[str, ...] = ()
+    health_timeout_s: float = 300.0  # the server's start-up (model loading) must end within this
+    codec: str = DEFAULT_UPLOAD_CODEC  # the devices' upload codec (shared.images.UploadEncoding.parse)
+    upload_max_side: int | None = None  # the devices' upload downscale
 
     def __post_init__(self) -> None:
         if self.dataset not in DATASETS:
@@ -246,11 +250,13 @@ def run_collaborative(name: str, opts: ReplayOptions, stream_dir: Path, work: Pa
     devices = [
         ["--name", f"replay-{i}", "--cohort", "replay", "--source", "stream", "--data", str(stream_dir),
          "--normalization", opts.normalization, "--threads", "1", *pacing,
-         *(["--selection", "ugs"] if name.endswith(UGS) else []), *opts.device_args]
+         *(["--selection", "ugs"] if name.endswith(UGS) else []), "--codec", opts.codec,
+         "--upload-max-side", str(opts.upload_max_side or "none"), *opts.device_args]
         for i in range(opts.devices)
     ]
     return run_fleet([*server, *opts.server_args], devices, work,
-                     frames=opts.devices * streams.stream_file_length(stream_dir), label=f"replay {name}")
+                     frames=opts.devices * streams.stream_file_length(stream_dir), label=f"replay {name}",
+                     health_timeout_s=opts.health_timeout_s)
 
 
 # --------------------------------------------------------------------------- the run

@@ -9,6 +9,11 @@ Both run side by side, alternating, on the same engine and states; medians are r
         [--student resnet20:CKPT --teacher resnet56:CKPT] [--teacher-augmentations 0] [--torch-device auto] [--json OUT]
 
 `--per-device 8,32,128` also varies the step's batch size (new uploads per device per step).
+The stream's images are resized to the student's input size (224 px for the ImageNet ResNets);
+`--random-init` gives a model named without a checkpoint random weights (timing only):
+
+    python scripts/bench_teacher_batching.py --student resnet18 --teacher resnet50 --random-init \
+        --devices 1 --per-device 16 --rounds 2
 """
 from __future__ import annotations
 
@@ -16,17 +21,20 @@ import argparse
 import json
 import platform
 import statistics
+import tempfile
 import time
 from datetime import date
 from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 
 from driftsync.data import streams
 from server.devices import resolve_torch_device
 from server.engine import CemaConfig, CemaEngine, StepInput
-from server.models.registry import build_model, model_info
+from server.models.imagenet_resnet import ARCHITECTURES, ImageNetResNet
+from server.models.registry import build_model, model_info, parse_spec
 
 
 def main() -> None:
@@ -40,14 +48,18 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--torch-device", default="auto", help="cpu, cuda, cuda:N or auto, as for serve")
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--random-init", action="store_true", help="ImageNet ResNets named without a checkpoint get "
+                        "random weights (timing only)")
     args = parser.parse_args()
+    if args.random_init:
+        args.student, args.teacher = random_checkpoint(args.student), random_checkpoint(args.teacher)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = resolve_torch_device(args.torch_device)
     info = model_info(args.student)
     student, teacher = build_model(args.student), build_model(args.teacher)
-    images, _ = streams.embedded_base(512)
-    fog = streams.corrupted(images, streams.Domain("fog", 5), 0)
+    images, _ = streams.embedded_base(512 if info.input_size == (32, 32) else 64)
+    fog = resized(streams.corrupted(images, streams.Domain("fog", 5), 0), info.input_size)
     rng = np.random.default_rng(0)
     rows = []
     for per_device in (int(b) for b in args.per_device.split(",")):
@@ -65,9 +77,28 @@ def main() -> None:
         print(f"| {r['per_device']} | {r['devices']} | {r['teacher_batched_samples_per_s']} | "
               f"{r['teacher_sequential_samples_per_s']} | {r['teacher_speedup']}x | {r['step_batched_samples_per_s']} | "
               f"{r['step_sequential_samples_per_s']} | {r['step_speedup']}x |")
+    for r in rows:
+        print(f"step time per sample, {r['per_device']} per device x {r['devices']}: "
+              f"{1 / r['step_batched_samples_per_s']:.3f} s (whole step), {1 / r['teacher_batched_samples_per_s']:.3f} s (teacher)")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({"args": vars(args) | {"json": str(args.json)}, "rows": rows}, indent=2))
+
+
+def random_checkpoint(spec: str) -> str:
+    """'resnet50' -> 'resnet50:/tmp/.../resnet50.pth' holding random weights; other specs unchanged."""
+    name, ckpt = parse_spec(spec)
+    if ckpt is not None or name not in ARCHITECTURES:
+        return spec
+    path = Path(tempfile.mkdtemp()) / f"{name}.pth"
+    torch.save(ImageNetResNet(name).state_dict(), path)
+    return f"{name}:{path}"
+
+
+def resized(images: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    if images.shape[1:3] == size:
+        return images
+    return np.stack([np.asarray(Image.fromarray(x).resize(size[::-1], Image.Resampling.BILINEAR)) for x in images])
 
 
 def measure(engine: CemaEngine, pool: np.ndarray, rng: np.random.Generator, per_device: int, device_counts: list[int],
@@ -97,7 +128,7 @@ def measure(engine: CemaEngine, pool: np.ndarray, rng: np.random.Generator, per_
                 timings[key].append(seconds)
         samples = n * per_device
         rate = {k: samples / statistics.median(v) for k, v in timings.items()}
-        rows.append({"per_device": per_device, "devices": n, "samples_per_round": samples} | {f"{k}_samples_per_s": round(v, 1) for k, v in rate.items()}
+        rows.append({"per_device": per_device, "devices": n, "samples_per_round": samples} | {f"{k}_samples_per_s": round(v, 3) for k, v in rate.items()}
                     | {"teacher_speedup": round(rate["teacher_batched"] / rate["teacher_sequential"], 2),
                        "step_speedup": round(rate["step_batched"] / rate["step_sequential"], 2)})
         print(f"[bench] {per_device} per device, {n} devices done", flush=True)

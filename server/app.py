@@ -125,6 +125,7 @@ class ServerParts:
     on_start: list[Callable[[], None]] = field(default_factory=list)
     on_stop: list[Callable[[], None]] = field(default_factory=list)
     worker: object | None = None  # the in-process AdaptationWorker with --role all (tests reach into it)
+    warming: Callable[[], bool] = lambda: False  # the in-process worker's warm-up step has not run yet
     started_at: float = field(default_factory=time.time)
     signer: Signer = field(default_factory=Signer.generate)  # server.main sets the kept key; a test's lives with it
 
@@ -263,7 +264,8 @@ def create_app(parts: ServerParts) -> FastAPI:
         if model is None:
             return JSONResponse({"status": "starting", "protocol_version": PROTOCOL_VERSION,
                                  "detail": "waiting for a worker to publish the model"}, status_code=503)
-        return JSONResponse({"status": "ok", "protocol_version": PROTOCOL_VERSION, "model": model.name})
+        return JSONResponse({"status": "ok", "protocol_version": PROTOCOL_VERSION, "model": model.name,
+                             "warming": parts.warming()})
 
     @app.get("/metrics", response_class=Response)
     def metrics() -> Response:

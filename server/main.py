@@ -59,6 +59,7 @@ def build_app(opts: ServeOptions) -> FastAPI:
     parts = _with_signing_key(api_parts(opts, store=store, broker=broker, model=model), opts)
     worker = _distributed_worker(opts, engine, model, store, broker, parts.metrics, parts.board)
     parts.worker = worker
+    parts.warming = lambda: worker.warming
     parts.worker_summary = lambda: summary_of(worker)
     parts.on_start.append(worker.start)
     parts.on_stop.insert(0, worker.stop)
@@ -132,7 +133,7 @@ def build_parts(
                               **_worker_metrics(metrics))
     return ServerParts(settings, store, uploads, board, metrics, FleetView(), model=lambda: model,
                        worker_summary=lambda: summary_of(worker), on_start=[worker.start],
-                       on_stop=[worker.stop, store.close], worker=worker)
+                       on_stop=[worker.stop, store.close], worker=worker, warming=lambda: worker.warming)
 
 
 def build_worker_app(opts: ServeOptions) -> FastAPI:
@@ -157,7 +158,7 @@ def build_worker_app(opts: ServeOptions) -> FastAPI:
 
     @app.get("/healthz")
     def healthz() -> dict:
-        return {"status": "ok" if started.is_set() else "starting", "role": "worker",
+        return {"status": "ok" if started.is_set() else "starting", "role": "worker", "warming": worker.warming,
                 "worker": worker.keeper.owner if worker.keeper else None,
                 "partitions": sorted(worker.keeper.held()) if worker.keeper else []}
 

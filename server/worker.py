@@ -158,6 +158,7 @@ class AdaptationWorker:
         self._partitions_held: dict[int, int] = {}  # partition -> lease epoch this worker reads it under
         self._resync_wanted = False
         self._stop = threading.Event()
+        self._warm = threading.Event()
         self._states_lock = threading.RLock()  # a step and an operator's action do not interleave
         self.frozen: set[str] = set(store.frozen_cohorts())
         self._next_frozen = self._next_resync = self._next_stats = 0.0
@@ -166,11 +167,8 @@ class AdaptationWorker:
         self._on_event = on_event
 
     def start(self) -> None:
-        """Warm up first: the first torch step pays seconds of one-off setup, which would
-        otherwise land on the first real upload's freshness."""
-        shape = self.engine.student_input_shape
-        self.engine.step(np.zeros((self.engine.cfg.new_per_step, shape[1], shape[2], shape[0]), np.uint8),
-                         self.engine.new_state())
+        """Recover what was accepted and start the thread, which warms up before it takes the
+        first upload (see `_warm_up`): start-up, and so health, does not wait for the warm-up."""
         if self.keeper is None:
             recovered = self._resync(None)
             if recovered:
@@ -178,6 +176,26 @@ class AdaptationWorker:
         else:
             self.keeper.start()
         self._thread.start()
+
+    @property
+    def warming(self) -> bool:
+        """True until the warm-up step has run: uploads are accepted and queue meanwhile."""
+        return not self._warm.is_set()
+
+    def _warm_up(self) -> None:
+        """One step on blank images: the first torch step pays one-off setup (seconds for a small
+        model, minutes for a ResNet-50 teacher on a CPU), which would otherwise land on the first
+        real upload's freshness. A failure here is logged; the real steps say the rest."""
+        shape = self.engine.student_input_shape
+        started = time.monotonic()
+        try:
+            self.engine.step(np.zeros((self.engine.cfg.new_per_step, shape[1], shape[2], shape[0]), np.uint8),
+                             self.engine.new_state())
+            log.info("warm-up step done in %.1f s", time.monotonic() - started)
+        except Exception:
+            log.exception("warm-up step failed")
+        finally:
+            self._warm.set()
 
     def stop(self) -> None:
         self._stop.set()
@@ -219,6 +237,7 @@ class AdaptationWorker:
     # -- the loop -------------------------------------------------------------------------------
 
     def _run(self) -> None:
+        self._warm_up()
         while not self._stop.is_set():
             try:
                 self._housekeeping()

@@ -94,7 +94,7 @@ def test_bad_requests_get_clear_json_errors_and_server_keeps_serving(tiny_server
     _assert_json_error(httpx.post(f"{url}/v1/uploads", content=ext, headers=_auth(token)), 400)
     not_png = good.model_copy(update={"images": [b"definitely not a png"]})
     _assert_json_error(httpx.post(f"{url}/v1/uploads", content=pack(not_png), headers=_auth(token)), 400)
-    wrong_size = good.model_copy(update={"images": [encode_image(np.zeros((16, 16, 3), np.uint8), "png")]})
+    wrong_size = good.model_copy(update={"images": [encode_image(np.zeros((64, 64, 3), np.uint8), "png")]})
     _assert_json_error(httpx.post(f"{url}/v1/uploads", content=pack(wrong_size), headers=_auth(token)), 400)
     body = good.model_dump()
     body["entropy"] = [float("nan")]
