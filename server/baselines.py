@@ -1,9 +1,12 @@
-"""On-device reference methods: source, BN test statistics, TENT, EATA, CoTTA.
+"""On-device reference methods: source, BN test statistics, TENT, EATA, CoTTA, ROID, SAR.
 
 In-process torch with full backprop, for the evaluation harness. Written after the
-reference code (DequanWang/tent, mr-eggplant/EATA, qinenergy/cotta); hyperparameters
-follow RESEARCH.md, "On-device references". Every method takes float32 NCHW RGB in
-[0, 1] (the model wrapper normalises) and is *online*: `predict_and_adapt(x)` returns
+reference code (DequanWang/tent, mr-eggplant/EATA, qinenergy/cotta, mariodoebler/
+test-time-adaptation for ROID and SAR); hyperparameters follow RESEARCH.md, "On-device
+references". Per-dataset settings: `preset_for(num_classes)` picks "cifar" (up to 100
+classes) or "imagenet" (more), the one rule for eata, roid and sar; any keyword overrides it;
+`settings` lists the values in force (replay copies it into report.json). Every method takes
+float32 NCHW RGB in [0, 1] (the model wrapper normalises) and is *online*: `predict_and_adapt(x)` returns
 the logits of the same forward pass that adapts, then takes one step.
 
     method = build_method("tent", model, num_classes=10)
@@ -16,7 +19,8 @@ Common to all methods:
   current batch. Deviation: only the BN layers are put in train mode, the rest stays in
   eval mode (the references call `model.train()`; identical for nets without dropout).
 - `reset()` reloads the source weights and the initial optimizer state (and EATA's
-  probability EMA, CoTTA's teacher/anchor and augmentation RNG).
+  probability EMA, CoTTA's teacher/anchor and augmentation RNG, ROID's class EMA and RNG,
+  SAR's loss EMA).
 - Counters are cost accounting, summed over samples, and survive `reset()`:
   `forward_passes` += batch size per network forward over the batch,
   `backward_passes` += number of samples whose loss is back-propagated.
@@ -32,16 +36,22 @@ Per method (P = published / reference value):
 - tent: BN affine only, loss = mean softmax entropy. optimizer="adam" (default, TENT's
   CIFAR config: Adam lr 1e-3, betas (0.9, 0.999)) or "sgd" (TENT's ImageNet config:
   SGD lr 2.5e-4, momentum 0.9, nesterov, as in its default cfg). No deviation.
-- eata: BN affine only. Reliability filter H < e_margin = 0.4 ln C (P: 0.4 ln 1000 for
-  ImageNet), weight 1/exp(H - e_margin); redundancy filter |cos(p, m)| < d_margin = 0.05
-  against m, the EMA (0.9) of the mean probability vector of kept samples; Fisher
-  regulariser alpha * sum F (theta - theta0)^2, alpha 2000, F = squared gradients of
-  cross-entropy to the argmax pseudo-label, averaged over batches of `fisher_batch_size`
-  (64, EATA's) of `fisher_images`, in adaptation mode, as in EATA's main.py.
-  Deviations: without `fisher_images` there is no Fisher term (EATA uses 2000 clean
-  source images); SGD lr 2.5e-4 momentum 0.9 is EATA's ImageNet batch-64 setting, used
-  here for any dataset (override `optimizer`/`lr`). RESEARCH.md notes that d_margin 0.05
-  passes almost nothing with 10 classes; kept as published, overridable.
+- eata: BN affine only. Reliability filter H < e_margin = 0.4 ln C, weight 1/exp(H - e_margin);
+  redundancy filter |cos(p, m)| < d_margin against m, the EMA (0.9) of the mean probability
+  vector of kept samples; Fisher regulariser alpha * sum F (theta - theta0)^2, F = squared
+  gradients of cross-entropy to the argmax pseudo-label, averaged over batches of
+  `fisher_batch_size` (64, EATA's) of `fisher_images`, in adaptation mode, as in EATA's main.py.
+  Settings by preset (P, the peer framework's cfgs/cifar10_c/eata.yaml and EATA's ImageNet
+  defaults): cifar: Adam lr 1e-3, d_margin 0.4, alpha 1; imagenet: SGD lr 2.5e-4 momentum 0.9
+  (no nesterov), d_margin 0.05, alpha 2000. The ImageNet margin used with 10 classes dropped
+  every sample after the first batch, so eata equalled bn; the CIFAR preset keeps stepping.
+  Deviations: (1) the Fisher images are whatever the caller passes: `driftsync replay` passes up
+  to EATA_FISHER_IMAGES (2000, P) clean images of the stream's own base set (the clean versions
+  of the stream's test images, unlabelled; EATA's own ImageNet recipe likewise uses clean
+  validation images, the framework uses 2000 training images); with none (CIFAR-10-C and
+  ImageNet-C trees have no clean split) there is no Fisher term, and `settings` says so;
+  (2) the issue cited lr 0.005 for CIFAR; the framework config that produced RESEARCH.md's
+  EATA row is Adam 1e-3, which is used here.
 - cotta: all parameters trained with Adam lr 1e-3; loss = cross-entropy between the
   teacher's softmax and the student's log-softmax; EMA teacher 0.999 (parameters only);
   anchor = frozen source model; when the batch-mean anchor max-probability < 0.92 the
@@ -61,6 +71,39 @@ Per method (P = published / reference value):
   augmentation; the noise is per pixel. Hue is a rotation in YIQ space instead of
   torchvision's HSV shift. Out-of-range affine samples take the nearest edge pixel
   instead of torchvision's zero fill.
+- roid: BN affine only, batch statistics. Per sample: diversity d = 1 - cos(p, m) against m,
+  the EMA (0.9) of the batch-mean probabilities (initially uniform), certainty c = -H, each
+  min-max normalised over the batch; weight exp(d c / T), T = 1/3, and 0 for samples with d
+  below the batch mean. Loss = sum over kept samples of weight * soft likelihood ratio
+  (-sum p log(p / (1 - p)), p clipped at 0.99, eps 1e-5) + weight * symmetric cross-entropy
+  (alpha 0.5) between the model on an augmented view of the sample and on the sample, both
+  divided by the batch size. After the step, weight ensembling: theta <- 0.99 theta + 0.01
+  theta_source. Prior correction of the returned output: prior = batch-mean probability,
+  s = max(1/B, 1/C) / max(prior), output = logits * (prior + s) / (1 + s C); as in the
+  reference code, this scales the logits (the paper states it on probabilities).
+  Settings by preset (P, cfgs/{cifar10_c,imagenet_c}/roid.yaml + conf.py ROID block): cifar:
+  Adam lr 1e-3; imagenet: SGD lr 2.5e-4 momentum 0.9 nesterov. Deviations: the augmented view
+  is `cotta_augment(blur=False, noise_std=0, pad_mode="reflect")` (the reference's
+  non-CoTTA set: colour jitter, reflect pad, affine, centre crop, flip), re-implemented as
+  for cotta below, one draw per batch, from a seeded generator; the min-max normalisation
+  guards a zero range (one sample, or equal values) instead of dividing by zero.
+  Counters: forwards = B + kept; backwards = 2 * kept (the sample and its view).
+- sar: chosen instead of RMT. RMT needs labelled source data during adaptation (a cross-entropy
+  replay of source samples every step, source prototypes, and a contrastive warm-up of a
+  projector on 50,000 source samples). The harness's only clean images are the clean versions
+  of the very test images it streams, so a labelled replay of them would leak the stream's
+  labels, and the product has no source training set. SAR needs nothing but the stream.
+  BN affine only, batch statistics. Reliable samples H < 0.4 ln C; SAM (rho 0.05): gradient of
+  their mean entropy at w, move to w + rho g / |g|, second forward of the batch, filter again
+  (H < 0.4 ln C), gradient of the mean entropy there, back to w, one SGD step (momentum 0.9)
+  with that gradient. Model recovery: the EMA (0.9) of the second-pass loss; below 0.2 the
+  model, optimizer and EMA reset to the source (counted in `recoveries`). Settings by preset
+  (P, the framework wraps SGD at cfg OPTIM.LR): cifar lr 1e-3, imagenet lr 2.5e-4.
+  Deviations: a batch without reliable samples takes no step and no second forward (the
+  reference steps the momentum on a zero gradient); a second pass where no sample stays
+  reliable restores w and takes no step. SAR skips ResNet layer4 / ViT top blocks; CIFAR
+  ResNets have no layer4, and for other nets every norm layer adapts here.
+  Counters: forwards = 2B (B when nothing is reliable); backwards = reliable + still reliable.
 """
 from __future__ import annotations
 
@@ -388,7 +431,8 @@ class ROID(_Method):
         lr = preset["lr"] if lr is None else lr
         self.optimizer = make_optimizer(params, optimizer, lr)
         self.num_classes, self.momentum_src, self.momentum_probs = num_classes, momentum_src, momentum_probs
-        self.temperature, self.prior_correction, self.consistency, self.seed = temperature, prior_correction, consistency, seed
+        self.temperature, self.prior_correction, self.consistency = temperature, prior_correction, consistency
+        self.seed = seed
         self.settings = {"preset": preset_for(num_classes), "optimizer": optimizer, "lr": lr,
                          "momentum_src": momentum_src, "momentum_probs": momentum_probs,
                          "temperature": round(temperature, 4), "prior_correction": prior_correction,
