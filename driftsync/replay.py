@@ -19,6 +19,7 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -29,6 +30,9 @@ from driftsync.data.labels import check_labels, class_order, folder_labels
 from driftsync.processes import mean_curve, run_fleet
 from driftsync.progress import bar
 from driftsync.report import build_report, markdown_methods, write_methods_report
+
+if TYPE_CHECKING:
+    import torch
 
 DATASETS = ("embedded", "cifar10", "cifar10-c", "imagenet-c", "folder")
 LEARNS = {"cema": "norm", "prompt": "prompt", "cema+prompt": "norm+prompt", "cema/prompt": "norm/prompt"}
@@ -184,7 +188,7 @@ def source_predictions(opts: ReplayOptions, stream_dir: Path) -> np.ndarray:
     return run_on_device("source", opts, stream_dir, None, label="source predictions (every method's reference)")["predictions"]
 
 
-def method_overrides(name: str, opts: ReplayOptions, clean: np.ndarray | None, device) -> dict:
+def method_overrides(name: str, opts: ReplayOptions, clean: np.ndarray | None, device: torch.device) -> dict:
     """EATA's Fisher regulariser: up to EATA_FISHER_IMAGES clean in-distribution images, as EATA takes
     from the clean validation set; here a seeded sample of the stream's clean base images."""
     from server.baselines import EATA_FISHER_IMAGES
