@@ -50,7 +50,7 @@ Per method (P = published / reference value):
   of the stream's test images, unlabelled; EATA's own ImageNet recipe likewise uses clean
   validation images, the framework uses 2000 training images); with none (CIFAR-10-C and
   ImageNet-C trees have no clean split) there is no Fisher term, and `settings` says so;
-  (2) the issue cited lr 0.005 for CIFAR; the framework config that produced RESEARCH.md's
+  (2) issue 16 cited lr 0.005 for CIFAR; the framework config that produced RESEARCH.md's
   EATA row is Adam 1e-3, which is used here.
 - cotta: all parameters trained with Adam lr 1e-3; loss = cross-entropy between the
   teacher's softmax and the student's log-softmax; EMA teacher 0.999 (parameters only);
@@ -79,20 +79,22 @@ Per method (P = published / reference value):
   (alpha 0.5) between the model on an augmented view of the sample and on the sample, both
   divided by the batch size. After the step, weight ensembling: theta <- 0.99 theta + 0.01
   theta_source. Prior correction of the returned output: prior = batch-mean probability,
-  s = max(1/B, 1/C) / max(prior), output = logits * (prior + s) / (1 + s C); as in the
-  reference code, this scales the logits (the paper states it on probabilities).
+  s = max(1/B, 1/C) / max(prior), output = logits * (prior + s) / (1 + s C): the smoothed
+  prior scales the logits, as in the reference code.
   Settings by preset (P, cfgs/{cifar10_c,imagenet_c}/roid.yaml + conf.py ROID block): cifar:
   Adam lr 1e-3; imagenet: SGD lr 2.5e-4 momentum 0.9 nesterov. Deviations: the augmented view
   is `cotta_augment(blur=False, noise_std=0, pad_mode="reflect")` (the reference's
   non-CoTTA set: colour jitter, reflect pad, affine, centre crop, flip), re-implemented as
-  for cotta below, one draw per batch, from a seeded generator; the min-max normalisation
+  for cotta above, one draw per batch, from a seeded generator; the min-max normalisation
   guards a zero range (one sample, or equal values) instead of dividing by zero.
   Counters: forwards = B + kept; backwards = 2 * kept (the sample and its view).
 - sar: chosen instead of RMT. RMT needs labelled source data during adaptation (a cross-entropy
   replay of source samples every step, source prototypes, and a contrastive warm-up of a
   projector on 50,000 source samples). The harness's only clean images are the clean versions
   of the very test images it streams, so a labelled replay of them would leak the stream's
-  labels, and the product has no source training set. SAR needs nothing but the stream.
+  labels; the product has no source training set and replay has no input for one (the
+  10,000 training images in ../shared are for tests, and fall short of the warm-up's 50,000).
+  SAR needs nothing but the stream.
   BN affine only, batch statistics. Reliable samples H < 0.4 ln C; SAM (rho 0.05): gradient of
   their mean entropy at w, move to w + rho g / |g|, second forward of the batch, filter again
   (H < 0.4 ln C), gradient of the mean entropy there, back to w, one SGD step (momentum 0.9)
