@@ -285,7 +285,7 @@ def _replay_args(p: argparse.ArgumentParser) -> None:
     add(p, "--student", "embedded-student", MODEL, help="device model NAME[:CHECKPOINT]")
     add(p, "--teacher", "embedded-teacher", MODEL, help="cloud model NAME[:CHECKPOINT]")
     add(p, "--method", "source,bn,tent,cema", comma_list(_replay_methods), help="comma list of cema, prompt, cema+prompt (joint), cema/prompt (alternating), each also with @ugs; "
-        "source, bn, tent, eata, cotta")
+        "source, bn, tent, eata, cotta, roid, sar")
     add(p, "--prompt", "lowres:8", PROMPT, help="input prompt of the prompt methods: lowres:SIZE or padding:WIDTH")
     add(p, "--setting", "continual", SETTING, help="continual, reset_each_shift, gradual, mixed or correlated")
     add(p, "--severity", 5, SEVERITY, help="corruption severity 1-5 (gradual: the peak)")

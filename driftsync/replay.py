@@ -4,16 +4,22 @@ The stream is built once and written to a stream file, so that every method sees
 the same frames in the same order and batches:
 - collaborative methods (`cema`) run as they would in production: `driftsync serve`
   and N `driftsync device` processes over HTTP, onnxruntime on the device;
-- on-device references (`source`, `bn`, `tent`, `eata`, `cotta`) run in this process in
-  torch, with full backprop, as a device that could afford it would.
+- on-device references (`source`, `bn`, `tent`, `eata`, `cotta`, `roid`, `sar`) run in this
+  process in torch, with full backprop, as a device that could afford it would. Their
+  published per-dataset settings follow the student's class count (server/baselines.py,
+  `preset_for`); EATA's Fisher regulariser is computed on clean images of the stream's base
+  set where the dataset has one (embedded, cifar10, folder), and is left out, with a warning
+  and `fisher_images: 0` in the report, where it has none (cifar10-c, imagenet-c).
 Online error throughout: each prediction is scored with the parameters its device had
 when it made it.
 """
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -26,11 +32,16 @@ from driftsync.progress import bar
 from driftsync.report import build_report, markdown_methods, write_methods_report
 from shared.images import DEFAULT_UPLOAD_CODEC
 
+if TYPE_CHECKING:
+    import torch
+
 DATASETS = ("embedded", "cifar10", "cifar10-c", "imagenet-c", "folder")
 LEARNS = {"cema": "norm", "prompt": "prompt", "cema+prompt": "norm+prompt", "cema/prompt": "norm/prompt"}
 UGS = "@ugs"  # suffix: the same method with uncertainty-guided sampling on the device
 COLLABORATIVE = tuple(LEARNS) + tuple(f"{m}{UGS}" for m in LEARNS)
-ON_DEVICE = ("source", "bn", "tent", "eata", "cotta")
+ON_DEVICE = ("source", "bn", "tent", "eata", "cotta", "roid", "sar")
+
+log = logging.getLogger("driftsync.replay")
 
 
 @dataclass(frozen=True)
@@ -91,6 +102,7 @@ class StreamSpec:
     samples_per_domain: int
     image_size: tuple[int, int]
     corruption_constants: str
+    clean: np.ndarray | None = None  # the clean base images (uint8 NHWC), where the dataset has them
 
 
 def _cached_corruption(images: np.ndarray, labels: np.ndarray, seed: int, cache_dir: Path) -> streams.DomainSource:
@@ -139,7 +151,7 @@ def stream_spec(opts: ReplayOptions, input_size: int, num_classes: int) -> Strea
                                                           classes=model_classes(opts))
         source = _cached_corruption(images, labels, opts.seed, cache)
         h, w = images.shape[1:3]
-        return StreamSpec(source, len(labels), (h, w), constants_for_size(h, w))
+        return StreamSpec(source, len(labels), (h, w), constants_for_size(h, w), clean=images)
     if opts.dataset == "cifar10-c":
         def read_cifar10c(domain: streams.Domain) -> streams.Frames:
             if domain.name == streams.CLEAN:
@@ -180,8 +192,26 @@ def source_predictions(opts: ReplayOptions, stream_dir: Path) -> np.ndarray:
     return run_on_device("source", opts, stream_dir, None, label="source predictions (every method's reference)")["predictions"]
 
 
+def method_overrides(name: str, opts: ReplayOptions, clean: np.ndarray | None, device: torch.device) -> dict:
+    """EATA's Fisher regulariser: up to EATA_FISHER_IMAGES clean in-distribution images, as EATA takes
+    from the clean validation set; here a seeded sample of the stream's clean base images."""
+    from server.baselines import EATA_FISHER_IMAGES
+    from server.engine import to_input
+
+    if name != "eata":
+        return {}
+    if clean is None or len(clean) == 0:
+        log.warning("eata: --dataset %s has no clean images, so no Fisher regulariser (EATA without its "
+                     "anti-forgetting term)", opts.dataset)
+        return {}
+    count = min(EATA_FISHER_IMAGES, len(clean))
+    pick = np.sort(np.random.default_rng(opts.seed).choice(len(clean), count, replace=False))
+    log.info("eata: Fisher regulariser from %d clean base images", count)
+    return {"fisher_images": to_input(clean[pick], device)}
+
+
 def run_on_device(name: str, opts: ReplayOptions, stream_dir: Path, source_pred: np.ndarray | None,
-                  label: str | None = None) -> dict:
+                  label: str | None = None, clean: np.ndarray | None = None) -> dict:
     """An in-process torch reference, summarised like a device replay so one report covers both."""
     import torch
 
@@ -194,7 +224,8 @@ def run_on_device(name: str, opts: ReplayOptions, stream_dir: Path, source_pred:
         torch.set_num_threads(opts.torch_threads)
     torch.manual_seed(opts.seed)
     device = resolve_torch_device(opts.torch_device)
-    method = build_method(name, build_model(opts.student).to(device), model_info(opts.student).num_classes)
+    method = build_method(name, build_model(opts.student).to(device), model_info(opts.student).num_classes,
+                          **method_overrides(name, opts, clean, device))
     total = streams.stream_file_length(stream_dir)
     tallies: dict[str, dict] = {}
     curve: list[dict] = []
@@ -226,6 +257,7 @@ def run_on_device(name: str, opts: ReplayOptions, stream_dir: Path, source_pred:
         "freshness_s": [],
         "seconds": time.monotonic() - started,
         "predictions": predictions,
+        "settings": method.settings,
         "status": {
             "uploads": {"sent": 0, "sent_bytes": 0, "dropped": 0},
             "deltas": {"applied": 0, "bytes": 0},
@@ -314,10 +346,10 @@ def run(opts: ReplayOptions) -> dict:
             meta_m = dict(meta, devices=opts.devices, normalization=opts.normalization,
                           prompt_bytes=prompt_bytes(opts.prompt, info.input_size) if "prompt" in name else 0)
         else:
-            summary = run_on_device(name, opts, stream_dir, source_pred)
+            summary = run_on_device(name, opts, stream_dir, source_pred, clean=spec.clean)
             summary.pop("predictions")
             summaries = [summary]
-            meta_m = dict(meta, devices=1)
+            meta_m = dict(meta, devices=1, settings=summary.pop("settings"))
         reports.append(method_report(name, summaries, meta_m))
         curves[name] = mean_curve(summaries)
         print(f"[replay] {name}: mean error {reports[-1]['mean_error']:.1f}% "

@@ -25,8 +25,12 @@ def _hue(x: torch.Tensor, shift: float) -> torch.Tensor:
     return torch.einsum("ij,njhw->nihw", m.to(x), x).clamp(0, 1)
 
 
-def cotta_augment(x: torch.Tensor, g: torch.Generator, noise_std: float = 0.005) -> torch.Tensor:
-    """One draw of CoTTA's CIFAR test-time augmentation, shared by the batch (see docstring)."""
+def cotta_augment(x: torch.Tensor, g: torch.Generator, noise_std: float = 0.005, blur: bool = True,
+                  pad_mode: str = "replicate") -> torch.Tensor:
+    """One draw of CoTTA's CIFAR test-time augmentation, shared by the batch (see docstring).
+
+    ROID's consistency views are the same set without blur and noise, reflect-padded:
+    `blur=False, noise_std=0, pad_mode="reflect"`."""
     n, _, h, w = x.shape
     x = x.clamp(0, 1)
     for op in torch.randperm(5, generator=g).tolist():  # ColorJitterPro: random order
@@ -43,7 +47,7 @@ def cotta_augment(x: torch.Tensor, g: torch.Generator, noise_std: float = 0.005)
         else:
             x = x.clamp(1e-8, 1.0) ** _uniform(g, 0.7, 1.3)
     pad = h // 2
-    x = F.pad(x, (pad, pad, pad, pad), mode="replicate")
+    x = F.pad(x, (pad, pad, pad, pad), mode=pad_mode)
     size = x.shape[-1]
     angle = math.radians(_uniform(g, -15, 15))
     scale = _uniform(g, 0.9, 1.1)
@@ -54,14 +58,16 @@ def cotta_augment(x: torch.Tensor, g: torch.Generator, noise_std: float = 0.005)
     theta = torch.tensor([[cos, sin, -(cos * tx + sin * ty)], [-sin, cos, -(-sin * tx + cos * ty)]])
     grid = F.affine_grid(theta.to(x).expand(n, 2, 3), list(x.shape), align_corners=False)
     x = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
-    sigma = _uniform(g, 0.001, 0.5)
-    k = torch.exp(-((torch.arange(5, dtype=x.dtype) - 2) ** 2) / (2 * sigma**2))
-    k = (k / k.sum()).to(x)
-    x = F.pad(x, (2, 2, 2, 2), mode="reflect")
-    x = F.conv2d(x, k.view(1, 1, 1, 5).expand(3, 1, 1, 5), groups=3)
-    x = F.conv2d(x, k.view(1, 1, 5, 1).expand(3, 1, 5, 1), groups=3)
+    if blur:
+        sigma = _uniform(g, 0.001, 0.5)
+        k = torch.exp(-((torch.arange(5, dtype=x.dtype) - 2) ** 2) / (2 * sigma**2))
+        k = (k / k.sum()).to(x)
+        x = F.pad(x, (2, 2, 2, 2), mode="reflect")
+        x = F.conv2d(x, k.view(1, 1, 1, 5).expand(3, 1, 1, 5), groups=3)
+        x = F.conv2d(x, k.view(1, 1, 5, 1).expand(3, 1, 5, 1), groups=3)
     x = x[..., pad : pad + h, pad : pad + w]
     if torch.rand((), generator=g).item() < 0.5:
         x = x.flip(dims=[3])
-    x = x + noise_std * torch.randn(x.shape, generator=g).to(x)
+    if noise_std:
+        x = x + noise_std * torch.randn(x.shape, generator=g).to(x)
     return x.clamp(0, 1)

@@ -113,7 +113,22 @@ def test_replay_npz_clean_and_on_the_fly_corruption(tmp_path: Path) -> None:
     assert small["samples"] == 8 and small["corruption_constants"] == "cifar10"
 
 
-def test_replay_cifar10c_files(tmp_path: Path) -> None:
+def test_replay_eata_roid_sar_on_one_stream(tmp_path: Path) -> None:
+    methods = ("bn", "eata", "roid", "sar")
+    report = run(ReplayOptions(methods=methods, corruptions="fog,contrast", samples_per_domain=32, batch_size=16,
+                               out=tmp_path, torch_threads=1))
+    by_name = {m["method"]: m for m in json.loads((tmp_path / "report.json").read_text())["methods"]}
+    assert list(by_name) == list(methods) == [m["method"] for m in report["methods"]]
+    eata = by_name["eata"]["settings"]
+    assert eata["preset"] == "cifar" and eata["d_margin"] == 0.4 and eata["fisher_alpha"] == 1.0
+    assert eata["fisher_images"] == 32  # the embedded stream's clean base images
+    for name in ("eata", "roid", "sar"):
+        assert by_name[name]["where"] == "on-device" and by_name[name]["backward_passes_per_sample"] > 0, name
+    assert by_name["roid"]["forward_passes_per_sample"] > 1 and 1 < by_name["sar"]["forward_passes_per_sample"] <= 2
+    assert by_name["roid"]["mean_error"] < by_name["roid"]["mean_error_source"]
+
+
+def test_replay_cifar10c_files(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     root = tmp_path / "CIFAR-10-C"
     root.mkdir()
     x, y = embedded_images(20)
@@ -121,8 +136,12 @@ def test_replay_cifar10c_files(tmp_path: Path) -> None:
         blocks = [np.zeros_like(x)] * 4 + [streams.corrupted(x, streams.Domain(name, 5), 0)]
         np.save(root / f"{name}.npy", np.concatenate(blocks))
     np.save(root / "labels.npy", np.tile(y, 5).astype(np.uint8))
-    report = run(ReplayOptions(dataset="cifar10-c", data=root, corruptions="fog,contrast", methods=("source", "bn"),
-                               samples_per_domain=None, batch_size=10, out=tmp_path / "out"))
+    report = run(ReplayOptions(dataset="cifar10-c", data=root, corruptions="fog,contrast",
+                               methods=("source", "bn", "eata"), samples_per_domain=None, batch_size=10,
+                               out=tmp_path / "out"))
+    eata = report["methods"][2]
+    assert eata["method"] == "eata" and eata["settings"]["fisher_images"] == 0  # no clean split: no Fisher term
+    assert "no Fisher regulariser" in caplog.text
     assert [d["name"] for d in report["domains"]] == ["fog", "contrast"] and report["samples"] == 40
     assert report["corruption_constants"].startswith("as released")
     chunk = next(streams.read_stream(tmp_path / "out" / "stream"))
@@ -172,7 +191,7 @@ def test_replay_refuses_bad_options(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="needs --data"):
         ReplayOptions(dataset="cifar10")
     with pytest.raises(ValueError, match="unknown methods"):
-        ReplayOptions(methods=("sar",))
+        ReplayOptions(methods=("rmt",))
     big = np.zeros((4, 48, 48, 3), np.uint8)
     np.savez(tmp_path / "big.npz", x=big, y=np.zeros(4, np.int64))
     with pytest.raises(ValueError, match="takes 32x32"):
