@@ -186,6 +186,8 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
         "(unset: the in-process queue of --role all)")
     add(p, "--partitions", 16, POSITIVE_INT, help="broker partitions (cohorts are hashed to one; fixed for a deployment)")
     add(p, "--lease-ttl-s", 10.0, POSITIVE, help="a worker's partition leases expire this long after its last renewal")
+    add(p, "--device-expiry-s", None, optional(POSITIVE), help="remove devices not seen for this long, at least 120 "
+        "('none': keep them forever); a device that comes back enrols again")
     add(p, "--worker-name", None, optional(str), help="this worker's name in leases and the consumer group "
         "(default: HOST-PID-RANDOM)")
     add(p, "--rotate-signing-key", False, bool, help="start with a new Ed25519 signing key, announced to "
@@ -498,7 +500,7 @@ def _serve(args: argparse.Namespace) -> int:
         role=args.role, store=args.store, broker=args.broker, partitions=args.partitions,
         lease_ttl_s=args.lease_ttl_s, worker_name=args.worker_name, torch_device=args.torch_device,
         max_state_bytes=args.max_state_bytes,
-        rotate_signing_key=args.rotate_signing_key,
+        rotate_signing_key=args.rotate_signing_key, device_expiry_s=args.device_expiry_s,
     )
     if args.role == "api":  # a replica imports no torch
         from server.api_role import build_api_app as build_app
