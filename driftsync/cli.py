@@ -11,6 +11,7 @@ import json
 import logging
 import socket
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -199,7 +200,8 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
 def _device_args(p: argparse.ArgumentParser) -> None:
     add(p, "--server", "http://127.0.0.1:8700", URLS,
         help="server base URL, or a comma list of servers (replicas, a gateway and a fallback) to fail over between")
-    add(p, "--name", socket.gethostname(), help="device name shown to operators (default: the hostname)")
+    add(p, "--name", "auto", help="device name shown to operators; 'auto': the hostname, plus the container's "
+        "short id inside a container (replicas sharing a hostname stay distinct devices with their own state)")
     add(p, "--state-dir", str(home() / "device" / "{name}"),
         help="identity, cached model, applied delta, spool and status; '{name}' expands to --name")
     add(p, "--cohort", None, optional(str), help="share adaptation state with devices of this cohort")
@@ -220,6 +222,8 @@ def _device_args(p: argparse.ArgumentParser) -> None:
     add(p, "--sink", "jsonl:-", checked(_sinks, "SINK,..."),
         help="where predictions go, comma list: jsonl:- (stdout, one JSON line per frame), jsonl:PATH, webhook:URL; none")
     add(p, "--status-file", None, optional(str), help="status JSON rewritten every 2 s (default: STATE_DIR/status.json)")
+    add(p, "--health-check", False, bool, help="check that this device's own status file is fresh and running, "
+        "exit 0 (healthy) or 1, and do nothing else: the container healthcheck")
     add(p, "--status-port", None, optional(PORT), help="serve the status on http://127.0.0.1:PORT/status (0: any free port)")
     add(p, "--telemetry-every-s", 5.0, optional(POSITIVE), help="send label-free health to the server this often ('none': never)")
     add(p, "--spool-max-bytes", 64 * 1024 * 1024, NONNEGATIVE_INT, help="uploads kept on disk while the server is away; oldest dropped beyond")
@@ -519,6 +523,16 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _device(args: argparse.Namespace) -> int:
+    from device_client.identity import resolve_name, state_dir_for
+
+    args.name = resolve_name(args.name)
+    if args.health_check:  # before the heavy imports: a healthcheck runs every few seconds
+        from device_client.health import status_problem
+
+        path = Path(args.status_file) if args.status_file else state_dir_for(args.state_dir, args.name) / "status.json"
+        problem = status_problem(path, time.time())
+        print(f"{args.name}: {problem or 'healthy'}")
+        return 1 if problem else 0
     from driftsync.device import run_device
 
     return run_device(args)

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from device_client.client import DeviceClient, DeviceConfig
 from device_client.daemon import run_live, stop_on_signals
+from device_client.identity import state_dir_for
 from device_client.replay import run_replay
 from device_client.sinks import open_sink
 from device_client.sources import (
@@ -33,7 +34,7 @@ def run_device(args: argparse.Namespace) -> int:
     """Provision, run the source into the sinks until it ends or a signal stops it, flush."""
 
     log = logging.getLogger("driftsync.device")
-    state_dir = Path(args.state_dir.replace("{name}", args.name))
+    state_dir = state_dir_for(args.state_dir, args.name)
     cfg = DeviceConfig(
         server=args.server, state_dir=state_dir, name=args.name, cohort=args.cohort,
         enrolment_token=args.enrolment_token, ca_file=args.ca_file, codec=args.codec, upload_batch=args.upload_batch,
