@@ -52,6 +52,9 @@ def run_device(args: argparse.Namespace) -> int:
     try:
         client.start()
     except Exception as exc:  # noqa: BLE001 (a refusal or a stop while provisioning: say why and exit)
+        if stop.is_set():  # asked to stop (docker compose down) before the server answered: a clean exit
+            log.info("stopped while provisioning: %s", exc)
+            return 0
         log.error("device not started: %s", exc)
         return 1
     specs = [] if args.sink.strip() == "none" else [spec.strip() for spec in args.sink.split(",") if spec.strip()]
