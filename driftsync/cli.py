@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import signal
 import socket
 import sys
 import time
@@ -476,6 +477,9 @@ def _serve_tokens(args: argparse.Namespace) -> tuple[str | None, str | None]:
 
 
 def _serve(args: argparse.Namespace) -> int:
+    # SIGTERM (docker stop) is a requested stop: uvicorn shuts down gracefully, then raises the signal
+    # again once its handlers are gone; this one makes that (or a SIGTERM during startup) exit 0, not 143.
+    signal.signal(signal.SIGTERM, _exit_cleanly)
     _check_bindable(args.host, args.port)
     enrolment_token, admin_token = _serve_tokens(args)
     if enrolment_token is None:
@@ -520,6 +524,10 @@ def _serve(args: argparse.Namespace) -> int:
                 ssl_certfile=args.ssl_certfile, ssl_keyfile=args.ssl_keyfile, http="h11",
                 timeout_keep_alive=5, h11_max_incomplete_event_size=16 * 1024)
     return 0
+
+
+def _exit_cleanly(signum: int, frame: object) -> None:
+    raise SystemExit(0)
 
 
 def _device(args: argparse.Namespace) -> int:
