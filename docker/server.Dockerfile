@@ -30,9 +30,9 @@ COPY device_client ./device_client
 COPY server ./server
 COPY driftsync ./driftsync
 # torch is already satisfied, so this adds only the rest of the server extra, and the scale
-# profile's PostgreSQL and Redis clients.
+# profile's PostgreSQL and Redis clients. pip leaves the image (setuptools stays: torch requires it).
 RUN pip install ".[server,scale]" \
- && pip uninstall -y pip setuptools
+ && pip uninstall -y pip
 
 FROM ${BASE_IMAGE}
 ENV PYTHONDONTWRITEBYTECODE=1 \
