@@ -8,7 +8,7 @@ and mapped onto this machine:
 - a named volume mounted at container path P becomes `<work>/volumes/<volume>` (a bind mount,
   its source), and every env value, command word and healthcheck string containing P is
   rewritten to that directory;
-- a published port's container port C of service S gets a free local port L (or `--port`):
+- a published or exposed port's container port C of service S gets a free local port L (or `--port`):
   `S:C` becomes `127.0.0.1:L` everywhere, `127.0.0.1:C` and `localhost:C` within S itself,
   S gets DRIFTSYNC_PORT=L, and a DRIFTSYNC_HOST is narrowed to 127.0.0.1;
 - a command starting with `driftsync` runs as `python -m driftsync`, a healthcheck's `python`
@@ -274,7 +274,8 @@ def load(
     own: dict[str, dict[str, str]] = {name: {} for name in specs}  # "127.0.0.1:8700" -> ..., within a service
     first_port: dict[str, int] = {}
     for name, spec in specs.items():
-        for target in container_ports(spec.get("ports")):
+        # docker-compose.yml names its ports in `expose` (published in docker-compose.override.yml)
+        for target in dict.fromkeys(container_ports([*(spec.get("ports") or []), *(spec.get("expose") or [])])):
             local = port if port and not hosts else free_port()
             hosts[f"{name}:{target}"] = f"127.0.0.1:{local}"
             own[name].update({f"127.0.0.1:{target}": f"127.0.0.1:{local}", f"localhost:{target}": f"127.0.0.1:{local}"})

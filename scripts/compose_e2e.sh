@@ -60,7 +60,8 @@ cleanup() {
     if [ "${KEEP_WORK:-0}" = 1 ]; then
         log "kept $WORK"
     else
-        grep -q " $WORK/" /proc/mounts && log "mounts left under $WORK: $(grep -c " $WORK/" /proc/mounts)"
+        # dockerd leaves its default network namespace mounted in its exec root
+        awk -v w="$WORK/" 'index($2, w) == 1 { print $2 }' /proc/mounts | sort -r | xargs -r -n1 umount -l
         rm -rf "$WORK" || log "could not remove all of $WORK"
     fi
     if [ "${#TIMINGS[@]}" -gt 0 ]; then

@@ -22,6 +22,7 @@ from tests.conftest import SHARED, missing_shared
 REPO = Path(__file__).resolve().parents[1]
 COMPOSE = REPO / "docker-compose.yml"
 HOST_OVERRIDE = REPO / "docker-compose.host.yml"
+PORTS_OVERRIDE = REPO / "docker-compose.override.yml"  # read by compose itself when no -f is given
 SCHEMA = SHARED / "schemas/compose-spec.json"
 DOCKERFILES = {name: REPO / "docker" / f"{name}.Dockerfile" for name in ("server", "device")}
 
@@ -34,7 +35,7 @@ def doc() -> dict:
 # ---- the compose file and the Dockerfiles ----------------------------------------------------
 
 
-@pytest.mark.parametrize("path", [COMPOSE, HOST_OVERRIDE], ids=["compose", "host-override"])
+@pytest.mark.parametrize("path", [COMPOSE, HOST_OVERRIDE, PORTS_OVERRIDE], ids=["compose", "host", "ports"])
 def test_compose_files_match_the_compose_specification(path):
     if reason := missing_shared("schemas/compose-spec.json"):
         pytest.skip(reason)
@@ -86,7 +87,13 @@ def test_compose_services_volumes_healthchecks_and_restart(doc):
     assert set(services) == {"server", "device"} | SCALE
     assert set(doc["volumes"]) == {"server-state", "postgres-data", "redis-data"}
     assert services["server"]["volumes"] == ["server-state:/var/lib/driftsync/server"]
-    assert services["server"]["ports"] == ["8700:8700"]
+    published = yaml.safe_load(PORTS_OVERRIDE.read_text())["services"]
+    assert published["server"]["ports"] == ["8700:8700"] and services["server"]["expose"] == ["8700"]
+    # docker-py (compose 1.29) refuses published ports with network_mode: host, and an override cannot
+    # remove them: so the base file only exposes, and docker-compose.override.yml publishes
+    assert not any("ports" in spec for spec in services.values())
+    assert all(f"{target}" in services[name]["expose"] for name, spec in published.items()
+               for target in fleet.container_ports(spec["ports"]))
     assert services["device"]["deploy"]["replicas"] == 3
     # a device runs in both profiles and retries until whichever front door its profile starts answers
     assert "depends_on" not in services["device"]
@@ -126,7 +133,8 @@ def test_compose_profiles_single_by_default_and_scale(doc):
     assert services["worker-1"]["environment"]["DRIFTSYNC_WORKER_NAME"] != services["worker-2"]["environment"][
         "DRIFTSYNC_WORKER_NAME"]
     gateway = services["gateway"]
-    assert gateway["image"].startswith("haproxy") and gateway["ports"] == ["8700:8700"]
+    assert gateway["image"].startswith("haproxy") and gateway["expose"] == ["8700"]
+    assert yaml.safe_load(PORTS_OVERRIDE.read_text())["services"]["gateway"]["ports"] == ["8700:8700"]
     config = (COMPOSE.parent / "docker" / "haproxy.cfg").read_text()
     assert "server api1 api-1:8701 check" in config and "server api2 api-2:8702 check" in config
     assert "option httpchk GET /healthz" in config
