@@ -57,6 +57,7 @@ cleanup() {
         kill -0 "$DOCKERD_PID" 2>/dev/null && { log "dockerd did not stop: killing it"; kill -9 "$DOCKERD_PID"; }
         wait "$DOCKERD_PID" 2>/dev/null
     fi
+    [ -f "${IMAGES_TXT:-/nonexistent}" ] && IMAGES=$(cat "$IMAGES_TXT")
     if [ "${KEEP_WORK:-0}" = 1 ]; then
         log "kept $WORK"
     else
@@ -67,7 +68,7 @@ cleanup() {
     if [ "${#TIMINGS[@]}" -gt 0 ]; then
         printf '\nTimings:\n'; printf '  %s\n' "${TIMINGS[@]}"
     fi
-    [ -f "${IMAGES_TXT:-/nonexistent}" ] && { printf '\nImages:\n'; cat "$IMAGES_TXT"; }
+    [ -n "${IMAGES:-}" ] && printf '\nImages:\n%s\n' "$IMAGES"
     [ "$rc" = 0 ] && log "PASSED" || log "FAILED (exit $rc)"
     exit "$rc"
 }
@@ -160,7 +161,7 @@ kill "$WHEELS_PID"; wait "$WHEELS_PID" 2>/dev/null || true; WHEELS_PID=""
 docker run --rm --network host driftsync-device:0.1.0 sh -c '! python -c "import torch" 2>/dev/null && ! command -v gcc && ! command -v pip' \
     >/dev/null || fail "the device image has torch, a compiler or pip"
 IMAGES_TXT="$WORK/images.txt"
-docker image ls --format 'table {{.Repository}}:{{.Tag}}\t{{.Size}}' >"$IMAGES_TXT"
+docker image ls --format 'table {{.Repository}}:{{.Tag}}\t{{.Size}}' | grep -v '^<none>' >"$IMAGES_TXT"
 docker image inspect -f '{{index .RepoTags 0}} {{.Size}}' "$BASE_IMAGE" driftsync-server:0.1.0 driftsync-device:0.1.0 \
     | awk '{printf "%s %.1f MB\n", $1, $2 / 1e6}' >>"$IMAGES_TXT"
 cat "$IMAGES_TXT"
