@@ -485,9 +485,8 @@ def _serve(args: argparse.Namespace) -> int:
     if enrolment_token is None:
         logging.getLogger("driftsync.server").warning("enrolment is open: any client that reaches the server can register")
 
-    import uvicorn
-
     from server.options import ROLES, ServeOptions
+    from server.serving import serve
 
     if args.role not in ROLES:
         raise SystemExit(f"driftsync serve: --role must be one of {', '.join(ROLES)}, not {args.role!r}")
@@ -520,7 +519,7 @@ def _serve(args: argparse.Namespace) -> int:
         raise SystemExit(f"driftsync serve: {exc}") from exc
     # Pinned, not left to uvicorn's defaults: idle keep-alive connections close after 5 s and a request's
     # header block may not exceed 16 KiB (h11). Bodies are bounded in size and time by server/limits.py.
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level.lower(),
+    serve(app, host=args.host, port=args.port, log_level=args.log_level.lower(),
                 ssl_certfile=args.ssl_certfile, ssl_keyfile=args.ssl_keyfile, http="h11",
                 timeout_keep_alive=5, h11_max_incomplete_event_size=16 * 1024)
     return 0

@@ -224,16 +224,24 @@ done
 phase_end
 
 phase_start "down"
-docker events --filter type=container --filter event=die \
-    --format '{{.Actor.Attributes.name}} {{.Actor.Attributes.exitCode}}' >"$WORK/die-events.txt" 2>&1 &
+docker events --filter type=container --filter event=die --filter event=kill \
+    --format '{{.TimeNano}} {{.Action}} {{.Actor.Attributes.name}} {{.Actor.Attributes.exitCode}}{{.Actor.Attributes.signal}}' \
+    >"$WORK/events.txt" 2>&1 &
 EVENTS_PID=$!
+mkdir -p "$WORK/logs"
+for id in $(project_containers); do  # what each process says while it stops
+    docker logs -f --timestamps --since "$(date +%s)" "$id" >"$WORK/logs/$(docker inspect -f '{{.Name}}' "$id" | tr -d /).log" 2>&1 &
+done
 sleep 1
 CONTAINERS=$(project_containers | wc -l)
+DOWN_T0=$(date +%s%N)
 "${COMPOSE[@]}" down --volumes >>"$WORK/compose.log" 2>&1 || fail "down"
 UP=0
 sleep 1
 kill "$EVENTS_PID"; wait "$EVENTS_PID" 2>/dev/null || true
-sed 's/^/  exit code: /' "$WORK/die-events.txt"
+awk -v t0="$DOWN_T0" '{ printf "  %-5s %-22s %-8s after %5.1f s\n", $2, $3, $4, ($1 - t0) / 1e9 }' "$WORK/events.txt"
+grep -hE "SIGTERM|stopping|stopped|shutdown|Finished server" "$WORK"/logs/*.log | grep -v '^[^ ]* {' | cut -c1-160 | sed 's/^/  /'
+awk '$2 == "die" { print $3, $4 }' "$WORK/events.txt" >"$WORK/die-events.txt"
 [ "$(wc -l <"$WORK/die-events.txt")" = "$CONTAINERS" ] || fail "expected $CONTAINERS exits, saw $(wc -l <"$WORK/die-events.txt")"
 awk '$2 != 0 { bad = 1 } END { exit bad }' "$WORK/die-events.txt" || fail "a container did not exit with code 0"
 [ -z "$(project_containers)" ] || fail "containers left after down"
