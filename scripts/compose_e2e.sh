@@ -225,7 +225,7 @@ phase_end
 
 phase_start "down"
 docker events --filter type=container --filter event=die --filter event=kill \
-    --format '{{.TimeNano}} {{.Action}} {{.Actor.Attributes.name}} {{.Actor.Attributes.exitCode}}{{.Actor.Attributes.signal}}' \
+    --format '{{.TimeNano}} {{.Action}} {{.Actor.Attributes.name}} {{index .Actor.Attributes "exitCode"}}{{index .Actor.Attributes "signal"}}' \
     >"$WORK/events.txt" 2>&1 &
 EVENTS_PID=$!
 mkdir -p "$WORK/logs"
@@ -239,7 +239,7 @@ DOWN_T0=$(date +%s%N)
 UP=0
 sleep 1
 kill "$EVENTS_PID"; wait "$EVENTS_PID" 2>/dev/null || true
-awk -v t0="$DOWN_T0" '{ printf "  %-5s %-22s %-8s after %5.1f s\n", $2, $3, $4, ($1 - t0) / 1e9 }' "$WORK/events.txt"
+awk -v t0="$DOWN_T0" '{ printf "  %-4s %-20s %s %-3s after %4.1f s\n", $2, $3, ($2 == "kill" ? "signal" : "exit code"), $4, ($1 - t0) / 1e9 }' "$WORK/events.txt"
 grep -hE "SIGTERM|stopping|stopped|shutdown|Finished server" "$WORK"/logs/*.log | grep -v '^[^ ]* {' | cut -c1-160 | sed 's/^/  /'
 awk '$2 == "die" { print $3, $4 }' "$WORK/events.txt" >"$WORK/die-events.txt"
 [ "$(wc -l <"$WORK/die-events.txt")" = "$CONTAINERS" ] || fail "expected $CONTAINERS exits, saw $(wc -l <"$WORK/die-events.txt")"
