@@ -55,6 +55,28 @@ def test_compose_file_avoids_what_docker_compose_1_29_rejects(doc):
     assert fleet.dotenv(COMPOSE.parent / ".env")["COMPOSE_PROJECT_NAME"] == "driftsync"
 
 
+@pytest.mark.parametrize("files", [[], ["-f", "docker-compose.yml", "-f", "docker-compose.host.yml"]],
+                         ids=["with-published-ports", "host-network"])
+@pytest.mark.parametrize("profile", ["single", "scale"])
+def test_docker_compose_1_29_accepts_the_files(files, profile):
+    """Debian's docker-compose (1.29.2) parses and validates the files as `up` would; with no -f it
+    reads docker-compose.override.yml by itself."""
+    import shutil
+
+    if shutil.which("docker-compose") is None:
+        pytest.skip("docker-compose is not installed (apt-get install docker-compose; scripts/compose_e2e.sh does)")
+    env = {**os.environ, "COMPOSE_PROFILES": profile, "DRIFTSYNC_ENROLMENT_TOKEN": "e" * 24,
+           "DRIFTSYNC_ADMIN_TOKEN": "a" * 24}
+    out = subprocess.run(["docker-compose", *files, "config"], cwd=REPO, env=env, capture_output=True, text=True,
+                         timeout=60)
+    assert out.returncode == 0, out.stderr
+    merged = yaml.safe_load(out.stdout)["services"]
+    assert {"server", "device", "gateway"} <= set(merged)  # `config` lists every profile's services
+    host = bool(files)
+    assert all((spec.get("network_mode") == "host") == host for spec in merged.values())
+    assert all(bool(spec.get("ports")) != host for name, spec in merged.items() if name not in ("device", "migrate"))
+
+
 def test_host_override_puts_every_service_on_the_host_network_on_loopback(doc):
     override = yaml.safe_load(HOST_OVERRIDE.read_text())["services"]
     assert set(override) == set(doc["services"])
