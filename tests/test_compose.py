@@ -66,7 +66,7 @@ def test_docker_compose_1_29_accepts_the_files(files):
         pytest.skip("docker-compose is not installed (apt-get install docker-compose; scripts/compose_e2e.sh does)")
     env = {**os.environ, "DRIFTSYNC_ENROLMENT_TOKEN": "e" * 24,
            "DRIFTSYNC_ADMIN_TOKEN": "a" * 24}
-    out = subprocess.run(["docker-compose", *files, "config"], cwd=REPO, env=env, capture_output=True, text=True,
+    out = subprocess.run(["docker-compose", *files, "config"], check=False, cwd=REPO, env=env, capture_output=True, text=True,
                          timeout=60)
     assert out.returncode == 0, out.stderr
     merged = yaml.safe_load(out.stdout)["services"]

@@ -10,7 +10,12 @@ import time
 from pathlib import Path
 
 from device_client.health import status_problem
-from device_client.identity import container_id, device_name, resolve_name, state_dir_for
+from device_client.identity import (
+    container_id,
+    device_name,
+    resolve_name,
+    state_dir_for,
+)
 
 ID_A = "3f" * 32
 ID_B = "a1" * 32
@@ -78,7 +83,7 @@ def test_the_healthcheck_command_checks_its_own_replica_only(tmp_path) -> None:
     _status(tmp_path / "dead" / "status.json", updated_at=time.time() - 600)
 
     def check(name: str) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "driftsync", "device", "--health-check", "--name", name],
+        return subprocess.run([sys.executable, "-m", "driftsync", "device", "--health-check", "--name", name], check=False,
                               env=env, capture_output=True, text=True, timeout=60)
 
     live, dead, other = check("live"), check("dead"), check("never-started")
