@@ -9,8 +9,10 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import signal
 import socket
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -189,6 +191,8 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
         "(unset: the in-process queue of --role all)")
     add(p, "--partitions", 16, POSITIVE_INT, help="broker partitions (cohorts are hashed to one; fixed for a deployment)")
     add(p, "--lease-ttl-s", 10.0, POSITIVE, help="a worker's partition leases expire this long after its last renewal")
+    add(p, "--device-expiry-s", None, optional(POSITIVE), help="remove devices not seen for this long, at least 120 "
+        "('none': keep them forever); a device that comes back enrols again")
     add(p, "--worker-name", None, optional(str), help="this worker's name in leases and the consumer group "
         "(default: HOST-PID-RANDOM)")
     add(p, "--rotate-signing-key", False, bool, help="start with a new Ed25519 signing key, announced to "
@@ -200,7 +204,8 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
 def _device_args(p: argparse.ArgumentParser) -> None:
     add(p, "--server", "http://127.0.0.1:8700", URLS,
         help="server base URL, or a comma list of servers (replicas, a gateway and a fallback) to fail over between")
-    add(p, "--name", socket.gethostname(), help="device name shown to operators (default: the hostname)")
+    add(p, "--name", "auto", help="device name shown to operators; 'auto': the hostname, plus the container's "
+        "short id inside a container (replicas sharing a hostname stay distinct devices with their own state)")
     add(p, "--state-dir", str(home() / "device" / "{name}"),
         help="identity, cached model, applied delta, spool and status; '{name}' expands to --name")
     add(p, "--cohort", None, optional(str), help="share adaptation state with devices of this cohort")
@@ -221,6 +226,8 @@ def _device_args(p: argparse.ArgumentParser) -> None:
     add(p, "--sink", "jsonl:-", checked(_sinks, "SINK,..."),
         help="where predictions go, comma list: jsonl:- (stdout, one JSON line per frame), jsonl:PATH, webhook:URL; none")
     add(p, "--status-file", None, optional(str), help="status JSON rewritten every 2 s (default: STATE_DIR/status.json)")
+    add(p, "--health-check", False, bool, help="check that this device's own status file is fresh and running, "
+        "exit 0 (healthy) or 1, and do nothing else: the container healthcheck")
     add(p, "--status-port", None, optional(PORT), help="serve the status on http://127.0.0.1:PORT/status (0: any free port)")
     add(p, "--telemetry-every-s", 5.0, optional(POSITIVE), help="send label-free health to the server this often ('none': never)")
     add(p, "--spool-max-bytes", 64 * 1024 * 1024, NONNEGATIVE_INT, help="uploads kept on disk while the server is away; oldest dropped beyond")
@@ -479,14 +486,16 @@ def _serve_tokens(args: argparse.Namespace) -> tuple[str | None, str | None]:
 
 
 def _serve(args: argparse.Namespace) -> int:
+    # SIGTERM (docker stop) is a requested stop: uvicorn shuts down gracefully, then raises the signal
+    # again once its handlers are gone; this one makes that (or a SIGTERM during startup) exit 0, not 143.
+    signal.signal(signal.SIGTERM, _exit_cleanly)
     _check_bindable(args.host, args.port)
     enrolment_token, admin_token = _serve_tokens(args)
     if enrolment_token is None:
         logging.getLogger("driftsync.server").warning("enrolment is open: any client that reaches the server can register")
 
-    import uvicorn
-
     from server.options import ROLES, ServeOptions
+    from server.serving import serve
 
     if args.role not in ROLES:
         raise SystemExit(f"driftsync serve: --role must be one of {', '.join(ROLES)}, not {args.role!r}")
@@ -507,7 +516,7 @@ def _serve(args: argparse.Namespace) -> int:
         role=args.role, store=args.store, broker=args.broker, partitions=args.partitions,
         lease_ttl_s=args.lease_ttl_s, worker_name=args.worker_name, torch_device=args.torch_device,
         max_state_bytes=args.max_state_bytes,
-        rotate_signing_key=args.rotate_signing_key,
+        rotate_signing_key=args.rotate_signing_key, device_expiry_s=args.device_expiry_s,
     )
     if args.role == "api":  # a replica imports no torch
         from server.api_role import build_api_app as build_app
@@ -519,13 +528,27 @@ def _serve(args: argparse.Namespace) -> int:
         raise SystemExit(f"driftsync serve: {exc}") from exc
     # Pinned, not left to uvicorn's defaults: idle keep-alive connections close after 5 s and a request's
     # header block may not exceed 16 KiB (h11). Bodies are bounded in size and time by server/limits.py.
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level.lower(),
+    serve(app, host=args.host, port=args.port, log_level=args.log_level.lower(),
                 ssl_certfile=args.ssl_certfile, ssl_keyfile=args.ssl_keyfile, http="h11",
                 timeout_keep_alive=5, h11_max_incomplete_event_size=16 * 1024)
     return 0
 
 
+def _exit_cleanly(signum: int, frame: object) -> None:
+    raise SystemExit(0)
+
+
 def _device(args: argparse.Namespace) -> int:
+    from device_client.identity import resolve_name, state_dir_for
+
+    args.name = resolve_name(args.name)
+    if args.health_check:  # before the heavy imports: a healthcheck runs every few seconds
+        from device_client.health import status_problem
+
+        path = Path(args.status_file) if args.status_file else state_dir_for(args.state_dir, args.name) / "status.json"
+        problem = status_problem(path, time.time())
+        print(f"{args.name}: {problem or 'healthy'}")
+        return 1 if problem else 0
     from driftsync.device import run_device
 
     return run_device(args)

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from device_client.client import DeviceClient, DeviceConfig
 from device_client.daemon import run_live, stop_on_signals
+from device_client.identity import state_dir_for
 from device_client.replay import run_replay
 from device_client.sinks import open_sink
 from device_client.sources import (
@@ -34,7 +35,7 @@ def run_device(args: argparse.Namespace) -> int:
     """Provision, run the source into the sinks until it ends or a signal stops it, flush."""
 
     log = logging.getLogger("driftsync.device")
-    state_dir = Path(args.state_dir.replace("{name}", args.name))
+    state_dir = state_dir_for(args.state_dir, args.name)
     cfg = DeviceConfig(
         server=args.server, state_dir=state_dir, name=args.name, cohort=args.cohort,
         enrolment_token=args.enrolment_token, ca_file=args.ca_file, codec=args.codec, upload_batch=args.upload_batch,
@@ -53,6 +54,9 @@ def run_device(args: argparse.Namespace) -> int:
     try:
         client.start()
     except Exception as exc:  # noqa: BLE001 (a refusal or a stop while provisioning: say why and exit)
+        if stop.is_set():  # asked to stop (docker compose down) before the server answered: a clean exit
+            log.info("stopped while provisioning: %s", exc)
+            return 0
         log.error("device not started: %s", exc)
         return 1
     specs = [] if args.sink.strip() == "none" else [spec.strip() for spec in args.sink.split(",") if spec.strip()]

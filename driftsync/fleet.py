@@ -8,12 +8,13 @@ and mapped onto this machine:
 - a named volume mounted at container path P becomes `<work>/volumes/<volume>` (a bind mount,
   its source), and every env value, command word and healthcheck string containing P is
   rewritten to that directory;
-- a published port's container port C of service S gets a free local port L (or `--port`):
+- a published or exposed port's container port C of service S gets a free local port L (or `--port`):
   `S:C` becomes `127.0.0.1:L` everywhere, `127.0.0.1:C` and `localhost:C` within S itself,
   S gets DRIFTSYNC_PORT=L, and a DRIFTSYNC_HOST is narrowed to 127.0.0.1;
 - a command starting with `driftsync` runs as `python -m driftsync`, a healthcheck's `python`
   as this interpreter;
-- replica i of S gets HOSTNAME and DRIFTSYNC_NAME `S-i`;
+- replica i of S gets HOSTNAME and DRIFTSYNC_NAME `S-i`, and, unless S sets DRIFTSYNC_STATE_DIR,
+  DRIFTSYNC_STATE_DIR `<work>/state/S-i`: what a container keeps in its own filesystem;
 - profiles: a service with `profiles` runs only when one of them is active (`--profile`, else
   COMPOSE_PROFILES from the environment or the `.env` beside the compose file, as compose
   reads them); a `depends_on` entry with `required: false` on a service not running is skipped;
@@ -69,11 +70,13 @@ class Service:
     healthcheck: list[str] | None = None
     check_timeout_s: float = 30.0
     volumes: list[Path] = field(default_factory=list)
+    state_root: Path | None = None  # replicas without a DRIFTSYNC_STATE_DIR keep their state in state_root/<name>
 
     def replica_env(self, index: int) -> dict[str, str]:
-        """The service's environment plus the replica's own name (1-based index)."""
+        """The service's environment plus the replica's own name (1-based index) and state directory."""
         name = f"{self.name}-{index}"
-        return {**self.env, "HOSTNAME": name, "DRIFTSYNC_NAME": name}
+        own = {"DRIFTSYNC_STATE_DIR": str(self.state_root / name)} if self.state_root else {}
+        return {**own, **self.env, "HOSTNAME": name, "DRIFTSYNC_NAME": name}
 
 
 @dataclass
@@ -271,7 +274,8 @@ def load(
     own: dict[str, dict[str, str]] = {name: {} for name in specs}  # "127.0.0.1:8700" -> ..., within a service
     first_port: dict[str, int] = {}
     for name, spec in specs.items():
-        for target in container_ports(spec.get("ports")):
+        # docker-compose.yml names its ports in `expose` (published in docker-compose.override.yml)
+        for target in dict.fromkeys(container_ports([*(spec.get("ports") or []), *(spec.get("expose") or [])])):
             local = port if port and not hosts else free_port()
             hosts[f"{name}:{target}"] = f"127.0.0.1:{local}"
             own[name].update({f"127.0.0.1:{target}": f"127.0.0.1:{local}", f"localhost:{target}": f"127.0.0.1:{local}"})
@@ -304,6 +308,7 @@ def load(
             name=name, argv=[rewrite(word) for word in local_command(argv)], env=env, replicas=int(replicas),
             depends_on=depends[name], healthcheck=[rewrite(word) for word in check] if check else None,
             check_timeout_s=seconds((spec.get("healthcheck") or {}).get("timeout", "30s")), volumes=list(volumes.values()),
+            state_root=work / "state",
         ))
     return services
 

@@ -4,8 +4,9 @@ The closure of `driftsync[device]` is resolved from this environment's metadata
 (importlib.metadata): Requires-Dist followed recursively, markers evaluated for this
 interpreter, extras of the dependencies not followed. Each distribution counts the installed
 size of its files (its RECORD), so run this in a venv where `pip install -e .[device]` (or a
-superset, such as the dev extra) is installed. driftsync itself counts as the source the image
-copies. The base image is a documented constant, not measured.
+superset, such as the dev extra) is installed. driftsync itself counts once: the image holds only
+its installed copy in /opt/venv (the builder stage's source tree stays behind). The base image is
+a documented constant; scripts/compose_e2e.sh measures the real image (BENCHMARKS.md, issue 13).
 
     python scripts/device_image_size.py
 """
@@ -22,10 +23,11 @@ from packaging.utils import canonicalize_name
 ROOT = "driftsync"
 EXTRA = "device"
 REPO = Path(__file__).resolve().parents[1]
-DEVICE_PACKAGES = ("driftsync", "shared", "device_client")  # what device.Dockerfile copies
+DEVICE_PACKAGES = ("driftsync", "shared", "device_client")  # what device.Dockerfile installs
 # python:3.11-slim (Debian bookworm, linux/amd64), uncompressed, as `docker image ls` reports it.
 # An estimate: Docker Hub lists about 45 MB compressed, and it unpacks to about 125-130 MB,
-# changing a little with every patch release. Not measured here: there is no Docker engine.
+# changing a little with every patch release. Not measured here (no registry); the local debootstrap
+# base that scripts/compose_e2e.sh builds measures 155 MB, and the device image on it 367 MB.
 BASE_IMAGE = "python:3.11-slim"
 BASE_IMAGE_MB = 130.0
 MB = 1e6
@@ -73,9 +75,9 @@ def installed_bytes(dist: metadata.Distribution) -> int:
 
 
 def source_bytes(packages: tuple[str, ...] = DEVICE_PACKAGES) -> int:
-    """driftsync's own code as the image holds it (installed once, plus the copied source)."""
+    """driftsync's own code as the image holds it: installed once, in the venv."""
     files = [p for pkg in packages for p in (REPO / pkg).rglob("*.py")]
-    return 2 * sum(p.stat().st_size for p in files)
+    return sum(p.stat().st_size for p in files)
 
 
 def main() -> int:

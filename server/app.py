@@ -24,6 +24,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from server.artifact import PublishedModel, sha256_hex
+from server.expiry import DeviceReaper, should_touch
 from server.fleet import FleetView
 from server.limits import BodyLimits, BodyLimitSettings
 from server.metrics import Registry
@@ -94,6 +95,7 @@ class ServerSettings:
     device_samples_per_s: float | None = 100.0  # per-device upload rate limit (None: off)
     device_burst_samples: float = 1000.0
     signature_ttl_s: float = 600.0  # how long a signed delta, model file or enrolment stays valid
+    device_expiry_s: float | None = None  # devices unseen this long are removed (None: kept forever)
 
 
 @dataclass
@@ -156,15 +158,21 @@ def create_app(parts: ServerParts) -> FastAPI:
     m.gauge("driftsync_cohorts", "Cohorts with at least one device.", lambda: len({d.cohort for d in parts.store.devices()}))
     frozen = _FrozenCache(parts.store)
     wake_all = parts.wake_all or parts.board.wake_all
+    reaper = (DeviceReaper(parts.store, parts.settings.device_expiry_s, parts.fleet.forget)
+              if parts.settings.device_expiry_s else None)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         for start in parts.on_start:
             await run_in_threadpool(start)
+        if reaper:
+            reaper.start()
         try:
             yield
         finally:
             parts.board.close()  # every long poll answers now, so shutdown fits a stop grace period
+            if reaper:
+                await run_in_threadpool(reaper.stop)
             for stop in parts.on_stop:
                 await run_in_threadpool(stop)
 
@@ -217,6 +225,9 @@ def create_app(parts: ServerParts) -> FastAPI:
             auth_failures.inc()
             raise ApiError(401, "unauthorized", "unknown device token", {"WWW-Authenticate": "Bearer"})
         parts.fleet.seen(device.device_id)
+        now = time.time()
+        if should_touch(device.last_seen_at, now):
+            parts.store.touch_device(device.device_id, now)
         return device
 
     def admin(authorization: str | None = Header(default=None)) -> None:

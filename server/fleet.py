@@ -53,6 +53,11 @@ class FleetView:
                 mean_confidence=t.mean_confidence, spooled=t.uploads_spooled, dropped=t.uploads_dropped,
             ))
 
+    def forget(self, device_ids: list[str]) -> None:
+        with self._lock:
+            for device_id in device_ids:
+                self._devices.pop(device_id, None)
+
     def get(self, device_id: str) -> DeviceView:
         with self._lock:
             view = self._view(device_id)

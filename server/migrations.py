@@ -133,6 +133,15 @@ MIGRATIONS = [
         CREATE TABLE workers (owner TEXT PRIMARY KEY, expires_at DOUBLE PRECISION NOT NULL);
         CREATE TABLE blobs (key TEXT PRIMARY KEY, data BYTEA NOT NULL, updated_at DOUBLE PRECISION NOT NULL)
     """),
+    Migration(3, "when each device was last seen, so unseen devices expire", sqlite="""
+        ALTER TABLE devices ADD COLUMN last_seen_at REAL NOT NULL DEFAULT 0;
+        UPDATE devices SET last_seen_at = created_at;
+        CREATE INDEX devices_by_last_seen ON devices (last_seen_at)
+    """, postgres="""
+        ALTER TABLE devices ADD COLUMN last_seen_at DOUBLE PRECISION NOT NULL DEFAULT 0;
+        UPDATE devices SET last_seen_at = created_at;
+        CREATE INDEX devices_by_last_seen ON devices (last_seen_at)
+    """),
 ]
 LATEST = MIGRATIONS[-1].version
 

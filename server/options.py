@@ -53,9 +53,11 @@ class ServeOptions:
     lease_ttl_s: float = 10.0
     worker_name: str | None = None
     rotate_signing_key: bool = False  # start with a new key, announced signed by the old one
+    device_expiry_s: float | None = None  # devices unseen this long are removed (None: never)
 
     def settings(self) -> ServerSettings:
         return ServerSettings(max_body_bytes=self.max_body_bytes, json_body_bytes=self.json_body_bytes,
                               body_timeout_s=self.body_timeout_s, enrolment_token=self.enrolment_token,
                               admin_token=self.admin_token, device_samples_per_s=self.device_samples_per_s,
-                              device_burst_samples=self.device_burst_samples)
+                              device_burst_samples=self.device_burst_samples,
+                              device_expiry_s=self.device_expiry_s)

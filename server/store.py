@@ -50,6 +50,7 @@ class DeviceRecord:
     cohort: str
     created_at: float
     may_upload: bool = True  # an operator can make a device read-only: it follows its cohort, never steers it
+    last_seen_at: float = 0.0  # written at most every SEEN_WRITE_EVERY_S (server/app.py), read by expiry
 
 
 @dataclass(frozen=True)
@@ -113,6 +114,8 @@ class Store(Protocol):
     def device(self, device_id: str) -> DeviceRecord | None: ...
     def move_device(self, device_id: str, cohort: str) -> DeviceRecord | None: ...
     def set_may_upload(self, device_id: str, may_upload: bool) -> DeviceRecord | None: ...
+    def touch_device(self, device_id: str, at: float) -> None: ...
+    def expire_devices(self, unseen_since: float) -> list[str]: ...
     def commit(self, cohort: str, record: VersionRecord | None = None, state: bytes | None = None,
                consumed: dict[int, int] | None = None, learnt: int = 0, *, lease: Lease | None = None) -> int: ...
     def latest_version(self, cohort: str) -> VersionRecord | None: ...
@@ -140,6 +143,13 @@ class Store(Protocol):
     def get_blob(self, key: str) -> bytes | None: ...
     def schema_version(self) -> int: ...
     def close(self) -> None: ...
+
+
+_DEVICE_COLUMNS = "device_id, name, cohort, created_at, may_upload, last_seen_at"
+
+
+def _device_record(row: tuple) -> DeviceRecord:
+    return DeviceRecord(row[0], row[1], row[2], row[3], bool(row[4]), row[5])
 
 
 def hash_token(token: str) -> str:
@@ -228,31 +238,40 @@ class SqlStore(ABC):
         """Register a device; without a named cohort it adapts on its own state. Only the token's hash is kept."""
         token = secrets.token_urlsafe(32)
         device_id = uuid.uuid4().hex
-        record = DeviceRecord(device_id, name, cohort or f"device-{device_id[:12]}", time.time())
+        now = time.time()
+        record = DeviceRecord(device_id, name, cohort or f"device-{device_id[:12]}", now, last_seen_at=now)
         self._query(
-            "INSERT INTO devices (device_id, name, cohort, token_hash, created_at, may_upload) VALUES (?, ?, ?, ?, ?, ?)",
-            (record.device_id, name, record.cohort, hash_token(token), record.created_at, True),
+            "INSERT INTO devices (device_id, name, cohort, token_hash, created_at, may_upload, last_seen_at) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (record.device_id, name, record.cohort, hash_token(token), record.created_at, True, now),
         )
         return record, token
 
     def device_for_token(self, token: str) -> DeviceRecord | None:
         wanted = hash_token(token)
         row = self._one(
-            "SELECT device_id, name, cohort, created_at, may_upload, token_hash FROM devices WHERE token_hash = ?",
-            (wanted,),
+            f"SELECT {_DEVICE_COLUMNS}, token_hash FROM devices WHERE token_hash = ?", (wanted,),
         )
-        if row is None or not hmac.compare_digest(row[5], wanted):
+        if row is None or not hmac.compare_digest(row[6], wanted):
             return None
-        return DeviceRecord(*row[:4], bool(row[4]))
+        return _device_record(row)
 
     def devices(self) -> list[DeviceRecord]:
-        rows = self._query("SELECT device_id, name, cohort, created_at, may_upload FROM devices ORDER BY created_at")
-        return [DeviceRecord(*r[:4], bool(r[4])) for r in rows]
+        return [_device_record(r) for r in self._query(f"SELECT {_DEVICE_COLUMNS} FROM devices ORDER BY created_at")]
 
     def device(self, device_id: str) -> DeviceRecord | None:
-        row = self._one("SELECT device_id, name, cohort, created_at, may_upload FROM devices WHERE device_id = ?",
-                        (device_id,))
-        return DeviceRecord(*row[:4], bool(row[4])) if row else None
+        row = self._one(f"SELECT {_DEVICE_COLUMNS} FROM devices WHERE device_id = ?", (device_id,))
+        return _device_record(row) if row else None
+
+    def touch_device(self, device_id: str, at: float) -> None:
+        """The device was seen at `at` (never moves its time back: replicas may race)."""
+        self._query("UPDATE devices SET last_seen_at = ? WHERE device_id = ? AND last_seen_at < ?", (at, device_id, at))
+
+    def expire_devices(self, unseen_since: float) -> list[str]:
+        """Forget the devices not seen since `unseen_since` (their tokens stop working: a device that
+        comes back enrols again); the ids it removed."""
+        return sorted(r[0] for r in self._query("DELETE FROM devices WHERE last_seen_at < ? RETURNING device_id",
+                                                (unseen_since,)))
 
     def set_may_upload(self, device_id: str, may_upload: bool) -> DeviceRecord | None:
         self._query("UPDATE devices SET may_upload = ? WHERE device_id = ?", (may_upload, device_id))

@@ -24,7 +24,7 @@ def test_fleet_from_the_compose_file_adapts_every_device(tmp_path):
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     statuses = {}
     for i in (1, 2, 3):
-        status = json.loads((work / "volumes" / "device-state" / f"device-{i}" / "status.json").read_text())
+        status = json.loads((work / "state" / f"device-{i}" / "status.json").read_text())
         statuses[status["name"]] = status
         assert status["state"] == "stopped" and status["frames"] == 3 * 32
         assert status["deltas"]["applied"] >= 1 and status["version"] >= 1, status
@@ -61,7 +61,7 @@ def test_fleet_scale_profile_runs_the_scale_out_topology_locally(tmp_path):
     )
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     for i in (1, 2):
-        status = json.loads((work / "volumes" / "device-state" / f"device-{i}" / "status.json").read_text())
+        status = json.loads((work / "state" / f"device-{i}" / "status.json").read_text())
         assert status["frames"] == 2 * 32 and status["version"] >= 1, status
         assert status["uploads"]["sent"] > 0 and status["uploads"]["spooled"] == 0
     logs = {path.name: path.read_text() for path in (work / "logs").glob("*.log")}

@@ -78,6 +78,21 @@ def test_devices_keep_only_the_token_hash(store) -> None:
     assert store.move_device("nobody", "x") is None and store.device("nobody") is None
 
 
+def test_devices_unseen_for_too_long_expire_and_their_tokens_stop_working(store) -> None:
+    stale, stale_token = store.add_device("replica-gone", None)
+    fresh, fresh_token = store.add_device("replica-live", None)
+    assert stale.last_seen_at == stale.created_at > 0
+    later = time.time() + 100
+    store.touch_device(fresh.device_id, later)
+    store.touch_device(fresh.device_id, later - 50)  # a racing replica's older time does not move it back
+    assert store.device(fresh.device_id).last_seen_at == later
+    assert store.expire_devices(later - 10) == [stale.device_id]
+    assert store.device_for_token(stale_token) is None and store.device(stale.device_id) is None
+    assert [d.device_id for d in store.devices()] == [fresh.device_id]
+    assert store.device_for_token(fresh_token).last_seen_at == later
+    assert store.expire_devices(later - 10) == []  # nothing left to expire: nothing removed
+
+
 def test_a_version_must_be_the_next_one(store) -> None:
     assert store.commit("c", _record("c", 1), b"s1") == 0
     with pytest.raises(VersionConflict):
