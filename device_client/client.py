@@ -98,6 +98,7 @@ class DeviceConfig:
     entropy_ema: float | None = 0.8
     e_min_factor: float = 0.0
     redundancy_margin: float | None = None
+    upload_share: float | None = 0.2  # at most this share of frames is uploaded, the most uncertain; None: the window alone
     poll_wait_s: float = 20.0
     threads: int = 0
     normalization: str = "running"  # see NORMALIZATIONS
@@ -229,7 +230,8 @@ class DeviceClient:
             self.model = SwappableModel(self.onnx_path, params, version, self.cfg.threads)
         self.selector: CemaSelector | UgsSelector
         if self.cfg.selection == "ugs":
-            self.selector = UgsSelector(UgsConfig(self.cfg.ugs_views, self.cfg.ugs_keep))
+            keep = self.cfg.ugs_keep if self.cfg.upload_share is None else min(self.cfg.ugs_keep, self.cfg.upload_share)
+            self.selector = UgsSelector(UgsConfig(self.cfg.ugs_views, keep))
         else:
             self.selector = CemaSelector(
                 SelectionConfig(
@@ -239,6 +241,7 @@ class DeviceClient:
                     entropy_ema=self.cfg.entropy_ema,
                     e_min_factor=self.cfg.e_min_factor,
                     redundancy_margin=self.cfg.redundancy_margin,
+                    upload_share=self.cfg.upload_share,
                 )
             )
         self.uploader = Uploader(
@@ -525,7 +528,10 @@ class DeviceClient:
     def _selection_thresholds(self) -> dict:
         if isinstance(self.selector, UgsSelector):
             return {"policy": "ugs", "keep": self.selector.cfg.keep}
-        return {"policy": "cema", "e_max": self.selector.e_max(), "e_min": self.selector.e_min}
+        budget = self.selector.budget
+        if budget is None:
+            return {"policy": "cema", "e_max": self.selector.e_max(), "e_min": self.selector.e_min}
+        return {"policy": "cema", "upload_share": budget.share, "threshold": budget.threshold, "e_min": self.selector.e_min}
 
     def take_health_window(self) -> HealthWindow:
         """The health since the last call, for a telemetry report; starts a new window."""
