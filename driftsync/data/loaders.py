@@ -19,7 +19,7 @@ import numpy as np
 from PIL import Image
 
 from driftsync.config import add, bounded, checked, optional
-from driftsync.data.corruptions import CORRUPTIONS, constants_for_size, corrupt
+from driftsync.data.corruptions import CORRUPTIONS, constants_for_size, corrupt, frost_source
 from driftsync.data.labels import folder_labels
 from driftsync.data.streams import (
     CLEAN,
@@ -365,7 +365,8 @@ def load_class_folder(
 def cache_key(images: np.ndarray, name: str, severity: int, seed: int, constants: str) -> str:
     """sha256 over the image bytes (with shape and dtype) and every corruption input."""
     digest = hashlib.sha256(np.ascontiguousarray(images).data).hexdigest()
-    text = f"v{_CACHE_VERSION}|{images.dtype}|{images.shape}|{digest}|{name}|{severity}|{seed}|{constants}"
+    frost = f"|{frost_source()}" if name == "frost" else ""  # the photographs and the procedural textures differ
+    text = f"v{_CACHE_VERSION}|{images.dtype}|{images.shape}|{digest}|{name}|{severity}|{seed}|{constants}{frost}"
     return hashlib.sha256(text.encode()).hexdigest()
 
 
