@@ -190,16 +190,21 @@ class UgsConfig:
 @dataclass
 class UgsSelector:
     """U-VPA's uncertainty-guided sampling: upload the frames whose prediction varies most over
-    cheap augmentations. A fixed share of each batch, so the uplink is bounded by design."""
+    cheap augmentations. Without a share budget, a fixed share (`keep`) of each batch; with one,
+    the budget ranks the variances as it ranks entropies for CEMA (rounding a share of each
+    batch would exceed it: 2 of 8 frames is 25%)."""
 
     cfg: UgsConfig
+    budget: ShareBudget | None = None
     counts: dict[str, int] = field(default_factory=lambda: {"kept": 0, "below_rank": 0})
 
     def select(self, variance: np.ndarray) -> np.ndarray:
         keep = np.zeros(len(variance), dtype=bool)
-        finite = np.isfinite(variance)
-        k = min(int(round(self.cfg.keep * len(variance))), int(finite.sum()))  # a NaN is never "most uncertain"
-        if k > 0:
+        finite = np.isfinite(variance)  # a NaN is never "most uncertain"
+        if self.budget is not None:
+            keep = self.budget.select(variance, finite)
+        else:
+            k = min(int(round(self.cfg.keep * len(variance))), int(finite.sum()))
             keep[np.argsort(-np.where(finite, variance, -np.inf), kind="stable")[:k]] = True
         self.counts["kept"] += int(keep.sum())
         self.counts["below_rank"] += int((~keep).sum())

@@ -170,6 +170,16 @@ def test_redundant_frames_give_their_credit_back() -> None:
     assert selector.counts["redundant"] == 3 and selector.budget.credit == 3.0
 
 
+def test_ugs_under_the_budget_ranks_view_variance_within_it() -> None:
+    from device_client.selection import UgsConfig, UgsSelector
+
+    variance = np.random.default_rng(4).uniform(0, 1, 800)
+    selector = UgsSelector(UgsConfig(keep=0.25), ShareBudget(BUDGET))  # batches of 8: 2 of 8 would be 25%
+    keep = np.concatenate([selector.select(variance[i : i + 8]) for i in range(0, len(variance), 8)])
+    _assert_within_budget(variance, keep, "ugs in batches of 8")
+    assert selector.counts["kept"] == keep.sum()
+
+
 def test_share_budget_refuses_a_share_outside_zero_to_one() -> None:
     for share in (0.0, 1.5):
         with pytest.raises(ValueError, match="upload share"):
