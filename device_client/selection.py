@@ -4,13 +4,14 @@ Chen et al. (ICLR 2024): drop unreliable samples (entropy above a dynamic
 E_max), optionally drop low-informative ones (entropy at or below E_min), and
 drop samples redundant with what was recently uploaded (EATA's cosine test).
 
-With a share budget (`upload_share`, the device's default) the entropy window no longer
+With a share budget (`upload_share`; `driftsync device` defaults it to 0.2) the entropy window no longer
 decides alone: its E_max follows the stream, so the share of frames it passes moved with the
 stream (and fell to nothing on a device that sees only hard frames). Under the budget a frame is
 uploaded when its entropy is in the top `upload_share` of recent frames and the budget has credit
 for it (`ShareBudget`): the most uncertain frames, at most that share, whatever the stream does.
-E_max is then not applied (the cloud already weights every upload by exp(E_max - H), so an
-unreliable upload costs uplink but not accuracy). E_min still applies: it is a floor, not a
+E_max is then not applied (it would drop every frame of a hard stream; the cloud weights each
+upload by exp(E_max - H), so an unreliable one is down-weighted there rather than dropped here;
+whether that costs accuracy is for the replay table to show). E_min still applies: it is a floor, not a
 ranking, so on a stream where every frame is confident nothing below it is sent, and the
 budget is a ceiling rather than a quota. The redundancy test runs on what the budget chose, and
 a frame it drops gives its credit back.
