@@ -525,10 +525,11 @@ def _existing_dir(text: str) -> None:
 
 def run_corrupt(args: argparse.Namespace) -> int:
     """``driftsync corrupt``: build an ImageNet-C-style tree from any class-per-folder image set."""
+    corruptions = parse_corruptions(args.corruptions)
     try:
-        written = write_corrupted_tree(Path(args.input), Path(args.output), parse_corruptions(args.corruptions),
+        written = write_corrupted_tree(Path(args.input), Path(args.output), corruptions,
                                        parse_severities(args.severities), args.seed, args.size)
     except (OSError, ValueError) as exc:
         raise UserError(f"corrupt failed: {exc}") from exc
-    print(f"wrote {written} files to {args.output}")
+    print(f"wrote {written} files to {args.output}" + (f" (frost: {frost_source()})" if "frost" in corruptions else ""))
     return 0
