@@ -31,6 +31,7 @@ from device_client.scoring import (
 from device_client.selection import (
     CemaSelector,
     SelectionConfig,
+    ShareBudget,
     UgsConfig,
     UgsSelector,
     UploadBudget,
@@ -99,6 +100,9 @@ class DeviceConfig:
     entropy_ema: float | None = 0.8
     e_min_factor: float = 0.0
     redundancy_margin: float | None = None
+    # at most this share of frames is uploaded, the most uncertain (ShareBudget); None: the policy alone decides
+    # (CEMA's entropy window, or ugs_keep of each batch). `driftsync device` defaults to 0.2.
+    upload_share: float | None = None
     poll_wait_s: float = 20.0
     threads: int = 0
     normalization: str = "running"  # see NORMALIZATIONS
@@ -231,7 +235,8 @@ class DeviceClient:
             self.model = SwappableModel(self.onnx_path, params, version, self.cfg.threads)
         self.selector: CemaSelector | UgsSelector
         if self.cfg.selection == "ugs":
-            self.selector = UgsSelector(UgsConfig(self.cfg.ugs_views, self.cfg.ugs_keep))
+            budget = None if self.cfg.upload_share is None else ShareBudget(self.cfg.upload_share)
+            self.selector = UgsSelector(UgsConfig(self.cfg.ugs_views, self.cfg.ugs_keep), budget)
         else:
             self.selector = CemaSelector(
                 SelectionConfig(
@@ -241,6 +246,7 @@ class DeviceClient:
                     entropy_ema=self.cfg.entropy_ema,
                     e_min_factor=self.cfg.e_min_factor,
                     redundancy_margin=self.cfg.redundancy_margin,
+                    upload_share=self.cfg.upload_share,
                 )
             )
         self.uploader = Uploader(
@@ -525,9 +531,13 @@ class DeviceClient:
             self._statistics.join(timeout=10)
 
     def _selection_thresholds(self) -> dict:
+        budget = self.selector.budget
+        shared = {} if budget is None else {"upload_share": budget.share, "threshold": budget.threshold}
         if isinstance(self.selector, UgsSelector):
-            return {"policy": "ugs", "keep": self.selector.cfg.keep}
-        return {"policy": "cema", "e_max": self.selector.e_max(), "e_min": self.selector.e_min}
+            return {"policy": "ugs"} | (shared or {"keep": self.selector.cfg.keep})
+        if budget is None:
+            return {"policy": "cema", "e_max": self.selector.e_max(), "e_min": self.selector.e_min}
+        return {"policy": "cema", "e_min": self.selector.e_min} | shared
 
     def take_health_window(self) -> HealthWindow:
         """The health since the last call, for a telemetry report; starts a new window."""

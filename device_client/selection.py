@@ -1,12 +1,25 @@
-"""CEMA's upload filter and a bandwidth budget: which samples are worth the uplink.
+"""CEMA's upload filter, a share budget and a bandwidth budget: which samples are worth the uplink.
 
 Chen et al. (ICLR 2024): drop unreliable samples (entropy above a dynamic
 E_max), optionally drop low-informative ones (entropy at or below E_min), and
 drop samples redundant with what was recently uploaded (EATA's cosine test).
+
+With a share budget (`upload_share`; `driftsync device` defaults it to 0.2) the entropy window no longer
+decides alone: its E_max follows the stream, so the share of frames it passes moved with the
+stream (and fell to nothing on a device that sees only hard frames). Under the budget a frame is
+uploaded when its entropy is in the top `upload_share` of recent frames and the budget has credit
+for it (`ShareBudget`): the most uncertain frames, at most that share, whatever the stream does.
+E_max is then not applied (it would drop every frame of a hard stream; the cloud weights each
+upload by exp(E_max - H), so an unreliable one is down-weighted there rather than dropped here;
+whether that costs accuracy is for the replay table to show). E_min still applies: it is a floor, not a
+ranking, so on a stream where every frame is confident nothing below it is sent, and the
+budget is a ceiling rather than a quota. The redundancy test runs on what the budget chose, and
+a frame it drops gives its credit back.
 """
 from __future__ import annotations
 
 import math
+from collections import deque
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -22,6 +35,66 @@ class SelectionConfig:
     redundancy_margin: float | None = None
     redundancy_ema: float = 0.9
     entropy_ema: float | None = None
+    upload_share: float | None = None  # None: the entropy window alone decides (CEMA as published)
+
+
+_PPM = 1_000_000
+
+
+@dataclass
+class ShareBudget:
+    """Upload at most `share` of the frames seen, the highest-scoring ones.
+
+    Two parts, both needed. A threshold: the (1 - share) quantile of the last `window` finite
+    scores, so a frame qualifies only among the most uncertain of recent frames, whatever level
+    the stream is at (hard frames only, easy only, drifting, in label bursts); credit left
+    unspent (the stream just turned easier than its recent past) lowers it, down to the
+    (1 - 2 share) quantile, so the share does not sag below the budget either. A credit bucket:
+    each frame seen earns `share` of an upload, each upload spends one, and unspent credit is
+    capped at `burst` frames' worth; so over any n consecutive frames at most share * (n + burst)
+    are uploaded, and over a whole stream at most share * n, however bursty its hard frames are.
+    Within a batch the highest scores are served first.
+    """
+
+    share: float
+    window: int = 256
+    burst: int = 128
+    credit_ppm: int = 0  # unspent credit in millionths of an upload: integers, so the bounds hold exactly
+    recent: deque = field(default_factory=deque)
+    threshold: float | None = None
+
+    def __post_init__(self) -> None:
+        if not 0 < self.share <= 1:
+            raise ValueError(f"upload share must be in (0, 1], not {self.share!r}")
+        self.recent = deque(self.recent, maxlen=self.window)
+
+    @property
+    def credit(self) -> float:
+        return self.credit_ppm / _PPM
+
+    def select(self, scores: np.ndarray, eligible: np.ndarray) -> np.ndarray:
+        """The frames to upload among `eligible` ones; a non-finite score is never chosen or counted."""
+        keep = np.zeros(len(scores), dtype=bool)
+        finite = np.isfinite(scores)
+        seen = int(finite.sum())
+        if seen == 0:
+            return keep
+        self.recent.extend(scores[finite].tolist())
+        per_frame = int(self.share * _PPM)  # rounded down: never more than the share
+        saved = self.credit_ppm / (per_frame * self.burst)  # 0..1: how much unspent credit the stream left
+        self.credit_ppm = min(self.credit_ppm + per_frame * seen, per_frame * (self.burst + seen))
+        level = max(0.0, 1 - self.share * (1 + saved))  # credit left unspent widens the top share, up to twice
+        self.threshold = float(np.quantile(np.fromiter(self.recent, float, len(self.recent)), level))
+        with np.errstate(invalid="ignore"):
+            candidates = np.flatnonzero(eligible & finite & (scores >= self.threshold))
+        take = min(len(candidates), self.credit_ppm // _PPM)
+        keep[candidates[np.argsort(-scores[candidates], kind="stable")[:take]]] = True
+        self.credit_ppm -= take * _PPM
+        return keep
+
+    def refund(self, uploads: int) -> None:
+        """Chosen frames that were not sent after all (redundant) leave their credit."""
+        self.credit_ppm += uploads * _PPM
 
 
 @dataclass
@@ -34,8 +107,13 @@ class CemaSelector:
     recent_mean: float | None = None
     warmup_mean: float | None = None
     prob_ema: np.ndarray | None = None
-    counts: dict[str, int] = field(
-        default_factory=lambda: {"unreliable": 0, "low_info": 0, "redundant": 0, "non_finite": 0, "kept": 0})
+    budget: ShareBudget | None = None
+    counts: dict[str, int] = field(default_factory=lambda: {
+        "unreliable": 0, "low_info": 0, "over_budget": 0, "redundant": 0, "non_finite": 0, "kept": 0})
+
+    def __post_init__(self) -> None:
+        if self.budget is None and self.cfg.upload_share is not None:
+            self.budget = ShareBudget(self.cfg.upload_share)
 
     @property
     def e_max_static(self) -> float:
@@ -71,14 +149,21 @@ class CemaSelector:
             if self.warmup_mean is None and self.seen >= self.cfg.warmup_samples:
                 self.warmup_mean = self.entropy_sum / self.seen
         with np.errstate(invalid="ignore"):
-            reliable = finite & (ent < self.e_max())
+            reliable = finite & (ent < self.e_max()) if self.budget is None else finite
             informative = ent > self.e_min
         keep = reliable & informative
         self.counts["non_finite"] += int((~finite).sum())
         self.counts["unreliable"] += int((finite & ~reliable).sum())
         self.counts["low_info"] += int((reliable & ~informative).sum())
+        if self.budget is not None:
+            chosen = self.budget.select(np.where(finite, ent, np.nan), keep)
+            self.counts["over_budget"] += int((keep & ~chosen).sum())
+            keep = chosen
         if self.cfg.redundancy_margin is not None:
-            keep = self._drop_redundant(probs, keep)
+            unique = self._drop_redundant(probs, keep)
+            if self.budget is not None:
+                self.budget.refund(int(keep.sum() - unique.sum()))
+            keep = unique
         self.counts["kept"] += int(keep.sum())
         return keep
 
@@ -106,16 +191,21 @@ class UgsConfig:
 @dataclass
 class UgsSelector:
     """U-VPA's uncertainty-guided sampling: upload the frames whose prediction varies most over
-    cheap augmentations. A fixed share of each batch, so the uplink is bounded by design."""
+    cheap augmentations. Without a share budget, a fixed share (`keep`) of each batch; with one,
+    the budget ranks the variances as it ranks entropies for CEMA (rounding a share of each
+    batch would exceed it: 2 of 8 frames is 25%)."""
 
     cfg: UgsConfig
+    budget: ShareBudget | None = None
     counts: dict[str, int] = field(default_factory=lambda: {"kept": 0, "below_rank": 0})
 
     def select(self, variance: np.ndarray) -> np.ndarray:
         keep = np.zeros(len(variance), dtype=bool)
-        finite = np.isfinite(variance)
-        k = min(int(round(self.cfg.keep * len(variance))), int(finite.sum()))  # a NaN is never "most uncertain"
-        if k > 0:
+        finite = np.isfinite(variance)  # a NaN is never "most uncertain"
+        if self.budget is not None:
+            keep = self.budget.select(variance, finite)
+        else:
+            k = min(int(round(self.cfg.keep * len(variance))), int(finite.sum()))
             keep[np.argsort(-np.where(finite, variance, -np.inf), kind="stable")[:k]] = True
         self.counts["kept"] += int(keep.sum())
         self.counts["below_rank"] += int((~keep).sum())

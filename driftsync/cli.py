@@ -254,14 +254,20 @@ def _device_args(p: argparse.ArgumentParser) -> None:
     add(p, "--upload-batch", 32, POSITIVE_INT, help="samples per upload request")
     add(p, "--upload-samples-per-s", None, optional(POSITIVE), help="uplink budget in samples/s")
     add(p, "--upload-bytes-per-s", None, optional(POSITIVE), help="uplink budget in bytes/s")
-    add(p, "--e-max-factor", 0.4, POSITIVE, help="E_max = factor * ln C (CEMA: 0.4)")
-    add(p, "--dynamic-lambda", 0.6, optional(NONNEGATIVE), help="dynamic E_max factor lambda ('none': static)")
-    add(p, "--entropy-ema", 0.8, optional(FRACTION), help="per-batch EMA for the dynamic E_max's mean entropy ('none': mean over the whole stream)")
+    add(p, "--upload-share", 0.2, optional(bounded(float, 0.0, 1.0, above=True)),
+        help="upload at most this share of frames, the most uncertain ones (the threshold follows the stream; "
+        "E_max then does not apply, E_min does; ugs ranks view variance alike); 'none': the entropy window "
+        "(or --ugs-keep) alone decides")
+    add(p, "--e-max-factor", 0.4, POSITIVE, help="E_max = factor * ln C (CEMA: 0.4; --upload-share none only)")
+    add(p, "--dynamic-lambda", 0.6, optional(NONNEGATIVE), help="dynamic E_max factor lambda ('none': static; "
+        "--upload-share none only)")
+    add(p, "--entropy-ema", 0.8, optional(FRACTION), help="per-batch EMA for the dynamic E_max's mean entropy ('none': mean over "
+        "the whole stream; --upload-share none only)")
     add(p, "--e-min-factor", 0.0, NONNEGATIVE, help="E_min = factor * ln C (0: off)")
     add(p, "--redundancy-margin", None, optional(FRACTION), help="EATA cosine margin ('none': off)")
     add(p, "--selection", "cema", choice("cema", "ugs"), help="upload policy: cema (entropy window) or ugs (variance over cheap views)")
     add(p, "--ugs-views", 4, POSITIVE_INT, help="ugs: augmented views per frame (one onnxruntime call)")
-    add(p, "--ugs-keep", 0.25, bounded(float, 0.0, 1.0, above=True), help="ugs: share of each batch uploaded, most uncertain first")
+    add(p, "--ugs-keep", 0.25, bounded(float, 0.0, 1.0, above=True), help="ugs with --upload-share none: share of each batch uploaded, most uncertain first")
     add(p, "--summary", None, optional(str), help="replay sources: write the replay summary JSON here")
     add(p, "--threads", 0, NONNEGATIVE_INT, help="onnxruntime intra-op threads (0: all cores)")
     add(p, "--normalization", "running", choice("running", "batch", "cloud"), help="running (fused, statistics estimated from frames in the background), "

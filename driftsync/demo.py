@@ -10,6 +10,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from driftsync.data.corruptions import frost_source
 from driftsync.data.streams import parse_corruptions
 from driftsync.processes import mean_curve, run_fleet
 from driftsync.report import build_report, markdown, write_report
@@ -59,6 +60,7 @@ def run_demo(opts: DemoOptions) -> dict:
     report = build_report(summaries, {
         "dataset": "embedded", "setting": "continual", "severity": opts.severity, "method": "cema",
         "student": STUDENT, "teacher": TEACHER, "corruption_constants": "cifar10",
+        "frost": frost_source() if "frost" in parse_corruptions(opts.corruptions) else None,  # the devices corrupt alike
         "seconds": round(time.monotonic() - started, 1),
     })
     write_report(report, mean_curve(summaries), out)

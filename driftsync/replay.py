@@ -25,7 +25,7 @@ import numpy as np
 
 from driftsync.config import home
 from driftsync.data import streams
-from driftsync.data.corruptions import constants_for_size
+from driftsync.data.corruptions import constants_for_size, frost_source
 from driftsync.data.labels import check_labels, class_order, folder_labels
 from driftsync.processes import mean_curve, run_fleet
 from driftsync.progress import bar
@@ -173,6 +173,14 @@ def _first_corruption(opts: ReplayOptions) -> str:
     if not corruptions:
         raise ValueError(f"--dataset {opts.dataset} is corrupted already: give --corruptions, not 'none'")
     return corruptions[0]
+
+
+def frost_textures(opts: ReplayOptions) -> str | None:
+    """What the stream's frost frames carry: the corrupt-tta photographs or the procedural
+    stand-in when corrupted here, the released files' own otherwise; None without frost."""
+    if "frost" not in streams.parse_corruptions(opts.corruptions):
+        return None
+    return "as released" if opts.dataset in ("cifar10-c", "imagenet-c") else frost_source()
 
 
 def build_stream(opts: ReplayOptions, spec: StreamSpec, directory: Path) -> int:
@@ -332,7 +340,8 @@ def run(opts: ReplayOptions) -> dict:
     meta = {
         "dataset": opts.dataset, "data": str(opts.data) if opts.data else None, "setting": opts.setting,
         "severity": opts.severity, "student": opts.student, "teacher": opts.teacher,
-        "corruption_constants": spec.corruption_constants, "batch_size": opts.batch_size, "seed": opts.seed,
+        "corruption_constants": spec.corruption_constants, "frost": frost_textures(opts),
+        "batch_size": opts.batch_size, "seed": opts.seed,
         "samples_per_domain": spec.samples_per_domain,
         "pacing": f"{opts.fps:g} frames/s" if opts.fps else "lockstep",
     }

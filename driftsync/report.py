@@ -68,7 +68,8 @@ def markdown(report: dict) -> str:
     lines = [
         f"# driftsync report: {report['method']} on {report['dataset']} ({report['setting']}, severity {report['severity']})",
         "",
-        f"Student `{report['student']}`, teacher `{report['teacher']}`, {report['devices']} device(s), {report['samples']} samples.",
+        f"Student `{report['student']}`, teacher `{report['teacher']}`, {report['devices']} device(s), {report['samples']} samples"
+        f"{_frost_note(report)}.",
         "",
         "| domain | samples | source error % | adapted error % | change (points) | uploaded | uplink bytes |",
         "|---|---:|---:|---:|---:|---:|---:|",
@@ -92,6 +93,12 @@ def markdown(report: dict) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def _frost_note(report: dict) -> str:
+    """Which frost the stream's frost frames carry: the photographs and the procedural stand-in
+    differ by about 30 points of source error, so a table must say which it measured."""
+    return f", frost: {report['frost']}" if report.get("frost") else ""
 
 
 def worse_than_source(domains: list[dict]) -> str:
@@ -271,7 +278,7 @@ def markdown_methods(report: dict) -> str:
         "",
         f"Student `{report['student']}`, teacher `{report['teacher']}`, batch {report.get('batch_size')}, "
         f"{report['samples']} samples, corruption constants: {report.get('corruption_constants')}, "
-        f"pacing: {report.get('pacing')}.",
+        f"pacing: {report.get('pacing')}{_frost_note(report)}.",
         "",
         "## Online error % per domain",
         "",

@@ -58,6 +58,8 @@ def main() -> None:
     parser.add_argument("--dynamic-lambda", type=float, default=0.6, help="negative: static E_max")
     parser.add_argument("--e-min-factor", type=float, default=0.0, help="E_min = factor * ln C")
     parser.add_argument("--entropy-ema", type=float, default=0.8, help="negative: mean over the whole stream")
+    parser.add_argument("--upload-share", type=float, default=0.2, help="upload budget as a share of frames; negative: "
+                        "the entropy window alone (as `driftsync device --upload-share none`)")
     parser.add_argument("--local-statistics", type=float, default=0.2, help="device statistics momentum; 0: cloud-estimated")
     parser.add_argument("--no-cloud", action="store_true", help="never step: what the device does alone")
     parser.add_argument("--student-lr", type=float, default=2.5e-3)
@@ -95,6 +97,7 @@ def main() -> None:
         num_classes=info.num_classes, e_max_factor=args.e_max_factor,
         dynamic_lambda=None if args.dynamic_lambda < 0 else args.dynamic_lambda,
         entropy_ema=None if args.entropy_ema < 0 else args.entropy_ema, e_min_factor=args.e_min_factor,
+        upload_share=None if args.upload_share < 0 else args.upload_share,
     ))
     local = args.local_statistics > 0
     if args.data is None:

@@ -36,7 +36,7 @@ def _device(url: str, tmp: Path, log: Path) -> subprocess.Popen:
     return subprocess.Popen(
         cli("device", "--server", url, "--name", "cam-1", "--state-dir", str(tmp / "device" / "{name}"),
             "--enrolment-token", ENROL, "--source", "folder", "--data", str(tmp / "inbox"), "--batch-size", "8",
-            "--sink", f"jsonl:{tmp / 'predictions.jsonl'}", "--e-max-factor", "2", "--dynamic-lambda", "none",
+            "--sink", f"jsonl:{tmp / 'predictions.jsonl'}", "--e-max-factor", "2", "--dynamic-lambda", "none", "--upload-share", "none",
             "--upload-batch", "8", "--telemetry-every-s", "1", "--status-port", "0"),
         stdout=log.open("a"), stderr=subprocess.STDOUT, env=dict(os.environ, PYTHONUNBUFFERED="1"),
     )

@@ -39,7 +39,8 @@ class Fleet:
                             "--fps", "12", "--domain-offset", str(i))
         self.devices[i] = subprocess.Popen(
             cli("device", "--server", self.url, "--name", f"dev-{i}", "--state-dir", str(self.tmp / "devices" / "{name}"),
-                "--e-max-factor", "2", "--dynamic-lambda", "none", "--upload-batch", "8", *source),
+                "--e-max-factor", "2", "--dynamic-lambda", "none", "--upload-share", "none", "--upload-batch", "8",
+                *source),
             stdout=(self.tmp / f"device-{i}.log").open("a"), stderr=subprocess.STDOUT,
             env=dict(os.environ, PYTHONUNBUFFERED="1"),
         )

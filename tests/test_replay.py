@@ -74,7 +74,7 @@ def test_replay_uncertainty_guided_sampling(tmp_path: Path) -> None:
     report = run(ReplayOptions(methods=("cema@ugs", "prompt@ugs"), corruptions="fog", samples_per_domain=64,
                                batch_size=16, out=tmp_path, torch_threads=1))
     for m in report["methods"]:
-        assert m["upload_ratio"] == 0.25  # 4 of every 16, the most uncertain
+        assert 0.1 <= m["upload_ratio"] <= 0.2  # the most uncertain, within the device's default 20% budget
         assert m["forward_passes_per_sample"] == 5.0  # the frame and 4 cheap views
         assert m["deltas_applied"] > 0
 

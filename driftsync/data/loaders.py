@@ -19,7 +19,7 @@ import numpy as np
 from PIL import Image
 
 from driftsync.config import add, bounded, checked, optional
-from driftsync.data.corruptions import CORRUPTIONS, constants_for_size, corrupt
+from driftsync.data.corruptions import CORRUPTIONS, constants_for_size, corrupt, frost_source
 from driftsync.data.labels import folder_labels
 from driftsync.data.streams import (
     CLEAN,
@@ -365,7 +365,8 @@ def load_class_folder(
 def cache_key(images: np.ndarray, name: str, severity: int, seed: int, constants: str) -> str:
     """sha256 over the image bytes (with shape and dtype) and every corruption input."""
     digest = hashlib.sha256(np.ascontiguousarray(images).data).hexdigest()
-    text = f"v{_CACHE_VERSION}|{images.dtype}|{images.shape}|{digest}|{name}|{severity}|{seed}|{constants}"
+    frost = f"|{frost_source()}" if name == "frost" else ""  # the photographs and the procedural textures differ
+    text = f"v{_CACHE_VERSION}|{images.dtype}|{images.shape}|{digest}|{name}|{severity}|{seed}|{constants}{frost}"
     return hashlib.sha256(text.encode()).hexdigest()
 
 
@@ -524,10 +525,11 @@ def _existing_dir(text: str) -> None:
 
 def run_corrupt(args: argparse.Namespace) -> int:
     """``driftsync corrupt``: build an ImageNet-C-style tree from any class-per-folder image set."""
+    corruptions = parse_corruptions(args.corruptions)
     try:
-        written = write_corrupted_tree(Path(args.input), Path(args.output), parse_corruptions(args.corruptions),
+        written = write_corrupted_tree(Path(args.input), Path(args.output), corruptions,
                                        parse_severities(args.severities), args.seed, args.size)
     except (OSError, ValueError) as exc:
         raise UserError(f"corrupt failed: {exc}") from exc
-    print(f"wrote {written} files to {args.output}")
+    print(f"wrote {written} files to {args.output}" + (f" (frost: {frost_source()})" if "frost" in corruptions else ""))
     return 0
