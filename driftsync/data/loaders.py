@@ -19,7 +19,12 @@ import numpy as np
 from PIL import Image
 
 from driftsync.config import add, bounded, checked, optional
-from driftsync.data.corruptions import CORRUPTIONS, constants_for_size, corrupt, frost_source
+from driftsync.data.corruptions import (
+    CORRUPTIONS,
+    constants_for_size,
+    corrupt,
+    frost_source,
+)
 from driftsync.data.labels import folder_labels
 from driftsync.data.streams import (
     CLEAN,
