@@ -10,6 +10,12 @@ the same stream, side by side against the first codec (lossless).
 images whose top-1 prediction changes when the model sees the decoded upload instead of the
 original: a label-free upper bound of a codec's accuracy cost on a source model.
 
+`--labelled-tree ROOT --model MODEL` measures it with labels instead, on an ImageNet-C-layout tree
+(`driftsync corrupt`; folders named by the model's classes) and, with `--clean DIR`, its clean class
+folder: every image encoded as the device uploads it and decoded as the server does (a downscale
+scaled back to the model's input), then classified; top-1/top-5 error per codec against the first.
+Models run as the device runs them: the server's ONNX export in onnxruntime.
+
 A codec is an `driftsync device --codec` value, with `@PX` for `--upload-max-side PX`. `--size`
 upscales the images (bilinear) before they are corrupted with the constants for that size, as a
 224-px ImageNet-C tree would be.
@@ -29,7 +35,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from driftsync.data import streams
+from driftsync.data import loaders, streams
 from driftsync.data.corruptions import CORRUPTIONS, constants_for_size, corrupt
 from shared.codec import pack
 from shared.images import UploadEncoding, decode_image
@@ -61,20 +67,29 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
     return float("inf") if mse == 0 else 10 * np.log10(255.0**2 / mse)
 
 
+def classifier(spec: str):
+    """Logits of a registry model on uint8 NHWC images, through the server's ONNX export in
+    onnxruntime, as a device runs it (imports torch only when asked)."""
+    import onnxruntime as ort
+
+    from server.export import export_onnx
+    from server.models.registry import build_model, model_info
+
+    session = ort.InferenceSession(export_onnx(build_model(spec), model_info(spec).input_shape),
+                                   providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+
+    def logits(images: np.ndarray) -> np.ndarray:
+        x = np.ascontiguousarray(images.transpose(0, 3, 1, 2), dtype=np.float32) / 255.0
+        return np.concatenate([session.run(None, {name: x[i:i + 32]})[0] for i in range(0, len(x), 32)])
+
+    return logits
+
+
 def predictor(spec: str):
-    """Top-1 predictions of a registry model on uint8 NHWC images (imports torch only when asked)."""
-    import torch
-
-    from server.models.registry import build_model
-
-    model = build_model(spec)
-
-    def predict(images: np.ndarray) -> np.ndarray:
-        with torch.no_grad():
-            x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() / 255.0
-            return np.concatenate([model(chunk).argmax(1).numpy() for chunk in x.split(32)])
-
-    return predict
+    """Top-1 predictions of a registry model on uint8 NHWC images."""
+    logits = classifier(spec)
+    return lambda images: logits(images).argmax(1)
 
 
 def measure_bytes(domains: dict[str, np.ndarray], encoding: UploadEncoding, size: int, predict=None) -> dict:
@@ -100,6 +115,77 @@ def measure_bytes(domains: dict[str, np.ndarray], encoding: UploadEncoding, size
             "psnr": float(np.mean(finite)) if finite else float("inf"),
             "encode_us": 1e6 * encode_s / n, "decode_us": 1e6 * decode_s / n,
             "flips_percent": 100.0 * flips / n if predict is not None else None}
+
+
+def labelled_domains(root: Path, clean: Path | None, classes: list[str]):
+    """(domain, file names, images, labels): the clean folder, then each <corruption>/<severity> of
+    the tree in the benchmark's order, read one domain at a time."""
+    if clean is not None:
+        paths, _, _ = loaders._class_folder_files(clean)
+        x, y, _ = loaders.load_class_folder(clean, loaders.IMAGENET_SIZE, seed=None, classes=classes)
+        yield "clean", [p.stem for p in paths], x, y
+    for name in [c for c in CORRUPTIONS if (root / c).is_dir()]:
+        for severity in [s for s in loaders.SEVERITIES if (root / name / str(s)).is_dir()]:
+            folder = loaders.ImageNetCFolder(root, name, severity, wnids=classes)
+            x, y = folder.load_all()
+            yield f"{name}/{severity}", [p.stem for p in folder.paths], x, y
+
+
+def score_codecs(domains, encodings: list[UploadEncoding], logits) -> dict[str, dict[str, np.ndarray]]:
+    """Per codec and image: upload bytes, top-1 and top-5 correct, its domain and base image."""
+    columns: dict[str, dict[str, list]] = {e.name: {"bytes": [], "top1": [], "top5": [], "domain": [], "image": []}
+                                           for e in encodings}
+    for domain, names, images, labels in domains:
+        size = images.shape[1:3]
+        for encoding in encodings:
+            encoded = [encoding.encode(x) for x in images]
+            decoded = np.stack([decode_image(b, encoding.codec, size) for b in encoded])
+            top5 = np.argsort(-logits(decoded), axis=1)[:, :5]
+            col = columns[encoding.name]
+            col["bytes"] += [len(b) for b in encoded]
+            col["top1"] += list(top5[:, 0] == labels)
+            col["top5"] += list((top5 == labels[:, None]).any(1))
+            col["domain"] += [domain] * len(images)
+            col["image"] += names
+        print(f"[bench] {domain}: {len(images)} images", flush=True)
+    return {name: {key: np.asarray(v) for key, v in col.items()} for name, col in columns.items()}
+
+
+def paired_interval(delta: np.ndarray, groups: np.ndarray, rounds: int = 2000) -> tuple[float, float]:
+    """95% bootstrap interval of a mean per-image difference, resampling whole base images (each
+    with all its corrupted versions), since the versions of one image are not independent."""
+    keys, group = np.unique(groups, return_inverse=True)
+    sums, counts = np.bincount(group, delta, len(keys)), np.bincount(group, minlength=len(keys))
+    picks = np.random.default_rng(0).integers(0, len(keys), (rounds, len(keys)))
+    means = sums[picks].sum(1) / counts[picks].sum(1)
+    return float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
+
+
+def labelled_table(scores: dict[str, dict[str, np.ndarray]], model: str) -> list[str]:
+    """Markdown rows: error against the first codec's, bytes, bytes saved per point of top-1 error."""
+    base = next(iter(scores.values()))
+    n = len(base["top1"])
+    lines = [("| codec | image bytes | top-1 error % | top-5 error % | top-1 delta (points, 95% CI) | top-5 delta "
+             "| right→wrong / wrong→right (top-1) | bytes saved per point of top-1 error |"),
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for name, s in scores.items():
+        delta = 100.0 * (base["top1"].astype(float) - s["top1"])
+        low, high = paired_interval(delta, s["image"])
+        d1, d5 = delta.mean(), 100.0 * (base["top5"].mean() - s["top5"].mean())
+        saved = base["bytes"].mean() - s["bytes"].mean()
+        per_point = "-" if s is base else f"{saved / d1:.0f}" if d1 > 0 else "no cost measured"
+        flips = f"{int((base['top1'] & ~s['top1']).sum())} / {int((~base['top1'] & s['top1']).sum())}"
+        lines.append(f"| {name} | {s['bytes'].mean():.0f} | {100 * (1 - s['top1'].mean()):.2f} | "
+                     f"{100 * (1 - s['top5'].mean()):.2f} | {d1:+.2f} [{low:+.2f}, {high:+.2f}] | {d5:+.2f} | "
+                     f"{flips} | {per_point} |")
+    severities = list(dict.fromkeys(d.rpartition("/")[2] or d for d in base["domain"]))
+    lines += ["", f"top-1 delta (points) by severity, {n} images, {model}:", "",
+              "| codec | " + " | ".join(severities) + " |", "|---|" + "---:|" * len(severities)]
+    for name, s in scores.items():
+        level = np.array([d.rpartition("/")[2] or d for d in s["domain"]])
+        cells = [100.0 * (base["top1"][level == v].mean() - s["top1"][level == v].mean()) for v in severities]
+        lines.append(f"| {name} | " + " | ".join(f"{c:+.1f}" for c in cells) + " |")
+    return lines
 
 
 def replay(codec: str, replay_args: str, out: Path, seed: int) -> dict:
@@ -128,15 +214,30 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("bench-codecs"))
     parser.add_argument("--seeds", default="0", help="replay seeds (stream and order); the table shows their mean")
     parser.add_argument("--flips", default=None, metavar="MODEL", help="count top-1 changes of this registry model")
+    parser.add_argument("--labelled-tree", type=Path, default=None, metavar="ROOT",
+                        help="an ImageNet-C-layout tree: measure each codec's top-1/top-5 error on it with --model")
+    parser.add_argument("--clean", type=Path, default=None, metavar="DIR", help="with --labelled-tree: its clean class folder")
+    parser.add_argument("--model", default="efficientnet-lite0", help="with --labelled-tree: the registry model")
     args = parser.parse_args()
     started = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    specs = [s.strip() for s in args.codecs.split(",") if s.strip()]
+    if args.labelled_tree is not None:
+        from server.models.registry import model_info
+
+        t0 = time.perf_counter()
+        domains = labelled_domains(args.labelled_tree, args.clean, list(model_info(args.model).class_names))
+        scores = score_codecs(domains, [parse(spec) for spec in specs], classifier(args.model))
+        print(f"\n# {args.model} error per upload codec, against {specs[0]}: {args.labelled_tree}"
+              f"{f' and {args.clean}' if args.clean else ''}, {len(next(iter(scores.values()))['top1'])} images, "
+              f"{started}, {time.perf_counter() - t0:.0f} s, {platform.machine()}")
+        print("\n".join(labelled_table(scores, args.model)))
+        return
     images = load_images(args.images, args.samples, args.size)
     constants = constants_for_size(args.size, args.size)
     domains = {"clean": images} | {
         name: corrupt(images, name, args.severity, np.random.default_rng(k), constants=constants)
         for k, name in enumerate(CORRUPTIONS)
     }
-    specs = [s.strip() for s in args.codecs.split(",") if s.strip()]
     predict = predictor(args.flips) if args.flips else None
     rows = [measure_bytes(domains, parse(spec), args.size, predict) | {"spec": spec} for spec in specs]
     print(f"# upload codecs at {args.size} px, {len(images)} {args.images} images x {len(domains)} domains "
