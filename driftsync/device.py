@@ -25,7 +25,7 @@ from device_client.sources import (
 from device_client.state import atomic_write
 from device_client.status import StatusReporter
 from driftsync.data import loaders, streams
-from driftsync.data.labels import class_order, folder_labels
+from driftsync.data.labels import class_order
 from shared.protocol import ModelDescriptor
 
 log = logging.getLogger("driftsync.device")
@@ -114,7 +114,6 @@ def _replay_chunks(args: argparse.Namespace, descriptor: ModelDescriptor) -> tup
         if not args.data:
             raise SystemExit("--source imagenet-c needs --data ROOT (<corruption>/<severity>/<wnid>/*.JPEG)")
         wnids = class_order(descriptor.class_names, Path(args.class_index) if args.class_index else None)
-        folder_labels(loaders.imagenet_c_wnids(Path(args.data)), wnids, args.data)
         source, samples = loaders.imagenet_c_source(Path(args.data), streams.schedule(args.setting, corruptions, args.severity),
                                                     wnids, count, args.seed, descriptor.input_shape[1])
     else:

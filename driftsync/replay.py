@@ -26,7 +26,7 @@ import numpy as np
 from driftsync.config import home
 from driftsync.data import streams
 from driftsync.data.corruptions import constants_for_size, frost_source
-from driftsync.data.labels import check_labels, class_order, folder_labels
+from driftsync.data.labels import check_labels, class_order
 from driftsync.processes import mean_curve, run_fleet
 from driftsync.progress import bar
 from driftsync.report import build_report, markdown_methods, write_methods_report
@@ -124,15 +124,6 @@ def model_classes(opts: ReplayOptions) -> list[str]:
     return class_order(model_info(opts.student).class_names, opts.class_index)
 
 
-def imagenet_wnids(opts: ReplayOptions) -> list[str]:
-    """The model's class order, once every class folder anywhere in the tree is known to name one of its classes."""
-    from driftsync.data import loaders
-
-    wnids = model_classes(opts)
-    folder_labels(loaders.imagenet_c_wnids(opts.data), wnids, opts.data)
-    return wnids
-
-
 def stream_spec(opts: ReplayOptions, input_size: int, num_classes: int) -> StreamSpec:
     """Where each domain's images come from: corrupted on the fly (and cached), or read as released."""
     from driftsync.data import loaders
@@ -161,7 +152,7 @@ def stream_spec(opts: ReplayOptions, input_size: int, num_classes: int) -> Strea
             return frames
         first = read_cifar10c(streams.Domain(_first_corruption(opts), opts.severity))
         return StreamSpec(read_cifar10c, len(first), first.shape[:2], "as released (CIFAR-10-C files)")
-    wnids = imagenet_wnids(opts)
+    wnids = model_classes(opts)
     _first_corruption(opts)  # refuses --corruptions none in its own words: the tree is corrupted already
     domains = streams.schedule(opts.setting, streams.parse_corruptions(opts.corruptions), opts.severity)
     source, samples = loaders.imagenet_c_source(opts.data, domains, wnids, count, opts.seed, input_size)

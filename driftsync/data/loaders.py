@@ -287,8 +287,10 @@ def imagenet_c_source(
 
     Every folder the schedule needs is checked up front, so a partial tree or too few images
     is one clear error before anything runs, not a failure minutes into the stream; a domain's
-    files are listed again (not held) when it is replayed."""
+    files are listed again (not held) when it is replayed. Every class folder anywhere in the tree
+    must name one of `wnids` (the model's class order)."""
     root = Path(root)
+    folder_labels(imagenet_c_wnids(root), wnids, root)
     if any(d.name == CLEAN for d in domains):
         raise ValueError("ImageNet-C has no clean split; replay a class folder with --dataset folder instead")
     keys = list(dict.fromkeys((d.name, d.severity) for d in domains))
