@@ -507,6 +507,23 @@ class SqlStore(ABC):
     def close(self) -> None: ...
 
 
+SQLITE_BUSY_TIMEOUT_MS = 5000
+
+
+def _enable_wal(conn: sqlite3.Connection) -> None:
+    """Switch to WAL, retrying while another connection holds the file: SQLite answers this
+    pragma 'database is locked' at once, without its busy handler (two servers starting together)."""
+    deadline = time.monotonic() + SQLITE_BUSY_TIMEOUT_MS / 1000
+    while True:
+        try:
+            conn.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.01)
+
+
 class SqliteStore(SqlStore):
     """One connection guarded by a lock: writes are small and rare next to a training step."""
 
@@ -518,9 +535,9 @@ class SqliteStore(SqlStore):
     def __init__(self, path: Path | str, keep_versions: int = 200, *, migrate: bool = True) -> None:
         super().__init__(f"sqlite:///{Path(path).resolve()}", keep_versions)
         self._conn = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
-        self._conn.execute("PRAGMA journal_mode=WAL")
+        self._conn.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")  # another process upgrading the file: wait, then fail
+        _enable_wal(self._conn)
         self._conn.execute("PRAGMA synchronous=NORMAL")
-        self._conn.execute("PRAGMA busy_timeout=5000")  # another process upgrading the file: wait, then fail
         self._lock = threading.Lock()
         try:
             self._open_schema(migrate)
