@@ -61,6 +61,9 @@ def main() -> None:
     parser.add_argument("--upload-share", type=float, default=0.2, help="upload budget as a share of frames; negative: "
                         "the entropy window alone (as `driftsync device --upload-share none`)")
     parser.add_argument("--local-statistics", type=float, default=0.2, help="device statistics momentum; 0: cloud-estimated")
+    parser.add_argument("--stats-sample", type=int, default=0, help="running: fold the statistics of only this many "
+                        "frames of a batch (its last ones), as a device on a compute budget does; 0: every frame")
+    parser.add_argument("--stats-every", type=int, default=1, help="running: fold statistics on every k-th batch only")
     parser.add_argument("--no-cloud", action="store_true", help="never step: what the device does alone")
     parser.add_argument("--student-lr", type=float, default=2.5e-3)
     parser.add_argument("--weight-entropy", type=float, default=3.0)
@@ -108,8 +111,10 @@ def main() -> None:
     source_of = streams.corrupting(images, labels)
     rows: dict[str, list[int]] = {}
     pending = np.zeros((0, *images.shape[1:]), np.uint8)
+    pending_labels, pending_domains = np.zeros(0, np.int64), []
+    teacher_rows: dict[str, list[int]] = {}  # domain: [labelled uploads, teacher wrong]
     uploaded = seen = 0
-    for chunk in streams.replay(source_of, domains, args.batch_size):
+    for batch_index, chunk in enumerate(streams.replay(source_of, domains, args.batch_size)):
         x = to_input(chunk.images)
         with torch.no_grad():
             if args.device_norm == "batch":  # normalise with this batch's statistics, fold them in too
@@ -119,34 +124,50 @@ def main() -> None:
             probs = softmax(device(x).numpy())
             device.eval()
             wrong_source = int((source(x).argmax(1).numpy() != chunk.labels).sum())
-            if local and args.device_norm == "running":  # fold this batch's statistics in after predicting
-                for layer in norm_layers(device).values():
+            if local and args.device_norm == "running" and batch_index % args.stats_every == 0:
+                for layer in norm_layers(device).values():  # fold this batch's statistics in after predicting
                     layer.train()
                     layer.momentum = args.local_statistics
-                device(x)
+                device(x[-args.stats_sample:] if args.stats_sample else x)
                 device.eval()
         keep = np.ones(len(probs), bool) if args.upload_all else selector.select(probs, entropy(probs))
-        row = rows.setdefault(chunk.domain.name, [0, 0, 0, 0])
+        row = rows.setdefault(chunk.domain.name, [0, 0, 0, 0, 0])
         row[0] += len(chunk.labels)
         row[1] += int((probs.argmax(1) != chunk.labels).sum())
         row[2] += wrong_source
         row[3] += int(keep.sum())
+        row[4] += int((probs.argmax(1) != chunk.labels)[keep].sum())
         uploaded += int(keep.sum())
         seen += len(chunk.labels)
         pending = np.concatenate([pending, chunk.images[keep]])
+        pending_labels = np.concatenate([pending_labels, chunk.labels[keep]])
+        pending_domains += [chunk.domain.name] * int(keep.sum())
         while not args.no_cloud and len(pending) >= cfg.new_per_step:
             stats = {k: v.copy() for k, v in replaceable_state(device).items() if "running" in k} if local else None
             result = engine.step(pending[: cfg.new_per_step], state, stats, batch_statistics=args.device_norm == "batch")
-            pending = pending[cfg.new_per_step :]
+            for name, wrong in zip(pending_domains, result.teacher_classes != pending_labels[: cfg.new_per_step]):
+                tally = teacher_rows.setdefault(name, [0, 0])
+                tally[0] += 1
+                tally[1] += int(wrong)
+            pending, pending_labels = pending[cfg.new_per_step :], pending_labels[cfg.new_per_step :]
+            pending_domains = pending_domains[cfg.new_per_step :]
             load_replaceable_state(device, result.tensors)
 
-    print("| domain | source error % | adapted error % | selected |")
-    print("|---|---:|---:|---:|")
-    for name, (n, wrong, wrong_src, sel) in rows.items():
-        print(f"| {name} | {100 * wrong_src / n:.1f} | {100 * wrong / n:.1f} | {sel / n:.2f} |")
+    def teacher_error(name: str) -> str:
+        n, wrong = teacher_rows.get(name, (0, 0))
+        return f"{100 * wrong / n:.1f}" if n else "-"
+
+    print("| domain | source error % | adapted error % | on uploads: student % | teacher % | selected |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for name, (n, wrong, wrong_src, sel, wrong_sel) in rows.items():
+        student_sel = f"{100 * wrong_sel / sel:.1f}" if sel else "-"
+        print(f"| {name} | {100 * wrong_src / n:.1f} | {100 * wrong / n:.1f} | {student_sel} | {teacher_error(name)} | {sel / n:.2f} |")
     mean_src = np.mean([100 * r[2] / r[0] for r in rows.values()])
     mean = np.mean([100 * r[1] / r[0] for r in rows.values()])
-    print(f"| **mean** | {mean_src:.1f} | {mean:.1f} | {uploaded / seen:.2f} |")
+    labelled = sum(n for n, _ in teacher_rows.values())
+    teacher = f"{100 * sum(w for _, w in teacher_rows.values()) / labelled:.1f}" if labelled else "-"
+    student_sel = 100 * sum(r[4] for r in rows.values()) / max(uploaded, 1)
+    print(f"| **mean** | {mean_src:.1f} | {mean:.1f} | {student_sel:.1f} | {teacher} | {uploaded / seen:.2f} |")
     print(f"cloud steps: {state.steps}; settings: {dataclasses.asdict(cfg) | vars(args)}")
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import copy
 import math
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -198,6 +198,7 @@ class StepResult:
     tensors: dict[str, np.ndarray]
     event: str | None = None
     detail: str = ""
+    teacher_classes: np.ndarray | None = None  # the teacher's label for each new upload, in input order
 
 
 def to_input(images: np.ndarray, device: torch.device | str = "cpu") -> torch.Tensor:
@@ -328,7 +329,10 @@ class CemaEngine:
         re-estimates them from the (filtered, so biased) uploads and sends them too.
         """
         probs = self.teacher_probs([(item.images, item.state) for item in inputs])
-        return [self._checked(item, self._distil(item, p)) for item, p in zip(inputs, probs)]
+        return [
+            replace(self._checked(item, self._distil(item, p)), teacher_classes=p.argmax(dim=1).numpy())
+            for item, p in zip(inputs, probs)
+        ]
 
     def _checked(self, item: StepInput, candidate: dict[str, np.ndarray]) -> StepResult:
         """Reset a collapsed cohort to the source; withhold a delta the held-out uploads say is worse."""

@@ -140,3 +140,12 @@ def test_prompt_specs_are_checked() -> None:
             parse_prompt(bad)
     with pytest.raises(ValueError, match="does not fit"):
         InputPrompt("padding", 16, (32, 32))
+
+
+def test_step_reports_the_teachers_label_for_each_new_upload() -> None:
+    engine = _engine(adapt_teacher=False)
+    images = _images(8, 7)
+    result = engine.step(images, engine.new_state())
+    [probs] = engine.teacher_probs([(images, engine.new_state())])  # the same unadapted teacher, the same images
+    assert result.teacher_classes.shape == (8,)
+    np.testing.assert_array_equal(result.teacher_classes, probs.argmax(dim=1).numpy())
