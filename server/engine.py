@@ -19,6 +19,7 @@ from torch import nn
 from server.augment import cotta_augment
 from server.grouped import bounds_of, grouped_batch_norm
 from server.norm import (
+    batch_statistics_of,
     freeze_all_but_affine,
     load_replaceable_state,
     norm_layers,
@@ -122,16 +123,29 @@ def distillation_loss(
     )
 
 
+BATCH_STATISTICS_MIN_SAMPLES = 16
+"""Fewest images whose batch statistics the cloud normalises a batch-statistics device's uploads
+with: per-channel mean and variance from 1-7 images are noise, and a student that learns affine
+parameters under them learns them for a normalisation the device (which normalises whole batches
+of frames) never applies. Fewer new samples than this are normalised in eval mode instead
+(`CemaEngine._distil`), and the worker never splits such a cohort's step below it."""
+
+
 @dataclass(frozen=True)
 class ReplayGroup:
     """One step's uploads with the teacher's soft labels and the device statistics they were
     seen under: a replayed sample must be normalised as its device normalised it, not with
-    today's statistics (which belong to another domain and wreck the distillation)."""
+    today's statistics (which belong to another domain and wreck the distillation).
+
+    `batch_statistics`: normalise the group in train mode, with its own images' batch
+    statistics. Only a step's new group of at least BATCH_STATISTICS_MIN_SAMPLES is; a stored
+    group from a batch-statistics device carries its whole group's batch statistics in `stats`
+    instead (see `CemaEngine._distil`), so that any subset of it can be replayed in eval mode."""
 
     images: np.ndarray
     probs: np.ndarray
     stats: dict[str, np.ndarray] | None
-    batch_statistics: bool = False  # the device normalised with each batch's own statistics
+    batch_statistics: bool = False  # normalised in train mode, by its own batch statistics
 
 
 class ReplayBuffer:
@@ -149,16 +163,20 @@ class ReplayBuffer:
             self.size -= len(self.groups.popleft().images)
 
     def sample(self, count: int, rng: np.random.Generator) -> list[ReplayGroup]:
-        """About `count` samples, drawn uniformly over groups and then within each group."""
+        """`count` samples (all, when fewer are stored) drawn uniformly over every stored sample
+        without replacement, as CEMA replays; returned grouped by the group each came from, so
+        each keeps the statistics and mode it was stored with."""
+        count = min(count, self.size)
+        if count <= 0:
+            return []
+        picks = np.sort(rng.choice(self.size, size=count, replace=False))
+        ends = np.cumsum([len(g.images) for g in self.groups])
+        owner = np.searchsorted(ends, picks, side="right")
         out: list[ReplayGroup] = []
-        for g in rng.permutation(len(self.groups)):
+        for g in np.unique(owner):
             group = self.groups[g]
-            take = min(count, len(group.images))
-            idx = rng.choice(len(group.images), size=take, replace=False)
-            out.append(ReplayGroup(group.images[idx], group.probs[idx], group.stats, group.batch_statistics))
-            count -= take
-            if count <= 0:
-                break
+            idx = picks[owner == g] - (ends[g] - len(group.images))
+            out.append(replace(group, images=group.images[idx], probs=group.probs[idx]))
         return out
 
 
@@ -324,7 +342,8 @@ class CemaEngine:
         parameters it learns do the wrong thing on the device (measured: the stream collapses
         to 80% error). So each group of uploads is distilled under the device's running
         statistics from when it was sent (`device_stats`), or, when the device normalises
-        every batch by its own statistics (`batch_statistics`), with batch statistics too.
+        every batch by its own statistics (`batch_statistics`), with batch statistics too (of the
+        whole group, and of enough images: `_whole_group_statistics`).
         Either way only the affine parameters go back. Without device statistics the cloud
         re-estimates them from the (filtered, so biased) uploads and sends them too.
         """
@@ -384,21 +403,23 @@ class CemaEngine:
         cfg = self.cfg
         images, state, device_stats, batch_statistics = item.images, item.state, item.device_stats, item.batch_statistics
         probs = probs_new.numpy()
-        if cfg.holdout_every:  # every n-th upload is only ever used to check deltas
-            held = np.arange(len(images)) % cfg.holdout_every == cfg.holdout_every - 1
-            state.holdout.add(ReplayGroup(images[held].copy(), probs[held], device_stats, batch_statistics))
-            images, probs = images[~held], probs[~held]
-        new = ReplayGroup(images.copy(), probs, device_stats, batch_statistics)
-        groups = [new]
-        replay = state.replay
-        if replay.size >= cfg.replay_min and cfg.replay_per_step > 0:
-            groups += replay.sample(cfg.replay_per_step, self._rng)
-        replay.add(new)
-        xs = [to_input(g.images, self.device) for g in groups]  # each group crosses to the device once a step
-
         if device_stats is not None:
             state.student_norm.update(device_stats)
         load_replaceable_state(self.student, state.student_norm)
+        replay = state.replay
+        stored_stats = self._whole_group_statistics(images, replay) if batch_statistics else device_stats
+        if cfg.holdout_every:  # every n-th upload is only ever used to check deltas
+            held = np.arange(len(images)) % cfg.holdout_every == cfg.holdout_every - 1
+            state.holdout.add(ReplayGroup(images[held].copy(), probs[held], stored_stats))
+            images, probs = images[~held], probs[~held]
+        stored = ReplayGroup(images.copy(), probs, stored_stats)
+        own_batch = batch_statistics and len(images) >= BATCH_STATISTICS_MIN_SAMPLES
+        groups = [ReplayGroup(stored.images, probs, None, True) if own_batch else stored]
+        if replay.size >= cfg.replay_min and cfg.replay_per_step > 0:
+            groups += replay.sample(cfg.replay_per_step, self._rng)
+        replay.add(stored)
+        xs = [to_input(g.images, self.device) for g in groups]  # each group crosses to the device once a step
+
         if device_stats is None and not batch_statistics and "norm" in cfg.learn:
             with torch.no_grad():  # re-estimate statistics from the new domain only
                 _set_norm_mode(self.student, train=True, momentum=cfg.stats_momentum)
@@ -428,6 +449,24 @@ class CemaEngine:
         state.student_norm = replaceable_state(self.student)
         state.steps += 1
         return self._delta_tensors(state, cloud_statistics=device_stats is None and not batch_statistics)
+
+    def _whole_group_statistics(self, images: np.ndarray, replay: ReplayBuffer) -> dict[str, np.ndarray]:
+        """The batch statistics a batch-statistics device's uploads are stored (and replayed, in
+        eval mode, in subsets of any size) under: those of the step's whole group, computed once
+        in a no-grad train-mode pass under the student as it is before this step (the parameters
+        the devices ran when they normalised these frames). This equals recomputing them over the
+        whole stored group at every draw, as of the time they were sent, at one pass per step
+        instead of one per drawn group. A group smaller than BATCH_STATISTICS_MIN_SAMPLES (a
+        trickle stepped after the worker's max wait) is topped up with the cohort's newest stored
+        images, frames of the same stream a moment earlier, rather than normalised by a handful."""
+        reference, short = [images], BATCH_STATISTICS_MIN_SAMPLES - len(images)
+        for group in reversed(replay.groups):
+            if short <= 0:
+                break
+            reference.append(group.images[-short:])
+            short -= len(reference[-1])
+        _set_norm_mode(self.student, train=False)
+        return batch_statistics_of(self.student, to_input(np.concatenate(reference), self.device))
 
     def _active_parts(self, step: int) -> str:
         """What this step trains: everything learnt, or, alternating, norm on even steps and prompt on odd."""

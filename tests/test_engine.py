@@ -6,29 +6,103 @@ import numpy as np
 import pytest
 import torch
 
-from server.engine import CemaConfig, CemaEngine, ReplayBuffer, ReplayGroup
+from server.engine import (
+    BATCH_STATISTICS_MIN_SAMPLES,
+    CemaConfig,
+    CemaEngine,
+    ReplayBuffer,
+    ReplayGroup,
+    to_input,
+)
+from server.norm import batch_statistics_of, load_replaceable_state, norm_layers
 from tests.conftest import tiny_pair
 
 
 def _engine(**cfg) -> CemaEngine:
     student, teacher = tiny_pair()
-    return CemaEngine(student, teacher, CemaConfig(num_classes=10, new_per_step=8, replay_per_step=8, replay_min=8, **cfg))
+    defaults = {"new_per_step": 8, "replay_per_step": 8, "replay_min": 8}
+    return CemaEngine(student, teacher, CemaConfig(num_classes=10, **(defaults | cfg)))
 
 
 def _images(n: int, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 256, size=(n, 32, 32, 3), dtype=np.uint8)
 
 
-def test_replay_buffer_is_bounded_in_samples_and_keeps_groups_whole() -> None:
+def test_replay_buffer_is_bounded_in_samples_and_draws_samples_with_their_groups_statistics() -> None:
     buffer = ReplayBuffer(capacity=20)
     for i in range(5):
-        buffer.add(ReplayGroup(np.full((8, 2, 2, 3), i, np.uint8), np.zeros((8, 10), np.float32), {"s": np.array([i])}, i % 2 == 1))
+        buffer.add(ReplayGroup(np.full((8, 2, 2, 3), i, np.uint8), np.full((8, 10), i, np.float32), {"s": np.array([i])}))
     assert buffer.size == 16 and len(buffer.groups) == 2  # the oldest groups went first
     drawn = buffer.sample(12, np.random.default_rng(0))
     assert sum(len(g.images) for g in drawn) == 12
-    for g in drawn:  # a drawn sample keeps the statistics and mode of the batch it came from
+    for g in drawn:  # a drawn sample keeps the statistics of the group it came from, and its soft labels
         value = int(g.images[0, 0, 0, 0])
-        assert (g.images == value).all() and g.stats["s"][0] == value and g.batch_statistics == (value % 2 == 1)
+        assert (g.images == value).all() and (g.probs == value).all() and g.stats["s"][0] == value
+    assert sum(len(g.images) for g in buffer.sample(100, np.random.default_rng(1))) == 16  # all, each once
+
+
+def test_replay_draws_uniformly_over_samples_not_groups() -> None:
+    buffer = ReplayBuffer(capacity=10_000)
+    sizes = [4, 32, 8, 64, 1, 16]
+    for i, n in enumerate(sizes):
+        buffer.add(ReplayGroup(np.full((n, 1, 1, 1), i, np.uint8), np.zeros((n, 10), np.float32), None))
+    rng = np.random.default_rng(0)
+    drawn = np.zeros(len(sizes))
+    draws = 2000
+    for _ in range(draws):
+        groups = buffer.sample(12, rng)
+        assert len({int(g.images[0, 0, 0, 0]) for g in groups}) == len(groups)  # one entry per source group
+        for g in groups:
+            drawn[int(g.images[0, 0, 0, 0])] += len(g.images)
+    expected = draws * 12 * np.array(sizes) / sum(sizes)
+    # whole-group draws (before) gave every group about the same count: the 1-sample group ~1/6
+    np.testing.assert_allclose(drawn, expected, rtol=0.1, atol=30)
+
+
+def test_batch_statistics_uploads_are_replayed_under_their_whole_groups_statistics() -> None:
+    engine = _engine(replay_min=1_000)  # no replay draws: the test looks at what is stored
+    state = engine.new_state()
+    images = _images(BATCH_STATISTICS_MIN_SAMPLES + 4, 3)
+    load_replaceable_state(engine.student, state.student_norm)
+    engine.student.train()  # the direct computation: one train-mode forward over the whole group
+    with torch.no_grad():
+        whole = engine.student(to_input(images)).numpy()
+    engine.step(images, state, batch_statistics=True)
+    [stored] = state.replay.groups
+    assert not stored.batch_statistics and stored.stats is not None
+    subset = ReplayGroup(stored.images[[1, 7]], stored.probs[[1, 7]], stored.stats)
+    load_replaceable_state(engine.student, engine._source_student)  # the parameters before the step
+    engine.student.eval()
+    load_replaceable_state(engine.student, stored.stats)
+    with torch.no_grad():
+        replayed = engine.student(to_input(subset.images)).numpy()
+    np.testing.assert_allclose(replayed, whole[[1, 7]], rtol=1e-4, atol=1e-4)
+    alone = _own_batch_logits(engine, subset.images)  # what the two images' own batch statistics would give
+    assert np.abs(alone - whole[[1, 7]]).max() > 1e-2
+
+
+def test_a_trickle_of_batch_statistics_uploads_borrows_the_newest_stored_images() -> None:
+    engine = _engine(replay_min=1_000)
+    state = engine.new_state()
+    first, trickle = _images(BATCH_STATISTICS_MIN_SAMPLES, 4), _images(3, 5)
+    engine.step(first, state, batch_statistics=True)
+    load_replaceable_state(engine.student, state.student_norm)  # the student as the trickle's step finds it
+    expected = batch_statistics_of(engine.student, to_input(np.concatenate([trickle, first[-13:]])))
+    engine.step(trickle, state, batch_statistics=True)
+    stored = state.replay.groups[-1]
+    assert len(stored.images) == 3
+    for name, value in expected.items():
+        np.testing.assert_allclose(stored.stats[name], value, rtol=1e-5, atol=1e-6)
+
+
+def _own_batch_logits(engine: CemaEngine, images: np.ndarray) -> np.ndarray:
+    engine.student.train()
+    for layer in norm_layers(engine.student).values():
+        layer.momentum = 0.0
+    with torch.no_grad():
+        out = engine.student(to_input(images)).numpy()
+    engine.student.eval()
+    return out
 
 
 @pytest.mark.parametrize("mode", ["cloud", "running", "batch"])
