@@ -180,7 +180,10 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
     add(p, "--max-state-bytes", 1 << 30, POSITIVE_INT, help="replay images a worker keeps in memory over all its cohorts; "
         "beyond, the least recently stepped cohorts' states are dropped (each is in the store)")
     add(p, "--step-max-wait-s", 2.0, POSITIVE, help="step with fewer samples once the oldest waited this long")
-    add(p, "--step-min-samples", 8, POSITIVE_INT, help="fewest new samples a step takes after waiting")
+    add(p, "--step-min-samples", 8, POSITIVE_INT, help="fewest new samples a step takes after waiting (before "
+        "waiting, at least 16 for devices that normalise by batch statistics)")
+    add(p, "--teacher-log", None, optional(str), help="evaluation aid for replay runs: append one JSON line per step "
+        "with the teacher's class for each sample by capture time (no images; stops at 256 MiB)")
     add(p, "--torch-threads", 0, NONNEGATIVE_INT, help="torch intra-op threads (0: torch's default)")
     add(p, "--torch-device", "auto", TORCH_DEVICE, help="where the adaptation engine computes: cpu, cuda, cuda:N, or auto (cuda "
         "when torch sees a GPU)")
@@ -523,6 +526,7 @@ def _serve(args: argparse.Namespace) -> int:
         lease_ttl_s=args.lease_ttl_s, worker_name=args.worker_name, torch_device=args.torch_device,
         max_state_bytes=args.max_state_bytes,
         rotate_signing_key=args.rotate_signing_key, device_expiry_s=args.device_expiry_s,
+        teacher_log=Path(args.teacher_log) if args.teacher_log else None,
     )
     if args.role == "api":  # a replica imports no torch
         from server.api_role import build_api_app as build_app

@@ -11,6 +11,7 @@ import socket
 import threading
 import uuid
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 import torch
 from fastapi import FastAPI
@@ -55,7 +56,7 @@ def build_app(opts: ServeOptions) -> FastAPI:
             engine, model, store, opts.settings(), queue_max_jobs=opts.queue_max_jobs,
             step_max_wait_s=opts.step_max_wait_s, step_min_samples=opts.step_min_samples,
             batch_cohorts=opts.batch_cohorts, max_pending_samples=opts.max_pending_samples,
-            max_state_bytes=opts.max_state_bytes), opts))
+            max_state_bytes=opts.max_state_bytes, teacher_log=opts.teacher_log), opts))
     parts = _with_signing_key(api_parts(opts, store=store, broker=broker, model=model), opts)
     worker = _distributed_worker(opts, engine, model, store, broker, parts.metrics, parts.board)
     parts.worker = worker
@@ -122,6 +123,7 @@ def build_parts(
     batch_cohorts: int = 4,
     max_pending_samples: int = 2048,
     max_state_bytes: int = 1 << 30,
+    teacher_log: Path | None = None,
 ) -> ServerParts:
     """One process: the HTTP front and the worker share an in-process queue and a version board."""
     uploads = InProcessQueue(queue_max_jobs)
@@ -130,7 +132,7 @@ def build_parts(
     worker = AdaptationWorker(engine, uploads, store, model, board.publish, max_wait_s=step_max_wait_s,
                               min_step_samples=step_min_samples, max_cohorts_per_step=batch_cohorts,
                               max_pending_samples=max_pending_samples, max_state_bytes=max_state_bytes,
-                              **_worker_metrics(metrics))
+                              teacher_log=teacher_log, **_worker_metrics(metrics))
     return ServerParts(settings, store, uploads, board, metrics, FleetView(), model=lambda: model,
                        worker_summary=lambda: summary_of(worker), on_start=[worker.start],
                        on_stop=[worker.stop, store.close], worker=worker, warming=lambda: worker.warming)
@@ -183,7 +185,8 @@ def _distributed_worker(opts: ServeOptions, engine: CemaEngine, model: Published
     return AdaptationWorker(engine, broker, store, model, announce, keeper=keeper, partitions=opts.partitions,
                             max_wait_s=opts.step_max_wait_s, min_step_samples=opts.step_min_samples,
                             max_cohorts_per_step=opts.batch_cohorts, max_pending_samples=opts.max_pending_samples,
-                            max_state_bytes=opts.max_state_bytes, **_worker_metrics(metrics))
+                            max_state_bytes=opts.max_state_bytes, teacher_log=opts.teacher_log,
+                            **_worker_metrics(metrics))
 
 
 def _worker_metrics(metrics: Registry) -> dict:

@@ -54,6 +54,7 @@ class ServeOptions:
     worker_name: str | None = None
     rotate_signing_key: bool = False  # start with a new key, announced signed by the old one
     device_expiry_s: float | None = None  # devices unseen this long are removed (None: never)
+    teacher_log: Path | None = None  # evaluation aid: the teacher's class per stepped sample, by capture time
 
     def settings(self) -> ServerSettings:
         return ServerSettings(max_body_bytes=self.max_body_bytes, json_body_bytes=self.json_body_bytes,

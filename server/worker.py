@@ -15,13 +15,14 @@ import time
 from collections import OrderedDict, defaultdict, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Protocol
 
 import numpy as np
 
 from server.api_role import WORKER_STATS_BLOB
 from server.artifact import PublishedModel
-from server.engine import CemaEngine, CohortState, StepInput
+from server.engine import BATCH_STATISTICS_MIN_SAMPLES, CemaEngine, CohortState, StepInput, StepResult
 from server.leases import LeaseKeeper
 from server.persist import decode_state, encode_state
 from server.queueing import (
@@ -43,6 +44,7 @@ MAX_STORED_BODY = 1 << 30  # a stored body passed the front's size check once
 RESYNC_EVERY_S = 10.0  # partitioned workers re-read the store for uploads a broker lost
 FROZEN_REFRESH_S = 1.0
 STATS_EVERY_S = 2.0
+TEACHER_LOG_MAX_BYTES = 256 << 20  # an evaluation run's teacher log stops growing here
 
 
 class PartitionedQueue(UploadQueue, Protocol):
@@ -74,11 +76,13 @@ class _Pending:
             self.stats.popitem(last=False)
 
     def front_run(self, limit: int) -> int:
-        """Samples at the front that one device sent under one normalization mode, at most `limit`."""
+        """Samples at the front that share one normalization, at most `limit`: one device's under
+        its statistics, or any devices' that normalise by batch statistics (they send none)."""
         first = self.sources[0][0]
         run = 0
         for job, count in self.sources:
-            if job.device_id != first.device_id or job.batch_statistics != first.batch_statistics:
+            if job.batch_statistics != first.batch_statistics or (
+                    not first.batch_statistics and job.device_id != first.device_id):
                 break
             run += count
             if run >= limit:
@@ -135,6 +139,7 @@ class AdaptationWorker:
         max_cohorts_per_step: int = 4,
         max_pending_samples: int = 2048,
         max_state_bytes: int = 1 << 30,
+        teacher_log: Path | None = None,
         on_step=None,
         on_event=None,
     ) -> None:
@@ -151,6 +156,8 @@ class AdaptationWorker:
         self.max_cohorts_per_step = max_cohorts_per_step
         self.max_pending_samples = max_pending_samples  # taken from the queue but not yet learnt from
         self.max_state_bytes = max_state_bytes  # replay images held over all cohorts; least recently used states beyond
+        self.teacher_log = teacher_log  # evaluation aid: the teacher's class for each stepped sample
+        self._teacher_log_full = False
         self.stats = WorkerStats()
         self._states: OrderedDict[str, CohortState] = OrderedDict()
         self._pending: dict[str, _Pending] = defaultdict(_Pending)
@@ -373,25 +380,43 @@ class AdaptationWorker:
         if job.norm_stats is not None:
             pending.keep_stats(job.device_id, job.norm_stats)
 
+    def least_samples(self, batch_statistics: bool) -> int:
+        """Fewest new samples a step takes before its max wait: a batch-statistics cohort's new
+        group is normalised by its own batch statistics, which need BATCH_STATISTICS_MIN_SAMPLES
+        (so such a step takes that many even where --new-per-step is smaller)."""
+        if batch_statistics:
+            return max(self.min_step_samples, BATCH_STATISTICS_MIN_SAMPLES)
+        return self.min_step_samples
+
     def _ready(self, cohort: str, pressed: bool = False) -> bool:
+        """A full step is ready at once; under overload (`pressed`), as soon as the front holds a
+        step's minimum (`least_samples`), never fewer. Fewer than that step only once the oldest
+        waited `max_wait_s` (and at least `min_step_samples`), so a trickle is never held forever:
+        the engine then normalises a batch-statistics trickle in eval mode under statistics topped
+        up from the cohort's newest stored images (CemaEngine._whole_group_statistics)."""
         if cohort in self.frozen:  # its accepted uploads wait, on disk too, until it is unfrozen
             return False
         pending = self._pending[cohort]
         n = pending.count()
-        if n >= self.engine.cfg.new_per_step or (pressed and n > 0):
+        if n == 0:
+            return False
+        least = self.least_samples(pending.sources[0][0].batch_statistics)
+        if n >= max(self.engine.cfg.new_per_step, least):
+            return True
+        if pressed and pending.front_run(least) >= least:
             return True
         waited = time.monotonic() - pending.first_at
         return n >= self.min_step_samples and waited >= self.max_wait_s
 
-    def _take(self, cohort: str) -> tuple[StepInput, float, dict[int, int], list[Job]]:
-        """The cohort's next step's samples (the rest wait), the newest capture time among them,
-        how many samples each stored upload gave, and the jobs used up."""
+    def _take(self, cohort: str) -> tuple[StepInput, np.ndarray, dict[int, int], list[Job]]:
+        """The cohort's next step's samples (the rest wait), their capture times, how many
+        samples each stored upload gave, and the jobs used up."""
         pending = self._pending[cohort]
         images = np.concatenate(pending.images)
         captured = np.concatenate(pending.captured_at)
         first = pending.sources[0][0]
-        take = pending.front_run(self.engine.cfg.new_per_step)  # one device's samples, under its statistics
         stats, batch_statistics = pending.stats.get(first.device_id), first.batch_statistics
+        take = pending.front_run(max(self.engine.cfg.new_per_step, self.least_samples(batch_statistics)))
         consumed, finished = pending.consume(take)
         rest, rest_captured = images[take:], captured[take:]
         self._pending[cohort] = _Pending(
@@ -399,7 +424,7 @@ class AdaptationWorker:
             pending.sources,
         )
         item = StepInput(images[:take], self._state(cohort), stats, batch_statistics)
-        return item, float(captured[:take].max()), consumed, finished
+        return item, captured[:take], consumed, finished
 
     def _state(self, cohort: str) -> CohortState:
         """The cohort's state: in memory, else as the store kept it (a restart, another worker's
@@ -460,15 +485,16 @@ class AdaptationWorker:
     def _step(self, cohorts: list[str]) -> None:
         """Step several cohorts at once: the teacher's forward pass is shared by all of them."""
         with self._states_lock:
-            inputs, newest, consumed, finished = zip(*(self._take(cohort) for cohort in cohorts))
+            inputs, captured, consumed, finished = zip(*(self._take(cohort) for cohort in cohorts))
             started = time.perf_counter()
             results = self.engine.step_many(list(inputs))
             elapsed = time.perf_counter() - started
             samples = sum(len(item.images) for item in inputs)
             versions = []
-            for cohort, result, newest_at, item, used, done in zip(cohorts, results, newest, inputs, consumed, finished):
+            for cohort, result, times, item, used, done in zip(cohorts, results, captured, inputs, consumed, finished):
                 unstored = len(item.images) - sum(used.values())  # samples with no store row (tests feed such)
-                version = self._commit(cohort, result.tensors, newest_at, encode_state(item.state), used, unstored)
+                version = self._commit(cohort, result.tensors, float(times.max()), encode_state(item.state), used,
+                                       unstored)
                 versions.append(version)
                 if not version:  # refused: these come back from the store or the broker
                     self._holding.difference_update(job.upload_id for job in done)
@@ -476,6 +502,7 @@ class AdaptationWorker:
                     for job in done:
                         self._holding.discard(job.upload_id)
                         self.uploads.ack(job)
+                    self._log_teacher(cohort, times, result)
                     if result.event is not None:
                         self._event(cohort, result.event, result.detail)
         self._evict()
@@ -489,6 +516,25 @@ class AdaptationWorker:
             self._on_step(len(cohorts), samples, elapsed)
         log.info("%s (%d samples, %.0f ms)", ", ".join(f"{c} -> v{v}" for c, v in zip(cohorts, versions)),
                  samples, elapsed * 1000)
+
+    def _log_teacher(self, cohort: str, captured: np.ndarray, result: StepResult) -> None:
+        """`--teacher-log`: one JSON line per committed step, the teacher's class for each of its
+        samples by capture time (exact: json writes floats by repr), so an evaluation harness that
+        knows the labels can score the teacher. No images; capped at TEACHER_LOG_MAX_BYTES."""
+        if self.teacher_log is None or result.teacher_classes is None or self._teacher_log_full:
+            return
+        line = json.dumps({"cohort": cohort, "captured_at": captured.tolist(),
+                           "teacher": result.teacher_classes.tolist()}) + "\n"
+        try:
+            self.teacher_log.parent.mkdir(parents=True, exist_ok=True)
+            with self.teacher_log.open("a") as out:
+                if out.tell() + len(line) > TEACHER_LOG_MAX_BYTES:
+                    self._teacher_log_full = True
+                    log.warning("teacher log %s reached %d bytes: no more lines", self.teacher_log, TEACHER_LOG_MAX_BYTES)
+                    return
+                out.write(line)
+        except OSError as exc:
+            log.warning("teacher log %s not written: %s", self.teacher_log, exc)
 
     def _publish_stats(self) -> None:
         """What API replicas show in the fleet report for this worker."""

@@ -3,10 +3,12 @@ each device's statistics apart (issue 11)."""
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 
 import numpy as np
 
+from server.engine import BATCH_STATISTICS_MIN_SAMPLES
 from server.queueing import UploadJob
 from server.versions import VersionBoard
 from tests.conftest import build_test_parts, wait_for
@@ -75,3 +77,50 @@ def test_a_shared_cohort_distils_each_device_under_its_own_statistics(tmp_path) 
         item, _, _, _ = worker._take("site")
         seen.append((len(item.images), float(next(iter(item.device_stats.values()))[0])))
     assert seen == [(4, 1.0), (4, -1.0), (4, 1.0)]  # before: every sample under the last uploader's
+
+
+def test_a_batch_statistics_step_never_takes_fewer_than_its_minimum_before_the_max_wait(tmp_path) -> None:
+    parts = build_test_parts(tmp_path / "server")  # new_per_step 8, step_min_samples 8
+    worker = parts.worker  # not started: its steps are taken by hand
+    worker.max_wait_s = 60.0
+
+    def offer(cohort: str, device: str, n: int, batch_statistics: bool) -> None:
+        worker._add(UploadJob(cohort, device, _images(n, n), np.full(n, time.time()), time.time(),
+                              batch_statistics=batch_statistics))
+
+    assert worker.least_samples(True) == BATCH_STATISTICS_MIN_SAMPLES == 16 and worker.least_samples(False) == 8
+    offer("batch", "a", 6, True)
+    offer("batch", "b", 6, True)
+    offer("running", "a", 8, False)
+    assert worker._ready("running", pressed=True)
+    assert not worker._ready("batch", pressed=True)  # before: overload stepped 6 samples, one device's
+    assert not worker._ready("batch")
+    offer("batch", "c", 4, True)
+    assert worker._ready("batch", pressed=True) and worker._ready("batch")
+    item, captured, _, _ = worker._take("batch")
+    assert len(item.images) == 16 == len(captured) and item.batch_statistics  # three devices' samples, one step
+    assert worker._pending["batch"].count() == 0
+
+    offer("batch", "a", 3, True)  # a trickle: held while others may still come...
+    worker.min_step_samples = 1  # (replay's lockstep setting)
+    assert not worker._ready("batch", pressed=True)
+    worker.max_wait_s = 0.0  # ...and stepped after the max wait, in eval mode under topped-up statistics
+    assert worker._ready("batch")
+    worker._step(["batch"])
+    stored = worker._states["batch"].replay.groups[-1]
+    assert len(stored.images) == 3 and not stored.batch_statistics and stored.stats is not None
+
+
+def test_the_teacher_log_has_the_teachers_class_for_every_stepped_sample(tmp_path) -> None:
+    parts = build_test_parts(tmp_path / "server")
+    worker = parts.worker
+    worker.teacher_log = tmp_path / "teacher.jsonl"
+    captured = 1.8e9 + 1e-6 * np.arange(20)  # distinct to the microsecond, as a replay device stamps them
+    worker._add(UploadJob("site", "d", _images(20, 1), captured, time.time()))
+    while worker._pending["site"].count():
+        worker._step(["site"])
+    lines = [json.loads(line) for line in worker.teacher_log.read_text().splitlines()]
+    assert [len(line["captured_at"]) for line in lines] == [8, 8, 4]
+    assert np.array_equal(np.concatenate([line["captured_at"] for line in lines]), captured)  # exact floats
+    assert all(line["cohort"] == "site" and all(0 <= c < 10 for c in line["teacher"]) for line in lines)
+    assert all(len(line["teacher"]) == len(line["captured_at"]) for line in lines)
