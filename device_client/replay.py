@@ -24,6 +24,7 @@ from driftsync.data.streams import Chunk
 
 log = logging.getLogger("driftsync.device.replay")
 CURVE_KEPT = 100_000
+UPLOADS_KEPT = 200_000  # per-upload records for the teacher's score; bounded for a repeating device
 
 
 @dataclass
@@ -81,11 +82,14 @@ def run_replay(
     """Replay `chunks` through the device, paced in real time (`fps`) or in lockstep: before each
     batch, wait until a delta includes every upload so far (bounded by `lockstep_timeout_s`),
     which is the zero-latency protocol that research tables assume. `repeat` replays the
-    stream again and again until `stop` is set (a simulated device in a fleet)."""
+    stream again and again until `stop` is set (a simulated device in a fleet). The summary's
+    `uploads` lists each frame offered for upload with its label and the device's prediction,
+    by its capture time (distinct per frame), which the server's --teacher-log also names."""
     stop = stop or threading.Event()
     source = build_session(client.onnx_path, client.source_params, client.cfg.threads)
     tallies: dict[str, DomainTally] = {}
     curve: deque[dict] = deque(maxlen=CURVE_KEPT)  # bounded: a repeating device runs for days
+    uploads: deque[list] = deque(maxlen=UPLOADS_KEPT)  # [captured_at, label, domain, predicted] per uploaded frame
     sent_before = 0
     started = time.monotonic()
     done = 0
@@ -108,6 +112,8 @@ def run_replay(
             last_uploaded_at = float(captured[out.uploaded].max())
         source_pred = source.run(None, {"input": to_model_input(images)})[0].argmax(axis=1)
         names = chunk.domain_names()
+        uploads.extend([float(captured[i]), int(chunk.labels[i]), names[i], int(out.labels[i])]
+                       for i in np.flatnonzero(out.uploaded))
         sent_now = client.uploader.stats.sent_bytes
         _tally(tallies, chunk, names, out.labels, source_pred, out.uploaded, sent_now - sent_before)
         sent_before = sent_now
@@ -135,4 +141,5 @@ def run_replay(
         "freshness_s": list(client.deltas.freshness_s),
         "seconds": time.monotonic() - started,
         "lockstep_timeouts": lockstep_timeouts,
+        "uploads": list(uploads),
     }

@@ -29,7 +29,14 @@ from driftsync.data.corruptions import constants_for_size, frost_source
 from driftsync.data.labels import check_labels, class_order
 from driftsync.processes import mean_curve, run_fleet
 from driftsync.progress import bar
-from driftsync.report import build_report, markdown_methods, write_methods_report
+from driftsync.report import (
+    build_report,
+    markdown_methods,
+    read_teacher_log,
+    teacher_gap,
+    with_teacher_gap,
+    write_methods_report,
+)
 from shared.images import DEFAULT_UPLOAD_CODEC
 
 if TYPE_CHECKING:
@@ -40,6 +47,7 @@ LEARNS = {"cema": "norm", "prompt": "prompt", "cema+prompt": "norm+prompt", "cem
 UGS = "@ugs"  # suffix: the same method with uncertainty-guided sampling on the device
 COLLABORATIVE = tuple(LEARNS) + tuple(f"{m}{UGS}" for m in LEARNS)
 ON_DEVICE = ("source", "bn", "tent", "eata", "cotta", "roid", "sar")
+TEACHER_LOG = Path("server-state") / "teacher-log.jsonl"  # in a collaborative run's work dir (cleared per run)
 
 log = logging.getLogger("driftsync.replay")
 
@@ -269,10 +277,11 @@ def run_on_device(name: str, opts: ReplayOptions, stream_dir: Path, source_pred:
 
 
 def run_collaborative(name: str, opts: ReplayOptions, stream_dir: Path, work: Path) -> list[dict]:
-    """A real server and N device processes on loopback, each device replaying the stream file."""
+    """A real server and N device processes on loopback, each device replaying the stream file.
+    The server logs its teacher's class per stepped sample (work/TEACHER_LOG), for `teacher_gap`."""
     learn = LEARNS[name.removesuffix(UGS)]
     server = ["--student", opts.student, "--teacher", opts.teacher, "--torch-threads", str(opts.torch_threads),
-              "--learn", learn]
+              "--learn", learn, "--teacher-log", str(work / TEACHER_LOG)]
     if "prompt" in learn:
         server += ["--prompt", opts.prompt]
     if opts.fps is None:  # lockstep: step on whatever arrived, promptly
@@ -300,8 +309,10 @@ def prompt_bytes(spec: str, input_size: tuple[int, int]) -> int:
     return 4 * sum(p.numel() for p in InputPrompt(*parse_prompt(spec), input_size).parameters())
 
 
-def method_report(name: str, summaries: list[dict], meta: dict) -> dict:
-    report = build_report(summaries, dict(meta, method=name))
+def method_report(name: str, summaries: list[dict], meta: dict, gap: dict | None = None) -> dict:
+    """One method's row: its errors and costs, and for a collaborative one the teacher's and the
+    device's error on the same uploads (`gap`, from `teacher_gap`)."""
+    report = with_teacher_gap(build_report(summaries, dict(meta, method=name)), gap)
     samples = report["samples"]
     forward = sum(s["status"].get("passes", {}).get("forward_samples", 0) for s in summaries)
     backward = sum(s["status"].get("passes", {}).get("backward_samples", 0) for s in summaries)
@@ -341,8 +352,10 @@ def run(opts: ReplayOptions) -> dict:
     reports: list[dict] = []
     curves: dict[str, list[dict]] = {}
     for name in opts.methods:
+        gap = None
         if name in COLLABORATIVE:
             summaries = run_collaborative(name, opts, stream_dir, out / "runs" / name)
+            gap = teacher_gap(summaries, read_teacher_log(out / "runs" / name / TEACHER_LOG))
             meta_m = dict(meta, devices=opts.devices, normalization=opts.normalization,
                           prompt_bytes=prompt_bytes(opts.prompt, info.input_size) if "prompt" in name else 0)
         else:
@@ -350,10 +363,12 @@ def run(opts: ReplayOptions) -> dict:
             summary.pop("predictions")
             summaries = [summary]
             meta_m = dict(meta, devices=1, settings=summary.pop("settings"))
-        reports.append(method_report(name, summaries, meta_m))
+        reports.append(method_report(name, summaries, meta_m, gap))
         curves[name] = mean_curve(summaries)
         print(f"[replay] {name}: mean error {reports[-1]['mean_error']:.1f}% "
-              f"(source {reports[-1]['mean_error_source']:.1f}%), upload ratio {reports[-1]['upload_ratio']:.3f}", flush=True)
+              f"(source {reports[-1]['mean_error_source']:.1f}%), upload ratio {reports[-1]['upload_ratio']:.3f}"
+              + (f"; on {gap['uploads_joined']} uploads the teacher errs {gap['error_teacher_on_uploads']}%, the "
+                 f"device {gap['error_device_on_uploads']}%" if gap else ""), flush=True)
         report = dict(reports[0])  # the demo's keys, for the first method; every method under "methods"
         report["methods"] = reports
         report["seconds_total"] = round(time.monotonic() - started, 1)

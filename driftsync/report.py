@@ -64,6 +64,57 @@ def build_report(summaries: list[dict], meta: dict) -> dict:
     return report
 
 
+def read_teacher_log(path: Path) -> dict[float, int]:
+    """A server's --teacher-log as capture time -> the teacher's class (a sample stepped twice,
+    after a refused commit, keeps its last label); empty when the server wrote none."""
+    teacher: dict[float, int] = {}
+    if path.exists():
+        for line in path.read_text().splitlines():
+            entry = json.loads(line)
+            teacher.update(zip(entry["captured_at"], entry["teacher"]))
+    return teacher
+
+
+def teacher_gap(summaries: list[dict], teacher: dict[float, int]) -> dict:
+    """The teacher's and the device's error on the same uploads, per domain and as the mean over
+    domains (as `mean_error`): each upload the devices recorded (capture time, label, domain,
+    their prediction) joined by capture time to the label the teacher gave it. Uploads dropped
+    before the server or never stepped on are not joined; `uploads_joined` says how many were."""
+    tally: dict[str, list[int]] = {}
+    for summary in summaries:
+        for captured_at, label, domain, predicted in summary.get("uploads", []):
+            t = tally.setdefault(domain, [0, 0, 0])  # joined, teacher wrong, device wrong
+            if captured_at in teacher:
+                t[0] += 1
+                t[1] += int(teacher[captured_at] != label)
+                t[2] += int(predicted != label)
+    domains = {name: {"uploads_joined": n, "error_teacher_on_uploads": _pct(wt, n) if n else None,
+                      "error_device_on_uploads": _pct(wd, n) if n else None}
+               for name, (n, wt, wd) in tally.items()}
+    scored = [d for d in domains.values() if d["uploads_joined"]]
+
+    def mean(key: str) -> float | None:
+        return round(float(np.mean([d[key] for d in scored])), 2) if scored else None
+
+    return {"uploads_joined": sum(d["uploads_joined"] for d in domains.values()),
+            "error_teacher_on_uploads": mean("error_teacher_on_uploads"),
+            "error_device_on_uploads": mean("error_device_on_uploads"), "domains": domains}
+
+
+def with_teacher_gap(report: dict, gap: dict | None) -> dict:
+    """The gap's figures on a method report and its domain rows; None for a method without a
+    teacher (on-device), which the tables show as '-'."""
+    for key in ("uploads_joined", "error_teacher_on_uploads", "error_device_on_uploads"):
+        report[key] = gap[key] if gap else None
+        for row in report["domains"]:
+            row[key] = gap["domains"].get(row["name"], {}).get(key) if gap else None
+    return report
+
+
+def _or_dash(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f}"
+
+
 def markdown(report: dict) -> str:
     lines = [
         f"# driftsync report: {report['method']} on {report['dataset']} ({report['setting']}, severity {report['severity']})",
@@ -282,15 +333,33 @@ def markdown_methods(report: dict) -> str:
         "",
         "## Online error % per domain",
         "",
-        "| method | mean | " + " | ".join(domains) + " |",
-        "|---|---:|" + "---:|" * len(domains),
-        f"| source (no adaptation) | {methods[0]['mean_error_source']:.1f} | "
+        "Teacher and device error on uploads: both scored on the same uploaded frames, the ones the "
+        "cloud's teacher labelled (collaborative methods; the gap is what distillation loses).",
+        "",
+        "| method | mean | teacher error on uploads | device error on uploads | " + " | ".join(domains) + " |",
+        "|---|---:|---:|---:|" + "---:|" * len(domains),
+        f"| source (no adaptation) | {methods[0]['mean_error_source']:.1f} | - | - | "
         + " | ".join(f"{d['error_source']:.1f}" for d in methods[0]["domains"]) + " |",
     ]
     for m in methods:
         by_name = {d["name"]: d["error"] for d in m["domains"]}
-        lines.append(f"| {m['method']} | **{m['mean_error']:.1f}** | "
+        lines.append(f"| {m['method']} | **{m['mean_error']:.1f}** | {_or_dash(m.get('error_teacher_on_uploads'))} | "
+                     f"{_or_dash(m.get('error_device_on_uploads'))} | "
                      + " | ".join(f"{by_name.get(d, float('nan')):.1f}" for d in domains) + " |")
+    taught = [m for m in methods if m.get("uploads_joined") is not None]
+    if taught:
+        lines += [
+            "",
+            "## Teacher / device error % on the uploads, per domain",
+            "",
+            "| method | uploads joined | " + " | ".join(domains) + " |",
+            "|---|---:|" + "---:|" * len(domains),
+        ]
+        for m in taught:
+            rows = {d["name"]: d for d in m["domains"]}
+            cells = [f"{_or_dash(rows[d].get('error_teacher_on_uploads'))} / {_or_dash(rows[d].get('error_device_on_uploads'))}"
+                     if d in rows else "-" for d in domains]
+            lines.append(f"| {m['method']} | {m['uploads_joined']} | " + " | ".join(cells) + " |")
     lines += [
         "",
         "## Cost",

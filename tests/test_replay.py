@@ -223,3 +223,24 @@ def test_replay_cema_with_resnet20_student_and_resnet56_teacher(tmp_path: Path) 
     assert cema["method"] == "cema" and cema["deltas_applied"] > 0 and 0 < cema["upload_ratio"] <= 0.5
     assert cema["mean_error"] < cema["mean_error_source"] - 10  # contrast alone is 73% wrong at the source
     assert abs(cema["mean_error"] - bn["mean_error"]) < 8  # same normalization; the deltas only refine it
+
+
+def test_replay_reports_the_teachers_error_next_to_the_devices_on_the_same_uploads(tmp_path: Path) -> None:
+    run(ReplayOptions(methods=("bn", "cema"), corruptions="fog,contrast", samples_per_domain=64, batch_size=32,
+                      out=tmp_path, torch_threads=1))
+    by_name = {m["method"]: m for m in json.loads((tmp_path / "report.json").read_text())["methods"]}
+    cema, bn = by_name["cema"], by_name["bn"]
+    log = tmp_path / "runs" / "cema" / "server-state" / "teacher-log.jsonl"
+    stepped = sum(len(json.loads(line)["captured_at"]) for line in log.read_text().splitlines())
+    assert cema["uploads_joined"] == stepped > 0  # every sample the server stepped on, joined to its label
+    assert sum(d["uploads_joined"] for d in cema["domains"]) == stepped
+    scored = [d for d in cema["domains"] if d["uploads_joined"]]
+    pairs = [(d["error_teacher_on_uploads"], d["error_device_on_uploads"]) for d in scored]
+    pairs.append((cema["error_teacher_on_uploads"], cema["error_device_on_uploads"]))
+    assert all(0 <= value <= 100 for pair in pairs for value in pair)
+    assert any(teacher != device for teacher, device in pairs)  # the distillation gap, visible
+    assert bn["uploads_joined"] is None and bn["error_teacher_on_uploads"] is None  # no teacher on the device
+    md = (tmp_path / "report.md").read_text()
+    assert "| method | mean | teacher error on uploads | device error on uploads |" in md
+    assert f"| bn | **{bn['mean_error']:.1f}** | - | - |" in md
+    assert f"| cema | {stepped} |" in md  # the per-domain teacher / device table
