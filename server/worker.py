@@ -416,7 +416,10 @@ class AdaptationWorker:
         captured = np.concatenate(pending.captured_at)
         first = pending.sources[0][0]
         stats, batch_statistics = pending.stats.get(first.device_id), first.batch_statistics
-        take = pending.front_run(max(self.engine.cfg.new_per_step, self.least_samples(batch_statistics)))
+        least = self.least_samples(batch_statistics)
+        limit = max(self.engine.cfg.new_per_step, least)
+        run = pending.front_run(limit + least)
+        take = limit if run >= limit + least else run  # a remainder below a step's minimum comes along
         consumed, finished = pending.consume(take)
         rest, rest_captured = images[take:], captured[take:]
         self._pending[cohort] = _Pending(

@@ -100,6 +100,9 @@ def test_a_batch_statistics_step_never_takes_fewer_than_its_minimum_before_the_m
     item, captured, _, _ = worker._take("batch")
     assert len(item.images) == 16 == len(captured) and item.batch_statistics  # three devices' samples, one step
     assert worker._pending["batch"].count() == 0
+    for device in "abc":
+        offer("batch", device, 14, True)
+    assert [len(worker._take("batch")[0].images) for _ in range(2)] == [16, 26]  # not 16 + 16 + 10
 
     offer("batch", "a", 3, True)  # a trickle: held while others may still come...
     worker.min_step_samples = 1  # (replay's lockstep setting)
@@ -120,7 +123,7 @@ def test_the_teacher_log_has_the_teachers_class_for_every_stepped_sample(tmp_pat
     while worker._pending["site"].count():
         worker._step(["site"])
     lines = [json.loads(line) for line in worker.teacher_log.read_text().splitlines()]
-    assert [len(line["captured_at"]) for line in lines] == [8, 8, 4]
+    assert [len(line["captured_at"]) for line in lines] == [8, 12]  # 8 + 8 + 4 would leave 4, below the minimum
     assert np.array_equal(np.concatenate([line["captured_at"] for line in lines]), captured)  # exact floats
     assert all(line["cohort"] == "site" and all(0 <= c < 10 for c in line["teacher"]) for line in lines)
     assert all(len(line["teacher"]) == len(line["captured_at"]) for line in lines)
