@@ -19,7 +19,6 @@ from torch import nn
 from server.augment import cotta_augment
 from server.grouped import bounds_of, grouped_batch_norm
 from server.norm import (
-    batch_statistics_of,
     freeze_all_but_affine,
     load_replaceable_state,
     norm_layers,
@@ -127,8 +126,8 @@ BATCH_STATISTICS_MIN_SAMPLES = 16
 """Fewest images whose batch statistics the cloud normalises a batch-statistics device's uploads
 with: per-channel mean and variance from 1-7 images are noise, and a student that learns affine
 parameters under them learns them for a normalisation the device (which normalises whole batches
-of frames) never applies. Fewer new samples than this are normalised in eval mode instead
-(`CemaEngine._distil`), and the worker never splits such a cohort's step below it."""
+of frames) never applies. Fewer are normalised together with other frames of the same batch
+(`ReplayGroup.context`), and the worker never splits such a cohort's step below it."""
 
 
 @dataclass(frozen=True)
@@ -137,15 +136,20 @@ class ReplayGroup:
     seen under: a replayed sample must be normalised as its device normalised it, not with
     today's statistics (which belong to another domain and wreck the distillation).
 
-    `batch_statistics`: normalise the group in train mode, with its own images' batch
-    statistics. Only a step's new group of at least BATCH_STATISTICS_MIN_SAMPLES is; a stored
-    group from a batch-statistics device carries its whole group's batch statistics in `stats`
-    instead (see `CemaEngine._distil`), so that any subset of it can be replayed in eval mode."""
+    A batch-statistics group is normalised in train mode by the batch statistics of its images
+    together with its `context`: other frames of the same batch, which are not scored. A replayed
+    subset of such a group takes the rest of its stored group as context, up to
+    BATCH_STATISTICS_MIN_SAMPLES images in all (the whole group when it is that small), so its
+    statistics come from the frames it was uploaded with, with their gradient, as on the device.
+    Measured on CIFAR-10 (README, issue 16): eval mode under the whole group's statistics, held
+    constant, lost 3 points (no gradient flows through them, so the student learns affine
+    parameters for a network that does not renormalise), and tiny batches collapsed the stream."""
 
     images: np.ndarray
     probs: np.ndarray
     stats: dict[str, np.ndarray] | None
-    batch_statistics: bool = False  # normalised in train mode, by its own batch statistics
+    batch_statistics: bool = False  # the device normalised with each batch's own statistics
+    context: np.ndarray | None = None  # frames of the same batch: in its batch statistics, not scored
 
 
 class ReplayBuffer:
@@ -165,7 +169,8 @@ class ReplayBuffer:
     def sample(self, count: int, rng: np.random.Generator) -> list[ReplayGroup]:
         """`count` samples (all, when fewer are stored) drawn uniformly over every stored sample
         without replacement, as CEMA replays; returned grouped by the group each came from, so
-        each keeps the statistics and mode it was stored with."""
+        each keeps the statistics it was stored with (a batch-statistics subset: its group's
+        other frames as context, see ReplayGroup)."""
         count = min(count, self.size)
         if count <= 0:
             return []
@@ -176,7 +181,12 @@ class ReplayBuffer:
         for g in np.unique(owner):
             group = self.groups[g]
             idx = picks[owner == g] - (ends[g] - len(group.images))
-            out.append(replace(group, images=group.images[idx], probs=group.probs[idx]))
+            context = None
+            if group.batch_statistics:
+                rest = np.setdiff1d(np.arange(len(group.images)), idx)
+                rest = rng.permutation(rest)[: max(0, BATCH_STATISTICS_MIN_SAMPLES - len(idx))]
+                context = group.images[np.sort(rest)] if len(rest) else None
+            out.append(replace(group, images=group.images[idx], probs=group.probs[idx], context=context))
         return out
 
 
@@ -342,8 +352,8 @@ class CemaEngine:
         parameters it learns do the wrong thing on the device (measured: the stream collapses
         to 80% error). So each group of uploads is distilled under the device's running
         statistics from when it was sent (`device_stats`), or, when the device normalises
-        every batch by its own statistics (`batch_statistics`), with batch statistics too (of the
-        whole group, and of enough images: `_whole_group_statistics`).
+        every batch by its own statistics (`batch_statistics`), with batch statistics too (of
+        enough frames of the same batch: `ReplayGroup.context`).
         Either way only the affine parameters go back. Without device statistics the cloud
         re-estimates them from the (filtered, so biased) uploads and sends them too.
         """
@@ -388,13 +398,7 @@ class CemaEngine:
         out = []
         for group in groups:
             load_replaceable_state(self.student, state.student_norm | tensors)
-            if group.batch_statistics:
-                _set_norm_mode(self.student, train=True, momentum=0.0)
-            else:
-                _set_norm_mode(self.student, train=False)
-                if group.stats is not None:
-                    load_replaceable_state(self.student, group.stats)
-            out.append(self.student(to_input(group.images, self.device)).softmax(dim=1).cpu().numpy())
+            out.append(self._logits(group, _group_input(group, self.device)).softmax(dim=1).cpu().numpy())
         _set_norm_mode(self.student, train=False)
         load_replaceable_state(self.student, state.student_norm)
         return np.concatenate(out)
@@ -405,21 +409,21 @@ class CemaEngine:
         probs = probs_new.numpy()
         if device_stats is not None:
             state.student_norm.update(device_stats)
-        load_replaceable_state(self.student, state.student_norm)
         replay = state.replay
-        stored_stats = self._whole_group_statistics(images, replay) if batch_statistics else device_stats
         if cfg.holdout_every:  # every n-th upload is only ever used to check deltas
             held = np.arange(len(images)) % cfg.holdout_every == cfg.holdout_every - 1
-            state.holdout.add(ReplayGroup(images[held].copy(), probs[held], stored_stats))
+            context = images[~held][: BATCH_STATISTICS_MIN_SAMPLES] if batch_statistics else None
+            state.holdout.add(ReplayGroup(images[held].copy(), probs[held], device_stats, batch_statistics,
+                                          context.copy() if context is not None else None))
             images, probs = images[~held], probs[~held]
-        stored = ReplayGroup(images.copy(), probs, stored_stats)
-        own_batch = batch_statistics and len(images) >= BATCH_STATISTICS_MIN_SAMPLES
-        groups = [ReplayGroup(stored.images, probs, None, True) if own_batch else stored]
+        new = ReplayGroup(images.copy(), probs, device_stats, batch_statistics)
+        groups = [replace(new, context=_top_up(images, replay)) if batch_statistics else new]
         if replay.size >= cfg.replay_min and cfg.replay_per_step > 0:
             groups += replay.sample(cfg.replay_per_step, self._rng)
-        replay.add(stored)
-        xs = [to_input(g.images, self.device) for g in groups]  # each group crosses to the device once a step
+        replay.add(new)
+        xs = [_group_input(g, self.device) for g in groups]  # each group crosses to the device once a step
 
+        load_replaceable_state(self.student, state.student_norm)
         if device_stats is None and not batch_statistics and "norm" in cfg.learn:
             with torch.no_grad():  # re-estimate statistics from the new domain only
                 _set_norm_mode(self.student, train=True, momentum=cfg.stats_momentum)
@@ -433,12 +437,6 @@ class CemaEngine:
             for opt in opts.values():
                 opt.zero_grad(set_to_none=True)
             for group, x in zip(groups, xs):
-                if group.batch_statistics:
-                    _set_norm_mode(self.student, train=True, momentum=0.0)
-                else:
-                    _set_norm_mode(self.student, train=False)
-                    if group.stats is not None:
-                        load_replaceable_state(self.student, group.stats)
                 (self._group_loss(group, x, active) * (len(group.images) / total)).backward()
             for opt in opts.values():
                 opt.step()
@@ -449,24 +447,6 @@ class CemaEngine:
         state.student_norm = replaceable_state(self.student)
         state.steps += 1
         return self._delta_tensors(state, cloud_statistics=device_stats is None and not batch_statistics)
-
-    def _whole_group_statistics(self, images: np.ndarray, replay: ReplayBuffer) -> dict[str, np.ndarray]:
-        """The batch statistics a batch-statistics device's uploads are stored (and replayed, in
-        eval mode, in subsets of any size) under: those of the step's whole group, computed once
-        in a no-grad train-mode pass under the student as it is before this step (the parameters
-        the devices ran when they normalised these frames). This equals recomputing them over the
-        whole stored group at every draw, as of the time they were sent, at one pass per step
-        instead of one per drawn group. A group smaller than BATCH_STATISTICS_MIN_SAMPLES (a
-        trickle stepped after the worker's max wait) is topped up with the cohort's newest stored
-        images, frames of the same stream a moment earlier, rather than normalised by a handful."""
-        reference, short = [images], BATCH_STATISTICS_MIN_SAMPLES - len(images)
-        for group in reversed(replay.groups):
-            if short <= 0:
-                break
-            reference.append(group.images[-short:])
-            short -= len(reference[-1])
-        _set_norm_mode(self.student, train=False)
-        return batch_statistics_of(self.student, to_input(np.concatenate(reference), self.device))
 
     def _active_parts(self, step: int) -> str:
         """What this step trains: everything learnt, or, alternating, norm on even steps and prompt on odd."""
@@ -486,13 +466,25 @@ class CemaEngine:
                 opt.load_state_dict(getattr(state, name))
         return opts
 
+    def _logits(self, group: ReplayGroup, x: torch.Tensor, model: nn.Module | None = None) -> torch.Tensor:
+        """The student's logits on the group's images (`x`: its `_group_input`), normalised as
+        its devices normalised them: by their batch statistics (context included), or in eval
+        mode under the statistics they were sent with (else the student's own)."""
+        if group.batch_statistics:
+            _set_norm_mode(self.student, train=True, momentum=0.0)
+        else:
+            _set_norm_mode(self.student, train=False)
+            if group.stats is not None:
+                load_replaceable_state(self.student, group.stats)
+        return (model or self.student)(x)[: len(group.images)]
+
     def _group_loss(self, group: ReplayGroup, x: torch.Tensor, active: str) -> torch.Tensor:
         probs = torch.from_numpy(group.probs).to(self.device)
-        logits = self.student(x)
+        logits = self._logits(group, x)
         loss = distillation_loss(logits, probs, self.cfg) if "norm" in active else logits.new_zeros(())
         if "prompt" in active:
             with torch.no_grad():
-                plain = self.student.model(x)  # the same student without its prompt
+                plain = self._logits(group, x, self.student.model)  # the same student without its prompt
             loss = loss + prompt_loss(logits, plain, probs, self.cfg)
         return loss
 
@@ -511,6 +503,25 @@ class CemaEngine:
             elif "norm" in self.cfg.learn:
                 out[name] = value
         return out
+
+
+def _group_input(group: ReplayGroup, device: torch.device) -> torch.Tensor:
+    """The group's images, then its context, as the model's input on `device`."""
+    images = group.images if group.context is None else np.concatenate([group.images, group.context])
+    return to_input(images, device)
+
+
+def _top_up(images: np.ndarray, replay: ReplayBuffer) -> np.ndarray | None:
+    """Context for a batch-statistics group of fewer than BATCH_STATISTICS_MIN_SAMPLES (a trickle
+    the worker stepped after its max wait): the cohort's newest stored images, frames of the same
+    stream a moment earlier, so that its statistics do not come from a handful of images."""
+    short, context = BATCH_STATISTICS_MIN_SAMPLES - len(images), []
+    for group in reversed(replay.groups):
+        if short <= 0:
+            break
+        context.append(group.images[-short:])
+        short -= len(context[-1])
+    return np.concatenate(context) if context else None
 
 
 def class_marginal_entropy(classes: np.ndarray, num_classes: int) -> float:

@@ -64,36 +64,3 @@ def freeze_all_but_affine(model: nn.Module) -> list[nn.Parameter]:
     for p in params:
         p.requires_grad_(True)
     return params
-
-
-@torch.no_grad()
-def batch_statistics_of(model: nn.Module, x: torch.Tensor) -> dict[str, np.ndarray]:
-    """Each norm layer's batch statistics over `x` (mean and biased variance, what train-mode
-    batch norm normalises with), under the model's current affine parameters, as
-    `<layer>.running_mean` / `.running_var`. Loaded as running statistics, they make an
-    eval-mode forward of any subset of `x` equal to its rows of a train-mode forward of all of
-    `x`. The model's own running statistics are left as they were."""
-    layers = norm_layers(model)
-    stats: dict[str, np.ndarray] = {}
-
-    def hook(name: str):
-        def record(_module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
-            dims = [d for d in range(inputs[0].dim()) if d != 1]
-            var, mean = torch.var_mean(inputs[0], dim=dims, correction=0)
-            stats[f"{name}.running_mean"] = mean.cpu().numpy().astype(np.float32)
-            stats[f"{name}.running_var"] = var.cpu().numpy().astype(np.float32)
-        return record
-
-    handles = [layer.register_forward_pre_hook(hook(name)) for name, layer in layers.items()]
-    modes = {name: (layer.training, layer.momentum) for name, layer in layers.items()}
-    try:
-        for layer in layers.values():
-            layer.train(True)
-            layer.momentum = 0.0  # running statistics untouched
-        model(x)
-    finally:
-        for handle in handles:
-            handle.remove()
-        for name, layer in layers.items():
-            layer.training, layer.momentum = modes[name]
-    return stats

@@ -392,8 +392,8 @@ class AdaptationWorker:
         """A full step is ready at once; under overload (`pressed`), as soon as the front holds a
         step's minimum (`least_samples`), never fewer. Fewer than that step only once the oldest
         waited `max_wait_s` (and at least `min_step_samples`), so a trickle is never held forever:
-        the engine then normalises a batch-statistics trickle in eval mode under statistics topped
-        up from the cohort's newest stored images (CemaEngine._whole_group_statistics)."""
+        the engine then normalises a batch-statistics trickle together with the cohort's newest
+        stored images (server.engine._top_up), not by its own handful."""
         if cohort in self.frozen:  # its accepted uploads wait, on disk too, until it is unfrozen
             return False
         pending = self._pending[cohort]

@@ -2,6 +2,8 @@
 the replay groups, and the teacher's options."""
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -12,9 +14,11 @@ from server.engine import (
     CemaEngine,
     ReplayBuffer,
     ReplayGroup,
+    _group_input,
+    _top_up,
     to_input,
 )
-from server.norm import batch_statistics_of, load_replaceable_state, norm_layers
+from server.norm import load_replaceable_state
 from tests.conftest import tiny_pair
 
 
@@ -59,50 +63,45 @@ def test_replay_draws_uniformly_over_samples_not_groups() -> None:
     np.testing.assert_allclose(drawn, expected, rtol=0.1, atol=30)
 
 
-def test_batch_statistics_uploads_are_replayed_under_their_whole_groups_statistics() -> None:
-    engine = _engine(replay_min=1_000)  # no replay draws: the test looks at what is stored
+def test_a_replayed_batch_statistics_subset_is_normalised_with_its_whole_group() -> None:
+    engine = _engine(replay_min=1_000)  # no replay draws in the steps: the test draws itself
     state = engine.new_state()
-    images = _images(BATCH_STATISTICS_MIN_SAMPLES + 4, 3)
-    load_replaceable_state(engine.student, state.student_norm)
-    engine.student.train()  # the direct computation: one train-mode forward over the whole group
-    with torch.no_grad():
-        whole = engine.student(to_input(images)).numpy()
+    images = _images(12, 3)
     engine.step(images, state, batch_statistics=True)
     [stored] = state.replay.groups
-    assert not stored.batch_statistics and stored.stats is not None
-    subset = ReplayGroup(stored.images[[1, 7]], stored.probs[[1, 7]], stored.stats)
-    load_replaceable_state(engine.student, engine._source_student)  # the parameters before the step
-    engine.student.eval()
-    load_replaceable_state(engine.student, stored.stats)
+    [drawn] = state.replay.sample(3, np.random.default_rng(0))
+    assert len(drawn.images) == 3 and len(drawn.context) == 9  # the rest of its group comes along, unscored
+    rows = [int(np.flatnonzero((images == image).all(axis=(1, 2, 3)))[0]) for image in drawn.images]
+    load_replaceable_state(engine.student, state.student_norm)
     with torch.no_grad():
-        replayed = engine.student(to_input(subset.images)).numpy()
-    np.testing.assert_allclose(replayed, whole[[1, 7]], rtol=1e-4, atol=1e-4)
-    alone = _own_batch_logits(engine, subset.images)  # what the two images' own batch statistics would give
-    assert np.abs(alone - whole[[1, 7]]).max() > 1e-2
+        replayed = engine._logits(drawn, _group_input(drawn, engine.device)).numpy()
+        whole = engine._logits(stored, _group_input(stored, engine.device)).numpy()  # one batch, as on the device
+        alone = engine._logits(replace(drawn, context=None), to_input(drawn.images)).numpy()
+    assert replayed.shape == (3, 10)
+    np.testing.assert_allclose(replayed, whole[rows], rtol=1e-4, atol=1e-5)
+    assert np.abs(alone - whole[rows]).max() > 1e-2  # three images' own statistics (before) are another normalisation
+
+
+def test_a_large_batch_statistics_group_lends_a_subset_enough_context() -> None:
+    buffer = ReplayBuffer(capacity=1_000)
+    buffer.add(ReplayGroup(_images(40), np.zeros((40, 10), np.float32), None, batch_statistics=True))
+    buffer.add(ReplayGroup(_images(40, 1), np.zeros((40, 10), np.float32), {"s": np.zeros(1)}))
+    for drawn in buffer.sample(10, np.random.default_rng(2)):
+        if drawn.batch_statistics:
+            assert len(drawn.images) + len(drawn.context) == BATCH_STATISTICS_MIN_SAMPLES
+            assert not any((drawn.context == image).all(axis=(1, 2, 3)).any() for image in drawn.images)
+        else:
+            assert drawn.context is None  # eval-mode groups are normalised by their stored statistics
 
 
 def test_a_trickle_of_batch_statistics_uploads_borrows_the_newest_stored_images() -> None:
-    engine = _engine(replay_min=1_000)
-    state = engine.new_state()
-    first, trickle = _images(BATCH_STATISTICS_MIN_SAMPLES, 4), _images(3, 5)
-    engine.step(first, state, batch_statistics=True)
-    load_replaceable_state(engine.student, state.student_norm)  # the student as the trickle's step finds it
-    expected = batch_statistics_of(engine.student, to_input(np.concatenate([trickle, first[-13:]])))
-    engine.step(trickle, state, batch_statistics=True)
-    stored = state.replay.groups[-1]
-    assert len(stored.images) == 3
-    for name, value in expected.items():
-        np.testing.assert_allclose(stored.stats[name], value, rtol=1e-5, atol=1e-6)
-
-
-def _own_batch_logits(engine: CemaEngine, images: np.ndarray) -> np.ndarray:
-    engine.student.train()
-    for layer in norm_layers(engine.student).values():
-        layer.momentum = 0.0
-    with torch.no_grad():
-        out = engine.student(to_input(images)).numpy()
-    engine.student.eval()
-    return out
+    buffer = ReplayBuffer(capacity=1_000)
+    older, newest = _images(8, 4), _images(10, 5)
+    assert _top_up(_images(3), buffer) is None  # nothing stored yet: its own statistics
+    buffer.add(ReplayGroup(older, np.zeros((8, 10), np.float32), None, True))
+    buffer.add(ReplayGroup(newest, np.zeros((10, 10), np.float32), None, True))
+    np.testing.assert_array_equal(_top_up(_images(3), buffer), np.concatenate([newest, older[-3:]]))
+    assert _top_up(_images(BATCH_STATISTICS_MIN_SAMPLES), buffer) is None
 
 
 @pytest.mark.parametrize("mode", ["cloud", "running", "batch"])
