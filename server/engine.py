@@ -126,8 +126,9 @@ BATCH_STATISTICS_MIN_SAMPLES = 16
 """Fewest images whose batch statistics the cloud normalises a batch-statistics device's uploads
 with: per-channel mean and variance from 1-7 images are noise, and a student that learns affine
 parameters under them learns them for a normalisation the device (which normalises whole batches
-of frames) never applies. Fewer are normalised together with other frames of the same batch
-(`ReplayGroup.context`), and the worker never splits such a cohort's step below it."""
+of frames) never applies. A replayed subset is normalised together with this many frames of its
+group (`ReplayGroup.context`), and the worker never splits such a cohort's step below it before
+its max wait (server/worker.py `least_samples`)."""
 
 
 @dataclass(frozen=True)
@@ -141,9 +142,10 @@ class ReplayGroup:
     subset of such a group takes the rest of its stored group as context, up to
     BATCH_STATISTICS_MIN_SAMPLES images in all (the whole group when it is that small), so its
     statistics come from the frames it was uploaded with, with their gradient, as on the device.
-    Measured on CIFAR-10 (README, issue 16): eval mode under the whole group's statistics, held
-    constant, lost 3 points (no gradient flows through them, so the student learns affine
-    parameters for a network that does not renormalise), and tiny batches collapsed the stream."""
+    Measured on a CIFAR-10 stream (BENCHMARKS.md, issue 16): eval mode under the whole group's
+    statistics held constant (no gradient flows through them, so the student learns affine
+    parameters for a network that does not renormalise) lost 3 points, and 5 points more with
+    new groups normalised that way too, to a collapse."""
 
     images: np.ndarray
     probs: np.ndarray
@@ -407,9 +409,6 @@ class CemaEngine:
         cfg = self.cfg
         images, state, device_stats, batch_statistics = item.images, item.state, item.device_stats, item.batch_statistics
         probs = probs_new.numpy()
-        if device_stats is not None:
-            state.student_norm.update(device_stats)
-        replay = state.replay
         if cfg.holdout_every:  # every n-th upload is only ever used to check deltas
             held = np.arange(len(images)) % cfg.holdout_every == cfg.holdout_every - 1
             context = images[~held][: BATCH_STATISTICS_MIN_SAMPLES] if batch_statistics else None
@@ -417,12 +416,15 @@ class CemaEngine:
                                           context.copy() if context is not None else None))
             images, probs = images[~held], probs[~held]
         new = ReplayGroup(images.copy(), probs, device_stats, batch_statistics)
-        groups = [replace(new, context=_top_up(images, replay)) if batch_statistics else new]
+        groups = [new]
+        replay = state.replay
         if replay.size >= cfg.replay_min and cfg.replay_per_step > 0:
             groups += replay.sample(cfg.replay_per_step, self._rng)
         replay.add(new)
         xs = [_group_input(g, self.device) for g in groups]  # each group crosses to the device once a step
 
+        if device_stats is not None:
+            state.student_norm.update(device_stats)
         load_replaceable_state(self.student, state.student_norm)
         if device_stats is None and not batch_statistics and "norm" in cfg.learn:
             with torch.no_grad():  # re-estimate statistics from the new domain only
@@ -509,19 +511,6 @@ def _group_input(group: ReplayGroup, device: torch.device) -> torch.Tensor:
     """The group's images, then its context, as the model's input on `device`."""
     images = group.images if group.context is None else np.concatenate([group.images, group.context])
     return to_input(images, device)
-
-
-def _top_up(images: np.ndarray, replay: ReplayBuffer) -> np.ndarray | None:
-    """Context for a batch-statistics group of fewer than BATCH_STATISTICS_MIN_SAMPLES (a trickle
-    the worker stepped after its max wait): the cohort's newest stored images, frames of the same
-    stream a moment earlier, so that its statistics do not come from a handful of images."""
-    short, context = BATCH_STATISTICS_MIN_SAMPLES - len(images), []
-    for group in reversed(replay.groups):
-        if short <= 0:
-            break
-        context.append(group.images[-short:])
-        short -= len(context[-1])
-    return np.concatenate(context) if context else None
 
 
 def class_marginal_entropy(classes: np.ndarray, num_classes: int) -> float:

@@ -391,9 +391,11 @@ class AdaptationWorker:
     def _ready(self, cohort: str, pressed: bool = False) -> bool:
         """A full step is ready at once; under overload (`pressed`), as soon as the front holds a
         step's minimum (`least_samples`), never fewer. Fewer than that step only once the oldest
-        waited `max_wait_s` (and at least `min_step_samples`), so a trickle is never held forever:
-        the engine then normalises a batch-statistics trickle together with the cohort's newest
-        stored images (server.engine._top_up), not by its own handful."""
+        waited `max_wait_s` (and at least `min_step_samples`), so a trickle is never held forever
+        (replay's lockstep uploads about 13 frames of each batch of 64 and waits for their delta).
+        Such a batch-statistics trickle is normalised by its own batch statistics: measured on
+        CIFAR-10 (BENCHMARKS.md), topping it up with the cohort's newest stored frames cost 2-3
+        points, and eval mode under constant statistics collapsed the stream."""
         if cohort in self.frozen:  # its accepted uploads wait, on disk too, until it is unfrozen
             return False
         pending = self._pending[cohort]

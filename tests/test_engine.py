@@ -15,7 +15,6 @@ from server.engine import (
     ReplayBuffer,
     ReplayGroup,
     _group_input,
-    _top_up,
     to_input,
 )
 from server.norm import load_replaceable_state
@@ -92,16 +91,6 @@ def test_a_large_batch_statistics_group_lends_a_subset_enough_context() -> None:
             assert not any((drawn.context == image).all(axis=(1, 2, 3)).any() for image in drawn.images)
         else:
             assert drawn.context is None  # eval-mode groups are normalised by their stored statistics
-
-
-def test_a_trickle_of_batch_statistics_uploads_borrows_the_newest_stored_images() -> None:
-    buffer = ReplayBuffer(capacity=1_000)
-    older, newest = _images(8, 4), _images(10, 5)
-    assert _top_up(_images(3), buffer) is None  # nothing stored yet: its own statistics
-    buffer.add(ReplayGroup(older, np.zeros((8, 10), np.float32), None, True))
-    buffer.add(ReplayGroup(newest, np.zeros((10, 10), np.float32), None, True))
-    np.testing.assert_array_equal(_top_up(_images(3), buffer), np.concatenate([newest, older[-3:]]))
-    assert _top_up(_images(BATCH_STATISTICS_MIN_SAMPLES), buffer) is None
 
 
 @pytest.mark.parametrize("mode", ["cloud", "running", "batch"])

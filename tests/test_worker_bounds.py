@@ -107,7 +107,7 @@ def test_a_batch_statistics_step_never_takes_fewer_than_its_minimum_before_the_m
     offer("batch", "a", 3, True)  # a trickle: held while others may still come...
     worker.min_step_samples = 1  # (replay's lockstep setting)
     assert not worker._ready("batch", pressed=True)
-    worker.max_wait_s = 0.0  # ...and stepped after the max wait (with stored frames in its statistics)
+    worker.max_wait_s = 0.0  # ...and stepped after the max wait
     assert worker._ready("batch")
     worker._step(["batch"])
     assert worker._pending["batch"].count() == 0
