@@ -144,7 +144,7 @@ class ReplayGroup:
     statistics come from the frames it was uploaded with, with their gradient, as on the device.
     Measured on a CIFAR-10 stream (BENCHMARKS.md, issue 16): eval mode under the whole group's
     statistics held constant (no gradient flows through them, so the student learns affine
-    parameters for a network that does not renormalise) cost 5 points (42.4% against 36.7%),
+    parameters for a network that does not renormalise) cost 4 points (42.4% against 38.6%),
     and with new steps normalised that way too the stream collapsed (69%)."""
 
     images: np.ndarray
