@@ -333,8 +333,8 @@ def markdown_methods(report: dict) -> str:
         "",
         "## Online error % per domain",
         "",
-        "Teacher and device error on uploads: both scored on the same uploaded frames, the ones the "
-        "cloud's teacher labelled (collaborative methods; the gap is what distillation loses).",
+        ("Teacher and device error on uploads: both scored on the same uploaded frames, the ones the "
+         "cloud's teacher labelled (collaborative methods; the gap is what distillation loses)."),
         "",
         "| method | mean | teacher error on uploads | device error on uploads | " + " | ".join(domains) + " |",
         "|---|---:|---:|---:|" + "---:|" * len(domains),

@@ -22,7 +22,13 @@ import numpy as np
 
 from server.api_role import WORKER_STATS_BLOB
 from server.artifact import PublishedModel
-from server.engine import BATCH_STATISTICS_MIN_SAMPLES, CemaEngine, CohortState, StepInput, StepResult
+from server.engine import (
+    BATCH_STATISTICS_MIN_SAMPLES,
+    CemaEngine,
+    CohortState,
+    StepInput,
+    StepResult,
+)
 from server.leases import LeaseKeeper
 from server.persist import decode_state, encode_state
 from server.queueing import (
