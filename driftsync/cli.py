@@ -161,6 +161,9 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
     add(p, "--teacher-optimizer", "sgd", choice("sgd", "adam"), help="teacher's optimizer: sgd (CEMA) or adam (TENT's CIFAR setting)")
     add(p, "--teacher-lr", 2.5e-4, POSITIVE, help="teacher learning rate (CEMA: 2.5e-4 with SGD)")
     add(p, "--teacher-augmentations", 0, NONNEGATIVE_INT, help="extra augmented views averaged into the teacher's soft labels")
+    add(p, "--distil-from", "teacher", choice("teacher", "ema", "both"), help="soft labels from the adapting teacher, "
+        "an EMA of its norm affine parameters (CoTTA's mean teacher), or both averaged")
+    add(p, "--teacher-ema", 0.9, FRACTION, help="EMA momentum per step for --distil-from ema|both")
     add(p, "--student-lr", 2.5e-3, POSITIVE, help="student distillation learning rate (CEMA: 2.5e-3)")
     add(p, "--student-steps", 1, POSITIVE_INT, help="distillation steps per adaptation step")
     add(p, "--prompt", None, optional(PROMPT), help="give the student an input prompt: padding:WIDTH or lowres:SIZE")
@@ -513,7 +516,8 @@ def _serve(args: argparse.Namespace) -> int:
         new_per_step=args.new_per_step, replay_per_step=args.replay_per_step,
         stats_momentum=args.stats_momentum, adapt_teacher=args.adapt_teacher,
         teacher_optimizer=args.teacher_optimizer, teacher_lr=args.teacher_lr,
-        teacher_augmentations=args.teacher_augmentations, student_lr=args.student_lr, student_steps=args.student_steps,
+        teacher_augmentations=args.teacher_augmentations, distil_from=args.distil_from, teacher_ema=args.teacher_ema,
+        student_lr=args.student_lr, student_steps=args.student_steps,
         step_max_wait_s=args.step_max_wait_s, step_min_samples=args.step_min_samples, torch_threads=args.torch_threads,
         prompt=args.prompt, learn=args.learn, prompt_lr=args.prompt_lr, guarded_push=args.guarded_push,
         guard_tolerance=args.guard_tolerance, collapse_marginal=args.collapse_marginal,
