@@ -23,6 +23,7 @@ class UpdateBudget:
     share: float | None
     inference_s: float = 0.0
     update_s: float = 0.0
+    refresh_s: float = 0.0  # the part of update_s spent on statistics refreshes
     refreshes: int = 0
     _credit: float = 0.0
     refresh_cost: float = 0.0  # the last refresh's: the estimate for the next
@@ -42,6 +43,7 @@ class UpdateBudget:
         self._credit -= seconds
         if refresh:
             self.refreshes += 1
+            self.refresh_s += seconds
             self.refresh_cost = seconds
 
     def allows_refresh(self) -> bool:

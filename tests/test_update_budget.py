@@ -19,7 +19,7 @@ def test_a_refresh_waits_until_inference_has_earned_its_cost():
     assert not budget.allows_refresh()
     budget.inference(0.1)
     assert budget.allows_refresh()
-    assert budget.refreshes == 1 and budget.spent_share() == pytest.approx(1.0 / 20.0)
+    assert budget.refreshes == 1 and budget.spent_share() == pytest.approx(1.0 / 20.0) and budget.refresh_s == 1.0
 
 
 def test_delta_installs_spend_the_same_budget_and_idle_credit_is_not_banked():
@@ -33,6 +33,7 @@ def test_delta_installs_spend_the_same_budget_and_idle_credit_is_not_banked():
     assert budget.allows_refresh()
     budget.spent(0.5)  # a delta install: not a refresh, but the core's time all the same
     assert not budget.allows_refresh() and budget.refreshes == 2 and budget.refresh_cost == 1.0
+    assert budget.update_s == 2.5 and budget.refresh_s == 2.0
     budget.inference(5.0)
     assert budget.allows_refresh()
 
