@@ -7,7 +7,7 @@ Delta installs are not optional, so they only spend; statistics refreshes are wh
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 @dataclass
@@ -25,8 +25,8 @@ class UpdateBudget:
     update_s: float = 0.0
     refresh_s: float = 0.0  # the part of update_s spent on statistics refreshes
     refreshes: int = 0
-    _credit: float = 0.0
     refresh_cost: float = 0.0  # the last refresh's: the estimate for the next
+    _credit: float = field(default=0.0, init=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.share is not None and not self.share > 0:
