@@ -276,9 +276,9 @@ def _device_args(p: argparse.ArgumentParser) -> None:
     add(p, "--normalization", "running", choice("running", "batch", "cloud"), help="running (fused, statistics estimated from frames in the background), "
         "batch (each batch by its own statistics, forward only; batches of 16+) or cloud (estimated from uploads)")
     add(p, "--stats-momentum", 0.2, FRACTION, help="momentum of the device's statistics estimate, per batch")
-    add(p, "--stats-budget", 0.04, optional(POSITIVE), help="running: refresh the statistics only while all update work "
+    add(p, "--stats-budget", None, optional(POSITIVE), help="running: refresh the statistics only while all update work "
         "(statistics refreshes and delta installs) stays within this share of inference time (0.04: the device keeps "
-        ">= 0.96x the static model's throughput on one core); 'none': every batch")
+        ">= 0.96x the static model's throughput on one core, but deltas alone can spend it); 'none' (default): every batch")
     add(p, "--stats-every-s", 2.0, NONNEGATIVE, help="send the device's statistics with an upload at most this often (0: every upload)")
 
 
@@ -317,7 +317,7 @@ def _replay_args(p: argparse.ArgumentParser) -> None:
     add(p, "--fps", None, optional(POSITIVE), help="real-time pacing in frames/s per device ('none': lockstep)")
     add(p, "--lockstep-timeout-s", 60.0, POSITIVE, help="lockstep: longest wait for a delta before the next batch")
     add(p, "--normalization", "batch", choice("batch", "running", "cloud"), help="device normalization for collaborative methods: batch, running or cloud")
-    add(p, "--stats-budget", 0.04, optional(POSITIVE), help="the devices' --stats-budget (running normalization): update work "
+    add(p, "--stats-budget", None, optional(POSITIVE), help="the devices' --stats-budget (running normalization): update work "
         "as a share of inference time ('none': no budget)")
     add(p, "--dirichlet", 0.1, POSITIVE, help="label-burst concentration for the correlated setting")
     add(p, "--torch-threads", 0, NONNEGATIVE_INT, help="torch threads for the server and on-device methods (0: torch's default)")

@@ -64,7 +64,7 @@ class ReplayOptions:
     fps: float | None = None  # None: lockstep pacing
     lockstep_timeout_s: float = 60.0
     normalization: str = "batch"
-    stats_budget: float | None = 0.04  # the devices' --stats-budget (running normalization); None: no budget
+    stats_budget: float | None = None  # the devices' --stats-budget (running normalization); None: no budget
     prompt: str = "lowres:8"  # the input prompt of the prompt methods
     dirichlet: float = 0.1
     torch_threads: int = 0

@@ -42,7 +42,12 @@ import torch
 
 from device_client.runtime import SwappableModel, build_session, split_norm_file
 from device_client.scoring import cheap_views, softmax, to_model_input, view_variance
-from device_client.statistics import BatchStatisticsModel, RunningStatistics, StatisticsProbe, fold_batch_statistics
+from device_client.statistics import (
+    BatchStatisticsModel,
+    RunningStatistics,
+    StatisticsProbe,
+    fold_batch_statistics,
+)
 from device_client.update_budget import UpdateBudget
 from server.export import export_student
 from server.models.registry import build_model, model_info

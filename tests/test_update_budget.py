@@ -102,8 +102,8 @@ def test_the_budget_is_a_device_and_replay_flag_with_an_env_default(monkeypatch)
     from driftsync.cli import build_parser
 
     parser = build_parser()
-    assert parser.parse_args(["device", "--server", "http://x"]).stats_budget == 0.04
-    assert parser.parse_args(["device", "--server", "http://x", "--stats-budget", "none"]).stats_budget is None
+    assert parser.parse_args(["device", "--server", "http://x"]).stats_budget is None
+    assert parser.parse_args(["device", "--server", "http://x", "--stats-budget", "0.04"]).stats_budget == 0.04
     monkeypatch.setenv("DRIFTSYNC_STATS_BUDGET", "0.1")
     assert build_parser().parse_args(["replay"]).stats_budget == 0.1
     with pytest.raises(SystemExit):
