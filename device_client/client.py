@@ -40,8 +40,8 @@ from device_client.spool import Spool
 from device_client.state import DeviceStateDir, Identity
 from device_client.statistics import (
     BatchStatisticsModel,
+    RunningStatistics,
     StatisticsProbe,
-    fold_batch_statistics,
     statistic_names,
 )
 from device_client.supervisor import Supervisor
@@ -53,6 +53,7 @@ from device_client.transport import (
     server_urls,
 )
 from device_client.trust import check_delta, check_enrolment, check_key
+from device_client.update_budget import UpdateBudget
 from device_client.uploader import Uploader
 from shared.images import DEFAULT_UPLOAD_CODEC, UploadEncoding
 from shared.protocol import (
@@ -111,6 +112,9 @@ class DeviceConfig:
     ugs_keep: float = 0.25
     stats_momentum: float = 0.2
     stats_batch: int = 16
+    # running: statistics refreshes only while all update work (refreshes and delta installs) stays
+    # within this share of inference time (UpdateBudget); None: every batch. `driftsync device` defaults to 0.04.
+    stats_budget: float | None = None
     stats_every_s: float = 2.0  # how often an upload carries the device's statistics (0: every upload)
     server_key_fingerprint: str | None = None  # SHA-256 of the server's public key; None: trust it on first use
     delta_max_rel: float | None = DEFAULT_MAX_REL  # delta values within this many times their tensor's scale of the source
@@ -175,15 +179,13 @@ class DeviceClient:
         self.state = DeviceStateDir(cfg.state_dir)
         self.deltas = DeltaLog()
         self.downloaded_model = False
-        self.stats_updates = 0
-        self.forward_samples = 0  # inference and statistics passes, for the cost columns
+        self.forward_samples = 0  # inference passes; the statistics graph's are counted by `_running`
         self.frames = 0  # frames predicted
         self._window = HealthWindow()
         self._window_lock = threading.Lock()
         self._stop = stop or threading.Event()
         self._apply_lock = threading.RLock()  # no delta lands after stop() returns; re-enrolment takes it too
-        self._frames: deque[np.ndarray] = deque(maxlen=4 * cfg.stats_batch)
-        self._frames_ready = threading.Condition()
+        self._running: RunningStatistics | None = None  # the `running` normalization's estimate
         self.supervisor = Supervisor()
         self.models_refused: Counter[str] = Counter()
         self.reenrolments = 0
@@ -232,7 +234,11 @@ class DeviceClient:
         if batch_norm:
             self.model = BatchStatisticsModel(stats_path, params, version, self.cfg.threads)
         else:
-            self.model = SwappableModel(self.onnx_path, params, version, self.cfg.threads)
+            self.model = fused = SwappableModel(self.onnx_path, params, version, self.cfg.threads)
+            if self.cfg.normalization == "running":
+                self._running = RunningStatistics(
+                    fused, StatisticsProbe(stats_path, self.cfg.threads), self.cfg.stats_batch,
+                    self.cfg.stats_momentum, UpdateBudget(self.cfg.stats_budget))
         self.selector: CemaSelector | UgsSelector
         if self.cfg.selection == "ugs":
             budget = None if self.cfg.upload_share is None else ShareBudget(self.cfg.upload_share)
@@ -263,9 +269,8 @@ class DeviceClient:
             supervisor=self.supervisor,
         )
         self.uploader.start()
-        if self.cfg.normalization == "running":
-            self._probe = StatisticsProbe(stats_path, self.cfg.threads)
-            self._statistics = self.supervisor.thread("statistics", self._estimate_statistics, self._stop)
+        if self._running is not None:
+            self._statistics = self.supervisor.thread("statistics", lambda: self._running.loop(self._stop), self._stop)
             self._statistics.start()
         self._poller = self.supervisor.thread("delta-poller", self._poll_deltas, self._stop)
         self._poller.start()
@@ -398,7 +403,7 @@ class DeviceClient:
                 api.close()
             self._enrol_backoff.reset()
             with self._apply_lock:
-                self.model.install({}, reply.version, new_line=True)
+                self._install({}, reply.version, new_line=True)
                 self.identity = self.identity.model_copy(update={
                     "device_id": reply.device_id, "token": reply.token, "cohort": reply.cohort})
                 self.state.save_identity(self.identity)
@@ -412,8 +417,13 @@ class DeviceClient:
             raise SignatureRefused("model_changed", "the server now serves another model; restart the device")
 
     # -- inference ------------------------------------------------------------------
+    @property
+    def stats_updates(self) -> int:
+        return 0 if self._running is None else self._running.budget.refreshes
+
     def predict(self, images: np.ndarray, captured_at: np.ndarray | None = None) -> Predictions:
-        logits, version = self.model.run(to_model_input(images))
+        x = to_model_input(images)
+        logits, version = self.model.run(x) if self._running is None else self._running.run(x, images)
         self.forward_samples += len(images)
         self.frames += len(images)
         probs = softmax(logits)
@@ -428,10 +438,6 @@ class DeviceClient:
             keep = self.selector.select(view_variance(softmax(view_logits).reshape(views, len(images), -1)))
         else:
             keep = self.selector.select(probs, ent)
-        if self.cfg.normalization == "running":
-            with self._frames_ready:
-                self._frames.extend(images)
-                self._frames_ready.notify()
         if keep.any():
             now = np.full(len(images), time.time()) if captured_at is None else captured_at
             self.deltas.awaiting.extend(now[keep].tolist())
@@ -439,22 +445,6 @@ class DeviceClient:
         return Predictions(probs.argmax(axis=1), confidence, ent, keep, version)
 
     # -- local statistics ---------------------------------------------------------------
-    def _estimate_statistics(self) -> None:
-        """Fold each new batch of frames into the running statistics, off the inference path."""
-        while not self._stop.is_set():
-            with self._frames_ready:
-                while len(self._frames) < self.cfg.stats_batch and not self._stop.is_set():
-                    self._frames_ready.wait(timeout=0.5)
-                if self._stop.is_set():
-                    return
-                frames = np.stack(list(self._frames)[-self.cfg.stats_batch:])
-                self._frames.clear()
-            x = to_model_input(frames)
-            momentum = self.cfg.stats_momentum
-            self.model.refresh(lambda p: fold_batch_statistics(p, self._probe.measure(x, p), momentum))
-            self.stats_updates += 1
-            self.forward_samples += len(frames)
-
     def _current_statistics(self) -> dict[str, Tensor]:
         """Rides on an upload every few seconds, so the cloud distils under the device's own statistics."""
         params = self.model.params
@@ -476,7 +466,7 @@ class DeviceClient:
                 log.warning("refused delta v%d for cohort %s: %s", delta.new_version, delta.cohort, exc)
                 return False
             moved = delta.cohort != self.identity.cohort
-            if not self.model.install(params, delta.new_version, new_line=moved):
+            if not self._install(params, delta.new_version, new_line=moved):
                 self.deltas.refused["stale"] += 1
                 return False
             self.state.save_delta(delta)
@@ -488,6 +478,11 @@ class DeviceClient:
             self.deltas.applied += 1
             self.deltas.record(delta.newest_upload_at, time.time())
             return True
+
+    def _install(self, params: dict[str, np.ndarray], version: int, new_line: bool = False) -> bool:
+        """In `running` mode a delta's session rebuild is spent from the statistics' budget."""
+        install = self.model.install if self._running is None else self._running.install
+        return install(params, version, new_line=new_line)
 
     def wait_for_delta_covering(self, captured_at: float, timeout: float) -> bool:
         """Block until the parameters include uploads captured up to `captured_at` (evaluation pacing)."""
@@ -525,9 +520,8 @@ class DeviceClient:
         self._stop.set()
         with self._apply_lock:  # waits for a delta being installed right now
             pass
-        with self._frames_ready:
-            self._frames_ready.notify_all()
-        if self.cfg.normalization == "running":  # onnxruntime must not be mid-call when the process exits
+        if self._running is not None:  # onnxruntime must not be mid-call when the process exits
+            self._running.wake()
             self._statistics.join(timeout=10)
 
     def _selection_thresholds(self) -> dict:
@@ -563,8 +557,10 @@ class DeviceClient:
                 "dropped_spool_full": spool.dropped_samples, "refused": up.refused,
             },
             "selection": dict(self.selector.counts) | self._selection_thresholds(),
-            "statistics": {"normalization": self.cfg.normalization, "updates": self.stats_updates},
-            "passes": {"forward_samples": self.forward_samples, "backward_samples": 0},
+            "statistics": {"normalization": self.cfg.normalization, "updates": 0} | (
+                {} if self._running is None else self._running.summary()),
+            "passes": {"forward_samples": self.forward_samples + (0 if self._running is None else self._running.measured),
+                       "backward_samples": 0},
             "deltas": {"applied": self.deltas.applied, "refused": dict(self.deltas.refused), "bytes": self.deltas.bytes},
             "trust": {"server_key_fingerprint": fingerprint(self.identity.server_key),
                       "models_refused": dict(self.models_refused), "reenrolments": self.reenrolments,

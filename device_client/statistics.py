@@ -8,10 +8,16 @@ frame it sees, where the cloud would only see the entropy-filtered uploads.
 from __future__ import annotations
 
 import threading
+import time
+from collections import deque
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
+
+from device_client.runtime import SwappableModel
+from device_client.scoring import to_model_input
+from device_client.update_budget import UpdateBudget
 
 STAT_FIELDS = ("running_mean", "running_var")
 
@@ -90,3 +96,79 @@ class BatchStatisticsModel:
                 return False
             self._params, self._version = self._params | params, version
         return True
+
+
+class RunningStatistics:
+    """The `running` mode: fused inference on a `SwappableModel`, while a background loop folds
+    the statistics of the newest frames into the running ones and rebuilds the session.
+
+    Every update (a refresh here, a delta install through `install`) is timed against inference
+    in an `UpdateBudget`; the loop refreshes only when the budget allows, from the latest `batch`
+    frames (older ones are dropped: the queue is bounded). Times are CPU seconds of the calling
+    thread: with one intra-op thread (a one-core device) that is all of the work, and the other
+    threads' share of the core does not count against it.
+    """
+
+    def __init__(self, model: SwappableModel, probe: StatisticsProbe, batch: int, momentum: float,
+                 budget: UpdateBudget) -> None:
+        self.model = model
+        self.budget = budget
+        self.measured = 0  # frames through the statistics graph, for the cost columns
+        self._probe = probe
+        self._batch = batch
+        self._momentum = momentum
+        self._frames: deque[np.ndarray] = deque(maxlen=4 * batch)
+        self._ready = threading.Condition()
+
+    def run(self, x: np.ndarray, frames: np.ndarray) -> tuple[np.ndarray, int]:
+        """Inference on `x` (the model input of `frames`), timed; the frames join the queue."""
+        started = time.thread_time()
+        out = self.model.run(x)
+        elapsed = time.thread_time() - started
+        with self._ready:
+            self.budget.inference(elapsed)
+            self._frames.extend(frames)
+            if self._due():  # only then: waking the loop on every frame would cost a core its time
+                self._ready.notify()
+        return out
+
+    def install(self, params: dict[str, np.ndarray], version: int, new_line: bool = False) -> bool:
+        """`SwappableModel.install`, its session rebuild spent from the budget."""
+        started = time.thread_time()
+        try:
+            return self.model.install(params, version, new_line)
+        finally:
+            elapsed = time.thread_time() - started
+            with self._ready:
+                self.budget.spent(elapsed)
+
+    def loop(self, stop: threading.Event) -> None:
+        """Refresh whenever a batch of frames is queued and the budget allows, until `stop` (then `wake`)."""
+        while True:
+            with self._ready:
+                while not self._due() and not stop.is_set():
+                    self._ready.wait(timeout=0.5)
+                if stop.is_set():
+                    return
+                frames = np.stack(list(self._frames)[-self._batch:])
+                self._frames.clear()
+            started = time.thread_time()
+            x = to_model_input(frames)
+            self.model.refresh(lambda p: fold_batch_statistics(p, self._probe.measure(x, p), self._momentum))
+            elapsed = time.thread_time() - started
+            with self._ready:
+                self.budget.spent(elapsed, refresh=True)
+                self.measured += len(frames)
+
+    def wake(self) -> None:
+        """Let a waiting loop see that it must stop."""
+        with self._ready:
+            self._ready.notify_all()
+
+    def summary(self) -> dict:
+        with self._ready:
+            return {"updates": self.budget.refreshes, "budget": self.budget.share,
+                    "update_share": round(self.budget.spent_share(), 4)}
+
+    def _due(self) -> bool:
+        return len(self._frames) >= self._batch and self.budget.allows_refresh()

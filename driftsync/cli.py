@@ -161,6 +161,9 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
     add(p, "--teacher-optimizer", "sgd", choice("sgd", "adam"), help="teacher's optimizer: sgd (CEMA) or adam (TENT's CIFAR setting)")
     add(p, "--teacher-lr", 2.5e-4, POSITIVE, help="teacher learning rate (CEMA: 2.5e-4 with SGD)")
     add(p, "--teacher-augmentations", 0, NONNEGATIVE_INT, help="extra augmented views averaged into the teacher's soft labels")
+    add(p, "--distil-from", "teacher", choice("teacher", "ema", "both"), help="soft labels from the adapting teacher, "
+        "an EMA of its norm affine parameters (CoTTA's mean teacher), or both averaged")
+    add(p, "--teacher-ema", 0.9, FRACTION, help="EMA momentum per step for --distil-from ema|both")
     add(p, "--student-lr", 2.5e-3, POSITIVE, help="student distillation learning rate (CEMA: 2.5e-3)")
     add(p, "--student-steps", 1, POSITIVE_INT, help="distillation steps per adaptation step")
     add(p, "--prompt", None, optional(PROMPT), help="give the student an input prompt: padding:WIDTH or lowres:SIZE")
@@ -276,6 +279,9 @@ def _device_args(p: argparse.ArgumentParser) -> None:
     add(p, "--normalization", "running", choice("running", "batch", "cloud"), help="running (fused, statistics estimated from frames in the background), "
         "batch (each batch by its own statistics, forward only; batches of 16+) or cloud (estimated from uploads)")
     add(p, "--stats-momentum", 0.2, FRACTION, help="momentum of the device's statistics estimate, per batch")
+    add(p, "--stats-budget", None, optional(POSITIVE), help="running: refresh the statistics only while all update work "
+        "(statistics refreshes and delta installs) stays within this share of inference time (0.04: the device keeps "
+        ">= 0.96x the static model's throughput on one core, but deltas alone can spend it); 'none' (default): every batch")
     add(p, "--stats-every-s", 2.0, NONNEGATIVE, help="send the device's statistics with an upload at most this often (0: every upload)")
 
 
@@ -314,6 +320,8 @@ def _replay_args(p: argparse.ArgumentParser) -> None:
     add(p, "--fps", None, optional(POSITIVE), help="real-time pacing in frames/s per device ('none': lockstep)")
     add(p, "--lockstep-timeout-s", 60.0, POSITIVE, help="lockstep: longest wait for a delta before the next batch")
     add(p, "--normalization", "batch", choice("batch", "running", "cloud"), help="device normalization for collaborative methods: batch, running or cloud")
+    add(p, "--stats-budget", None, optional(POSITIVE), help="the devices' --stats-budget (running normalization): update work "
+        "as a share of inference time ('none': no budget)")
     add(p, "--dirichlet", 0.1, POSITIVE, help="label-burst concentration for the correlated setting")
     add(p, "--torch-threads", 0, NONNEGATIVE_INT, help="torch threads for the server and on-device methods (0: torch's default)")
     add(p, "--torch-device", "cpu", TORCH_DEVICE, help="torch device for the on-device references: cpu, cuda, cuda:N or auto")
@@ -516,7 +524,8 @@ def _serve(args: argparse.Namespace) -> int:
         new_per_step=args.new_per_step, replay_per_step=args.replay_per_step,
         stats_momentum=args.stats_momentum, adapt_teacher=args.adapt_teacher,
         teacher_optimizer=args.teacher_optimizer, teacher_lr=args.teacher_lr,
-        teacher_augmentations=args.teacher_augmentations, student_lr=args.student_lr, student_steps=args.student_steps,
+        teacher_augmentations=args.teacher_augmentations, distil_from=args.distil_from, teacher_ema=args.teacher_ema,
+        student_lr=args.student_lr, student_steps=args.student_steps,
         step_max_wait_s=args.step_max_wait_s, step_min_samples=args.step_min_samples, torch_threads=args.torch_threads,
         prompt=args.prompt, learn=args.learn, prompt_lr=args.prompt_lr, guarded_push=args.guarded_push,
         guard_tolerance=args.guard_tolerance, collapse_marginal=args.collapse_marginal,
@@ -592,7 +601,8 @@ def _replay(args: argparse.Namespace) -> int:
         methods=tuple(m.strip() for m in args.method.split(",") if m.strip()), setting=args.setting,
         severity=args.severity, corruptions=args.corruptions, samples_per_domain=args.samples_per_domain,
         batch_size=args.batch_size, devices=args.devices, seed=args.seed, out=Path(args.out), fps=args.fps,
-        lockstep_timeout_s=args.lockstep_timeout_s, normalization=args.normalization, prompt=args.prompt, dirichlet=args.dirichlet,
+        lockstep_timeout_s=args.lockstep_timeout_s, normalization=args.normalization, stats_budget=args.stats_budget, prompt=args.prompt,
+        dirichlet=args.dirichlet,
         torch_threads=args.torch_threads, torch_device=args.torch_device, server_args=tuple(shlex.split(args.server_args)),
         device_args=tuple(shlex.split(args.device_args)), health_timeout_s=args.health_timeout_s, codec=args.codec,
         upload_max_side=args.upload_max_side,

@@ -36,6 +36,7 @@ class DemoOptions:
     server_args: tuple[str, ...] = ()
 
 
+
 def run_demo(opts: DemoOptions) -> dict:
     out = opts.out
     out.mkdir(parents=True, exist_ok=True)

@@ -72,6 +72,7 @@ class ReplayOptions:
     fps: float | None = None  # None: lockstep pacing
     lockstep_timeout_s: float = 60.0
     normalization: str = "batch"
+    stats_budget: float | None = None  # the devices' --stats-budget (running normalization); None: no budget
     prompt: str = "lowres:8"  # the input prompt of the prompt methods
     dirichlet: float = 0.1
     torch_threads: int = 0
@@ -289,7 +290,8 @@ def run_collaborative(name: str, opts: ReplayOptions, stream_dir: Path, work: Pa
     pacing = ["--fps", str(opts.fps)] if opts.fps else ["--fps", "none", "--lockstep-timeout-s", str(opts.lockstep_timeout_s)]
     devices = [
         ["--name", f"replay-{i}", "--cohort", "replay", "--source", "stream", "--data", str(stream_dir),
-         "--normalization", opts.normalization, "--threads", "1", *pacing,
+         "--normalization", opts.normalization, "--stats-budget", str(opts.stats_budget or "none"),
+         "--threads", "1", *pacing,
          *(["--selection", "ugs"] if name.endswith(UGS) else []), "--codec", opts.codec,
          "--upload-max-side", str(opts.upload_max_side or "none"), *opts.device_args]
         for i in range(opts.devices)
@@ -356,7 +358,7 @@ def run(opts: ReplayOptions) -> dict:
         if name in COLLABORATIVE:
             summaries = run_collaborative(name, opts, stream_dir, out / "runs" / name)
             gap = teacher_gap(summaries, read_teacher_log(out / "runs" / name / TEACHER_LOG))
-            meta_m = dict(meta, devices=opts.devices, normalization=opts.normalization,
+            meta_m = dict(meta, devices=opts.devices, normalization=opts.normalization, stats_budget=opts.stats_budget,
                           prompt_bytes=prompt_bytes(opts.prompt, info.input_size) if "prompt" in name else 0)
         else:
             summary = run_on_device(name, opts, stream_dir, source_pred, clean=spec.clean)

@@ -11,14 +11,28 @@ Cases, measured in interleaved rounds so machine noise hits them alike:
 Also the cost of device-side statistics: one pass of the statistics graph and one
 session rebuild per statistics update, both off the inference path.
 
-    python scripts/bench_device.py [--student embedded-student] [--rounds 5] [--json out.json]
+Then the device's normalization modes, as a device runs them, relative to the static model:
+- fused + deltas (the `cloud` mode's device): the fused session, with a delta installed every
+  --delta-every frames on a background thread, as the device's poller does (160: one cloud
+  step of 32 uploads at 20%);
+- running: the same, plus the statistics thread (RunningStatistics) refreshing from every 16
+  frames (no budget) or within --stats-budget of inference time (UpdateBudget);
+- batch: every batch normalised by its own statistics (BatchStatisticsModel), same deltas.
+The whole process is pinned to one core (--cpu), so the background threads compete with
+inference as on a one-core device.
+
+    python scripts/bench_device.py [--student embedded-student] [--rounds 5] [--modes-only] [--json out.json]
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
+import queue
+import threading
 import time
+from collections.abc import Callable
 from datetime import date
 
 import numpy as np
@@ -28,7 +42,13 @@ import torch
 
 from device_client.runtime import SwappableModel, build_session, split_norm_file
 from device_client.scoring import cheap_views, softmax, to_model_input, view_variance
-from device_client.statistics import StatisticsProbe, fold_batch_statistics
+from device_client.statistics import (
+    BatchStatisticsModel,
+    RunningStatistics,
+    StatisticsProbe,
+    fold_batch_statistics,
+)
+from device_client.update_budget import UpdateBudget
 from server.export import export_student
 from server.models.registry import build_model, model_info
 from server.prompt import InputPrompt, PromptedModel
@@ -55,20 +75,193 @@ def images_per_s(fn, batch: int, seconds: float) -> float:
     return count / (time.perf_counter() - start)
 
 
+def pin_to_one_core(cpu: int) -> None:
+    """Every thread of the process on `cpu` (threads started later inherit it)."""
+    for task in os.listdir("/proc/self/task"):
+        os.sched_setaffinity(int(task), {cpu})
+
+
+class DeltaFeed:
+    """A delta every `every` frames, installed on a background thread as the device's poller does."""
+
+    def __init__(self, install: Callable[[dict[str, np.ndarray], int], bool], deltas: list[dict[str, np.ndarray]],
+                 every: int, versions) -> None:
+        self._install, self._deltas, self._every, self._versions = install, deltas, every, versions
+        self._due: queue.Queue[int | None] = queue.Queue()
+        self._frames = 0
+        self.installed = 0
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def frames(self, count: int) -> None:
+        before, self._frames = self._frames, self._frames + count
+        for _ in range(self._frames // self._every - before // self._every):
+            self._due.put(next(self._versions))
+
+    def _run(self) -> None:
+        while (version := self._due.get()) is not None:
+            self.installed += self._install(self._deltas[version % len(self._deltas)], version)
+
+    def close(self) -> None:
+        """Pending deltas are dropped: the measured window is over."""
+        while not self._due.empty():
+            self._due.get_nowait()
+        self._due.put(None)
+        self._thread.join()
+
+
+class ModeCase:
+    """One normalization mode as the device runs it: `step` is the inference call of `predict`,
+    `start`/`stop` bracket a measured window with the mode's background threads running."""
+
+    def __init__(self, step: Callable[[np.ndarray, np.ndarray], object],
+                 install: Callable[[dict[str, np.ndarray], int], bool] | None = None,
+                 running: RunningStatistics | None = None) -> None:
+        self.step, self.install, self.running = step, install, running
+        self.deltas = 0
+        self._feed: DeltaFeed | None = None
+
+    def start(self, deltas: list[dict[str, np.ndarray]], every: int, versions) -> None:
+        self._feed = None if self.install is None or every == 0 else DeltaFeed(self.install, deltas, every, versions)
+        if self.running is not None:
+            self._stop = threading.Event()
+            self._loop = threading.Thread(target=self.running.loop, args=(self._stop,), daemon=True)
+            self._loop.start()
+
+    def frames(self, count: int) -> None:
+        if self._feed is not None:
+            self._feed.frames(count)
+
+    def stop(self) -> None:
+        if self._feed is not None:
+            self._feed.close()
+            self.deltas += self._feed.installed
+        if self.running is not None:
+            self._stop.set()
+            self.running.wake()
+            self._loop.join()
+
+
+def mode_cases(artifact, source: dict[str, np.ndarray], threads: int, budget: float) -> dict[str, ModeCase]:
+    """Fresh models per batch size, so each mode's state (budget, versions) is its own."""
+    static = build_session(artifact.onnx, source, threads)
+    fused = SwappableModel(artifact.onnx, source, 0, threads)
+    batch = BatchStatisticsModel(artifact.stats_onnx, source, 0, threads)
+
+    def running(share: float | None) -> ModeCase:
+        stats = RunningStatistics(SwappableModel(artifact.onnx, source, 0, threads),
+                                  StatisticsProbe(artifact.stats_onnx, threads), 16, 0.2, UpdateBudget(share))
+        return ModeCase(stats.run, stats.install, stats)
+
+    return {
+        "static": ModeCase(lambda x, frames: static.run(None, {"input": x})),
+        "fused + deltas (cloud)": ModeCase(lambda x, frames: fused.run(x), fused.install),
+        "running, no budget": running(None),
+        f"running, budget {budget:g}": running(budget),
+        "batch statistics": ModeCase(lambda x, frames: batch.run(x), batch.install),
+    }
+
+
+def measure_modes(args, info, artifact, source: dict[str, np.ndarray]) -> list[dict]:
+    """Frames per second of every mode, interleaved rounds, medians (the ratios: the median of each
+    round's ratio to that round's static); plus the refreshes and the update share.
+
+    Two clocks: wall time, and the CPU time of the whole process (all its threads). On a busy
+    shared machine the second is what a dedicated core would give: other processes' slices do
+    not count, while every thread of the device's own does."""
+    rng = np.random.default_rng(1)
+    affine = [k for k in source if k.rsplit(".", 1)[1] in ("weight", "bias")]
+    deltas = [{k: (source[k] * rng.uniform(0.9, 1.1, source[k].shape)).astype(np.float32) for k in affine}
+              for _ in range(2)]
+    rows = []
+    for batch in (1, 16, 200):
+        frames = rng.integers(0, 256, size=(batch, *info.input_shape[1:], info.input_shape[0]), dtype=np.uint8)
+        x = to_model_input(frames)
+        cases = mode_cases(artifact, source, args.threads, args.stats_budget)
+        versions = iter(range(1, 1 << 30))
+        samples: dict[str, dict[str, list[float]]] = {clock: {k: [] for k in cases} for clock in CLOCKS}
+        for _ in range(args.rounds):
+            for name, case in cases.items():
+                case.step(x, frames)  # warm-up, outside the window
+                case.start(deltas, args.delta_every, versions)
+                count, started, cpu = 0, time.perf_counter(), time.process_time()
+                while time.perf_counter() - started < args.seconds:
+                    case.step(x, frames)
+                    count += batch
+                    case.frames(batch)
+                samples["cpu"][name].append(count / (time.process_time() - cpu))
+                samples["wall"][name].append(count / (time.perf_counter() - started))
+                case.stop()
+        row: dict = {"batch": batch}
+        for clock in CLOCKS:
+            medians = {k: float(np.median(v)) for k, v in samples[clock].items()}
+            row[f"images_per_{clock}_s"] = medians
+            static = np.array(samples[clock]["static"])  # each round against its own static: drift cancels
+            row[f"over_static_{clock}"] = {k: float(np.median(np.array(v) / static)) for k, v in samples[clock].items()}
+        rows.append(row | {
+            "deltas": {k: c.deltas for k, c in cases.items() if c.install is not None},
+            "refreshes": {k: c.running.budget.refreshes for k, c in cases.items() if c.running is not None},
+            "update_share": {k: round(c.running.budget.spent_share(), 4) for k, c in cases.items() if c.running is not None},
+            "refresh_ms": {k: round(1000 * c.running.budget.refresh_s / max(1, c.running.budget.refreshes), 2)
+                           for k, c in cases.items() if c.running is not None},  # CPU: statistics graph + rebuild
+            "install_ms": {k: round(1000 * (c.running.budget.update_s - c.running.budget.refresh_s) / c.deltas, 2)
+                           for k, c in cases.items() if c.running is not None and c.deltas},  # CPU: a session rebuild
+        })
+    return rows
+
+
+CLOCKS = ("cpu", "wall")
+
+
+def print_modes(rows: list[dict], args, clock: str) -> None:
+    names = list(rows[0][f"images_per_{clock}_s"])
+    per = {"cpu": "images per CPU second of the process", "wall": "images per wall second"}[clock]
+    print(f"\n# normalization modes on one core (cpu {args.cpu}), {args.student}, delta every {args.delta_every} frames, "
+          f"median of {args.rounds} rounds of {args.seconds:g} s: {per} (x static)")
+    print("| batch | " + " | ".join(names) + " | refreshes (no budget / budget) | update share (no budget / budget) |")
+    print("|---:|" + "---:|" * (len(names) + 2))
+    for r in rows:
+        cells = [f"{r[f'images_per_{clock}_s'][n]:.0f}" + ("" if n == "static" else f" ({r[f'over_static_{clock}'][n]:.3f}x)")
+                 for n in names]
+        refreshes = " / ".join(str(v) for v in r["refreshes"].values())
+        shares = " / ".join(f"{v:.3f}" for v in r["update_share"].values())
+        print(f"| {r['batch']} | " + " | ".join(cells) + f" | {refreshes} | {shares} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--student", default="embedded-student")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--seconds", type=float, default=1.0, help="per case per round")
     parser.add_argument("--threads", type=int, default=1, help="intra-op threads for ORT and torch")
+    parser.add_argument("--cpu", type=int, default=max(os.sched_getaffinity(0)), help="the one core to run on")
+    parser.add_argument("--delta-every", type=int, default=160, help="modes: a delta every this many frames (0: none)")
+    parser.add_argument("--stats-budget", type=float, default=0.04, help="modes: the budgeted running mode's share")
+    parser.add_argument("--modes-only", action="store_true", help="only the normalization modes table")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
+    pin_to_one_core(args.cpu)
     torch.set_num_threads(args.threads)
 
     info = model_info(args.student)
     model = build_model(args.student).eval()
     artifact = export_student(model, info.input_shape)
     source = split_norm_file(artifact.norm, artifact.parameters)
+    meta = {"date": date.today().isoformat(), "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
+            "cpus": os.cpu_count(), "pinned_cpu": args.cpu, "threads": args.threads, "onnxruntime": ort.__version__,
+            "torch": torch.__version__, "student": args.student, "delta_every": args.delta_every,
+            "stats_budget": args.stats_budget}
+    results = [] if args.modes_only else measure_kernels(args, info, model, artifact, source, meta)
+    modes = measure_modes(args, info, artifact, source)
+    for clock in CLOCKS:
+        print_modes(modes, args, clock)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"meta": meta, "results": results, "modes": modes}, f, indent=2)
+
+
+def measure_kernels(args, info, model, artifact, source: dict[str, np.ndarray], meta: dict) -> list[dict]:
+    """The issue-2 cases: static vs adapted vs the alternatives, and the statistics' cost."""
     rng = np.random.default_rng(0)
     adapted_params = {k: (v * rng.uniform(0.9, 1.1, v.shape)).astype(np.float32) for k, v in source.items()}
 
@@ -124,9 +317,7 @@ def main() -> None:
         swappable.refresh(lambda p: fold_batch_statistics(p, probe.measure(x16, p), 0.2))
         rebuilds.append((time.perf_counter() - started) * 1000)
 
-    meta = {"date": date.today().isoformat(), "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
-            "cpus": __import__("os").cpu_count(), "threads": args.threads, "onnxruntime": ort.__version__,
-            "torch": torch.__version__, "student": args.student, "delta_install_ms": round(install_ms, 1)}
+    meta["delta_install_ms"] = round(install_ms, 1)
     print(f"# device throughput, {args.student}, {args.threads} thread(s), median of {args.rounds} rounds")
     meta["statistics_update_ms_batch16"] = round(float(np.median(rebuilds)), 1)
     print("| batch | static fused img/s | adapted img/s | adapted/static | bn-as-inputs img/s | torch eager img/s "
@@ -140,9 +331,7 @@ def main() -> None:
     print(f"\ndelta install (session rebuild, off the inference path): {install_ms:.1f} ms")
     print(f"statistics update per 16-frame batch (statistics graph + session rebuild, off the inference path): "
           f"{meta['statistics_update_ms_batch16']} ms median")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"meta": meta, "results": results}, f, indent=2)
+    return results
 
 
 if __name__ == "__main__":

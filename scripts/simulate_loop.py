@@ -49,6 +49,8 @@ def main() -> None:
     parser.add_argument("--teacher-lr", type=float, default=2.5e-4)
     parser.add_argument("--teacher-augmentations", type=int, default=0)
     parser.add_argument("--no-teacher-adaptation", action="store_true")
+    parser.add_argument("--distil-from", choices=("teacher", "ema", "both"), default="teacher")
+    parser.add_argument("--teacher-ema", type=float, default=0.9)
     parser.add_argument("--student-steps", type=int, default=1)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--corruptions", default="all")
@@ -85,6 +87,7 @@ def main() -> None:
                      new_per_step=args.new_per_step, replay_per_step=args.replay_per_step,
                      teacher_optimizer=args.teacher_optimizer, teacher_lr=args.teacher_lr,
                      teacher_augmentations=args.teacher_augmentations, student_steps=args.student_steps,
+                     distil_from=args.distil_from, teacher_ema=args.teacher_ema,
                      adapt_teacher=not args.no_teacher_adaptation, learn=args.learn, prompt_lr=args.prompt_lr,
                      prompt_consistency=args.prompt_consistency, prompt_ema=args.prompt_ema)
     prompt = parse_prompt(args.prompt)

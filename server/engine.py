@@ -28,6 +28,7 @@ from server.prompt import PREFIX as PROMPT_PREFIX
 from server.prompt import prompt_parameters
 
 LEARN_MODES = ("norm", "prompt", "norm+prompt", "norm/prompt")  # "/": alternate steps, "+": jointly
+DISTIL_SOURCES = ("teacher", "ema", "both")
 
 
 @dataclass(frozen=True)
@@ -45,6 +46,8 @@ class CemaConfig:
     teacher_optimizer: str = "sgd"  # CEMA: SGD 2.5e-4; "adam" is TENT's CIFAR setting (use lr 1e-3)
     teacher_flip_average: bool = True
     teacher_augmentations: int = 0  # extra CoTTA-style views averaged into the soft labels
+    distil_from: str = "teacher"  # soft labels from the adapting teacher, its EMA, or both averaged
+    teacher_ema: float = 0.9  # per step, on the teacher's affine parameters (CoTTA's mean teacher)
     student_steps: int = 1
     new_per_step: int = 32
     replay_per_step: int = 96
@@ -65,6 +68,8 @@ class CemaConfig:
     def __post_init__(self) -> None:
         if self.learn not in LEARN_MODES:
             raise ValueError(f"learn must be one of {LEARN_MODES}, not {self.learn!r}")
+        if self.distil_from not in DISTIL_SOURCES:
+            raise ValueError(f"distil_from must be one of {DISTIL_SOURCES}, not {self.distil_from!r}")
 
     @property
     def e_max(self) -> float:
@@ -208,6 +213,7 @@ class CohortState:
 
     student_norm: dict[str, np.ndarray]
     teacher_norm: dict[str, np.ndarray]
+    teacher_ema: dict[str, np.ndarray] = field(default_factory=dict)  # EMA of the teacher's affine; empty: its source
     student_opt: dict = field(default_factory=dict)
     teacher_opt: dict = field(default_factory=dict)
     prompt_opt: dict = field(default_factory=dict)
@@ -300,6 +306,8 @@ class CemaEngine:
 
         The cloud can afford what a device cannot: averaging over a flip and over
         `teacher_augmentations` random views makes the labels it distils markedly better.
+        `distil_from` "ema" or "both" labels with (or also with) an EMA of the teacher's affine
+        parameters, CoTTA's mean teacher, which smooths over the noisy single-step updates.
         """
         cfg = self.cfg
         affine = [
@@ -320,16 +328,32 @@ class CemaEngine:
                         opt.step()
                         state.teacher_opt = opt.state_dict()
             with torch.no_grad():
-                views = [logits.detach().softmax(dim=1)]
-                if cfg.teacher_flip_average:
-                    views.append(self.teacher(x.flip(dims=[3])).softmax(dim=1))
-                for _ in range(cfg.teacher_augmentations):
-                    views.append(self.teacher(cotta_augment(x, self._generator)).softmax(dim=1))
-                probs = torch.stack(views).mean(dim=0)
+                probs = []
+                if cfg.distil_from in ("teacher", "both"):
+                    probs.append(self._averaged_views(x, logits.detach().softmax(dim=1)))
         for (_, state), params in zip(batches, affine):
             state.teacher_norm.update({name: p.detach().cpu().numpy().copy() for name, p in params.items()})
-        probs = probs.cpu()
+            if cfg.distil_from != "teacher":
+                previous = state.teacher_ema or self._source_teacher
+                state.teacher_ema = {name: cfg.teacher_ema * previous[name] + (1 - cfg.teacher_ema) * state.teacher_norm[name]
+                                     for name in self._teacher_affine}
+        if cfg.distil_from != "teacher":
+            ema = [{name: torch.tensor(state.teacher_ema[name], device=self.device) for name in self._teacher_affine}
+                   for _, state in batches]
+            with grouped_batch_norm(self.teacher, bounds, ema), torch.no_grad():
+                probs.append(self._averaged_views(x, None))
+        probs = torch.stack(probs).mean(dim=0).cpu()
         return [probs[a:b] for a, b in bounds]
+
+    def _averaged_views(self, x: torch.Tensor, first: torch.Tensor | None) -> torch.Tensor:
+        """The teacher's probabilities averaged over the image (`first`, when already computed),
+        its flip and `teacher_augmentations` random views, under the norm state in force."""
+        views = [self.teacher(x).softmax(dim=1) if first is None else first]
+        if self.cfg.teacher_flip_average:
+            views.append(self.teacher(x.flip(dims=[3])).softmax(dim=1))
+        for _ in range(self.cfg.teacher_augmentations):
+            views.append(self.teacher(cotta_augment(x, self._generator)).softmax(dim=1))
+        return torch.stack(views).mean(dim=0)
 
     def _optimizer(self, params: list[nn.Parameter], kind: str, lr: float) -> torch.optim.Optimizer:
         if kind == "adam":

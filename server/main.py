@@ -94,6 +94,8 @@ def build_engine(opts: ServeOptions) -> tuple[CemaEngine, PublishedModel]:
         teacher_optimizer=opts.teacher_optimizer,
         teacher_lr=opts.teacher_lr,
         teacher_augmentations=opts.teacher_augmentations,
+        distil_from=opts.distil_from,
+        teacher_ema=opts.teacher_ema,
         student_lr=opts.student_lr,
         student_steps=opts.student_steps,
         learn=opts.learn,

@@ -29,6 +29,8 @@ class ServeOptions:
     teacher_optimizer: str = "sgd"
     teacher_lr: float = 2.5e-4
     teacher_augmentations: int = 0
+    distil_from: str = "teacher"
+    teacher_ema: float = 0.9
     student_lr: float = 2.5e-3
     student_steps: int = 1
     step_max_wait_s: float = 2.0

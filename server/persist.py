@@ -60,6 +60,7 @@ def encode_state(state: CohortState) -> bytes:
     return pack({
         "student_norm": _plain(state.student_norm),
         "teacher_norm": _plain(state.teacher_norm),
+        "teacher_ema": _plain(state.teacher_ema),
         "prompt_ema": _plain(state.prompt_ema),
         "published": _plain(state.published),
         "steps": state.steps,
@@ -72,6 +73,7 @@ def decode_state(data: bytes, cfg: CemaConfig) -> CohortState:
     return CohortState(
         student_norm=_restore(raw["student_norm"], False),
         teacher_norm=_restore(raw["teacher_norm"], False),
+        teacher_ema=_restore(raw.get("teacher_ema", {}), False),  # states stored before it existed have none
         prompt_ema=_restore(raw["prompt_ema"], False),
         published=_restore(raw["published"], False),
         steps=int(raw["steps"]),

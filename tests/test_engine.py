@@ -211,3 +211,28 @@ def test_step_reports_the_teachers_label_for_each_new_upload() -> None:
     [probs] = engine.teacher_probs([(images, engine.new_state())])  # the same unadapted teacher, the same images
     assert result.teacher_classes.shape == (8,)
     np.testing.assert_array_equal(result.teacher_classes, probs.argmax(dim=1).numpy())
+
+
+@pytest.mark.parametrize("source", ["ema", "both"])
+def test_distilling_from_the_teachers_ema_keeps_and_persists_it(source: str) -> None:
+    from server.persist import decode_state, encode_state
+
+    engine = _engine(distil_from=source, teacher_ema=0.5, teacher_lr=0.05)
+    plain = _engine(teacher_lr=0.05)
+    state, plain_state = engine.new_state(), plain.new_state()
+    for seed in range(2):
+        result = engine.step(_images(8, seed), state)
+        plain_result = plain.step(_images(8, seed), plain_state)
+    name = max(state.teacher_ema, key=lambda k: np.abs(state.teacher_norm[k] - engine._source_teacher[k]).max())
+    # after two steps the EMA sits strictly between the source and the adapted teacher
+    source_value, adapted = engine._source_teacher[name], state.teacher_norm[name]
+    assert np.abs(adapted - source_value).max() > 0
+    assert np.abs(state.teacher_ema[name] - source_value).max() > 0 and np.abs(state.teacher_ema[name] - adapted).max() > 0
+    assert any(np.abs(result.tensors[k] - plain_result.tensors[k]).max() > 0 for k in result.tensors)  # other labels, other delta
+    restored = decode_state(encode_state(state), engine.cfg)
+    np.testing.assert_array_equal(restored.teacher_ema[name], state.teacher_ema[name])
+
+
+def test_unknown_distillation_source_is_refused() -> None:
+    with pytest.raises(ValueError, match="distil_from"):
+        CemaConfig(num_classes=10, distil_from="student")
