@@ -131,9 +131,9 @@ BATCH_STATISTICS_MIN_SAMPLES = 16
 """Fewest images whose batch statistics the cloud normalises a batch-statistics device's uploads
 with: per-channel mean and variance from 1-7 images are noise, and a student that learns affine
 parameters under them learns them for a normalisation the device (which normalises whole batches
-of frames) never applies. A replayed subset is normalised together with this many frames of its
-group (`ReplayGroup.context`), and the worker never splits such a cohort's step below it before
-its max wait (server/worker.py `least_samples`)."""
+of frames) never applies. The worker never splits such a cohort's step below it before its max
+wait (server/worker.py `least_samples`); a held-out upload is checked together with this many
+frames of its step (`ReplayGroup.context`)."""
 
 
 @dataclass(frozen=True)
@@ -143,14 +143,13 @@ class ReplayGroup:
     today's statistics (which belong to another domain and wreck the distillation).
 
     A batch-statistics group is normalised in train mode by the batch statistics of its images
-    together with its `context`: other frames of the same batch, which are not scored. A replayed
-    subset of such a group takes the rest of its stored group as context, up to
-    BATCH_STATISTICS_MIN_SAMPLES images in all (the whole group when it is that small), so its
-    statistics come from the frames it was uploaded with, with their gradient, as on the device.
-    Measured on a CIFAR-10 stream (BENCHMARKS.md, issue 16): eval mode under the whole group's
-    statistics held constant (no gradient flows through them, so the student learns affine
-    parameters for a network that does not renormalise) cost 4 points (42.4% against 38.6%),
-    and with new steps normalised that way too the stream collapsed (69%)."""
+    together with its `context` (frames of the same batch that are not scored: a held-out
+    upload's step). Replayed batch-statistics samples form one train-mode batch, as CEMA's replay
+    batch does (`ReplayBuffer.sample`). Measured in the in-process simulation (CIFAR-10, ResNet-20
+    and -56, 400 per domain, batch 200; BENCHMARKS.md, issue 16 part 2): 27.5% against 27.4% for
+    normalising each drawn subset with up to 16 frames of its own group, at 6.6 times less
+    student compute per step; eval mode under constant statistics collapsed (no gradient flows
+    through them, so the student learns affine parameters for a network that does not renormalise)."""
 
     images: np.ndarray
     probs: np.ndarray
@@ -175,26 +174,26 @@ class ReplayBuffer:
 
     def sample(self, count: int, rng: np.random.Generator) -> list[ReplayGroup]:
         """`count` samples (all, when fewer are stored) drawn uniformly over every stored sample
-        without replacement, as CEMA replays; returned grouped by the group each came from, so
-        each keeps the statistics it was stored with (a batch-statistics subset: its group's
-        other frames as context, see ReplayGroup)."""
+        without replacement, as CEMA replays. Samples normalised under fixed statistics come back
+        grouped by the group each came from, so each keeps the statistics it was stored with;
+        batch-statistics samples come back as one group, normalised together by their joint batch
+        statistics, as CEMA's replay batch is (see ReplayGroup)."""
         count = min(count, self.size)
         if count <= 0:
             return []
         picks = np.sort(rng.choice(self.size, size=count, replace=False))
         ends = np.cumsum([len(g.images) for g in self.groups])
         owner = np.searchsorted(ends, picks, side="right")
-        out: list[ReplayGroup] = []
+        fixed: list[ReplayGroup] = []
+        batch: list[ReplayGroup] = []
         for g in np.unique(owner):
             group = self.groups[g]
             idx = picks[owner == g] - (ends[g] - len(group.images))
-            context = None
-            if group.batch_statistics:
-                rest = np.setdiff1d(np.arange(len(group.images)), idx)
-                rest = rng.permutation(rest)[: max(0, BATCH_STATISTICS_MIN_SAMPLES - len(idx))]
-                context = group.images[np.sort(rest)] if len(rest) else None
-            out.append(replace(group, images=group.images[idx], probs=group.probs[idx], context=context))
-        return out
+            (batch if group.batch_statistics else fixed).append(replace(group, images=group.images[idx], probs=group.probs[idx]))
+        if batch:
+            fixed.append(ReplayGroup(np.concatenate([g.images for g in batch]), np.concatenate([g.probs for g in batch]),
+                                     None, batch_statistics=True))
+        return fixed
 
 
 @dataclass(frozen=True)
@@ -378,8 +377,8 @@ class CemaEngine:
         parameters it learns do the wrong thing on the device (measured: the stream collapses
         to 80% error). So each group of uploads is distilled under the device's running
         statistics from when it was sent (`device_stats`), or, when the device normalises
-        every batch by its own statistics (`batch_statistics`), with batch statistics too (of
-        enough frames of the same batch: `ReplayGroup.context`).
+        every batch by its own statistics (`batch_statistics`), with batch statistics too
+        (replayed ones together, as CEMA's replay batch: `ReplayBuffer.sample`).
         Either way only the affine parameters go back. Without device statistics the cloud
         re-estimates them from the (filtered, so biased) uploads and sends them too.
         """

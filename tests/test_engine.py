@@ -2,22 +2,16 @@
 the replay groups, and the teacher's options."""
 from __future__ import annotations
 
-from dataclasses import replace
-
 import numpy as np
 import pytest
 import torch
 
 from server.engine import (
-    BATCH_STATISTICS_MIN_SAMPLES,
     CemaConfig,
     CemaEngine,
     ReplayBuffer,
     ReplayGroup,
-    _group_input,
-    to_input,
 )
-from server.norm import load_replaceable_state
 from tests.conftest import tiny_pair
 
 
@@ -62,35 +56,21 @@ def test_replay_draws_uniformly_over_samples_not_groups() -> None:
     np.testing.assert_allclose(drawn, expected, rtol=0.1, atol=30)
 
 
-def test_a_replayed_batch_statistics_subset_is_normalised_with_its_whole_group() -> None:
-    engine = _engine(replay_min=1_000)  # no replay draws in the steps: the test draws itself
-    state = engine.new_state()
-    images = _images(12, 3)
-    engine.step(images, state, batch_statistics=True)
-    [stored] = state.replay.groups
-    [drawn] = state.replay.sample(3, np.random.default_rng(0))
-    assert len(drawn.images) == 3 and len(drawn.context) == 9  # the rest of its group comes along, unscored
-    rows = [int(np.flatnonzero((images == image).all(axis=(1, 2, 3)))[0]) for image in drawn.images]
-    load_replaceable_state(engine.student, state.student_norm)
-    with torch.no_grad():
-        replayed = engine._logits(drawn, _group_input(drawn, engine.device)).numpy()
-        whole = engine._logits(stored, _group_input(stored, engine.device)).numpy()  # one batch, as on the device
-        alone = engine._logits(replace(drawn, context=None), to_input(drawn.images)).numpy()
-    assert replayed.shape == (3, 10)
-    np.testing.assert_allclose(replayed, whole[rows], rtol=1e-4, atol=1e-5)
-    assert np.abs(alone - whole[rows]).max() > 1e-2  # three images' own statistics (before) are another normalisation
-
-
-def test_a_large_batch_statistics_group_lends_a_subset_enough_context() -> None:
+def test_replayed_batch_statistics_samples_form_one_train_mode_batch_as_in_cemas_replay() -> None:
     buffer = ReplayBuffer(capacity=1_000)
-    buffer.add(ReplayGroup(_images(40), np.zeros((40, 10), np.float32), None, batch_statistics=True))
-    buffer.add(ReplayGroup(_images(40, 1), np.zeros((40, 10), np.float32), {"s": np.zeros(1)}))
-    for drawn in buffer.sample(10, np.random.default_rng(2)):
-        if drawn.batch_statistics:
-            assert len(drawn.images) + len(drawn.context) == BATCH_STATISTICS_MIN_SAMPLES
-            assert not any((drawn.context == image).all(axis=(1, 2, 3)).any() for image in drawn.images)
-        else:
-            assert drawn.context is None  # eval-mode groups are normalised by their stored statistics
+    for i in range(4):  # batch-statistics groups 0-3, then eval-mode groups 4-5
+        buffer.add(ReplayGroup(np.full((40, 1, 1, 1), i, np.uint8), np.full((40, 10), i, np.float32), None, batch_statistics=True))
+    for i in (4, 5):
+        buffer.add(ReplayGroup(np.full((40, 1, 1, 1), i, np.uint8), np.full((40, 10), i, np.float32), {"s": np.array([i])}))
+    drawn = buffer.sample(48, np.random.default_rng(2))
+    batch = [g for g in drawn if g.batch_statistics]
+    fixed = [g for g in drawn if not g.batch_statistics]
+    assert len(batch) == 1 and batch[0].stats is None and batch[0].context is None
+    assert len(set(batch[0].images[:, 0, 0, 0].tolist())) >= 3  # samples of several groups, normalised together
+    np.testing.assert_array_equal(batch[0].images[:, 0, 0, 0], batch[0].probs[:, 0])  # each keeps its soft labels
+    for g in fixed:  # eval-mode groups keep their own statistics
+        assert (g.images == g.stats["s"][0]).all()
+    assert sum(len(g.images) for g in drawn) == 48
 
 
 @pytest.mark.parametrize("mode", ["cloud", "running", "batch"])
