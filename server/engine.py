@@ -144,11 +144,9 @@ class ReplayGroup:
 
     A batch-statistics group is normalised in train mode by the batch statistics of its images
     together with its `context` (frames of the same batch that are not scored: a held-out
-    upload's step). Replayed batch-statistics samples form one train-mode batch, as CEMA's replay
-    batch does (`ReplayBuffer.sample`). Measured in the in-process simulation (CIFAR-10, ResNet-20
-    and -56, 400 per domain, batch 200; BENCHMARKS.md, issue 16 part 2): 27.5% against 27.4% for
-    normalising each drawn subset with up to 16 frames of its own group, at 6.6 times less
-    student compute per step; eval mode under constant statistics collapsed (no gradient flows
+    upload's step). Replay keeps batch-statistics groups whole (`ReplayBuffer.sample`): one
+    train-mode batch of samples from many groups mixes domains' statistics as no device batch
+    does, and eval mode under constant statistics collapsed the stream (no gradient flows
     through them, so the student learns affine parameters for a network that does not renormalise)."""
 
     images: np.ndarray
@@ -173,27 +171,47 @@ class ReplayBuffer:
             self.size -= len(self.groups.popleft().images)
 
     def sample(self, count: int, rng: np.random.Generator) -> list[ReplayGroup]:
-        """`count` samples (all, when fewer are stored) drawn uniformly over every stored sample
-        without replacement, as CEMA replays. Samples normalised under fixed statistics come back
-        grouped by the group each came from, so each keeps the statistics it was stored with;
-        batch-statistics samples come back as one group, normalised together by their joint batch
-        statistics, as CEMA's replay batch is (see ReplayGroup)."""
+        """About `count` samples (all, when fewer are stored), each stored sample equally likely,
+        as CEMA replays. Samples stored under fixed statistics are drawn one by one and come back
+        grouped by the group each came from, so each keeps the statistics it was stored with.
+        A batch-statistics sample is normalised by its batch, so those come as whole stored
+        groups, each drawn with probability proportional to its size (every sample equally
+        likely) and cut to no fewer than BATCH_STATISTICS_MIN_SAMPLES. One train-mode batch of
+        samples from many groups (CEMA's replay batch) mixes domains' statistics as no device
+        batch does: 27.5% against 26.6% for whole groups drawn as before this sampler
+        (BENCHMARKS.md, issue 16 part 2)."""
         count = min(count, self.size)
         if count <= 0:
             return []
-        picks = np.sort(rng.choice(self.size, size=count, replace=False))
-        ends = np.cumsum([len(g.images) for g in self.groups])
-        owner = np.searchsorted(ends, picks, side="right")
-        fixed: list[ReplayGroup] = []
-        batch: list[ReplayGroup] = []
-        for g in np.unique(owner):
+        sizes = np.array([len(g.images) for g in self.groups])
+        batch = np.array([g.batch_statistics for g in self.groups])
+        batch_count = int(round(count * sizes[batch].sum() / self.size))
+        out = self._whole_groups(np.flatnonzero(batch), sizes, batch_count, rng)
+        fixed = np.flatnonzero(~batch)
+        if len(fixed) and count > batch_count:
+            ends = np.cumsum(sizes[fixed])
+            picks = np.sort(rng.choice(int(ends[-1]), size=min(count - batch_count, int(ends[-1])), replace=False))
+            owner = np.searchsorted(ends, picks, side="right")
+            for k in np.unique(owner):
+                group = self.groups[fixed[k]]
+                idx = picks[owner == k] - (ends[k] - len(group.images))
+                out.append(replace(group, images=group.images[idx], probs=group.probs[idx]))
+        return out
+
+    def _whole_groups(self, candidates: np.ndarray, sizes: np.ndarray, count: int, rng: np.random.Generator) -> list[ReplayGroup]:
+        out: list[ReplayGroup] = []
+        if count <= 0 or not len(candidates):
+            return out
+        order = rng.choice(candidates, size=len(candidates), replace=False, p=sizes[candidates] / sizes[candidates].sum())
+        for g in order:
             group = self.groups[g]
-            idx = picks[owner == g] - (ends[g] - len(group.images))
-            (batch if group.batch_statistics else fixed).append(replace(group, images=group.images[idx], probs=group.probs[idx]))
-        if batch:
-            fixed.append(ReplayGroup(np.concatenate([g.images for g in batch]), np.concatenate([g.probs for g in batch]),
-                                     None, batch_statistics=True))
-        return fixed
+            take = min(len(group.images), max(count, BATCH_STATISTICS_MIN_SAMPLES))
+            idx = np.sort(rng.choice(len(group.images), size=take, replace=False))
+            out.append(replace(group, images=group.images[idx], probs=group.probs[idx]))
+            count -= take
+            if count <= 0:
+                break
+        return out
 
 
 @dataclass(frozen=True)
@@ -378,7 +396,7 @@ class CemaEngine:
         to 80% error). So each group of uploads is distilled under the device's running
         statistics from when it was sent (`device_stats`), or, when the device normalises
         every batch by its own statistics (`batch_statistics`), with batch statistics too
-        (replayed ones together, as CEMA's replay batch: `ReplayBuffer.sample`).
+        (replayed ones by their whole stored group: `ReplayBuffer.sample`).
         Either way only the affine parameters go back. Without device statistics the cloud
         re-estimates them from the (filtered, so biased) uploads and sends them too.
         """

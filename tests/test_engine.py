@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from server.engine import (
+    BATCH_STATISTICS_MIN_SAMPLES,
     CemaConfig,
     CemaEngine,
     ReplayBuffer,
@@ -56,21 +57,27 @@ def test_replay_draws_uniformly_over_samples_not_groups() -> None:
     np.testing.assert_allclose(drawn, expected, rtol=0.1, atol=30)
 
 
-def test_replayed_batch_statistics_samples_form_one_train_mode_batch_as_in_cemas_replay() -> None:
-    buffer = ReplayBuffer(capacity=1_000)
-    for i in range(4):  # batch-statistics groups 0-3, then eval-mode groups 4-5
-        buffer.add(ReplayGroup(np.full((40, 1, 1, 1), i, np.uint8), np.full((40, 10), i, np.float32), None, batch_statistics=True))
+def test_replayed_batch_statistics_samples_come_in_whole_groups_drawn_in_proportion_to_size() -> None:
+    buffer = ReplayBuffer(capacity=10_000)
+    sizes = [16, 64, 32, 16]  # batch-statistics groups 0-3, then eval-mode groups 4-5
+    for i, n in enumerate(sizes):
+        buffer.add(ReplayGroup(np.full((n, 1, 1, 1), i, np.uint8), np.full((n, 10), i, np.float32), None, batch_statistics=True))
     for i in (4, 5):
-        buffer.add(ReplayGroup(np.full((40, 1, 1, 1), i, np.uint8), np.full((40, 10), i, np.float32), {"s": np.array([i])}))
-    drawn = buffer.sample(48, np.random.default_rng(2))
-    batch = [g for g in drawn if g.batch_statistics]
-    fixed = [g for g in drawn if not g.batch_statistics]
-    assert len(batch) == 1 and batch[0].stats is None and batch[0].context is None
-    assert len(set(batch[0].images[:, 0, 0, 0].tolist())) >= 3  # samples of several groups, normalised together
-    np.testing.assert_array_equal(batch[0].images[:, 0, 0, 0], batch[0].probs[:, 0])  # each keeps its soft labels
-    for g in fixed:  # eval-mode groups keep their own statistics
-        assert (g.images == g.stats["s"][0]).all()
-    assert sum(len(g.images) for g in drawn) == 48
+        buffer.add(ReplayGroup(np.full((64, 1, 1, 1), i, np.uint8), np.full((64, 10), i, np.float32), {"s": np.array([i])}))
+    rng = np.random.default_rng(3)
+    counts = np.zeros(len(sizes))
+    for _ in range(1000):
+        drawn = buffer.sample(48, rng)
+        for g in drawn:
+            source = int(g.images[0, 0, 0, 0])
+            assert (g.images == source).all() and (g.probs == source).all()  # one stored group, with its labels
+            if g.batch_statistics:  # never a batch of a few images: their statistics would be noise
+                assert len(g.images) >= min(BATCH_STATISTICS_MIN_SAMPLES, sizes[source])
+                counts[source] += len(g.images)
+            else:
+                assert (g.images == g.stats["s"][0]).all()
+    share = counts / counts.sum()
+    np.testing.assert_allclose(share, np.array(sizes) / sum(sizes), atol=0.08)  # about equally likely (the cut skews it a little)
 
 
 @pytest.mark.parametrize("mode", ["cloud", "running", "batch"])
