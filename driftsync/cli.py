@@ -160,9 +160,9 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
     add(p, "--adapt-teacher", True, bool, help="adapt the teacher's norm layers too")
     add(p, "--teacher-optimizer", "sgd", choice("sgd", "adam"), help="teacher's optimizer: sgd (CEMA) or adam (TENT's CIFAR setting)")
     add(p, "--teacher-lr", 2.5e-4, POSITIVE, help="teacher learning rate (CEMA: 2.5e-4 with SGD)")
-    add(p, "--teacher-augmentations", 0, NONNEGATIVE_INT, help="extra augmented views averaged into the teacher's soft labels")
-    add(p, "--distil-from", "teacher", choice("teacher", "ema", "both"), help="soft labels from the adapting teacher, "
-        "an EMA of its norm affine parameters (CoTTA's mean teacher), or both averaged")
+    add(p, "--teacher-augmentations", 8, NONNEGATIVE_INT, help="extra augmented views averaged into the teacher's soft labels")
+    add(p, "--distil-from", "both", choice("teacher", "ema", "both"), help="soft labels from the adapting teacher, "
+        "an EMA of its norm affine parameters (CoTTA's mean teacher), or both averaged (default: measured best)")
     add(p, "--teacher-ema", 0.9, FRACTION, help="EMA momentum per step for --distil-from ema|both")
     add(p, "--student-lr", 2.5e-3, POSITIVE, help="student distillation learning rate (CEMA: 2.5e-3)")
     add(p, "--student-steps", 1, POSITIVE_INT, help="distillation steps per adaptation step")

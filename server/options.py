@@ -28,8 +28,8 @@ class ServeOptions:
     adapt_teacher: bool = True
     teacher_optimizer: str = "sgd"
     teacher_lr: float = 2.5e-4
-    teacher_augmentations: int = 0
-    distil_from: str = "teacher"
+    teacher_augmentations: int = 8  # measured: BENCHMARKS.md, issue 16 part 2
+    distil_from: str = "both"
     teacher_ema: float = 0.9
     student_lr: float = 2.5e-3
     student_steps: int = 1
