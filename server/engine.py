@@ -523,11 +523,13 @@ class CemaEngine:
 
     def _group_loss(self, group: ReplayGroup, x: torch.Tensor, active: str) -> torch.Tensor:
         probs = torch.from_numpy(group.probs).to(self.device)
-        logits = self._logits(group, x)
-        loss = distillation_loss(logits, probs, self.cfg) if "norm" in active else logits.new_zeros(())
-        if "prompt" in active:
+        plain = None
+        if "prompt" in active:  # first: a train-mode pass writes the norm buffers that the graph's backward reads
             with torch.no_grad():
                 plain = self._logits(group, x, self.student.model)  # the same student without its prompt
+        logits = self._logits(group, x)
+        loss = distillation_loss(logits, probs, self.cfg) if "norm" in active else logits.new_zeros(())
+        if plain is not None:
             loss = loss + prompt_loss(logits, plain, probs, self.cfg)
         return loss
 
