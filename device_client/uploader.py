@@ -1,7 +1,10 @@
 """The uplink: inference hands samples over and never waits.
 
 Two threads. The encoder batches, budgets and encodes samples and writes each
-batch to the disk spool; the sender posts the spool oldest first. A dead server
+batch to the disk spool; the sender posts the spool oldest first. A batch-statistics
+device's selection from one inference batch travels whole, in one request: the cloud
+normalises it by its own statistics, and a split left remainders of 4-9 images that the
+teacher normalised alone. A dead server
 therefore only grows the spool (bounded, oldest dropped and counted), and what was
 selected survives a restart. Retries back off with jitter and honour Retry-After.
 """
@@ -22,7 +25,7 @@ from device_client.supervisor import Supervisor
 from device_client.transport import Backoff, ServerApi, ServerError
 from shared.codec import pack
 from shared.images import DEFAULT_UPLOAD_CODEC, UploadEncoding
-from shared.protocol import UploadBatch
+from shared.protocol import MAX_SAMPLES_PER_UPLOAD, UploadBatch
 from shared.tensors import Tensor
 
 log = logging.getLogger("driftsync.device.uploader")
@@ -39,6 +42,15 @@ class UploadStats:
     dropped_budget: int = 0
     refused: int = 0
     retries: int = 0
+
+
+@dataclass(frozen=True)
+class _Queued:
+    image: np.ndarray
+    entropy: float
+    captured_at: float
+    version: int
+    group: int  # the `offer` call it came in
 
 
 class Uploader:
@@ -70,7 +82,8 @@ class Uploader:
         self.backoff = backoff or Backoff()
         self.stats = UploadStats()
         self._stats_sent_at = float("-inf")
-        self._queue: deque[tuple[np.ndarray, float, float, int]] = deque()
+        self._queue: deque[_Queued] = deque()
+        self._offers = 0
         self._max_queue = max_queue
         self._cond = threading.Condition()
         self._spooled = threading.Condition()
@@ -84,12 +97,14 @@ class Uploader:
         self._sender.start()
 
     def offer(self, images: np.ndarray, entropy: np.ndarray, captured_at: np.ndarray, version: int) -> None:
+        """One call's samples are one group: a batch-statistics device's group goes out whole."""
         with self._cond:
+            self._offers += 1
             for image, ent, ts in zip(images, entropy, captured_at):
                 if len(self._queue) >= self._max_queue:
                     self._queue.popleft()
                     self.stats.dropped_queue_full += 1
-                self._queue.append((image, float(ent), float(ts), version))
+                self._queue.append(_Queued(image, float(ent), float(ts), version, self._offers))
                 self.stats.offered += 1
             self._cond.notify()
 
@@ -115,8 +130,12 @@ class Uploader:
         return s.dropped_queue_full + s.dropped_budget + s.refused + self.spool.dropped_samples
 
     # -- encoder: memory queue -> spool -------------------------------------------------
-    def _next_batch(self) -> list[tuple[np.ndarray, float, float, int]]:
+    def _next_batch(self) -> list[_Queued]:
         with self._cond:
+            if self.batch_statistics:
+                while not self._queue and not self._closing.is_set():
+                    self._cond.wait(timeout=0.5)
+                return self._whole_groups()
             deadline = time.monotonic() + self.flush_s
             while len(self._queue) < self.batch_size and not self._closing.is_set():
                 remaining = deadline - time.monotonic()
@@ -124,6 +143,19 @@ class Uploader:
                     break
                 self._cond.wait(timeout=max(remaining, 0.05) if self._queue else 0.5)
             return [self._queue.popleft() for _ in range(min(self.batch_size, len(self._queue)))]
+
+    def _whole_groups(self) -> list[_Queued]:
+        """The front group whole (up to a request's limit), then further whole groups while
+        they fit in `batch_size`. Called under the lock."""
+        batch: list[_Queued] = []
+        while self._queue and len(batch) < MAX_SAMPLES_PER_UPLOAD:
+            group = self._queue[0].group
+            size = sum(1 for item in self._queue if item.group == group)
+            if batch and len(batch) + size > self.batch_size:
+                break
+            while self._queue and self._queue[0].group == group and len(batch) < MAX_SAMPLES_PER_UPLOAD:
+                batch.append(self._queue.popleft())
+        return batch
 
     def _encode_loop(self) -> None:
         while True:
@@ -141,21 +173,21 @@ class Uploader:
         self._stats_sent_at = now
         return self.stats_source()
 
-    def _spool(self, batch: list[tuple[np.ndarray, float, float, int]]) -> None:
+    def _spool(self, batch: list[_Queued]) -> None:
         now = time.monotonic()
         images, entropy, captured = [], [], []
-        for image, ent, ts, _ in batch:
-            encoded = self.encoding.encode(image)
+        for item in batch:
+            encoded = self.encoding.encode(item.image)
             if not self.budget.allow(len(encoded), now):
                 self.stats.dropped_budget += 1
                 continue
             images.append(encoded)
-            entropy.append(ent)
-            captured.append(ts)
+            entropy.append(item.entropy)
+            captured.append(item.captured_at)
         if not images:
             return
         upload = UploadBatch(
-            device_version=min(v for *_, v in batch),
+            device_version=min(item.version for item in batch),
             codec=self.encoding.codec,
             images=images,
             entropy=entropy,

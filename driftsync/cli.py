@@ -257,7 +257,8 @@ def _device_args(p: argparse.ArgumentParser) -> None:
         "(lossy, quality Q 1-100), png or raw")
     add(p, "--upload-max-side", None, optional(UPLOAD_SIDE), help="downscale uploads so their longer side is at most "
         "this many px (the server scales them back up; 'none': the model's size)")
-    add(p, "--upload-batch", 32, POSITIVE_INT, help="samples per upload request")
+    add(p, "--upload-batch", 32, POSITIVE_INT, help="samples per upload request (batch normalization: each "
+        "batch's selection goes whole, up to 256, and small ones share a request up to this)")
     add(p, "--upload-samples-per-s", None, optional(POSITIVE), help="uplink budget in samples/s")
     add(p, "--upload-bytes-per-s", None, optional(POSITIVE), help="uplink budget in bytes/s")
     add(p, "--upload-share", 0.2, optional(bounded(float, 0.0, 1.0, above=True)),

@@ -15,6 +15,7 @@ from device_client.sinks import JsonlSink, WebhookSink, open_sink
 from device_client.sources import FolderSource, OpenCvSource, RawStdinSource, parse_size
 from device_client.spool import Spool
 from device_client.transport import Backoff
+from tests.conftest import wait_for
 
 
 def test_spool_is_bounded_drops_the_oldest_and_survives_a_restart(tmp_path):
@@ -155,3 +156,34 @@ def test_jsonl_sink_appends_one_line_per_record(tmp_path):
     assert [json.loads(line)["id"] for line in path.read_text().splitlines()] == ["0-0", "0-1", "1-0", "1-1"]
     with pytest.raises(ValueError, match="unknown sink"):
         open_sink("kafka:topic")
+
+
+@pytest.mark.parametrize("batch_statistics", [True, False])
+def test_a_batch_statistics_devices_selection_from_one_batch_goes_out_in_one_request(tmp_path, batch_statistics):
+    """The cloud normalises a batch-statistics group by its own statistics: split at 32, a
+    batch's 40 uploads stepped as 32 and then 8 alone. Checked on the spool, in front of a dead
+    server, so nothing is sent and every request stays on disk."""
+    from device_client.selection import UploadBudget
+    from device_client.transport import ServerApi
+    from device_client.uploader import Uploader
+    from driftsync.processes import free_port
+    from shared.protocol import MAX_SAMPLES_PER_UPLOAD
+
+    spool = Spool(tmp_path / "spool", 1 << 26)
+    uploader = Uploader(ServerApi(f"http://127.0.0.1:{free_port()}", "token", timeout=1.0),
+                        UploadBudget.from_rates(None, None), spool, batch_size=32, flush_s=0.05,
+                        batch_statistics=batch_statistics, backoff=Backoff(base_s=30.0, cap_s=30.0))
+    groups = [40, 10, 12, 300, 5]
+    for size in groups:  # offered before the encoder starts: the grouping does not depend on timing
+        frames = np.random.default_rng(size).integers(0, 256, (size, 8, 8, 3), dtype=np.uint8)
+        uploader.offer(frames, np.full(size, 0.5), np.full(size, 1.0), 0)
+    uploader.start()
+    try:
+        wait_for(lambda: spool.samples() == sum(groups), 30, "every offered sample spooled")
+    finally:
+        uploader.close(flush_timeout=1.0)
+    requests = [int(p.stem.partition("-")[2]) for p in sorted((tmp_path / "spool").glob("*.upload"))]
+    if batch_statistics:
+        assert requests == [40, 22, MAX_SAMPLES_PER_UPLOAD, 300 - MAX_SAMPLES_PER_UPLOAD, 5]
+    else:
+        assert requests[:2] == [32, 32] and max(requests) == 32
