@@ -133,7 +133,7 @@ MODEL = checked(_needs_torch(_model_spec), "NAME[:CHECKPOINT]")
 TORCH_DEVICE = checked(_needs_torch(_torch_device), "DEVICE")
 PROMPT = checked(_needs_torch(_prompt_spec), "KIND:SIZE")
 CORRUPTIONS = checked(_corruptions, "all|none|NAME,...")
-UPLOAD_CODEC = checked(UploadEncoding.parse, "webp-lossless|webp:Q|jpeg:Q|png|raw")
+UPLOAD_CODEC = checked(UploadEncoding.parse, "auto|webp-lossless|webp:Q|jpeg:Q|png|raw")
 UPLOAD_SIDE = bounded(int, MIN_UPLOAD_SIDE)
 SETTING = choice("continual", "reset_each_shift", "gradual", "mixed", "correlated")
 
@@ -253,8 +253,8 @@ def _device_args(p: argparse.ArgumentParser) -> None:
     add(p, "--lockstep-timeout-s", None, optional(POSITIVE),
         help="evaluation pacing: before each batch, wait up to this long for a delta that includes the uploads so far")
     add(p, "--seed", 0, int, help="corruption seed")
-    add(p, "--codec", DEFAULT_UPLOAD_CODEC, UPLOAD_CODEC, help="upload image codec: webp-lossless, webp:Q or jpeg:Q "
-        "(lossy, quality Q 1-100), png or raw")
+    add(p, "--codec", DEFAULT_UPLOAD_CODEC, UPLOAD_CODEC, help="upload image codec: auto (lossless WebP up to 64 px, "
+        "webp:75 above), webp-lossless, webp:Q or jpeg:Q (lossy, quality Q 1-100), png or raw")
     add(p, "--upload-max-side", None, optional(UPLOAD_SIDE), help="downscale uploads so their longer side is at most "
         "this many px (the server scales them back up; 'none': the model's size)")
     add(p, "--upload-batch", 32, POSITIVE_INT, help="samples per upload request (batch normalization: each "

@@ -14,8 +14,13 @@ JPEG_QUALITY = 90
 RESIZE_RATIO = 256 / 224  # ImageNet eval recipe: shorter side 256, centre crop 224
 WEBP_QUALITY = 90  # lossless WebP: the compression effort, not a fidelity
 MIN_UPLOAD_SIDE = 8  # a downscaled upload smaller than this carries nothing to learn from
-DEFAULT_UPLOAD_CODEC = "webp:75"  # smallest at no measured error cost (BENCHMARKS.md, "Issue 12: upload codec")
-UPLOAD_CODECS = "webp-lossless, webp:Q, jpeg:Q (Q 1-100), png or raw"
+# "auto": lossless WebP up to AUTO_LOSSLESS_MAX_SIDE px, webp:75 above (BENCHMARKS.md, "Issue 12:
+# upload codec" and "Issue 16: what the teacher sees"): at 32 px lossy WebP cost the teacher 10
+# points of error on the uploads, for 1.2 kB saved per image; at 224 px it cost no error and saves 26 kB.
+DEFAULT_UPLOAD_CODEC = "auto"
+AUTO_LOSSLESS_MAX_SIDE = 64
+AUTO_QUALITY = 75
+UPLOAD_CODECS = f"auto (lossless up to {AUTO_LOSSLESS_MAX_SIDE} px, else webp:{AUTO_QUALITY}), webp-lossless, webp:Q, jpeg:Q (Q 1-100), png or raw"
 _SPEC = re.compile(r"(webp|jpeg):(\d{1,3})")
 _FORMATS = {"png": "PNG", "jpeg": "JPEG", "webp": "WEBP"}
 
@@ -33,6 +38,7 @@ class UploadEncoding:
     codec: ImageCodec = "webp"
     quality: int | None = None
     max_side: int | None = None
+    lossless_max_side: int | None = None  # images no larger than this go lossless ("auto")
 
     def __post_init__(self) -> None:
         if self.quality is not None and not (self.codec in ("webp", "jpeg") and 1 <= self.quality <= 100):
@@ -44,8 +50,10 @@ class UploadEncoding:
 
     @classmethod
     def parse(cls, spec: str, max_side: int | None = None) -> UploadEncoding:
-        """'webp-lossless' (or 'webp'), 'webp:Q', 'jpeg:Q', 'jpeg' (Q 90), 'png', 'raw'."""
+        """'auto', 'webp-lossless' (or 'webp'), 'webp:Q', 'jpeg:Q', 'jpeg' (Q 90), 'png', 'raw'."""
         text = spec.strip().lower()
+        if text == "auto":
+            return cls("webp", AUTO_QUALITY, max_side, AUTO_LOSSLESS_MAX_SIDE)
         if text in ("webp", "webp-lossless"):
             return cls("webp", None, max_side)
         if text in ("png", "jpeg", "raw"):
@@ -57,12 +65,16 @@ class UploadEncoding:
 
     @property
     def name(self) -> str:
+        if self.lossless_max_side is not None:
+            return "auto" + (f"@{self.max_side}px" if self.max_side is not None else "")
         base = "webp-lossless" if self.codec == "webp" and self.quality is None else self.codec
         base += f":{self.quality}" if self.quality is not None else ""
         return base + (f"@{self.max_side}px" if self.max_side is not None else "")
 
     def encode(self, image: np.ndarray) -> bytes:
-        return encode_image(downscale(image, self.max_side), self.codec, self.quality)
+        image = downscale(image, self.max_side)
+        small = self.lossless_max_side is not None and max(image.shape[:2]) <= self.lossless_max_side
+        return encode_image(image, self.codec, None if small else self.quality)
 
 
 def downscale(image: np.ndarray, max_side: int | None) -> np.ndarray:

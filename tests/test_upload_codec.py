@@ -24,7 +24,7 @@ from shared.images import (
 from shared.protocol import RegisterRequest, UploadBatch
 from tests.conftest import wait_for
 
-ALLOWED = ["webp-lossless", "webp:90", "webp:50", "jpeg", "jpeg:75", "png", "raw"]
+ALLOWED = ["auto", "webp-lossless", "webp:90", "webp:50", "jpeg", "jpeg:75", "png", "raw"]
 
 
 def _scene(size: int, seed: int = 0) -> np.ndarray:
@@ -58,6 +58,19 @@ def test_settings_that_cannot_work_are_refused():
     with pytest.raises(ValueError, match="raw uploads carry no size"):
         UploadEncoding.parse("raw", max_side=16)
     assert UploadEncoding.parse(DEFAULT_UPLOAD_CODEC).name.split("@")[0] == DEFAULT_UPLOAD_CODEC
+
+
+def test_auto_is_lossless_for_small_images_and_webp75_for_large_ones():
+    """At 32 px lossy WebP cost the teacher 10 points on the uploads for 1.2 kB an image; at
+    224 px it cost no error and saves 26 kB (BENCHMARKS.md)."""
+    auto = UploadEncoding.parse("auto")
+    small, large = _scene(32, seed=5), _scene(224, seed=5)
+    np.testing.assert_array_equal(decode_image(auto.encode(small), auto.codec, (32, 32)), small)
+    assert auto.encode(large) == UploadEncoding.parse("webp:75").encode(large)
+    assert auto.encode(large) != UploadEncoding.parse("webp-lossless").encode(large)
+    downscaled = UploadEncoding.parse("auto", max_side=32)  # the size that decides is the one sent
+    assert downscaled.encode(large) == UploadEncoding.parse("webp-lossless", max_side=32).encode(large)
+    assert downscaled.name == "auto@32px"
 
 
 def test_lower_quality_and_downscale_cost_fewer_bytes():
