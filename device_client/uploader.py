@@ -30,6 +30,9 @@ from shared.tensors import Tensor
 
 log = logging.getLogger("driftsync.device.uploader")
 REFUSED_FOR_GOOD = (400, 413, 415, 422)  # the same body can never succeed; anything else is retried
+# images per request at most this many bytes: half the server's default body bound (8 MiB), so a
+# whole group of large, noisy images is split rather than refused with 413 and lost
+MAX_REQUEST_IMAGE_BYTES = 4 * 1024 * 1024
 
 
 @dataclass
@@ -67,6 +70,7 @@ class Uploader:
         stats_source: Callable[[], dict[str, Tensor]] | None = None,
         stats_every_s: float = 2.0,
         batch_statistics: bool = False,
+        max_request_bytes: int = MAX_REQUEST_IMAGE_BYTES,
         backoff: Backoff | None = None,
         supervisor: Supervisor | None = None,
     ) -> None:
@@ -79,6 +83,7 @@ class Uploader:
         self.stats_source = stats_source
         self.stats_every_s = stats_every_s
         self.batch_statistics = batch_statistics
+        self.max_request_bytes = max_request_bytes
         self.backoff = backoff or Backoff()
         self.stats = UploadStats()
         self._stats_sent_at = float("-inf")
@@ -174,28 +179,34 @@ class Uploader:
         return self.stats_source()
 
     def _spool(self, batch: list[_Queued]) -> None:
+        """Encode and budget the batch, then write it as one request, or as several when its
+        images would pass `max_request_bytes` (a whole batch-statistics group of large images)."""
         now = time.monotonic()
-        images, entropy, captured = [], [], []
+        chunks: list[list[tuple[bytes, _Queued]]] = [[]]
+        chunk_bytes = 0
         for item in batch:
             encoded = self.encoding.encode(item.image)
             if not self.budget.allow(len(encoded), now):
                 self.stats.dropped_budget += 1
                 continue
-            images.append(encoded)
-            entropy.append(item.entropy)
-            captured.append(item.captured_at)
-        if not images:
-            return
-        upload = UploadBatch(
-            device_version=min(item.version for item in batch),
-            codec=self.encoding.codec,
-            images=images,
-            entropy=entropy,
-            captured_at=captured,
-            norm_stats=self._statistics_due(now),
-            batch_statistics=self.batch_statistics,
-        )
-        self.spool.put(pack(upload), len(images))
+            if chunks[-1] and chunk_bytes + len(encoded) > self.max_request_bytes:
+                chunks.append([])
+                chunk_bytes = 0
+            chunks[-1].append((encoded, item))
+            chunk_bytes += len(encoded)
+        for chunk in chunks:
+            if not chunk:
+                continue
+            upload = UploadBatch(
+                device_version=min(item.version for _, item in chunk),
+                codec=self.encoding.codec,
+                images=[encoded for encoded, _ in chunk],
+                entropy=[item.entropy for _, item in chunk],
+                captured_at=[item.captured_at for _, item in chunk],
+                norm_stats=self._statistics_due(now),
+                batch_statistics=self.batch_statistics,
+            )
+            self.spool.put(pack(upload), len(chunk))
         with self._spooled:
             self._spooled.notify()
 

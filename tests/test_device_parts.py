@@ -187,3 +187,29 @@ def test_a_batch_statistics_devices_selection_from_one_batch_goes_out_in_one_req
         assert requests == [40, 22, MAX_SAMPLES_PER_UPLOAD, 300 - MAX_SAMPLES_PER_UPLOAD, 5]
     else:
         assert requests[:2] == [32, 32] and max(requests) == 32
+
+
+def test_a_whole_group_past_the_request_byte_bound_is_split_not_refused(tmp_path):
+    """A group travels whole only while its images fit `max_request_bytes`: a body past the
+    server's bound would be refused with 413 and its samples lost."""
+    from device_client.selection import UploadBudget
+    from device_client.transport import ServerApi
+    from device_client.uploader import Uploader
+    from driftsync.processes import free_port
+    from shared.images import UploadEncoding
+
+    spool = Spool(tmp_path / "spool", 1 << 26)
+    image_bytes = 8 * 8 * 3  # raw
+    uploader = Uploader(ServerApi(f"http://127.0.0.1:{free_port()}", "token", timeout=1.0),
+                        UploadBudget.from_rates(None, None), spool, encoding=UploadEncoding.parse("raw"),
+                        batch_size=32, batch_statistics=True, max_request_bytes=10 * image_bytes,
+                        backoff=Backoff(base_s=30.0, cap_s=30.0))
+    frames = np.random.default_rng(0).integers(0, 256, (25, 8, 8, 3), dtype=np.uint8)
+    uploader.offer(frames, np.full(25, 0.5), np.arange(25, dtype=float), 0)
+    uploader.start()
+    try:
+        wait_for(lambda: spool.samples() == 25, 30, "the group spooled")
+    finally:
+        uploader.close(flush_timeout=1.0)
+    requests = [int(p.stem.partition("-")[2]) for p in sorted((tmp_path / "spool").glob("*.upload"))]
+    assert requests == [10, 10, 5] and uploader.stats.dropped_budget == 0
