@@ -1,12 +1,14 @@
 """The uplink: inference hands samples over and never waits.
 
 Two threads. The encoder batches, budgets and encodes samples and writes each
-batch to the disk spool; the sender posts the spool oldest first. A batch-statistics
-device's selection from one inference batch travels whole, in one request: the cloud
-normalises it by its own statistics, and a split left remainders of 4-9 images that the
-teacher normalised alone. A dead server
+batch to the disk spool; the sender posts the spool oldest first. A dead server
 therefore only grows the spool (bounded, oldest dropped and counted), and what was
 selected survives a restart. Retries back off with jitter and honour Retry-After.
+
+A batch-statistics device's selection from one inference batch travels whole, in one
+request (unless its bytes pass `max_request_bytes`): the cloud normalises it by its own
+statistics, and a split at `batch_size` left remainders of 4-9 images that the teacher
+normalised alone.
 """
 from __future__ import annotations
 
