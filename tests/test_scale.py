@@ -165,13 +165,16 @@ def test_a_stalled_worker_does_not_hold_up_other_partitions(topology) -> None:
     load = _load(topology, 8, 16, result)
     time.sleep(5)
     stalled, running = topology.workers()
-    stalled_parts = set(topology.partitions_of(stalled))
     admin = {"Authorization": f"Bearer {ADMIN}"}
     api = topology.apis()[0].url
 
     def versions() -> dict[str, int]:
         return {c["cohort"]: c["version"] for c in httpx.get(f"{api}/v1/fleet", headers=admin).json()["cohorts"]}
 
+    # on a slow machine the leases may not have spread 5 s in: wait until the running worker owns a cohort
+    wait_for(lambda: any(partition_of(c, PARTITIONS) in topology.partitions_of(running) for c in versions()),
+             60, "a cohort on the running worker's partitions")
+    stalled_parts = set(topology.partitions_of(stalled))
     topology.kill(stalled, signal.SIGSTOP)  # a long step, a GC pause: shorter than the lease
     try:
         before = versions()
