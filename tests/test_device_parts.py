@@ -11,10 +11,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from device_client.selection import UploadBudget
 from device_client.sinks import JsonlSink, WebhookSink, open_sink
 from device_client.sources import FolderSource, OpenCvSource, RawStdinSource, parse_size
 from device_client.spool import Spool
-from device_client.transport import Backoff
+from device_client.transport import Backoff, ServerApi
+from device_client.uploader import Uploader
+from driftsync.processes import free_port
+from shared.images import UploadEncoding
+from shared.protocol import MAX_SAMPLES_PER_UPLOAD
 from tests.conftest import wait_for
 
 
@@ -158,31 +163,34 @@ def test_jsonl_sink_appends_one_line_per_record(tmp_path):
         open_sink("kafka:topic")
 
 
+def _uploader_before_a_dead_server(spool: Spool, **options) -> Uploader:
+    """Nothing can be sent, so every request the encoder makes stays on the spool to be read."""
+    return Uploader(ServerApi(f"http://127.0.0.1:{free_port()}", "token", timeout=1.0),
+                    UploadBudget.from_rates(None, None), spool, backoff=Backoff(base_s=30.0, cap_s=30.0), **options)
+
+
+def _spooled_request_sizes(uploader: Uploader, spool: Spool, samples: int) -> list[int]:
+    """Start the uploader on what was offered (so the grouping does not depend on timing), wait
+    until every sample is spooled, and give each spooled request's sample count in order."""
+    uploader.start()
+    try:
+        wait_for(lambda: spool.samples() == samples, 30, "every offered sample spooled")
+    finally:
+        uploader.close(flush_timeout=1.0)
+    return [int(p.stem.partition("-")[2]) for p in sorted(spool.root.glob("*.upload"))]
+
+
 @pytest.mark.parametrize("batch_statistics", [True, False])
 def test_a_batch_statistics_devices_selection_from_one_batch_goes_out_in_one_request(tmp_path, batch_statistics):
     """The cloud normalises a batch-statistics group by its own statistics: split at 32, a
-    batch's 40 uploads stepped as 32 and then 8 alone. Checked on the spool, in front of a dead
-    server, so nothing is sent and every request stays on disk."""
-    from device_client.selection import UploadBudget
-    from device_client.transport import ServerApi
-    from device_client.uploader import Uploader
-    from driftsync.processes import free_port
-    from shared.protocol import MAX_SAMPLES_PER_UPLOAD
-
+    batch's 40 uploads stepped as 32 and then 8 alone."""
     spool = Spool(tmp_path / "spool", 1 << 26)
-    uploader = Uploader(ServerApi(f"http://127.0.0.1:{free_port()}", "token", timeout=1.0),
-                        UploadBudget.from_rates(None, None), spool, batch_size=32, flush_s=0.05,
-                        batch_statistics=batch_statistics, backoff=Backoff(base_s=30.0, cap_s=30.0))
+    uploader = _uploader_before_a_dead_server(spool, batch_size=32, flush_s=0.05, batch_statistics=batch_statistics)
     groups = [40, 10, 12, 300, 5]
-    for size in groups:  # offered before the encoder starts: the grouping does not depend on timing
+    for size in groups:
         frames = np.random.default_rng(size).integers(0, 256, (size, 8, 8, 3), dtype=np.uint8)
         uploader.offer(frames, np.full(size, 0.5), np.full(size, 1.0), 0)
-    uploader.start()
-    try:
-        wait_for(lambda: spool.samples() == sum(groups), 30, "every offered sample spooled")
-    finally:
-        uploader.close(flush_timeout=1.0)
-    requests = [int(p.stem.partition("-")[2]) for p in sorted((tmp_path / "spool").glob("*.upload"))]
+    requests = _spooled_request_sizes(uploader, spool, sum(groups))
     if batch_statistics:
         assert requests == [40, 22, MAX_SAMPLES_PER_UPLOAD, 300 - MAX_SAMPLES_PER_UPLOAD, 5]
     else:
@@ -192,24 +200,11 @@ def test_a_batch_statistics_devices_selection_from_one_batch_goes_out_in_one_req
 def test_a_whole_group_past_the_request_byte_bound_is_split_not_refused(tmp_path):
     """A group travels whole only while its images fit `max_request_bytes`: a body past the
     server's bound would be refused with 413 and its samples lost."""
-    from device_client.selection import UploadBudget
-    from device_client.transport import ServerApi
-    from device_client.uploader import Uploader
-    from driftsync.processes import free_port
-    from shared.images import UploadEncoding
-
     spool = Spool(tmp_path / "spool", 1 << 26)
     image_bytes = 8 * 8 * 3  # raw
-    uploader = Uploader(ServerApi(f"http://127.0.0.1:{free_port()}", "token", timeout=1.0),
-                        UploadBudget.from_rates(None, None), spool, encoding=UploadEncoding.parse("raw"),
-                        batch_size=32, batch_statistics=True, max_request_bytes=10 * image_bytes,
-                        backoff=Backoff(base_s=30.0, cap_s=30.0))
+    uploader = _uploader_before_a_dead_server(spool, encoding=UploadEncoding.parse("raw"), batch_size=32,
+                                              batch_statistics=True, max_request_bytes=10 * image_bytes)
     frames = np.random.default_rng(0).integers(0, 256, (25, 8, 8, 3), dtype=np.uint8)
     uploader.offer(frames, np.full(25, 0.5), np.arange(25, dtype=float), 0)
-    uploader.start()
-    try:
-        wait_for(lambda: spool.samples() == 25, 30, "the group spooled")
-    finally:
-        uploader.close(flush_timeout=1.0)
-    requests = [int(p.stem.partition("-")[2]) for p in sorted((tmp_path / "spool").glob("*.upload"))]
+    requests = _spooled_request_sizes(uploader, spool, 25)
     assert requests == [10, 10, 5] and uploader.stats.dropped_budget == 0
