@@ -237,7 +237,7 @@ class DeviceClient:
             self.model = fused = SwappableModel(self.onnx_path, params, version, self.cfg.threads)
             if self.cfg.normalization == "running":
                 self._running = RunningStatistics(
-                    fused, StatisticsProbe(stats_path, self.cfg.threads), self.cfg.stats_batch,
+                    fused, StatisticsProbe(stats_path, self.cfg.threads, params), self.cfg.stats_batch,
                     self.cfg.stats_momentum, UpdateBudget(self.cfg.stats_budget))
         self.selector: CemaSelector | UgsSelector
         if self.cfg.selection == "ugs":

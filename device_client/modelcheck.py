@@ -222,9 +222,7 @@ def check_inference_model(data: bytes, descriptor: ModelDescriptor) -> None:
     """student.onnx: one image input, logits out, every replaceable tensor an initializer of
     its descriptor shape, and external data only for those, in the norm side file."""
     graph = inspect_model(data)
-    for name, external in graph.external.items():
-        if name not in descriptor.parameters or external.get("location") != NORM_FILE:
-            raise ModelRefused("external_data", f"initializer {name!r} names external data {external.get('location')!r}")
+    _check_external(graph, descriptor)
     _check_io(graph, descriptor, extra_inputs={})
     for name, shape in descriptor.parameters.items():
         if name not in graph.initializers or graph.initializers[name] != list(shape):
@@ -232,15 +230,22 @@ def check_inference_model(data: bytes, descriptor: ModelDescriptor) -> None:
 
 
 def check_statistics_model(data: bytes, descriptor: ModelDescriptor) -> None:
-    """student.stats.onnx: the image and the affine tensors in, logits and per-layer batch statistics out."""
+    """student.stats.onnx: the image and the affine tensors in, logits and per-layer batch statistics
+    out; learnt convolution weights, if any, are initializers in the norm side file, as in student.onnx."""
     graph = inspect_model(data)
-    if graph.external:
-        raise ModelRefused("external_data", f"initializer {next(iter(graph.external))!r} is stored outside the model")
+    _check_external(graph, descriptor)
     extra = {name: list(shape) for name, shape in descriptor.parameters.items() if name in graph.inputs}
     _check_io(graph, descriptor, extra_inputs=extra)
     for name in list(graph.outputs)[1:]:
         if not name.endswith((".batch_mean", ".batch_var")):
             raise ModelRefused("descriptor_mismatch", f"unexpected output {name!r}")
+
+
+def _check_external(graph: GraphSummary, descriptor: ModelDescriptor) -> None:
+    """External data only for replaceable tensors, in the norm side file (the device always supplies them)."""
+    for name, external in graph.external.items():
+        if name not in descriptor.parameters or external.get("location") != NORM_FILE:
+            raise ModelRefused("external_data", f"initializer {name!r} names external data {external.get('location')!r}")
 
 
 def _check_io(graph: GraphSummary, descriptor: ModelDescriptor, extra_inputs: dict[str, list[int]]) -> None:

@@ -10,12 +10,14 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import onnxruntime as ort
 
-from device_client.runtime import SwappableModel
+from device_client.modelcheck import inspect_model
+from device_client.runtime import SwappableModel, build_session
 from device_client.scoring import to_model_input
 from device_client.update_budget import UpdateBudget
 
@@ -39,26 +41,47 @@ def fold_batch_statistics(
     return out
 
 
+@dataclass(frozen=True)
+class _Graph:
+    """What a statistics graph's sessions share: its source, names and learnt weights' names."""
+    source: bytes | Path
+    threads: int
+    inputs: frozenset[str]
+    outputs: list[str]
+    stats: list[str]
+    weights: list[str]  # initializers the device supplies: learnt convolution weights, if any
+
+
 class StatisticsProbe:
     """Runs the statistics graph with the affine tensors fed as inputs (no session rebuild).
 
     `run` gives the logits under the batch's own statistics together with those statistics.
+    Learnt convolution weights are initializers of the graph instead (fed, they would cost
+    onnxruntime its prepacked weights): a probe holds one set of them, given at creation, and
+    `with_weights` gives the probe for other ones, with a new session only when they changed.
     """
 
-    def __init__(self, stats_onnx: bytes | Path, threads: int = 0) -> None:
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads
-        options.inter_op_num_threads = 1
-        source = str(stats_onnx) if isinstance(stats_onnx, Path) else stats_onnx
-        self._session = ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
-        self._stats = [o.name for o in self._session.get_outputs() if o.name.endswith((".batch_mean", ".batch_var"))]
-        self._outputs = [self._session.get_outputs()[0].name, *self._stats]
-        self._inputs = {i.name for i in self._session.get_inputs()}
+    def __init__(self, stats_onnx: bytes | Path, threads: int = 0, params: dict[str, np.ndarray] | None = None) -> None:
+        summary = inspect_model(stats_onnx.read_bytes() if isinstance(stats_onnx, Path) else stats_onnx)
+        stats = [name for name in summary.outputs if name.endswith((".batch_mean", ".batch_var"))]
+        self._graph = _Graph(stats_onnx, threads, frozenset(summary.inputs), [next(iter(summary.outputs)), *stats],
+                             stats, sorted(summary.external))
+        if self._graph.weights and params is None:
+            raise ValueError(f"the statistics graph holds learnt weights ({self._graph.weights[0]}, ...): give their values")
+        self._weights = {name: params[name] for name in self._graph.weights} if params else {}
+        self._session = build_session(stats_onnx, self._weights, threads)
+
+    def with_weights(self, params: dict[str, np.ndarray]) -> StatisticsProbe:
+        """This probe if `params` hold the same learnt weights (the same arrays), else a new one for them."""
+        if all(params[name] is self._weights[name] for name in self._graph.weights):
+            return self
+        return StatisticsProbe(self._graph.source, self._graph.threads, params)
 
     def run(self, x: np.ndarray, params: dict[str, np.ndarray]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-        feeds = {"input": x} | {k: v for k, v in params.items() if k in self._inputs}
-        logits, *values = self._session.run(self._outputs, feeds)
-        return logits, dict(zip(self._stats, values))
+        """Under the probe's own learnt weights: `params` supply the fed tensors."""
+        feeds = {"input": x} | {k: v for k, v in params.items() if k in self._graph.inputs}
+        logits, *values = self._session.run(self._graph.outputs, feeds)
+        return logits, dict(zip(self._graph.stats, values))
 
     def measure(self, x: np.ndarray, params: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         return self.run(x, params)[1]
@@ -67,13 +90,15 @@ class StatisticsProbe:
 class BatchStatisticsModel:
     """Inference that normalises each batch by its own statistics: the `bn` reference, forward
     only, for streams that come in batches (about 16 frames or more). Same interface as
-    `SwappableModel`; no session is ever rebuilt, because the affine tensors are feeds.
+    `SwappableModel`; the affine tensors are feeds, so a delta rebuilds no session unless it
+    carries learnt convolution weights (then `install` rebuilds it, off the inference path).
     Uploads say so (`batch_statistics`), and the cloud distils the same way.
     """
 
     def __init__(self, stats_onnx: bytes | Path, params: dict[str, np.ndarray], version: int, threads: int = 0) -> None:
-        self._probe = StatisticsProbe(stats_onnx, threads)
-        self._lock = threading.Lock()
+        self._probe = StatisticsProbe(stats_onnx, threads, params)
+        self._lock = threading.Lock()  # the probe, params and version change together
+        self._install_lock = threading.Lock()
         self._version = version
         self._params = dict(params)
 
@@ -87,14 +112,17 @@ class BatchStatisticsModel:
 
     def run(self, x: np.ndarray) -> tuple[np.ndarray, int]:
         with self._lock:
-            params, version = self._params, self._version
-        return self._probe.run(x, params)[0], version
+            probe, params, version = self._probe, self._params, self._version
+        return probe.run(x, params)[0], version
 
     def install(self, params: dict[str, np.ndarray], version: int, new_line: bool = False) -> bool:
-        with self._lock:
+        with self._install_lock:  # serialised; inference keeps the old probe until the swap
             if version <= self._version and not new_line:
                 return False
-            self._params, self._version = self._params | params, version
+            merged = self._params | params
+            probe = self._probe.with_weights(merged)
+            with self._lock:
+                self._probe, self._params, self._version = probe, merged, version
         return True
 
 
@@ -154,11 +182,18 @@ class RunningStatistics:
                 self._frames.clear()
             started = time.thread_time()
             x = to_model_input(frames)
-            self.model.refresh(lambda p: fold_batch_statistics(p, self._probe.measure(x, p), self._momentum))
+            self.model.refresh(self._folded(x))
             elapsed = time.thread_time() - started
             with self._ready:
                 self.budget.spent(elapsed, refresh=True)
                 self.measured += len(frames)
+
+    def _folded(self, x: np.ndarray) -> Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]:
+        """The refresh of `x`'s statistics, measured under the current learnt weights (a delta may have moved them)."""
+        def update(params: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+            self._probe = self._probe.with_weights(params)
+            return fold_batch_statistics(params, self._probe.measure(x, params), self._momentum)
+        return update
 
     def wake(self) -> None:
         """Let a waiting loop see that it must stop."""

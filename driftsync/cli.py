@@ -168,7 +168,9 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
     add(p, "--student-steps", 1, POSITIVE_INT, help="distillation steps per adaptation step")
     add(p, "--prompt", None, optional(PROMPT), help="give the student an input prompt: padding:WIDTH or lowres:SIZE")
     add(p, "--prompt-lr", 5e-3, POSITIVE, help="Adam learning rate of the prompt")
-    add(p, "--learn", "norm", choice("norm", "prompt", "norm+prompt", "norm/prompt"), help="what deltas move: norm (CEMA), prompt, norm+prompt (jointly) or norm/prompt (alternating steps)")
+    add(p, "--learn", "norm", choice("norm", "prompt", "norm+prompt", "norm/prompt", "norm+conv"),
+        help="what deltas move: norm (CEMA), prompt, norm+prompt (jointly), norm/prompt (alternating steps), or "
+             "norm+conv (the affine parameters and every convolution's weight; deltas about the size of the weights)")
     add(p, "--guarded-push", False, bool, help="hold out every 8th upload and withhold a delta that agrees less "
         "with the teacher on the held-out ones than the devices' current parameters")
     add(p, "--guard-tolerance", 0.0, NONNEGATIVE, help="guarded push: agreement may drop by this much before a delta is withheld")
@@ -307,7 +309,7 @@ def _replay_args(p: argparse.ArgumentParser) -> None:
     add(p, "--class-index", None, optional(FILE), help="imagenet-c, folder: the model's classes (wnids) in order, one a line (default: the model's own list)")
     add(p, "--student", "embedded-student", MODEL, help="device model NAME[:CHECKPOINT]")
     add(p, "--teacher", "embedded-teacher", MODEL, help="cloud model NAME[:CHECKPOINT]")
-    add(p, "--method", "source,bn,tent,cema", comma_list(_replay_methods), help="comma list of cema, prompt, cema+prompt (joint), cema/prompt (alternating), each also with @ugs; "
+    add(p, "--method", "source,bn,tent,cema", comma_list(_replay_methods), help="comma list of cema, prompt, cema+prompt (joint), cema/prompt (alternating), cema+conv (convolution weights too), each also with @ugs; "
         "source, bn, tent, eata, cotta, roid, sar")
     add(p, "--prompt", "lowres:8", PROMPT, help="input prompt of the prompt methods: lowres:SIZE or padding:WIDTH")
     add(p, "--setting", "continual", SETTING, help="continual, reset_each_shift, gradual, mixed or correlated")

@@ -43,7 +43,8 @@ if TYPE_CHECKING:
     import torch
 
 DATASETS = ("embedded", "cifar10", "cifar10-c", "imagenet-c", "folder")
-LEARNS = {"cema": "norm", "prompt": "prompt", "cema+prompt": "norm+prompt", "cema/prompt": "norm/prompt"}
+LEARNS = {"cema": "norm", "prompt": "prompt", "cema+prompt": "norm+prompt", "cema/prompt": "norm/prompt",
+          "cema+conv": "norm+conv"}
 UGS = "@ugs"  # suffix: the same method with uncertainty-guided sampling on the device
 COLLABORATIVE = tuple(LEARNS) + tuple(f"{m}{UGS}" for m in LEARNS)
 ON_DEVICE = ("source", "bn", "tent", "eata", "cotta", "roid", "sar")

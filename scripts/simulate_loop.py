@@ -31,7 +31,12 @@ from device_client.selection import CemaSelector, SelectionConfig
 from driftsync.data import streams
 from server.engine import LEARN_MODES, CemaConfig, CemaEngine, to_input
 from server.models.registry import build_model, model_info
-from server.norm import load_replaceable_state, norm_layers, replaceable_state
+from server.norm import (
+    learn_conv_weights,
+    load_replaceable_state,
+    norm_layers,
+    replaceable_state,
+)
 from server.prompt import InputPrompt, PromptedModel, parse_prompt
 
 
@@ -94,7 +99,8 @@ def main() -> None:
 
     def student() -> torch.nn.Module:
         model = build_model(args.student)
-        return model if prompt is None else PromptedModel(model, InputPrompt(*prompt, info.input_size))
+        model = model if prompt is None else PromptedModel(model, InputPrompt(*prompt, info.input_size))
+        return learn_conv_weights(model) if "conv" in args.learn else model
 
     engine = CemaEngine(student(), build_model(args.teacher), cfg)
     state = engine.new_state()

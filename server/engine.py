@@ -19,7 +19,8 @@ from torch import nn
 from server.augment import cotta_augment
 from server.grouped import bounds_of, grouped_batch_norm
 from server.norm import (
-    freeze_all_but_affine,
+    conv_weights,
+    freeze_all_but_learnt,
     load_replaceable_state,
     norm_layers,
     replaceable_state,
@@ -27,7 +28,9 @@ from server.norm import (
 from server.prompt import PREFIX as PROMPT_PREFIX
 from server.prompt import prompt_parameters
 
-LEARN_MODES = ("norm", "prompt", "norm+prompt", "norm/prompt")  # "/": alternate steps, "+": jointly
+# "/": alternate steps, "+": jointly; "conv": every convolution's weight too (a student marked by
+# `server.norm.learn_conv_weights`), trained with the affine parameters
+LEARN_MODES = ("norm", "prompt", "norm+prompt", "norm/prompt", "norm+conv")
 DISTIL_SOURCES = ("teacher", "ema", "both")
 
 
@@ -54,7 +57,7 @@ class CemaConfig:
     replay_capacity: int = 10_000
     replay_min: int = 256
     stats_momentum: float = 0.3
-    learn: str = "norm"  # what the deltas move: "norm" (CEMA), "prompt" (U-VPA style), both jointly or alternately
+    learn: str = "norm"  # what the deltas move: "norm" (CEMA), "prompt" (U-VPA style), both jointly or alternately, or norm+conv
     prompt_lr: float = 5e-3  # Adam, on the input-space prompt
     prompt_consistency: float = 1.0  # confident uploads keep the prompted prediction on the plain one
     prompt_ema: float = 0.9  # deltas carry this EMA of the prompt, so a quiet stream cannot drag it away
@@ -286,16 +289,19 @@ class CemaEngine:
         self.device = torch.device(torch_device)
         self.student = copy.deepcopy(student).to(self.device)
         self.teacher = copy.deepcopy(teacher).to(self.device)
-        affine = freeze_all_but_affine(self.student)
+        learnt = freeze_all_but_learnt(self.student)
         self._prompt_params = list(prompt_parameters(self.student).values())
         if "prompt" in cfg.learn and not self._prompt_params:
             raise ValueError(f"learn={cfg.learn!r} needs a prompted student (serve --prompt padding:W or lowres:R)")
-        self._student_params = affine if "norm" in cfg.learn else []
-        for p in affine:
+        if ("conv" in cfg.learn) != bool(conv_weights(self.student)):
+            raise ValueError(f"learn={cfg.learn!r} needs a student whose convolutions are marked learnt "
+                             "(server.norm.learn_conv_weights) exactly when it includes conv")
+        self._student_params = learnt if "norm" in cfg.learn else []
+        for p in learnt:
             p.requires_grad_("norm" in cfg.learn)
         for p in self._prompt_params:
             p.requires_grad_("prompt" in cfg.learn)
-        freeze_all_but_affine(self.teacher)
+        freeze_all_but_learnt(self.teacher)
         self._source_student = replaceable_state(self.student)
         self._source_teacher = replaceable_state(self.teacher)
         self._teacher_affine = [name for name in self._source_teacher if not _is_statistic(name)]

@@ -21,7 +21,7 @@ from onnx.external_data_helper import set_external_data
 from torch import nn
 
 from server.artifact import StudentArtifact
-from server.norm import NORM_FIELDS, norm_layers
+from server.norm import NORM_FIELDS, conv_weights, norm_layers
 from server.prompt import prompt_parameters
 
 INPUT_NAME = "input"
@@ -32,7 +32,8 @@ NORM_FILE = "student.norm.bin"
 
 def export_student(model: nn.Module, input_shape: tuple[int, int, int]) -> StudentArtifact:
     graph_model = onnx.load_from_string(export_onnx(model, input_shape))
-    names = [f"{layer}.{field}" for layer in norm_layers(model) for field in NORM_FIELDS] + list(prompt_parameters(model))
+    names = [f"{layer}.{field}" for layer in norm_layers(model) for field in NORM_FIELDS]
+    names += list(conv_weights(model)) + list(prompt_parameters(model))
     by_name = {t.name: t for t in graph_model.graph.initializer}
     chunks: list[bytes] = []
     parameters: dict[str, tuple[int, ...]] = {}
@@ -65,14 +66,19 @@ def statistics_graph(onnx_bytes: bytes, parameters: dict[str, tuple[int, ...]]) 
     the normalisation kernel: 0.76x the fused graph's throughput at batch 200 on one core,
     against 0.62x for the same statistics built from ReduceMean/Sub/Mul nodes
     (`scripts/bench_stats_graph.py`). It is unfused, so it stays slower than the inference graph.
+
+    Learnt convolution weights stay initializers, in the norm side file as in the inference
+    graph: fed as inputs they would cost onnxruntime its prepacked weights (0.52-0.58x the
+    fused throughput, measured), so a device rebuilds this session when they change.
     """
     model = onnx.load_from_string(onnx_bytes)
     graph = model.graph
-    kept = [t for t in graph.initializer if t.name not in parameters]
+    conv = {name for node in graph.node if node.op_type == "Conv" for name in node.input[1:2]} & set(parameters)
+    kept = [t for t in graph.initializer if t.name not in parameters or t.name in conv]
     del graph.initializer[:]
     graph.initializer.extend(kept)
     for name, shape in parameters.items():
-        if name.rsplit(".", 1)[1] not in ("running_mean", "running_var"):  # affine and prompt tensors
+        if name.rsplit(".", 1)[1] not in ("running_mean", "running_var") and name not in conv:  # affine and prompt
             graph.input.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, list(shape)))
     helper = onnx.helper
     for node in [n for n in graph.node if n.op_type == "BatchNormalization"]:
@@ -92,8 +98,20 @@ def statistics_graph(onnx_bytes: bytes, parameters: dict[str, tuple[int, ...]]) 
             helper.make_tensor_value_info(mean, onnx.TensorProto.FLOAT, channels),
             helper.make_tensor_value_info(var, onnx.TensorProto.FLOAT, channels),
         ])
-    onnx.checker.check_model(model)
+    _check_without_side_file(model)
     return model.SerializeToString()
+
+
+def _check_without_side_file(model: onnx.ModelProto) -> None:
+    """onnx's checker, on a copy whose external initializers are inputs: it would look for their file."""
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    external = [t for t in copy.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
+    kept = [t for t in copy.graph.initializer if t.data_location != onnx.TensorProto.EXTERNAL]
+    del copy.graph.initializer[:]
+    copy.graph.initializer.extend(kept)
+    copy.graph.input.extend(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)) for t in external)
+    onnx.checker.check_model(copy)
 
 
 def _scope_of(node_name: str) -> str:

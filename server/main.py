@@ -28,6 +28,7 @@ from server.fleet import FleetView
 from server.leases import LeaseKeeper
 from server.metrics import Registry
 from server.models.registry import build_model, model_info
+from server.norm import learn_conv_weights, replaceable_state
 from server.options import ROLES, ServeOptions
 from server.prompt import InputPrompt, PromptedModel, parse_prompt
 from server.queueing import InProcessQueue, UploadQueue
@@ -35,6 +36,10 @@ from server.signing import kept_signer
 from server.store import Store
 from server.versions import VersionBoard
 from server.worker import AdaptationWorker
+from shared.protocol import MAX_BODY_BYTES
+
+# a delta is one msgpack body, which a device reads up to MAX_BODY_BYTES; leave room for the envelope
+MAX_DELTA_TENSOR_BYTES = MAX_BODY_BYTES // 2
 
 log = logging.getLogger("driftsync.server")
 GUARD_HOLDOUT_EVERY = 8  # the guarded push trains on 7 of every 8 uploads and checks deltas on the 8th
@@ -73,6 +78,14 @@ def _with_signing_key(parts: ServerParts, opts: ServeOptions) -> ServerParts:
     return parts
 
 
+def check_delta_size(student: torch.nn.Module, what: str) -> None:
+    """Refuse at start-up a student whose full delta a device could not read."""
+    delta_bytes = sum(v.nbytes for v in replaceable_state(student).values())
+    if delta_bytes > MAX_DELTA_TENSOR_BYTES:
+        raise ValueError(f"deltas of {what} would carry {delta_bytes / 2**20:.1f} MiB of tensors, over the "
+                         f"{MAX_DELTA_TENSOR_BYTES / 2**20:.0f} MiB a device reads: learn fewer")
+
+
 def build_engine(opts: ServeOptions) -> tuple[CemaEngine, PublishedModel]:
     if opts.torch_threads:
         torch.set_num_threads(opts.torch_threads)
@@ -84,6 +97,9 @@ def build_engine(opts: ServeOptions) -> tuple[CemaEngine, PublishedModel]:
     prompt = parse_prompt(opts.prompt)
     if prompt is not None:
         student = PromptedModel(student, InputPrompt(*prompt, info.input_size))
+    if "conv" in opts.learn:
+        learn_conv_weights(student)
+    check_delta_size(student, f"{opts.student} with --learn {opts.learn}")
     artifact = export_student(student, info.input_shape)
     cfg = CemaConfig(
         num_classes=info.num_classes,
@@ -108,8 +124,8 @@ def build_engine(opts: ServeOptions) -> tuple[CemaEngine, PublishedModel]:
     torch_device = resolve_torch_device(opts.torch_device)
     engine = CemaEngine(student, teacher, cfg, seed=opts.seed, student_input_shape=info.input_shape,
                         torch_device=torch_device)
-    log.info("student %s (%d norm tensors), teacher %s, on %s", opts.student, len(artifact.parameters), opts.teacher,
-             torch_device)
+    log.info("student %s (%d replaceable tensors, %.0f KiB), teacher %s, on %s", opts.student, len(artifact.parameters),
+             len(artifact.norm) / 1024, opts.teacher, torch_device)
     return engine, PublishedModel(opts.student, list(info.class_names), info.input_shape, artifact)
 
 

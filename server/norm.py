@@ -1,8 +1,9 @@
-"""The student's replaceable tensors: normalization affine parameters and statistics, and the
-input prompt when there is one.
+"""The student's replaceable tensors: normalization affine parameters and statistics, the
+input prompt when there is one, and every convolution's weight when the student learns them.
 
 These names are the contract between the server's torch model, the ONNX graph
-and every delta: `<module path>.{weight,bias,running_mean,running_var}` and `prompt.<field>`.
+and every delta: `<module path>.{weight,bias,running_mean,running_var}`, `prompt.<field>` and
+`<conv module path>.weight`.
 """
 from __future__ import annotations
 
@@ -23,6 +24,24 @@ def norm_layers(model: nn.Module) -> dict[str, nn.modules.batchnorm._BatchNorm]:
     }
 
 
+LEARNT_CONVS = "_driftsync_learns_convs"  # marks a student whose deltas carry convolution weights
+
+
+def learn_conv_weights(model: nn.Module) -> nn.Module:
+    """Make every convolution's weight replaceable, so deltas move it. Affine parameters alone
+    cannot undo a corruption the features already carry (noise above all); a small student's
+    convolutions can, at the price of a delta about the size of the weights."""
+    setattr(model, LEARNT_CONVS, True)
+    return model
+
+
+def conv_weights(model: nn.Module) -> dict[str, nn.Parameter]:
+    """The learnt convolution weights by delta name; none unless `learn_conv_weights` marked the model."""
+    if not getattr(model, LEARNT_CONVS, False):
+        return {}
+    return {f"{name}.weight": m.weight for name, m in model.named_modules() if isinstance(m, nn.modules.conv._ConvNd)}
+
+
 def affine_parameters(model: nn.Module) -> list[nn.Parameter]:
     """Only these receive gradients during adaptation."""
     params: list[nn.Parameter] = []
@@ -39,7 +58,7 @@ def replaceable_state(model: nn.Module) -> dict[str, np.ndarray]:
             value = getattr(layer, field)
             if value is not None:
                 state[f"{name}.{field}"] = value.detach().cpu().numpy().astype(np.float32, copy=True)
-    for name, param in prompt_parameters(model).items():
+    for name, param in (conv_weights(model) | prompt_parameters(model)).items():
         state[name] = param.detach().cpu().numpy().astype(np.float32, copy=True)
     return state
 
@@ -47,20 +66,22 @@ def replaceable_state(model: nn.Module) -> dict[str, np.ndarray]:
 @torch.no_grad()
 def load_replaceable_state(model: nn.Module, state: dict[str, np.ndarray | torch.Tensor]) -> None:
     layers = norm_layers(model)
-    prompt = prompt_parameters(model)
+    whole = conv_weights(model) | prompt_parameters(model)
     for key, value in state.items():
-        if key in prompt:
-            target = prompt[key]
+        if key in whole:
+            target = whole[key]
         else:
             layer_name, field = key.rsplit(".", 1)
             target = getattr(layers[layer_name], field)
         target.copy_(torch.as_tensor(np.asarray(value)) if not isinstance(value, torch.Tensor) else value)
 
 
-def freeze_all_but_affine(model: nn.Module) -> list[nn.Parameter]:
+def freeze_all_but_learnt(model: nn.Module) -> list[nn.Parameter]:
+    """Freeze everything but what deltas move: the affine parameters, and the marked convolutions'
+    weights. Returns those."""
     for p in model.parameters():
         p.requires_grad_(False)
-    params = affine_parameters(model)
+    params = affine_parameters(model) + list(conv_weights(model).values())
     for p in params:
         p.requires_grad_(True)
     return params

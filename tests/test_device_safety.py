@@ -133,6 +133,28 @@ def test_a_graph_that_does_not_match_the_descriptor_is_refused(artifact):
         check_inference_model(model.SerializeToString(), _descriptor(artifact))
 
 
+def test_learnt_convolution_weights_may_live_only_in_the_norm_side_file():
+    """A student that learns its convolutions ships their weights as external data of both graphs,
+    in student.norm.bin, as the normalization tensors; anywhere else is refused."""
+    from server.export import export_student
+    from server.norm import learn_conv_weights
+
+    artifact = export_student(learn_conv_weights(tiny_pair()[0]), (3, 32, 32))
+    conv = next(name for name in artifact.parameters if name not in export_student(tiny_pair()[0], (3, 32, 32)).parameters)
+    check_inference_model(artifact.onnx, _descriptor(artifact))
+    check_statistics_model(artifact.stats_onnx, _descriptor(artifact))
+    assert conv in inspect_model(artifact.stats_onnx).external
+    model = onnx.load_from_string(artifact.stats_onnx)
+    for tensor in model.graph.initializer:
+        if tensor.name == conv:
+            tensor.external_data[0].value = "../../identity.json"
+    with pytest.raises(ModelRefused, match="external_data"):
+        check_statistics_model(model.SerializeToString(), _descriptor(artifact))
+    without = {k: v for k, v in artifact.parameters.items() if k != conv}  # not a replaceable tensor: refused
+    with pytest.raises(ModelRefused, match="external_data"):
+        check_statistics_model(artifact.stats_onnx, _descriptor(artifact, parameters=without))
+
+
 # -- delta values ------------------------------------------------------------------------------
 def test_delta_values_must_be_sane(artifact):
     from device_client.runtime import split_norm_file

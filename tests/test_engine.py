@@ -180,6 +180,30 @@ def test_alternating_mode_trains_norm_then_prompt() -> None:
     assert np.abs(state.student_norm["prompt.lowres"]).max() > 0 and {weight, "prompt.lowres"} <= set(delta)
 
 
+def test_conv_mode_moves_and_ships_every_convolution_weight_and_nothing_else_of_the_student() -> None:
+    from server.norm import conv_weights, learn_conv_weights
+
+    student, teacher = tiny_pair()
+    engine = CemaEngine(learn_conv_weights(student), teacher, CemaConfig(
+        num_classes=10, new_per_step=8, replay_per_step=8, replay_min=8, learn="norm+conv"))
+    convs = set(conv_weights(engine.student))
+    assert convs and convs <= set(engine.new_state().student_norm)
+    frozen = {n: p.detach().clone() for n, p in engine.student.named_parameters() if n not in convs and not p.requires_grad}
+    assert frozen  # e.g. the classifier
+    state = engine.new_state()
+    delta = engine.step(_images(8), state, batch_statistics=True).tensors
+    assert convs <= set(delta)
+    assert all(np.abs(delta[k] - engine._source_student[k]).max() > 0 for k in convs)  # every convolution learnt
+    teacher_convs = {f"{n}.weight" for n, m in engine.teacher.named_modules() if isinstance(m, torch.nn.Conv2d)}
+    assert teacher_convs and not teacher_convs & set(state.teacher_norm)  # the teacher stays affine-only
+    assert all(torch.equal(p, frozen[n]) for n, p in engine.student.named_parameters() if n in frozen)
+    with pytest.raises(ValueError, match="marked learnt"):  # the mode and the student must agree, both ways
+        _engine(learn="norm+conv")
+    student, teacher = tiny_pair()
+    with pytest.raises(ValueError, match="marked learnt"):
+        CemaEngine(learn_conv_weights(student), teacher, CemaConfig(num_classes=10))
+
+
 def test_prompt_specs_are_checked() -> None:
     from server.prompt import InputPrompt, parse_prompt
 
@@ -223,3 +247,17 @@ def test_distilling_from_the_teachers_ema_keeps_and_persists_it(source: str) -> 
 def test_unknown_distillation_source_is_refused() -> None:
     with pytest.raises(ValueError, match="distil_from"):
         CemaConfig(num_classes=10, distil_from="student")
+
+
+def test_a_student_whose_full_delta_a_device_could_not_read_is_refused_at_start() -> None:
+    from server.main import MAX_DELTA_TENSOR_BYTES, check_delta_size
+    from server.models.cifar_resnet import cifar_resnet
+    from server.models.imagenet_resnet import ImageNetResNet
+    from server.norm import learn_conv_weights, replaceable_state
+
+    small = learn_conv_weights(cifar_resnet("resnet20"))  # about 1 MiB: fine
+    check_delta_size(small, "resnet20")
+    assert sum(v.nbytes for v in replaceable_state(small).values()) < MAX_DELTA_TENSOR_BYTES
+    check_delta_size(ImageNetResNet("resnet18"), "resnet18")  # its affine tensors alone: fine
+    with pytest.raises(ValueError, match=r"resnet18 with --learn norm\+conv would carry 42\.\d MiB .* learn fewer"):
+        check_delta_size(learn_conv_weights(ImageNetResNet("resnet18")), "resnet18 with --learn norm+conv")

@@ -11,14 +11,17 @@ from server.export import export_student
 from server.models import embedded
 from server.models.cifar_resnet import cifar_resnet
 from server.models.registry import IMAGENET_MEAN, IMAGENET_STD, InputNormalization
-from server.norm import load_replaceable_state, norm_layers, replaceable_state
+from server.norm import conv_weights, learn_conv_weights, load_replaceable_state, norm_layers, replaceable_state
 from server.prompt import InputPrompt, PromptedModel
 
 
 def _random_norm(model: torch.nn.Module, rng: np.random.Generator) -> dict[str, np.ndarray]:
     out = {}
+    convs = conv_weights(model)
     for name, value in replaceable_state(model).items():
-        if name.endswith("running_var"):
+        if name in convs:  # learnt convolution weights: moved, within their scale
+            out[name] = (value * rng.uniform(0.5, 1.5, value.shape)).astype(np.float32)
+        elif name.endswith("running_var"):
             out[name] = rng.uniform(0.2, 3.0, value.shape).astype(np.float32)
         else:
             out[name] = rng.normal(0.0, 1.0, value.shape).astype(np.float32)
@@ -31,6 +34,9 @@ ARCHITECTURES = {
     # prompted students: the prompt is one more replaceable tensor set, in the same graph and deltas
     "embedded-student+padding:4": lambda: PromptedModel(ARCHITECTURES["embedded-student"](), InputPrompt("padding", 4, (32, 32))),
     "resnet20+lowres:8": lambda: PromptedModel(ARCHITECTURES["resnet20"](), InputPrompt("lowres", 8, (32, 32))),
+    # students that learn their convolution weights too: initializers in both graphs, in every delta
+    "embedded-student+conv": lambda: learn_conv_weights(ARCHITECTURES["embedded-student"]()),
+    "resnet20+conv": lambda: learn_conv_weights(ARCHITECTURES["resnet20"]()),
 }
 
 
@@ -85,7 +91,7 @@ def test_statistics_graph_is_torch_train_mode_batchnorm(arch):
         layer.track_running_stats = False  # normalise with batch statistics, leave the running ones
     with torch.no_grad():
         expected_logits = model(torch.from_numpy(x)).numpy()
-    logits, measured = StatisticsProbe(artifact.stats_onnx).run(x, params)
+    logits, measured = StatisticsProbe(artifact.stats_onnx, params=params).run(x, params)
     assert np.abs(logits - expected_logits).max() <= 1e-3
     assert len(measured) == 2 * len(seen)
     for name, value in seen.items():
@@ -94,12 +100,47 @@ def test_statistics_graph_is_torch_train_mode_batchnorm(arch):
                                    rtol=1e-3, atol=1e-4)
     # the running statistics do not enter the graph: changing them changes nothing
     shifted = {k: (v + 1.0 if k.endswith("running_mean") else v) for k, v in params.items()}
-    np.testing.assert_array_equal(StatisticsProbe(artifact.stats_onnx).run(x, shifted)[0], logits)
+    np.testing.assert_array_equal(StatisticsProbe(artifact.stats_onnx, params=params).run(x, shifted)[0], logits)
     folded = fold_batch_statistics(params, measured, momentum=0.25)
     layer = next(iter(seen))
     np.testing.assert_allclose(folded[f"{layer}.running_mean"],
                                0.75 * params[f"{layer}.running_mean"] + 0.25 * measured[f"{layer}.batch_mean"], rtol=1e-6)
     np.testing.assert_array_equal(folded[f"{layer}.weight"], params[f"{layer}.weight"])
+
+
+@pytest.mark.parametrize("arch", ["resnet20", "resnet20+conv"])
+def test_batch_statistics_device_follows_deltas(arch):
+    """`batch` normalisation after deltas equals torch's train-mode BN under the delta's tensors,
+    learnt convolution weights included (its statistics session is rebuilt for them, and only them)."""
+    from device_client.statistics import BatchStatisticsModel, StatisticsProbe
+
+    torch.manual_seed(2)
+    rng = np.random.default_rng(2)
+    model = ARCHITECTURES[arch]().eval()
+    artifact = export_student(model, (3, 32, 32))
+    params = split_norm_file(artifact.norm, artifact.parameters)
+    probe = StatisticsProbe(artifact.stats_onnx, params=params)
+    assert probe.with_weights(dict(params)) is probe  # same arrays: no rebuild
+    learns_convs = bool(conv_weights(model))
+    assert (probe.with_weights(params | _random_norm(model, rng)) is probe) is not learns_convs
+    if learns_convs:
+        with pytest.raises(ValueError, match="learnt weights"):
+            StatisticsProbe(artifact.stats_onnx)
+    device = BatchStatisticsModel(artifact.stats_onnx, params, version=0)
+    x = rng.random((16, 3, 32, 32), dtype=np.float32)
+    for layer in norm_layers(model).values():
+        layer.train()
+        layer.track_running_stats = False
+    for version in (1, 2):
+        new = _random_norm(model, rng)
+        assert device.install(new, version)
+        load_replaceable_state(model, new)
+        with torch.no_grad():
+            expected = model(torch.from_numpy(x)).numpy()
+        logits, used = device.run(x)
+        assert used == version
+        assert np.abs(logits - expected).max() <= 1e-3
+    assert not device.install(new, 2)  # not newer
 
 
 def test_export_names_every_norm_tensor_and_refuses_going_backwards():
@@ -155,3 +196,41 @@ def test_corrupted_prompt_delta_is_refused():
         with pytest.raises(DeltaRefused) as refused:
             verify_delta(delta, 0, descriptor)
         assert refused.value.reason == reason
+
+
+def test_running_statistics_are_measured_under_the_newest_learnt_weights():
+    """`running` normalisation folds statistics measured by its probe: after a delta that moved
+    the convolutions, under the new weights, not the ones the probe was built with."""
+    import threading
+
+    from device_client.scoring import to_model_input
+    from device_client.statistics import RunningStatistics, StatisticsProbe
+    from device_client.update_budget import UpdateBudget
+    from tests.conftest import tiny_pair, wait_for
+
+    model = learn_conv_weights(tiny_pair()[0])
+    artifact = export_student(model, (3, 32, 32))
+    params = split_norm_file(artifact.norm, artifact.parameters)
+    fused = SwappableModel(artifact.onnx, params, version=0, threads=1)
+    running = RunningStatistics(fused, StatisticsProbe(artifact.stats_onnx, 1, params), batch=8, momentum=1.0,
+                                budget=UpdateBudget(None))
+    moved = {name: params[name] * 1.5 for name in conv_weights(model)}
+    assert running.install(moved, 1)
+    frames = np.random.default_rng(3).integers(0, 256, size=(8, 32, 32, 3), dtype=np.uint8)
+    x = to_model_input(frames)
+    running.run(x, frames)
+    stop = threading.Event()
+    loop = threading.Thread(target=running.loop, args=(stop,))
+    loop.start()
+    try:
+        assert wait_for(lambda: running.measured >= 8, timeout=30)
+    finally:
+        stop.set()
+        running.wake()
+        loop.join(timeout=10)
+    new = StatisticsProbe(artifact.stats_onnx, 1, fused.params).measure(x, fused.params)
+    old = StatisticsProbe(artifact.stats_onnx, 1, params).measure(x, params)
+    layer = next(iter(norm_layers(model)))
+    np.testing.assert_allclose(fused.params[f"{layer}.running_mean"], new[f"{layer}.batch_mean"], rtol=1e-5, atol=1e-6)
+    assert np.abs(new[f"{layer}.batch_var"] - old[f"{layer}.batch_var"]).max() > 1e-3  # the weights did matter
+    np.testing.assert_allclose(fused.params[f"{layer}.running_var"], new[f"{layer}.batch_var"], rtol=1e-5, atol=1e-6)

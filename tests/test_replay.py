@@ -70,6 +70,22 @@ def test_replay_prompt_methods(tmp_path: Path, prompt: str) -> None:
     assert prompt_only["downlink_bytes"] / prompt_only["deltas_applied"] < joint["downlink_bytes"] / joint["deltas_applied"]
 
 
+def test_replay_conv_method_ships_the_convolutions_through_the_real_loop(tmp_path: Path) -> None:
+    """cema+conv: the server learns every convolution's weight and the batch-statistics devices
+    (the replay default) install them, over real HTTP and onnxruntime; each delta carries them."""
+    from server.models.registry import build_model
+    from server.norm import conv_weights, learn_conv_weights
+
+    report = run(ReplayOptions(methods=("cema", "cema+conv"), corruptions="contrast", samples_per_domain=64,
+                               batch_size=16, out=tmp_path, torch_threads=1))
+    affine, conv = report["methods"]
+    conv_bytes = sum(p.numel() * 4 for p in conv_weights(learn_conv_weights(build_model("embedded-student"))).values())
+    assert affine["deltas_applied"] > 0 and conv["deltas_applied"] > 0
+    assert affine["downlink_bytes"] / affine["deltas_applied"] < conv_bytes
+    assert conv["downlink_bytes"] / conv["deltas_applied"] > conv_bytes
+    assert conv["forward_passes_per_sample"] == 1.0 and conv["backward_passes_per_sample"] == 0.0
+
+
 def test_replay_uncertainty_guided_sampling(tmp_path: Path) -> None:
     report = run(ReplayOptions(methods=("cema@ugs", "prompt@ugs"), corruptions="fog", samples_per_domain=64,
                                batch_size=16, out=tmp_path, torch_threads=1))
