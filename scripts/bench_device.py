@@ -51,6 +51,7 @@ from device_client.statistics import (
 from device_client.update_budget import UpdateBudget
 from server.export import export_student
 from server.models.registry import build_model, model_info
+from server.norm import learn_conv_weights
 from server.prompt import InputPrompt, PromptedModel
 
 
@@ -150,7 +151,7 @@ def mode_cases(artifact, source: dict[str, np.ndarray], threads: int, budget: fl
 
     def running(share: float | None) -> ModeCase:
         stats = RunningStatistics(SwappableModel(artifact.onnx, source, 0, threads),
-                                  StatisticsProbe(artifact.stats_onnx, threads), 16, 0.2, UpdateBudget(share))
+                                  StatisticsProbe(artifact.stats_onnx, threads, source), 16, 0.2, UpdateBudget(share))
         return ModeCase(stats.run, stats.install, stats)
 
     return {
@@ -170,7 +171,7 @@ def measure_modes(args, info, artifact, source: dict[str, np.ndarray]) -> list[d
     shared machine the second is what a dedicated core would give: other processes' slices do
     not count, while every thread of the device's own does."""
     rng = np.random.default_rng(1)
-    affine = [k for k in source if k.rsplit(".", 1)[1] in ("weight", "bias")]
+    affine = [k for k in source if k.rsplit(".", 1)[1] in ("weight", "bias")]  # and learnt convolution weights
     deltas = [{k: (source[k] * rng.uniform(0.9, 1.1, source[k].shape)).astype(np.float32) for k in affine}
               for _ in range(2)]
     rows = []
@@ -238,6 +239,8 @@ def main() -> None:
     parser.add_argument("--delta-every", type=int, default=160, help="modes: a delta every this many frames (0: none)")
     parser.add_argument("--stats-budget", type=float, default=0.04, help="modes: the budgeted running mode's share")
     parser.add_argument("--modes-only", action="store_true", help="only the normalization modes table")
+    parser.add_argument("--learn-conv", action="store_true", help="a student that learns its convolution weights "
+                        "(`serve --learn norm+conv`): the deltas move them too")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     pin_to_one_core(args.cpu)
@@ -245,12 +248,12 @@ def main() -> None:
 
     info = model_info(args.student)
     model = build_model(args.student).eval()
-    artifact = export_student(model, info.input_shape)
+    artifact = export_student(learn_conv_weights(model) if args.learn_conv else model, info.input_shape)
     source = split_norm_file(artifact.norm, artifact.parameters)
     meta = {"date": date.today().isoformat(), "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
             "cpus": os.cpu_count(), "pinned_cpu": args.cpu, "threads": args.threads, "onnxruntime": ort.__version__,
             "torch": torch.__version__, "student": args.student, "delta_every": args.delta_every,
-            "stats_budget": args.stats_budget}
+            "stats_budget": args.stats_budget, "learn_conv": args.learn_conv}
     results = [] if args.modes_only else measure_kernels(args, info, model, artifact, source, meta)
     modes = measure_modes(args, info, artifact, source)
     for clock in CLOCKS:
@@ -275,7 +278,7 @@ def measure_kernels(args, info, model, artifact, source: dict[str, np.ndarray], 
     inputs_session = ort.InferenceSession(norm_as_inputs(artifact.onnx, artifact.norm, artifact.parameters), options,
                                           providers=["CPUExecutionProvider"])
 
-    probe = StatisticsProbe(artifact.stats_onnx, args.threads)
+    probe = StatisticsProbe(artifact.stats_onnx, args.threads, source)
     prompted_model = PromptedModel(build_model(args.student), InputPrompt("lowres", 8, info.input_size)).eval()
     prompted_artifact = export_student(prompted_model, info.input_shape)
     prompted = build_session(prompted_artifact.onnx, split_norm_file(prompted_artifact.norm, prompted_artifact.parameters),
