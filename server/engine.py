@@ -52,7 +52,7 @@ class CemaConfig:
     distil_from: str = "teacher"  # soft labels from the adapting teacher, its EMA, or both averaged
     teacher_ema: float = 0.9  # per step, on the teacher's affine parameters (CoTTA's mean teacher)
     student_steps: int = 1
-    new_per_step: int = 32
+    new_per_step: int = 32  # CEMA's new uploads per step; learning convolutions, a smaller step's rate shrinks with it
     replay_per_step: int = 96
     replay_capacity: int = 10_000
     replay_min: int = 256
@@ -480,7 +480,7 @@ class CemaEngine:
             state.student_norm = replaceable_state(self.student)
         _set_norm_mode(self.student, train=False)
         active = self._active_parts(state.steps)
-        opts = self._student_optimizers(state, active)
+        opts = self._student_optimizers(state, active, len(new.images))
         total = sum(len(g.images) for g in groups)
         for _ in range(cfg.student_steps):
             for opt in opts.values():
@@ -503,8 +503,13 @@ class CemaEngine:
             return "norm" if step % 2 == 0 else "prompt"
         return self.cfg.learn
 
-    def _student_optimizers(self, state: CohortState, active: str) -> dict[str, torch.optim.Optimizer]:
-        """SGD on the affine parameters (CEMA's), Adam on the prompt; keyed by their state field."""
+    def _student_optimizers(self, state: CohortState, active: str, new_samples: int) -> dict[str, torch.optim.Optimizer]:
+        """SGD on the affine parameters (CEMA's), Adam on the prompt; keyed by their state field.
+
+        Learning the convolutions too, a step's SGD rate scales with the new uploads it brings, up
+        to `new_per_step`: the weights then move by as much per uploaded frame whether a step comes
+        every 64 frames or every 200 (in lockstep the cloud steps once per device batch; at batch
+        64, full-rate steps on about 13 uploads each gave 30.6% against 24.6% at batch 200)."""
         opts: dict[str, torch.optim.Optimizer] = {}
         if self._student_params and "norm" in active:
             opts["student_opt"] = torch.optim.SGD(self._student_params, lr=self.cfg.student_lr, momentum=self.cfg.momentum)
@@ -513,6 +518,9 @@ class CemaEngine:
         for name, opt in opts.items():
             if getattr(state, name):
                 opt.load_state_dict(getattr(state, name))
+        if "student_opt" in opts and "conv" in self.cfg.learn:
+            for group in opts["student_opt"].param_groups:
+                group["lr"] = self.cfg.student_lr * min(1.0, new_samples / self.cfg.new_per_step)
         return opts
 
     def _logits(self, group: ReplayGroup, x: torch.Tensor, model: nn.Module | None = None) -> torch.Tensor:

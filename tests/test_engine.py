@@ -249,6 +249,30 @@ def test_unknown_distillation_source_is_refused() -> None:
         CemaConfig(num_classes=10, distil_from="student")
 
 
+def test_conv_mode_scales_a_small_steps_rate_with_its_new_uploads() -> None:
+    """A step on 8 new uploads moves the student a quarter as far as a full step would when
+    new_per_step is 32 (first step: SGD's update is the rate times the gradient); affine-only
+    CEMA keeps its fixed rate."""
+    from server.norm import learn_conv_weights
+
+    def first_move(learn: str, new_per_step: int) -> dict[str, np.ndarray]:
+        torch.manual_seed(0)
+        student, teacher = tiny_pair()
+        student = learn_conv_weights(student) if "conv" in learn else student
+        engine = CemaEngine(student, teacher, CemaConfig(num_classes=10, new_per_step=new_per_step, replay_min=8,
+                                                         learn=learn, adapt_teacher=False))
+        delta = engine.step(_images(8, 3), engine.new_state(), batch_statistics=True).tensors
+        return {k: delta[k] - engine._source_student[k] for k in delta}
+
+    full, quarter = first_move("norm+conv", 8), first_move("norm+conv", 32)
+    assert any(k.endswith(".weight") and v.ndim == 4 for k, v in full.items())  # convolutions moved
+    for name in full:
+        np.testing.assert_allclose(quarter[name], 0.25 * full[name], rtol=1e-3, atol=1e-7)
+    affine_full, affine_same = first_move("norm", 8), first_move("norm", 32)
+    for name in affine_full:
+        np.testing.assert_allclose(affine_same[name], affine_full[name], rtol=1e-5, atol=1e-8)
+
+
 def test_a_student_whose_full_delta_a_device_could_not_read_is_refused_at_start() -> None:
     from server.main import MAX_DELTA_TENSOR_BYTES, check_delta_size
     from server.models.cifar_resnet import cifar_resnet
