@@ -11,7 +11,13 @@ from server.export import export_student
 from server.models import embedded
 from server.models.cifar_resnet import cifar_resnet
 from server.models.registry import IMAGENET_MEAN, IMAGENET_STD, InputNormalization
-from server.norm import conv_weights, learn_conv_weights, load_replaceable_state, norm_layers, replaceable_state
+from server.norm import (
+    conv_weights,
+    learn_conv_weights,
+    load_replaceable_state,
+    norm_layers,
+    replaceable_state,
+)
 from server.prompt import InputPrompt, PromptedModel
 
 
