@@ -7,6 +7,7 @@ frame it sees, where the cloud would only see the entropy-filtered uploads.
 """
 from __future__ import annotations
 
+import copy
 import threading
 import time
 from collections import deque
@@ -75,7 +76,10 @@ class StatisticsProbe:
         """This probe if `params` hold the same learnt weights (the same arrays), else a new one for them."""
         if all(params[name] is self._weights[name] for name in self._graph.weights):
             return self
-        return StatisticsProbe(self._graph.source, self._graph.threads, params)
+        probe = copy.copy(self)  # the same graph, read once: only the weights and the session are new
+        probe._weights = {name: params[name] for name in self._graph.weights}
+        probe._session = build_session(self._graph.source, probe._weights, self._graph.threads)
+        return probe
 
     def run(self, x: np.ndarray, params: dict[str, np.ndarray]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         """Under the probe's own learnt weights: `params` supply the fed tensors."""
