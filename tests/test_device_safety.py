@@ -178,6 +178,31 @@ def test_delta_values_must_be_sane(artifact):
     assert verify_delta(delta({weight: source[weight] + 1e6}), 0, descriptor, source=source, max_rel=None)
 
 
+def test_a_hostile_convolution_delta_is_refused():
+    """Learnt convolution weights pass the same checks as every replaceable tensor: bounds, shape, dtype."""
+    from device_client.runtime import split_norm_file
+    from server.export import export_student
+    from server.norm import conv_weights, learn_conv_weights
+
+    student = learn_conv_weights(tiny_pair()[0])
+    artifact = export_student(student, (3, 32, 32))
+    descriptor = _descriptor(artifact)
+    source = split_norm_file(artifact.norm, artifact.parameters)
+    conv = next(iter(conv_weights(student)))
+
+    def delta(value: np.ndarray) -> Delta:
+        params = {conv: Tensor.from_numpy(value)}
+        return Delta(cohort="c", base_version=0, new_version=1, created_at=0, newest_upload_at=0, params=params,
+                     sha256=tensors_digest(params))
+
+    assert verify_delta(delta(source[conv] * 1.1), 0, descriptor, source=source)
+    for value, reason in ((source[conv] + 1e6, "out_of_bounds"), (source[conv].reshape(-1), "bad_tensor"),
+                          (source[conv].astype(np.float16), "bad_tensor")):
+        with pytest.raises(DeltaRefused) as refused:
+            verify_delta(delta(value), 0, descriptor, source=source)
+        assert refused.value.reason == reason
+
+
 # -- selection and telemetry under NaN ---------------------------------------------------------
 def test_a_nan_batch_does_not_poison_the_selector():
     selector = CemaSelector(SelectionConfig(num_classes=10, warmup_samples=8, entropy_ema=0.8))
