@@ -13,6 +13,11 @@ from shared.protocol import Delta, ModelDescriptor
 DEFAULT_MAX_REL = 50.0
 
 
+# float16 halves a delta that carries convolution weights (server.norm.for_the_wire); the device
+# computes in float32 and upcasts what it accepts.
+DELTA_DTYPES = ("float32", "float16")
+
+
 class DeltaRefused(ValueError):
     def __init__(self, reason: str, detail: str) -> None:
         super().__init__(f"{reason}: {detail}")
@@ -43,10 +48,11 @@ def verify_delta(
         raise DeltaRefused("unexpected_tensors", f"unknown tensors {unknown[:3]}" if unknown else "no tensors")
     params: dict[str, np.ndarray] = {}
     for name, tensor in delta.params.items():
-        if tuple(tensor.shape) != tuple(expected[name]) or tensor.dtype != "float32":
-            raise DeltaRefused("bad_tensor", f"{name} is {tensor.dtype}{list(tensor.shape)}, expected float32{list(expected[name])}")
+        if tuple(tensor.shape) != tuple(expected[name]) or tensor.dtype not in DELTA_DTYPES:
+            raise DeltaRefused("bad_tensor", f"{name} is {tensor.dtype}{list(tensor.shape)}, "
+                                             f"expected {' or '.join(DELTA_DTYPES)} {list(expected[name])}")
         try:
-            params[name] = tensor.to_numpy()
+            params[name] = tensor.to_numpy().astype(np.float32, copy=False)
         except ValueError as exc:
             raise DeltaRefused("non_finite", f"{name}: {exc}") from exc
         check_bounds(name, params[name], None if source is None else source.get(name), max_rel)

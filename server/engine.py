@@ -20,6 +20,7 @@ from server.augment import cotta_augment
 from server.grouped import bounds_of, grouped_batch_norm
 from server.norm import (
     conv_weights,
+    for_the_wire,
     freeze_all_but_learnt,
     load_replaceable_state,
     norm_layers,
@@ -432,7 +433,7 @@ class CemaEngine:
             before = agreement(self._predict(state.published, state, groups), groups)
             after = agreement(self._predict(candidate, state, groups), groups)
             if after < before - cfg.guard_tolerance:  # the devices keep what they run; so does the student
-                state.student_norm.update({k: v.copy() for k, v in state.published.items()})
+                state.student_norm.update({k: v.astype(np.float32) for k, v in state.published.items()})
                 state.prompt_ema.update({k: v.copy() for k, v in state.published.items() if _is_prompt(k)})
                 state.student_opt, state.prompt_opt = {}, {}
                 detail = f"teacher agreement {after:.3f} < {before:.3f} on {state.holdout.size} held-out uploads"
@@ -548,7 +549,8 @@ class CemaEngine:
         return loss
 
     def _delta_tensors(self, state: CohortState, cloud_statistics: bool) -> dict[str, np.ndarray]:
-        """What moved: affine parameters and/or the prompt's EMA, plus statistics the cloud estimated."""
+        """What moved: affine parameters and/or the prompt's EMA, plus statistics the cloud estimated,
+        in their wire precision (`for_the_wire`)."""
         out = {}
         for name, value in state.student_norm.items():
             if _is_prompt(name):
@@ -561,7 +563,7 @@ class CemaEngine:
                     out[name] = value
             elif "norm" in self.cfg.learn:
                 out[name] = value
-        return out
+        return for_the_wire(out, self.student)
 
 
 def _group_input(group: ReplayGroup, device: torch.device) -> torch.Tensor:

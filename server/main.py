@@ -28,7 +28,7 @@ from server.fleet import FleetView
 from server.leases import LeaseKeeper
 from server.metrics import Registry
 from server.models.registry import build_model, model_info
-from server.norm import learn_conv_weights, replaceable_state
+from server.norm import for_the_wire, learn_conv_weights, replaceable_state
 from server.options import ROLES, ServeOptions
 from server.prompt import InputPrompt, PromptedModel, parse_prompt
 from server.queueing import InProcessQueue, UploadQueue
@@ -80,7 +80,7 @@ def _with_signing_key(parts: ServerParts, opts: ServeOptions) -> ServerParts:
 
 def check_delta_size(student: torch.nn.Module, what: str) -> None:
     """Refuse at start-up a student whose full delta a device could not read."""
-    delta_bytes = sum(v.nbytes for v in replaceable_state(student).values())
+    delta_bytes = sum(v.nbytes for v in for_the_wire(replaceable_state(student), student).values())
     if delta_bytes > MAX_DELTA_TENSOR_BYTES:
         raise ValueError(f"deltas of {what} would carry {delta_bytes / 2**20:.1f} MiB of tensors, over the "
                          f"{MAX_DELTA_TENSOR_BYTES / 2**20:.0f} MiB a device reads: learn fewer")

@@ -179,7 +179,8 @@ def test_delta_values_must_be_sane(artifact):
 
 
 def test_a_hostile_convolution_delta_is_refused():
-    """Learnt convolution weights pass the same checks as every replaceable tensor: bounds, shape, dtype."""
+    """Learnt convolution weights pass the same checks as every replaceable tensor: bounds, shape,
+    dtype (float32, or float16 upcast), finite values."""
     from device_client.runtime import split_norm_file
     from server.export import export_student
     from server.norm import conv_weights, learn_conv_weights
@@ -196,8 +197,12 @@ def test_a_hostile_convolution_delta_is_refused():
                      sha256=tensors_digest(params))
 
     assert verify_delta(delta(source[conv] * 1.1), 0, descriptor, source=source)
+    half = verify_delta(delta(source[conv].astype(np.float16)), 0, descriptor, source=source)[conv]  # as the cloud sends them
+    assert half.dtype == np.float32
+    np.testing.assert_array_equal(half, source[conv].astype(np.float16).astype(np.float32))
+    huge = np.full(source[conv].shape, np.inf, np.float16)  # what a float32 weight over 65504 would become
     for value, reason in ((source[conv] + 1e6, "out_of_bounds"), (source[conv].reshape(-1), "bad_tensor"),
-                          (source[conv].astype(np.float16), "bad_tensor")):
+                          (source[conv].astype(np.int32), "bad_tensor"), (huge, "non_finite")):
         with pytest.raises(DeltaRefused) as refused:
             verify_delta(delta(value), 0, descriptor, source=source)
         assert refused.value.reason == reason

@@ -181,7 +181,7 @@ def test_alternating_mode_trains_norm_then_prompt() -> None:
 
 
 def test_conv_mode_moves_and_ships_every_convolution_weight_and_nothing_else_of_the_student() -> None:
-    from server.norm import conv_weights, learn_conv_weights
+    from server.norm import conv_weights, for_the_wire, learn_conv_weights
 
     student, teacher = tiny_pair()
     engine = CemaEngine(learn_conv_weights(student), teacher, CemaConfig(
@@ -193,7 +193,13 @@ def test_conv_mode_moves_and_ships_every_convolution_weight_and_nothing_else_of_
     state = engine.new_state()
     delta = engine.step(_images(8), state, batch_statistics=True).tensors
     assert convs <= set(delta)
-    assert all(np.abs(delta[k] - engine._source_student[k]).max() > 0 for k in convs)  # every convolution learnt
+    assert all(np.abs(state.student_norm[k] - engine._source_student[k]).max() > 0 for k in convs)  # every convolution learnt
+    for name, value in delta.items():  # convolutions travel as float16, rounded from the float32 masters
+        assert value.dtype == (np.float16 if name in convs else np.float32), name
+        if name in convs:
+            np.testing.assert_array_equal(value, state.student_norm[name].astype(np.float16))
+    big = {name: np.full_like(state.student_norm[name], 7e4) for name in sorted(convs)[:1]}
+    assert for_the_wire(big, engine.student)[next(iter(big))].dtype == np.float32  # float16 cannot hold it: stays float32
     teacher_convs = {f"{n}.weight" for n, m in engine.teacher.named_modules() if isinstance(m, torch.nn.Conv2d)}
     assert teacher_convs and not teacher_convs & set(state.teacher_norm)  # the teacher stays affine-only
     assert all(torch.equal(p, frozen[n]) for n, p in engine.student.named_parameters() if n in frozen)
@@ -261,8 +267,9 @@ def test_conv_mode_scales_a_small_steps_rate_with_its_new_uploads() -> None:
         student = learn_conv_weights(student) if "conv" in learn else student
         engine = CemaEngine(student, teacher, CemaConfig(num_classes=10, new_per_step=new_per_step, replay_min=8,
                                                          learn=learn, adapt_teacher=False))
-        delta = engine.step(_images(8, 3), engine.new_state(), batch_statistics=True).tensors
-        return {k: delta[k] - engine._source_student[k] for k in delta}
+        state = engine.new_state()
+        delta = engine.step(_images(8, 3), state, batch_statistics=True).tensors
+        return {k: state.student_norm[k] - engine._source_student[k] for k in delta}  # the float32 masters
 
     full, quarter = first_move("norm+conv", 8), first_move("norm+conv", 32)
     assert any(k.endswith(".weight") and v.ndim == 4 for k, v in full.items())  # convolutions moved
@@ -277,11 +284,11 @@ def test_a_student_whose_full_delta_a_device_could_not_read_is_refused_at_start(
     from server.main import MAX_DELTA_TENSOR_BYTES, check_delta_size
     from server.models.cifar_resnet import cifar_resnet
     from server.models.imagenet_resnet import ImageNetResNet
-    from server.norm import learn_conv_weights, replaceable_state
+    from server.norm import for_the_wire, learn_conv_weights, replaceable_state
 
-    small = learn_conv_weights(cifar_resnet("resnet20"))  # about 1 MiB: fine
+    small = learn_conv_weights(cifar_resnet("resnet20"))  # about 0.5 MiB: fine
     check_delta_size(small, "resnet20")
-    assert sum(v.nbytes for v in replaceable_state(small).values()) < MAX_DELTA_TENSOR_BYTES
+    assert sum(v.nbytes for v in for_the_wire(replaceable_state(small), small).values()) < MAX_DELTA_TENSOR_BYTES
     check_delta_size(ImageNetResNet("resnet18"), "resnet18")  # its affine tensors alone: fine
-    with pytest.raises(ValueError, match=r"resnet18 with --learn norm\+conv would carry 42\.\d MiB .* learn fewer"):
+    with pytest.raises(ValueError, match=r"resnet18 with --learn norm\+conv would carry 21\.\d MiB .* learn fewer"):
         check_delta_size(learn_conv_weights(ImageNetResNet("resnet18")), "resnet18 with --learn norm+conv")

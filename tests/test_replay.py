@@ -72,16 +72,23 @@ def test_replay_prompt_methods(tmp_path: Path, prompt: str) -> None:
 
 def test_replay_conv_method_ships_the_convolutions_through_the_real_loop(tmp_path: Path) -> None:
     """cema+conv: the server learns every convolution's weight and the batch-statistics devices
-    (the replay default) install them, over real HTTP and onnxruntime; each delta carries them."""
+    (the replay default) install them, over real HTTP and onnxruntime; each delta carries them, in
+    float16."""
     from server.models.registry import build_model
-    from server.norm import conv_weights, learn_conv_weights, replaceable_state
+    from server.norm import (
+        conv_weights,
+        for_the_wire,
+        learn_conv_weights,
+        replaceable_state,
+    )
 
     report = run(ReplayOptions(methods=("cema+conv",), corruptions="contrast", samples_per_domain=64,
                                batch_size=16, out=tmp_path, torch_threads=1))
     [conv] = report["methods"]
     student = learn_conv_weights(build_model("embedded-student"))
-    conv_bytes = sum(p.numel() * 4 for p in conv_weights(student).values())
-    learnt_bytes = sum(v.nbytes for k, v in replaceable_state(student).items() if not k.endswith(("_mean", "_var")))
+    conv_bytes = sum(p.numel() * 2 for p in conv_weights(student).values())  # float16 on the wire
+    learnt = {k: v for k, v in replaceable_state(student).items() if not k.endswith(("_mean", "_var"))}
+    learnt_bytes = sum(v.nbytes for v in for_the_wire(learnt, student).values())
     assert conv["where"] == "collaborative" and conv["deltas_applied"] > 0
     assert learnt_bytes < conv["downlink_bytes"] / conv["deltas_applied"] < learnt_bytes + 64 * 1024  # + the envelope
     assert conv_bytes > learnt_bytes / 2  # most of it is the convolutions
