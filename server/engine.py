@@ -245,6 +245,13 @@ class CohortState:
     holdout: ReplayBuffer | None = None  # recent held-out uploads, for the guarded push
     predictions: deque[int] = field(default_factory=deque)  # the student's recent classes on new uploads
 
+    def restart_from(self, tensors: dict[str, np.ndarray]) -> None:
+        """Continue adapting from a delta's tensors (a withheld candidate, a rollback), with fresh
+        optimizer state; the masters stay float32 whatever precision the delta travelled in."""
+        self.student_norm.update({k: v.astype(np.float32) for k, v in tensors.items()})
+        self.prompt_ema.update({k: v.astype(np.float32) for k, v in tensors.items() if _is_prompt(k)})
+        self.student_opt, self.prompt_opt = {}, {}
+
 
 @dataclass(frozen=True)
 class StepResult:
@@ -433,9 +440,7 @@ class CemaEngine:
             before = agreement(self._predict(state.published, state, groups), groups)
             after = agreement(self._predict(candidate, state, groups), groups)
             if after < before - cfg.guard_tolerance:  # the devices keep what they run; so does the student
-                state.student_norm.update({k: v.astype(np.float32) for k, v in state.published.items()})
-                state.prompt_ema.update({k: v.copy() for k, v in state.published.items() if _is_prompt(k)})
-                state.student_opt, state.prompt_opt = {}, {}
+                state.restart_from(state.published)
                 detail = f"teacher agreement {after:.3f} < {before:.3f} on {state.holdout.size} held-out uploads"
                 return StepResult({k: v.copy() for k, v in state.published.items()}, "withheld", detail)
         state.published = {k: v.copy() for k, v in candidate.items()}

@@ -238,10 +238,8 @@ class AdaptationWorker:
         tensors = {name: tensor.to_numpy() for name, tensor in record.params.items()}
         with self._states_lock:
             state = self._state(cohort)
-            state.student_norm.update({k: v.astype(np.float32) for k, v in tensors.items()})  # float32 masters
-            state.prompt_ema.update({k: v.copy() for k, v in tensors.items() if k.startswith("prompt.")})
+            state.restart_from(tensors)
             state.published = {k: v.copy() for k, v in tensors.items()}
-            state.student_opt, state.prompt_opt = {}, {}
             state.predictions.clear()
             new_version = self._commit(cohort, tensors, record.newest_upload_at, encode_state(state))
         if new_version:
