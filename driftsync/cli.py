@@ -68,6 +68,15 @@ def _model_spec(text: str) -> None:
         raise ValueError(f"checkpoint {checkpoint} does not exist")
 
 
+def _teacher_spec(text: str) -> None:
+    """A model spec, or several joined by "+" (an ensemble) whose members agree on classes and input size."""
+    from server.models.registry import ENSEMBLE, teacher_info
+
+    for part in text.split(ENSEMBLE):
+        _model_spec(part)
+    teacher_info(text)
+
+
 def _prompt_spec(text: str) -> None:
     from server.prompt import parse_prompt
 
@@ -130,6 +139,7 @@ def _replay_methods() -> tuple[str, ...]:
 
 
 MODEL = checked(_needs_torch(_model_spec), "NAME[:CHECKPOINT]")
+TEACHER = checked(_needs_torch(_teacher_spec), "NAME[:CHECKPOINT][+NAME[:CHECKPOINT]...]")
 TORCH_DEVICE = checked(_needs_torch(_torch_device), "DEVICE")
 PROMPT = checked(_needs_torch(_prompt_spec), "KIND:SIZE")
 CORRUPTIONS = checked(_corruptions, "all|none|NAME,...")
@@ -143,7 +153,8 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
     add(p, "--port", 8700, PORT, help="port to bind")
     add(p, "--state-dir", str(home() / "server"), help="SQLite state and caches")
     add(p, "--student", "embedded-student", MODEL, help="student model NAME[:CHECKPOINT]")
-    add(p, "--teacher", "embedded-teacher", MODEL, help="teacher model NAME[:CHECKPOINT]")
+    add(p, "--teacher", "embedded-teacher", TEACHER, help="teacher model NAME[:CHECKPOINT], or several joined by + "
+        "(an ensemble: their logits averaged)")
     add(p, "--enrolment-token", None, help="token(s) a device must present to register; comma-separated to rotate "
         "(unset: open enrolment)", secret=True)
     add(p, "--admin-token", None, help="token for fleet operations, the fleet API and the dashboard (unset: off)", secret=True)
@@ -308,7 +319,8 @@ def _replay_args(p: argparse.ArgumentParser) -> None:
     add(p, "--data-key", "x", help="npz image key; x_exact1000 selects CIFAR-10's 1000 bit-exact test images")
     add(p, "--class-index", None, optional(FILE), help="imagenet-c, folder: the model's classes (wnids) in order, one a line (default: the model's own list)")
     add(p, "--student", "embedded-student", MODEL, help="device model NAME[:CHECKPOINT]")
-    add(p, "--teacher", "embedded-teacher", MODEL, help="cloud model NAME[:CHECKPOINT]")
+    add(p, "--teacher", "embedded-teacher", TEACHER, help="cloud model NAME[:CHECKPOINT], or several joined by + "
+        "(an ensemble: their logits averaged)")
     add(p, "--method", "source,bn,tent,cema", comma_list(_replay_methods), help="comma list of cema, prompt, cema+prompt (joint), cema/prompt (alternating), cema+conv (convolution weights too), each also with @ugs; "
         "source, bn, tent, eata, cotta, roid, sar")
     add(p, "--prompt", "lowres:8", PROMPT, help="input prompt of the prompt methods: lowres:SIZE or padding:WIDTH")

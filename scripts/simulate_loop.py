@@ -30,7 +30,7 @@ from device_client.scoring import entropy, softmax
 from device_client.selection import CemaSelector, SelectionConfig
 from driftsync.data import streams
 from server.engine import LEARN_MODES, CemaConfig, CemaEngine, to_input
-from server.models.registry import build_model, model_info
+from server.models.registry import build_model, build_teacher, model_info
 from server.norm import (
     learn_conv_weights,
     load_replaceable_state,
@@ -102,7 +102,7 @@ def main() -> None:
         model = model if prompt is None else PromptedModel(model, InputPrompt(*prompt, info.input_size))
         return learn_conv_weights(model) if "conv" in args.learn else model
 
-    engine = CemaEngine(student(), build_model(args.teacher), cfg)
+    engine = CemaEngine(student(), build_teacher(args.teacher), cfg)
     state = engine.new_state()
     device, source = student().eval(), build_model(args.student).eval()
     selector = CemaSelector(SelectionConfig(

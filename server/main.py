@@ -27,7 +27,7 @@ from server.export import export_student
 from server.fleet import FleetView
 from server.leases import LeaseKeeper
 from server.metrics import Registry
-from server.models.registry import build_model, model_info
+from server.models.registry import build_model, build_teacher, model_info
 from server.norm import for_the_wire, learn_conv_weights, replaceable_state
 from server.options import ROLES, ServeOptions
 from server.prompt import InputPrompt, PromptedModel, parse_prompt
@@ -92,7 +92,7 @@ def build_engine(opts: ServeOptions) -> tuple[CemaEngine, PublishedModel]:
     torch.manual_seed(opts.seed)
     opts.state_dir.mkdir(parents=True, exist_ok=True)
     student = build_model(opts.student)
-    teacher = build_model(opts.teacher)
+    teacher = build_teacher(opts.teacher)
     info = model_info(opts.student)
     prompt = parse_prompt(opts.prompt)
     if prompt is not None:

