@@ -59,6 +59,8 @@ CASES: list[tuple[list[str], dict[str, str], str]] = [
     (["loadtest", "--upload-ratio", "2"], {}, "--upload-ratio: must be"),
     (["export", "--student", "nope"], {}, "unknown model 'nope'"),
     (["export", "--student", "embedded-student:/nonexistent/student.pt"], {}, "does not exist"),
+    (["serve", "--teacher", "embedded-teacher+resnet20"], {}, "must classify the same classes at the same input size"),
+    (["replay", "--teacher", "embedded-teacher+resnet56:/nonexistent/r56.th"], {}, "does not exist"),
     (["corrupt"], {}, "required: --input, --output"),
     (["corrupt", "--input", "/nonexistent", "--output", "x"], {}, "is not a directory"),
     (["corrupt", "--input", ".", "--output", "x", "--severities", "7"], {}, "outside 1..5"),

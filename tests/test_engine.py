@@ -12,6 +12,7 @@ from server.engine import (
     CemaEngine,
     ReplayBuffer,
     ReplayGroup,
+    StepInput,
 )
 from tests.conftest import tiny_pair
 
@@ -135,6 +136,27 @@ def test_one_batched_teacher_pass_equals_separate_passes_per_cohort() -> None:
             np.testing.assert_allclose(st.teacher_norm[name], sa.teacher_norm[name], atol=1e-5)
     moved = [k for k in together._teacher_affine if np.abs(states_t[0].teacher_norm[k] - states_t[1].teacher_norm[k]).max() > 1e-6]
     assert moved, "cohorts that saw different images must have adapted differently"
+
+
+def test_an_ensemble_teacher_adapts_every_member_for_each_cohort_apart() -> None:
+    """The ensemble's members are one module to the engine: each cohort's batch statistics and
+    affine parameters cover every member, and adapting one cohort leaves the other's alone."""
+    from server.models.registry import LogitEnsemble
+
+    student, teacher = tiny_pair()
+    _, second = tiny_pair()
+    engine = CemaEngine(student, LogitEnsemble([teacher, second]), CemaConfig(num_classes=10, new_per_step=8,
+                                                                               replay_per_step=8, replay_min=8, teacher_lr=1e-2))
+    first, other = engine.new_state(), engine.new_state()
+    members = {name.split(".")[1] for name in first.teacher_norm}
+    assert members == {"0", "1"}
+    engine.step_many([StepInput(_images(8, 1), first), StepInput(_images(8, 2), other)])
+    engine.step(_images(8, 3), first)
+    for member in members:
+        moved = [k for k in engine._teacher_affine if k.split(".")[1] == member
+                 and np.abs(first.teacher_norm[k] - engine._source_teacher[k]).max() > 0]
+        assert moved, f"member {member} did not adapt"
+    assert any(np.abs(first.teacher_norm[k] - other.teacher_norm[k]).max() > 1e-6 for k in engine._teacher_affine)
 
 
 def _prompted_engine(learn: str) -> CemaEngine:

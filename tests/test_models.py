@@ -15,9 +15,12 @@ from server.models import embedded
 from server.models.cifar_resnet import cifar_resnet
 from server.models.registry import (
     InputNormalization,
+    LogitEnsemble,
     build_model,
+    build_teacher,
     model_info,
     model_names,
+    teacher_info,
     untrained_model,
 )
 from tests.conftest import REPO, SHARED, missing_shared
@@ -114,6 +117,22 @@ def test_registry_names_and_info() -> None:
         build_model("resnet20")
     with pytest.raises(ValueError, match="torchvision state dict"):
         build_model("resnet18")
+
+
+def test_a_teacher_spec_joined_by_plus_is_an_ensemble_averaging_its_members_logits() -> None:
+    single = build_teacher("embedded-teacher")
+    assert isinstance(single, InputNormalization)
+    ensemble = build_teacher("embedded-teacher+embedded-student")
+    assert isinstance(ensemble, LogitEnsemble) and not ensemble.training
+    assert teacher_info("embedded-teacher+embedded-student") == model_info("embedded-teacher")
+    x = torch.rand(4, 3, 32, 32)
+    with torch.no_grad():
+        expected = (build_model("embedded-teacher")(x) + build_model("embedded-student")(x)) / 2
+        torch.testing.assert_close(ensemble(x), expected)
+    with pytest.raises(ValueError, match="must classify the same classes at the same input size"):
+        teacher_info("embedded-teacher+resnet20:/some/path.th")  # refused before any checkpoint is read
+    with pytest.raises(ValueError, match="unknown model"):
+        build_teacher("embedded-teacher+vgg16")
 
 
 # torchvision's parameter counts and state-dict sizes (torchvision.models docs / len(state_dict()))

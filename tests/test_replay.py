@@ -95,6 +95,15 @@ def test_replay_conv_method_ships_the_convolutions_through_the_real_loop(tmp_pat
     assert conv["forward_passes_per_sample"] == 1.0 and conv["backward_passes_per_sample"] == 0.0
 
 
+def test_an_ensemble_teacher_labels_and_adapts_through_the_real_loop(tmp_path: Path) -> None:
+    teacher = "embedded-teacher+embedded-student"
+    report = run(ReplayOptions(methods=("cema",), corruptions="fog", samples_per_domain=48, batch_size=16,
+                               teacher=teacher, out=tmp_path, torch_threads=1))
+    [cema] = report["methods"]
+    assert cema["teacher"] == teacher and cema["deltas_applied"] > 0
+    assert cema["uploads_joined"] > 0 and cema["error_teacher_on_uploads"] is not None  # its labels were logged
+
+
 def test_replay_uncertainty_guided_sampling(tmp_path: Path) -> None:
     report = run(ReplayOptions(methods=("cema@ugs", "prompt@ugs"), corruptions="fog", samples_per_domain=64,
                                batch_size=16, out=tmp_path, torch_threads=1))
