@@ -302,6 +302,25 @@ def test_conv_mode_scales_a_small_steps_rate_with_its_new_uploads() -> None:
         np.testing.assert_allclose(affine_same[name], affine_full[name], rtol=1e-5, atol=1e-8)
 
 
+def test_student_steps_repeat_the_distillation_step_on_the_same_batch() -> None:
+    """`student_steps` SGD steps per cohort step: without momentum and at a small rate, k steps
+    move the student k times as far as one (the gradient barely changes between them)."""
+    def first_move(steps: int) -> dict[str, np.ndarray]:
+        torch.manual_seed(0)
+        student, teacher = tiny_pair()
+        engine = CemaEngine(student, teacher, CemaConfig(num_classes=10, new_per_step=8, replay_min=8, momentum=0.0,
+                                                         student_lr=1e-4, student_steps=steps, adapt_teacher=False))
+        state = engine.new_state()
+        delta = engine.step(_images(8, 5), state, batch_statistics=True).tensors
+        return {k: state.student_norm[k] - engine._source_student[k] for k in delta}
+
+    one, two, three = first_move(1), first_move(2), first_move(3)
+    assert max(float(np.abs(v).max()) for v in one.values()) > 0  # the step moved the student
+    for name in one:
+        np.testing.assert_allclose(two[name], 2 * one[name], rtol=1e-2, atol=1e-9)
+        np.testing.assert_allclose(three[name], 3 * one[name], rtol=1e-2, atol=1e-9)
+
+
 def test_a_student_whose_full_delta_a_device_could_not_read_is_refused_at_start() -> None:
     from server.main import MAX_DELTA_TENSOR_BYTES, check_delta_size
     from server.models.cifar_resnet import cifar_resnet
