@@ -41,6 +41,7 @@ from device_client.state import DeviceStateDir, Identity
 from device_client.statistics import (
     BatchStatisticsModel,
     RunningStatistics,
+    SampledStatisticsModel,
     StatisticsProbe,
     statistic_names,
 )
@@ -76,7 +77,7 @@ log = logging.getLogger("driftsync.device")
 # running: fused inference under running statistics that a background thread estimates from frames;
 # batch: each batch normalised by its own statistics (needs batches of about 16 or more);
 # cloud: the device measures nothing, the cloud re-estimates statistics from the uploads.
-NORMALIZATIONS = ("running", "batch", "cloud")
+NORMALIZATIONS = ("running", "batch", "sampled", "cloud")
 FRESHNESS_KEPT = 100_000
 REENROL_BACKOFF_S = (5.0, 600.0)  # re-enrolment attempts: 5 s apart at first, then backing off to 10 min
 
@@ -112,6 +113,7 @@ class DeviceConfig:
     ugs_keep: float = 0.25
     stats_momentum: float = 0.2
     stats_batch: int = 16
+    stats_sample: int = 64  # sampled: frames of each batch that measure its statistics
     # running: statistics refreshes only while all update work (refreshes and delta installs) stays
     # within this share of inference time (UpdateBudget); None: every batch. `driftsync device` defaults to 0.04.
     stats_budget: float | None = None
@@ -230,8 +232,11 @@ class DeviceClient:
         stats_path = private_model(self.state.root / "runtime" / "statistics", stats_onnx)
         self.source_params = split_norm_file(norm, self.descriptor.parameters)
         params, version = self._saved_parameters()
-        batch_norm = self.cfg.normalization == "batch"
-        if batch_norm:
+        batch_norm = self.cfg.normalization in ("batch", "sampled")
+        if self.cfg.normalization == "sampled":
+            self.model = SampledStatisticsModel(self.onnx_path, stats_path, params, version,
+                                                tuple(self.descriptor.input_shape), self.cfg.stats_sample, self.cfg.threads)
+        elif batch_norm:
             self.model = BatchStatisticsModel(stats_path, params, version, self.cfg.threads)
         else:
             self.model = fused = SwappableModel(self.onnx_path, params, version, self.cfg.threads)

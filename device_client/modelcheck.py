@@ -12,6 +12,8 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from shared.protocol import ModelDescriptor
 
 NORM_FILE = "student.norm.bin"  # the one side file the inference graph may name; its tensors are always overridden
@@ -23,10 +25,13 @@ MODEL_KNOWN = {1, 2, 3, 4, 5, 6, 7, 8, 14}  # ir_version .. graph, opset_import,
 MODEL_GRAPH, MODEL_OPSET = 7, 8
 OPSET_DOMAIN = 1
 GRAPH_NODE, GRAPH_INITIALIZER, GRAPH_INPUT, GRAPH_OUTPUT, GRAPH_SPARSE_INITIALIZER = 1, 5, 11, 12, 15
-NODE_DOMAIN, NODE_ATTRIBUTE = 7, 5
+NODE_INPUT, NODE_OUTPUT, NODE_OP_TYPE, NODE_DOMAIN, NODE_ATTRIBUTE = 1, 2, 4, 7, 5
+ATTR_NAME, ATTR_F = 1, 2
 ATTR_T, ATTR_G, ATTR_TENSORS, ATTR_GRAPHS, ATTR_SPARSE, ATTR_SPARSES = 5, 6, 10, 11, 22, 23
 SPARSE_VALUES, SPARSE_INDICES = 1, 2
-TENSOR_DIMS, TENSOR_NAME, TENSOR_EXTERNAL, TENSOR_LOCATION = 1, 8, 13, 14
+TENSOR_DIMS, TENSOR_DATA_TYPE, TENSOR_FLOAT_DATA, TENSOR_NAME, TENSOR_RAW_DATA = 1, 2, 4, 8, 9
+TENSOR_EXTERNAL, TENSOR_LOCATION = 13, 14
+FLOAT = 1  # TensorProto.DataType.FLOAT
 ENTRY_KEY, ENTRY_VALUE = 1, 2
 VALUE_NAME, VALUE_TYPE = 1, 2
 TYPE_TENSOR, TENSOR_TYPE_SHAPE, SHAPE_DIM, DIM_VALUE = 1, 2, 1, 1
@@ -258,3 +263,66 @@ def _check_io(graph: GraphSummary, descriptor: ModelDescriptor, extra_inputs: di
     first, dims = next(iter(graph.outputs.items()))
     if not _same_dims(dims, [None, descriptor.num_classes]):
         raise ModelRefused("descriptor_mismatch", f"output {first!r} is {dims}, expected [batch, {descriptor.num_classes}]")
+
+
+@dataclass(frozen=True)
+class Node:
+    op_type: str
+    inputs: list[str]
+    outputs: list[str]
+    floats: dict[str, float]  # the float attributes (e.g. epsilon)
+
+
+def graph_contents(data: bytes | bytearray) -> tuple[list[Node], dict[str, np.ndarray]]:
+    """The top-level graph's nodes, and its float32 initializers stored inside the model, by name.
+
+    The arrays are views of `data`: writing into them (when `data` is a bytearray) changes the
+    model's tensors in place. For models the device checked or made itself."""
+    nodes: list[Node] = []
+    tensors: dict[str, np.ndarray] = {}
+    graph = next((v for n, v in _fields(memoryview(data)) if n == MODEL_GRAPH and not isinstance(v, int)), None)
+    if graph is None:
+        raise ModelRefused("malformed", "no graph")
+    for number, value in _fields(graph):
+        if isinstance(value, int):
+            continue
+        if number == GRAPH_NODE:
+            nodes.append(_node(value))
+        elif number == GRAPH_INITIALIZER:
+            name, array = _float_tensor(value)
+            if array is not None:
+                tensors[name] = array
+    return nodes, tensors
+
+
+def _node(buf: memoryview) -> Node:
+    op_type, inputs, outputs, floats = "", [], [], {}
+    for number, value in _fields(buf):
+        if number == NODE_OP_TYPE:
+            op_type = _text(value)
+        elif number == NODE_INPUT:
+            inputs.append(_text(value))
+        elif number == NODE_OUTPUT:
+            outputs.append(_text(value))
+        elif number == NODE_ATTRIBUTE and not isinstance(value, int):
+            parts = dict(_fields(value))
+            if isinstance(parts.get(ATTR_F), memoryview) and ATTR_NAME in parts:
+                floats[_text(parts[ATTR_NAME])] = float(np.frombuffer(parts[ATTR_F], "<f4")[0])
+    return Node(op_type, inputs, outputs, floats)
+
+
+def _float_tensor(buf: memoryview) -> tuple[str, np.ndarray | None]:
+    """(name, values) of a float32 tensor with its data inside the model; values None otherwise."""
+    name, dims, data_type, data = "", [], 0, None
+    for number, value in _fields(buf):
+        if number == TENSOR_NAME:
+            name = _text(value)
+        elif number == TENSOR_DIMS:
+            dims.extend(_ints(value))
+        elif number == TENSOR_DATA_TYPE and isinstance(value, int):
+            data_type = value
+        elif number in (TENSOR_RAW_DATA, TENSOR_FLOAT_DATA) and not isinstance(value, int):
+            data = np.frombuffer(value, "<f4")
+    if data_type != FLOAT or data is None or data.size != int(np.prod(dims)):
+        return name, None
+    return name, data.reshape(dims)

@@ -8,6 +8,7 @@ frame it sees, where the cloud would only see the entropy-filtered uploads.
 from __future__ import annotations
 
 import copy
+import logging
 import threading
 import time
 from collections import deque
@@ -17,12 +18,14 @@ from pathlib import Path
 
 import numpy as np
 
+from device_client.folding import FoldedSession, FoldingUnsupported
 from device_client.modelcheck import inspect_model
 from device_client.runtime import SwappableModel, build_session
 from device_client.scoring import to_model_input
 from device_client.update_budget import UpdateBudget
 
 STAT_FIELDS = ("running_mean", "running_var")
+log = logging.getLogger(__name__)
 
 
 def statistic_names(parameters: dict[str, tuple[int, ...]]) -> list[str]:
@@ -128,6 +131,37 @@ class BatchStatisticsModel:
             with self._lock:
                 self._probe, self._params, self._version = probe, merged, version
         return True
+
+
+class SampledStatisticsModel(BatchStatisticsModel):
+    """Each batch normalised by the statistics of its first `sample` frames, the rest at fused speed.
+
+    The first frames go through the statistics graph (their logits, and the statistics); those
+    statistics are folded into the fused session's weights in place (`FoldedSession`, no session
+    rebuild) and the rest of the batch runs fused. At batch 200, 64 frames give the error of the
+    whole batch's statistics at 0.97x the static model's throughput on one core (BENCHMARKS.md).
+    A batch of at most `sample` frames runs as in `BatchStatisticsModel`, and so does every batch
+    if onnxruntime's optimised student cannot be rewritten in place (logged once, at start).
+    """
+
+    def __init__(self, inference_onnx: bytes | Path, stats_onnx: bytes | Path, params: dict[str, np.ndarray], version: int,
+                 input_shape: tuple[int, ...], sample: int, threads: int = 0) -> None:
+        super().__init__(stats_onnx, params, version, threads)
+        self.sample = sample
+        self.fused: FoldedSession | None = None
+        try:
+            self.fused = FoldedSession(inference_onnx, params, input_shape, threads)
+        except FoldingUnsupported as exc:
+            log.warning("sampled statistics: every frame goes through the statistics graph (%s)", exc)
+
+    def run(self, x: np.ndarray) -> tuple[np.ndarray, int]:
+        with self._lock:
+            probe, params, version = self._probe, self._params, self._version
+        if self.fused is None or len(x) <= self.sample:
+            return probe.run(x, params)[0], version
+        head, stats = probe.run(x[: self.sample], params)
+        tail = self.fused.run(x[self.sample:], fold_batch_statistics(params, stats, 1.0))
+        return np.concatenate([head, tail]), version
 
 
 class RunningStatistics:

@@ -290,8 +290,10 @@ def _device_args(p: argparse.ArgumentParser) -> None:
     add(p, "--ugs-keep", 0.25, bounded(float, 0.0, 1.0, above=True), help="ugs with --upload-share none: share of each batch uploaded, most uncertain first")
     add(p, "--summary", None, optional(str), help="replay sources: write the replay summary JSON here")
     add(p, "--threads", 0, NONNEGATIVE_INT, help="onnxruntime intra-op threads (0: all cores)")
-    add(p, "--normalization", "running", choice("running", "batch", "cloud"), help="running (fused, statistics estimated from frames in the background), "
-        "batch (each batch by its own statistics, forward only; batches of 16+) or cloud (estimated from uploads)")
+    add(p, "--normalization", "running", choice("running", "batch", "sampled", "cloud"), help="running (fused, statistics estimated from frames in the background), "
+        "batch (each batch by its own statistics, forward only; batches of 16+), sampled (each batch by the statistics of "
+        "its first --stats-sample frames, the rest fused at full speed) or cloud (estimated from uploads)")
+    add(p, "--stats-sample", 64, POSITIVE_INT, help="sampled: frames of each batch that measure its statistics")
     add(p, "--stats-momentum", 0.2, FRACTION, help="momentum of the device's statistics estimate, per batch")
     add(p, "--stats-budget", None, optional(POSITIVE), help="running: refresh the statistics only while all update work "
         "(statistics refreshes and delta installs) stays within this share of inference time (0.04: the device keeps "
@@ -334,7 +336,8 @@ def _replay_args(p: argparse.ArgumentParser) -> None:
     add(p, "--out", "driftsync-replay", help="report directory")
     add(p, "--fps", None, optional(POSITIVE), help="real-time pacing in frames/s per device ('none': lockstep)")
     add(p, "--lockstep-timeout-s", 60.0, POSITIVE, help="lockstep: longest wait for a delta before the next batch")
-    add(p, "--normalization", "batch", choice("batch", "running", "cloud"), help="device normalization for collaborative methods: batch, running or cloud")
+    add(p, "--normalization", "batch", choice("batch", "sampled", "running", "cloud"), help="device normalization for collaborative "
+        "methods: batch, sampled, running or cloud (`driftsync device --normalization`)")
     add(p, "--stats-budget", None, optional(POSITIVE), help="the devices' --stats-budget (running normalization): update work "
         "as a share of inference time ('none': no budget)")
     add(p, "--dirichlet", 0.1, POSITIVE, help="label-burst concentration for the correlated setting")

@@ -46,7 +46,7 @@ def run_device(args: argparse.Namespace) -> int:
         e_min_factor=args.e_min_factor, redundancy_margin=args.redundancy_margin, upload_share=args.upload_share,
         threads=args.threads,
         selection=args.selection, ugs_views=args.ugs_views, ugs_keep=args.ugs_keep,
-        normalization=args.normalization, stats_momentum=args.stats_momentum, stats_budget=args.stats_budget,
+        normalization=args.normalization, stats_sample=args.stats_sample, stats_momentum=args.stats_momentum, stats_budget=args.stats_budget,
         stats_every_s=args.stats_every_s, server_key_fingerprint=args.server_key_fingerprint,
         delta_max_rel=args.delta_max_rel,
     )

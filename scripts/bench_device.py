@@ -17,7 +17,9 @@ Then the device's normalization modes, as a device runs them, relative to the st
   step of 32 uploads at 20%);
 - running: the same, plus the statistics thread (RunningStatistics) refreshing from every 16
   frames (no budget) or within --stats-budget of inference time (UpdateBudget);
-- batch: every batch normalised by its own statistics (BatchStatisticsModel), same deltas.
+- batch: every batch normalised by its own statistics (BatchStatisticsModel), same deltas;
+- sampled: every batch normalised by the statistics of its first --stats-sample frames, folded
+  into the fused session in place (SampledStatisticsModel), same deltas.
 The whole process is pinned to one core (--cpu), so the background threads compete with
 inference as on a one-core device.
 
@@ -45,6 +47,7 @@ from device_client.scoring import cheap_views, softmax, to_model_input, view_var
 from device_client.statistics import (
     BatchStatisticsModel,
     RunningStatistics,
+    SampledStatisticsModel,
     StatisticsProbe,
     fold_batch_statistics,
 )
@@ -143,11 +146,13 @@ class ModeCase:
             self._loop.join()
 
 
-def mode_cases(artifact, source: dict[str, np.ndarray], threads: int, budget: float) -> dict[str, ModeCase]:
+def mode_cases(artifact, source: dict[str, np.ndarray], threads: int, budget: float, input_shape: tuple[int, ...],
+               sample: int) -> dict[str, ModeCase]:
     """Fresh models per batch size, so each mode's state (budget, versions) is its own."""
     static = build_session(artifact.onnx, source, threads)
     fused = SwappableModel(artifact.onnx, source, 0, threads)
     batch = BatchStatisticsModel(artifact.stats_onnx, source, 0, threads)
+    sampled = SampledStatisticsModel(artifact.onnx, artifact.stats_onnx, source, 0, input_shape, sample, threads)
 
     def running(share: float | None) -> ModeCase:
         stats = RunningStatistics(SwappableModel(artifact.onnx, source, 0, threads),
@@ -160,6 +165,7 @@ def mode_cases(artifact, source: dict[str, np.ndarray], threads: int, budget: fl
         "running, no budget": running(None),
         f"running, budget {budget:g}": running(budget),
         "batch statistics": ModeCase(lambda x, frames: batch.run(x), batch.install),
+        f"sampled statistics ({sample})": ModeCase(lambda x, frames: sampled.run(x), sampled.install),
     }
 
 
@@ -175,10 +181,10 @@ def measure_modes(args, info, artifact, source: dict[str, np.ndarray]) -> list[d
     deltas = [{k: (source[k] * rng.uniform(0.9, 1.1, source[k].shape)).astype(np.float32) for k in affine}
               for _ in range(2)]
     rows = []
-    for batch in (1, 16, 200):
+    for batch in args.batches:
         frames = rng.integers(0, 256, size=(batch, *info.input_shape[1:], info.input_shape[0]), dtype=np.uint8)
         x = to_model_input(frames)
-        cases = mode_cases(artifact, source, args.threads, args.stats_budget)
+        cases = mode_cases(artifact, source, args.threads, args.stats_budget, info.input_shape, args.stats_sample)
         versions = iter(range(1, 1 << 30))
         samples: dict[str, dict[str, list[float]]] = {clock: {k: [] for k in cases} for clock in CLOCKS}
         for _ in range(args.rounds):
@@ -239,6 +245,9 @@ def main() -> None:
     parser.add_argument("--delta-every", type=int, default=160, help="modes: a delta every this many frames (0: none)")
     parser.add_argument("--stats-budget", type=float, default=0.04, help="modes: the budgeted running mode's share")
     parser.add_argument("--modes-only", action="store_true", help="only the normalization modes table")
+    parser.add_argument("--batches", type=lambda s: [int(b) for b in s.split(",")], default=[1, 16, 64, 200],
+                        help="modes: the batch sizes, comma-separated")
+    parser.add_argument("--stats-sample", type=int, default=64, help="modes: the sampled mode's --stats-sample")
     parser.add_argument("--learn-conv", action="store_true", help="a student that learns its convolution weights "
                         "(`serve --learn norm+conv`): the deltas move them too")
     parser.add_argument("--json", default=None)
@@ -253,7 +262,7 @@ def main() -> None:
     meta = {"date": date.today().isoformat(), "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
             "cpus": os.cpu_count(), "pinned_cpu": args.cpu, "threads": args.threads, "onnxruntime": ort.__version__,
             "torch": torch.__version__, "student": args.student, "delta_every": args.delta_every,
-            "stats_budget": args.stats_budget, "learn_conv": args.learn_conv}
+            "stats_budget": args.stats_budget, "learn_conv": args.learn_conv, "stats_sample": args.stats_sample}
     results = [] if args.modes_only else measure_kernels(args, info, model, artifact, source, meta)
     modes = measure_modes(args, info, artifact, source)
     for clock in CLOCKS:

@@ -240,3 +240,82 @@ def test_running_statistics_are_measured_under_the_newest_learnt_weights():
     np.testing.assert_allclose(fused.params[f"{layer}.running_mean"], new[f"{layer}.batch_mean"], rtol=1e-5, atol=1e-6)
     assert np.abs(new[f"{layer}.batch_var"] - old[f"{layer}.batch_var"]).max() > 1e-3  # the weights did matter
     np.testing.assert_allclose(fused.params[f"{layer}.running_var"], new[f"{layer}.batch_var"], rtol=1e-5, atol=1e-6)
+
+
+FOLDS_NOT = {"resnet20+lowres:8"}  # onnxruntime folds the prompt's upsampling into a constant: not a reordering
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
+def test_folded_session_rewritten_in_place_equals_a_session_built_for_the_parameters(arch):
+    """The optimised session whose weights the device folds and writes itself gives, under any
+    parameters, what a session built for them gives: for every student, padding-prompted and
+    conv-learning ones included. A student whose optimisation is not a reordering is refused."""
+    from device_client.folding import FoldedSession, FoldingUnsupported
+    from device_client.runtime import build_session
+    from device_client.statistics import BatchStatisticsModel, SampledStatisticsModel
+
+    torch.manual_seed(3)
+    rng = np.random.default_rng(3)
+    model = ARCHITECTURES[arch]().eval()
+    artifact = export_student(model, (3, 32, 32))
+    params = split_norm_file(artifact.norm, artifact.parameters)
+    x = rng.random((6, 3, 32, 32), dtype=np.float32)
+    if arch in FOLDS_NOT:
+        with pytest.raises(FoldingUnsupported, match="not a reordering"):
+            FoldedSession(artifact.onnx, params, (3, 32, 32), threads=1)
+        sampled = SampledStatisticsModel(artifact.onnx, artifact.stats_onnx, params, 0, (3, 32, 32), sample=2, threads=1)
+        assert sampled.fused is None  # so every frame goes through the statistics graph, as `batch`
+        np.testing.assert_array_equal(sampled.run(x)[0], BatchStatisticsModel(artifact.stats_onnx, params, 0, 1).run(x)[0])
+        return
+    folded = FoldedSession(artifact.onnx, params, (3, 32, 32), threads=1)
+    outputs = []
+    for values in (params, _random_norm(model, rng), _random_norm(model, rng), params):
+        expected = build_session(artifact.onnx, values, threads=1).run(None, {"input": x})[0]
+        outputs.append(folded.run(x, values))
+        assert np.abs(outputs[-1] - expected).max() <= 1e-4 * max(1.0, float(np.abs(expected).max()))
+    assert np.abs(outputs[1] - outputs[0]).max() > 1e-2  # the parameters did move the output
+    np.testing.assert_array_equal(outputs[3], outputs[0])  # and writing the first ones back restores it
+
+
+@pytest.mark.parametrize("arch", ["resnet20", "resnet20+conv"])
+def test_sampled_statistics_device_normalises_the_batch_by_its_first_frames(arch):
+    """`sampled`: the first frames as `batch` mode gives them; the rest fused, normalised by those
+    frames' statistics (torch eval mode with them as running statistics); after deltas too."""
+    from device_client.statistics import BatchStatisticsModel, SampledStatisticsModel
+
+    torch.manual_seed(4)
+    rng = np.random.default_rng(4)
+    model = ARCHITECTURES[arch]().eval()
+    artifact = export_student(model, (3, 32, 32))
+    params = split_norm_file(artifact.norm, artifact.parameters)
+    device = SampledStatisticsModel(artifact.onnx, artifact.stats_onnx, params, 0, (3, 32, 32), sample=8, threads=1)
+    assert device.fused is not None
+    reference = BatchStatisticsModel(artifact.stats_onnx, params, 0, threads=1)
+    x = rng.random((24, 3, 32, 32), dtype=np.float32) * np.linspace(0.5, 1.0, 24, dtype=np.float32)[:, None, None, None]
+    seen: dict[str, torch.Tensor] = {}
+    for name, layer in norm_layers(model).items():
+        layer.register_forward_hook(lambda mod, inputs, out, name=name: seen.__setitem__(name, inputs[0]))
+    for version in (1, 2):
+        new = _random_norm(model, rng)
+        assert device.install(new, version) and reference.install(new, version)
+        load_replaceable_state(model, new)
+        logits, used = device.run(x)
+        assert used == version
+        np.testing.assert_allclose(logits[:8], reference.run(x[:8])[0], atol=1e-4)
+        layers = norm_layers(model)
+        for layer in layers.values():
+            layer.train()
+            layer.track_running_stats = False
+        with torch.no_grad():
+            model(torch.from_numpy(x[:8]))  # the first frames' statistics, layer by layer
+        for name, layer in layers.items():
+            layer.eval()
+            layer.track_running_stats = True
+            layer.running_mean = seen[name].mean(dim=(0, 2, 3))
+            layer.running_var = seen[name].var(dim=(0, 2, 3), unbiased=False)
+        with torch.no_grad():
+            expected = model(torch.from_numpy(x[8:])).numpy()
+        assert np.abs(logits[8:] - expected).max() <= 1e-3 * max(1.0, float(np.abs(expected).max()))
+        assert np.abs(logits[8:] - reference.run(x[8:])[0]).max() > 1e-3  # not the rest's own statistics
+        small = device.run(x[:8])[0]  # a batch no larger than the sample: all of it through the statistics graph
+        np.testing.assert_allclose(small, reference.run(x[:8])[0], atol=1e-4)

@@ -212,6 +212,48 @@ def test_batch_statistics_device_predicts_as_train_mode_bn_and_gets_affine_only_
     device.stop()
 
 
+def test_sampled_statistics_device_normalises_each_batch_by_its_first_frames(tiny_server, tmp_path):
+    """`sampled`: the first --stats-sample frames as train-mode BN gives them; the rest fused (the
+    weights rewritten in place) with those frames' statistics, as torch's eval mode with them as
+    running statistics; the cloud distils with batch statistics, so the deltas are affine-only."""
+    import torch
+
+    from server.baselines import use_batch_statistics
+    from server.engine import to_input
+    from server.norm import norm_layers
+    from tests.conftest import tiny_pair
+
+    url, _ = tiny_server
+    device = _device(url, tmp_path, normalization="sampled", stats_sample=8)
+    frames = _images(24, seed=4)
+    out = device.predict(frames)
+    x = to_input(frames)
+    student = tiny_pair()[0].eval()
+    seen: dict[str, torch.Tensor] = {}
+    for name, layer in norm_layers(student).items():
+        layer.register_forward_hook(lambda mod, inputs, output, name=name: seen.__setitem__(name, inputs[0]))
+    with torch.no_grad():
+        head = use_batch_statistics(tiny_pair()[0])(x[:8]).softmax(dim=1)
+        student.train()
+        student(x[:8])
+        student.eval()
+        for name, layer in norm_layers(student).items():
+            layer.running_mean = seen[name].mean(dim=(0, 2, 3))
+            layer.running_var = seen[name].var(dim=(0, 2, 3), unbiased=False)
+        rest = student(x[8:]).softmax(dim=1)
+    np.testing.assert_allclose(out.confidence[:8], head.max(dim=1).values.numpy(), atol=1e-4)
+    np.testing.assert_allclose(out.confidence[8:], rest.max(dim=1).values.numpy(), atol=1e-4)
+    wait_for(lambda: device.deltas.applied >= 1)
+    r = httpx.get(f"{url}/v1/deltas", params={"since": 0}, headers=_auth(device.identity.token))
+    from shared.codec import decode
+    delta = decode(r.content, Delta)
+    assert delta.params and all(k.endswith((".weight", ".bias")) for k in delta.params)
+    after = device.predict(frames)
+    assert after.version >= 1 and np.abs(after.confidence[8:] - out.confidence[8:]).max() > 0  # the delta, folded in
+    assert device.status()["statistics"] == {"normalization": "sampled", "updates": 0}
+    device.stop()
+
+
 def test_bad_device_statistics_are_refused(tiny_server):
     url, parts = tiny_server
     token = _register(url)["token"]
