@@ -19,8 +19,9 @@ from pathlib import Path
 import numpy as np
 
 from device_client.deltas import DEFAULT_MAX_REL, DeltaRefused, verify_delta
+from device_client.fused import SwappableModel
 from device_client.modelcheck import check_inference_model, check_statistics_model
-from device_client.runtime import SwappableModel, private_model, split_norm_file
+from device_client.runtime import private_model, split_norm_file
 from device_client.scoring import (
     cheap_views,
     entropy,
@@ -234,8 +235,8 @@ class DeviceClient:
         params, version = self._saved_parameters()
         batch_norm = self.cfg.normalization in ("batch", "sampled")
         if self.cfg.normalization == "sampled":
-            self.model = SampledStatisticsModel(self.onnx_path, stats_path, params, version,
-                                                tuple(self.descriptor.input_shape), self.cfg.stats_sample, self.cfg.threads)
+            self.model = SampledStatisticsModel(self.onnx_path, stats_path, params, version, self.cfg.stats_sample,
+                                                self.cfg.threads)
         elif batch_norm:
             self.model = BatchStatisticsModel(stats_path, params, version, self.cfg.threads)
         else:

@@ -18,9 +18,9 @@ from pathlib import Path
 
 import numpy as np
 
-from device_client.folding import FoldedSession, FoldingUnsupported
+from device_client.fused import FoldedSession, FoldingUnsupported, SwappableModel
 from device_client.modelcheck import inspect_model
-from device_client.runtime import SwappableModel, build_session
+from device_client.runtime import build_session
 from device_client.scoring import to_model_input
 from device_client.update_budget import UpdateBudget
 
@@ -145,12 +145,12 @@ class SampledStatisticsModel(BatchStatisticsModel):
     """
 
     def __init__(self, inference_onnx: bytes | Path, stats_onnx: bytes | Path, params: dict[str, np.ndarray], version: int,
-                 input_shape: tuple[int, ...], sample: int, threads: int = 0) -> None:
+                 sample: int, threads: int = 0) -> None:
         super().__init__(stats_onnx, params, version, threads)
         self.sample = sample
         self.fused: FoldedSession | None = None
         try:
-            self.fused = FoldedSession(inference_onnx, params, input_shape, threads)
+            self.fused = FoldedSession(inference_onnx, params, threads)
         except FoldingUnsupported as exc:
             log.warning("sampled statistics: every frame goes through the statistics graph (%s)", exc)
 

@@ -42,7 +42,8 @@ import onnx
 import onnxruntime as ort
 import torch
 
-from device_client.runtime import SwappableModel, build_session, split_norm_file
+from device_client.fused import SwappableModel
+from device_client.runtime import build_session, split_norm_file
 from device_client.scoring import cheap_views, softmax, to_model_input, view_variance
 from device_client.statistics import (
     BatchStatisticsModel,
@@ -146,13 +147,12 @@ class ModeCase:
             self._loop.join()
 
 
-def mode_cases(artifact, source: dict[str, np.ndarray], threads: int, budget: float, input_shape: tuple[int, ...],
-               sample: int) -> dict[str, ModeCase]:
+def mode_cases(artifact, source: dict[str, np.ndarray], threads: int, budget: float, sample: int) -> dict[str, ModeCase]:
     """Fresh models per batch size, so each mode's state (budget, versions) is its own."""
     static = build_session(artifact.onnx, source, threads)
     fused = SwappableModel(artifact.onnx, source, 0, threads)
     batch = BatchStatisticsModel(artifact.stats_onnx, source, 0, threads)
-    sampled = SampledStatisticsModel(artifact.onnx, artifact.stats_onnx, source, 0, input_shape, sample, threads)
+    sampled = SampledStatisticsModel(artifact.onnx, artifact.stats_onnx, source, 0, sample, threads)
 
     def running(share: float | None) -> ModeCase:
         stats = RunningStatistics(SwappableModel(artifact.onnx, source, 0, threads),
@@ -184,7 +184,7 @@ def measure_modes(args, info, artifact, source: dict[str, np.ndarray]) -> list[d
     for batch in args.batches:
         frames = rng.integers(0, 256, size=(batch, *info.input_shape[1:], info.input_shape[0]), dtype=np.uint8)
         x = to_model_input(frames)
-        cases = mode_cases(artifact, source, args.threads, args.stats_budget, info.input_shape, args.stats_sample)
+        cases = mode_cases(artifact, source, args.threads, args.stats_budget, args.stats_sample)
         versions = iter(range(1, 1 << 30))
         samples: dict[str, dict[str, list[float]]] = {clock: {k: [] for k in cases} for clock in CLOCKS}
         for _ in range(args.rounds):

@@ -48,8 +48,9 @@ def main() -> None:
     parser.add_argument("--label-key", default="y")
     parser.add_argument("--student", default="embedded-student")
     parser.add_argument("--teacher", default="embedded-teacher")
-    parser.add_argument("--device-norm", choices=("running", "batch"), default="running",
-                        help="device normalises with running estimates, or with each batch's statistics")
+    parser.add_argument("--device-norm", choices=("running", "batch", "sampled"), default="running",
+                        help="device normalises with running estimates, with each batch's statistics, or with the "
+                        "statistics of the batch's first --stats-sample frames (as `driftsync device --normalization sampled`)")
     parser.add_argument("--teacher-optimizer", default="sgd")
     parser.add_argument("--teacher-lr", type=float, default=2.5e-4)
     parser.add_argument("--teacher-augmentations", type=int, default=8)
@@ -69,7 +70,8 @@ def main() -> None:
                         "the entropy window alone (as `driftsync device --upload-share none`)")
     parser.add_argument("--local-statistics", type=float, default=0.2, help="device statistics momentum; 0: cloud-estimated")
     parser.add_argument("--stats-sample", type=int, default=0, help="running: fold the statistics of only this many "
-                        "frames of a batch (its last ones), as a device on a compute budget does; 0: every frame")
+                        "frames of a batch (its last ones), as a device on a compute budget does; 0: every frame. "
+                        "sampled: the frames (the first ones) that measure each batch's statistics")
     parser.add_argument("--stats-every", type=int, default=1, help="running: fold statistics on every k-th batch only")
     parser.add_argument("--no-cloud", action="store_true", help="never step: what the device does alone")
     parser.add_argument("--student-lr", type=float, default=2.5e-3)
@@ -130,6 +132,12 @@ def main() -> None:
                 for layer in norm_layers(device).values():
                     layer.train()
                     layer.momentum = args.local_statistics
+            if args.device_norm == "sampled":  # this batch's first frames measure the statistics for all of it
+                for layer in norm_layers(device).values():
+                    layer.train()
+                    layer.momentum = 1.0
+                device(x[: args.stats_sample])
+                device.eval()
             probs = softmax(device(x).numpy())
             device.eval()
             wrong_source = int((source(x).argmax(1).numpy() != chunk.labels).sum())
@@ -153,7 +161,7 @@ def main() -> None:
         pending_domains += [chunk.domain.name] * int(keep.sum())
         while not args.no_cloud and len(pending) >= cfg.new_per_step:
             stats = {k: v.copy() for k, v in replaceable_state(device).items() if "running" in k} if local else None
-            result = engine.step(pending[: cfg.new_per_step], state, stats, batch_statistics=args.device_norm == "batch")
+            result = engine.step(pending[: cfg.new_per_step], state, stats, batch_statistics=args.device_norm in ("batch", "sampled"))
             for name, wrong in zip(pending_domains, result.teacher_classes != pending_labels[: cfg.new_per_step]):
                 tally = teacher_rows.setdefault(name, [0, 0])
                 tally[0] += 1

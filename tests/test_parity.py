@@ -6,7 +6,8 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from device_client.runtime import SwappableModel, split_norm_file
+from device_client.fused import SwappableModel
+from device_client.runtime import split_norm_file
 from server.export import export_student
 from server.models import embedded
 from server.models.cifar_resnet import cifar_resnet
@@ -46,6 +47,9 @@ ARCHITECTURES = {
 }
 
 
+FOLDS_NOT = {"resnet20+lowres:8"}  # onnxruntime folds the prompt's upsampling into a constant: not a reordering
+
+
 @pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
 def test_ort_matches_torch_for_random_norm_parameters(arch, tmp_path):
     torch.manual_seed(0)
@@ -63,8 +67,10 @@ def test_ort_matches_torch_for_random_norm_parameters(arch, tmp_path):
         expected = model(torch.from_numpy(x)).numpy()
     assert np.abs(session.run(None, {"input": x})[0] - expected).max() <= 1e-4
 
-    # 2. the device's runtime after a delta with fresh random values
+    # 2. the device's runtime after a delta with fresh random values: folded into the optimised
+    # session in place, or (a student that cannot be) a session built per version
     device = SwappableModel(artifact.onnx, split_norm_file(artifact.norm, artifact.parameters), version=0)
+    assert (device.folded is None) == (arch in FOLDS_NOT)
     for version in (1, 2):
         new = _random_norm(model, rng)
         assert device.install(new, version)
@@ -242,15 +248,12 @@ def test_running_statistics_are_measured_under_the_newest_learnt_weights():
     np.testing.assert_allclose(fused.params[f"{layer}.running_var"], new[f"{layer}.batch_var"], rtol=1e-5, atol=1e-6)
 
 
-FOLDS_NOT = {"resnet20+lowres:8"}  # onnxruntime folds the prompt's upsampling into a constant: not a reordering
-
-
 @pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
 def test_folded_session_rewritten_in_place_equals_a_session_built_for_the_parameters(arch):
     """The optimised session whose weights the device folds and writes itself gives, under any
     parameters, what a session built for them gives: for every student, padding-prompted and
     conv-learning ones included. A student whose optimisation is not a reordering is refused."""
-    from device_client.folding import FoldedSession, FoldingUnsupported
+    from device_client.fused import FoldedSession, FoldingUnsupported
     from device_client.runtime import build_session
     from device_client.statistics import BatchStatisticsModel, SampledStatisticsModel
 
@@ -262,12 +265,12 @@ def test_folded_session_rewritten_in_place_equals_a_session_built_for_the_parame
     x = rng.random((6, 3, 32, 32), dtype=np.float32)
     if arch in FOLDS_NOT:
         with pytest.raises(FoldingUnsupported, match="not a reordering"):
-            FoldedSession(artifact.onnx, params, (3, 32, 32), threads=1)
-        sampled = SampledStatisticsModel(artifact.onnx, artifact.stats_onnx, params, 0, (3, 32, 32), sample=2, threads=1)
+            FoldedSession(artifact.onnx, params, threads=1)
+        sampled = SampledStatisticsModel(artifact.onnx, artifact.stats_onnx, params, 0, sample=2, threads=1)
         assert sampled.fused is None  # so every frame goes through the statistics graph, as `batch`
         np.testing.assert_array_equal(sampled.run(x)[0], BatchStatisticsModel(artifact.stats_onnx, params, 0, 1).run(x)[0])
         return
-    folded = FoldedSession(artifact.onnx, params, (3, 32, 32), threads=1)
+    folded = FoldedSession(artifact.onnx, params, threads=1)
     outputs = []
     for values in (params, _random_norm(model, rng), _random_norm(model, rng), params):
         expected = build_session(artifact.onnx, values, threads=1).run(None, {"input": x})[0]
@@ -288,7 +291,7 @@ def test_sampled_statistics_device_normalises_the_batch_by_its_first_frames(arch
     model = ARCHITECTURES[arch]().eval()
     artifact = export_student(model, (3, 32, 32))
     params = split_norm_file(artifact.norm, artifact.parameters)
-    device = SampledStatisticsModel(artifact.onnx, artifact.stats_onnx, params, 0, (3, 32, 32), sample=8, threads=1)
+    device = SampledStatisticsModel(artifact.onnx, artifact.stats_onnx, params, 0, sample=8, threads=1)
     assert device.fused is not None
     reference = BatchStatisticsModel(artifact.stats_onnx, params, 0, threads=1)
     x = rng.random((24, 3, 32, 32), dtype=np.float32) * np.linspace(0.5, 1.0, 24, dtype=np.float32)[:, None, None, None]
