@@ -114,7 +114,7 @@ class DeviceConfig:
     ugs_keep: float = 0.25
     stats_momentum: float = 0.2
     stats_batch: int = 16
-    stats_sample: int = 64  # sampled: frames of each batch that measure its statistics
+    stats_sample: int = 100  # sampled: frames of each batch that measure its statistics
     # running: statistics refreshes only while all update work (refreshes and delta installs) stays
     # within this share of inference time (UpdateBudget); None: every batch. `driftsync device` defaults to 0.04.
     stats_budget: float | None = None
@@ -486,7 +486,7 @@ class DeviceClient:
             return True
 
     def _install(self, params: dict[str, np.ndarray], version: int, new_line: bool = False) -> bool:
-        """In `running` mode a delta's session rebuild is spent from the statistics' budget."""
+        """In `running` mode a delta's install is spent from the statistics' budget."""
         install = self.model.install if self._running is None else self._running.install
         return install(params, version, new_line=new_line)
 

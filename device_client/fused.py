@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from device_client.modelcheck import Node, graph_contents
+from device_client.modelcheck import Node, graph_contents, inspect_model
 from device_client.runtime import INPUT_NAME, build_session
 
 log = logging.getLogger(__name__)
@@ -59,11 +59,13 @@ class _Slots:
 
 
 def _folded_norms(nodes: list[Node]) -> dict[str, _Norm]:
-    """Convolution weight name -> the BatchNorm right after that convolution."""
+    """Convolution weight name -> the BatchNorm right after that convolution (in inference mode:
+    one that normalises by the batch's statistics, as in the statistics graph, is not folded)."""
     producer = {out: node for node in nodes for out in node.outputs}
     out: dict[str, _Norm] = {}
     for node in nodes:
-        conv = producer.get(node.inputs[0]) if node.op_type == "BatchNormalization" else None
+        inference = node.op_type == "BatchNormalization" and not node.ints.get("training_mode", 0)
+        conv = producer.get(node.inputs[0]) if inference else None
         if conv is not None and conv.op_type == "Conv":
             bias = conv.inputs[2] if len(conv.inputs) > 2 and conv.inputs[2] else None
             out[conv.inputs[1]] = _Norm(*node.inputs[1:5], node.floats.get("epsilon", 1e-5), bias)
@@ -93,25 +95,29 @@ def _optimise(model: bytes, tensors: dict[str, np.ndarray], external: set[str], 
 
 
 class FoldedSession:
-    """The student's optimised session, run under any parameters by rewriting its weights in place.
+    """A student graph's optimised session, run under any parameters by rewriting its weights in place.
 
     `run(x, params)` folds `params` (the descriptor's tensors: BatchNorm statistics and affine
     tensors, learnt convolution weights) into the session's buffers when they are not the ones
-    written last, then runs. Building it probes the optimisation once (a few sessions) and checks
-    the result against a session built the ordinary way.
+    written last, feeds those that are graph inputs (the statistics graph's affine tensors), and
+    returns every output. Building it probes the optimisation once (a few sessions) and checks the
+    result against a session built the ordinary way.
     """
 
     def __init__(self, model: bytes | Path, params: dict[str, np.ndarray], threads: int = 0) -> None:
         model_bytes = model.read_bytes() if isinstance(model, Path) else model
+        summary = inspect_model(model_bytes)
         nodes, embedded = graph_contents(model_bytes)
+        self._fed = [name for name in summary.inputs if name != INPUT_NAME]
+        self._external = set(summary.external)  # initializers the side file holds: given, never read
         self._norms = _folded_norms(nodes)
         self._by_shift = {norm.shift: norm for norm in self._norms.values()}
         self._static = {name: v for name, v in embedded.items() if name not in params}
-        values = self._static | {name: np.asarray(v, np.float32) for name, v in params.items()}
+        values = self._static | {name: np.asarray(params[name], np.float32) for name in self._external}
         identity = {name for n in self._norms.values() for name in (n.scale, n.mean, n.var)}
         biases = {n.conv_bias for n in self._norms.values() if n.conv_bias}
         convs = {node.inputs[1] for node in nodes if node.op_type == "Conv"}
-        coded = [name for name in values if name in (convs | set(self._by_shift) | set(params)) - identity - biases]
+        coded = [name for name in values if name in (convs | set(self._by_shift) | self._external) - identity - biases]
         sizes = np.array([values[name].size for name in coded], np.int64)
         starts = np.concatenate([[1], 1 + np.cumsum(sizes)])  # code 0: padding the layout added
         digits = max(1, math.ceil(math.log(int(starts[-1]), DIGIT)))
@@ -125,7 +131,7 @@ class FoldedSession:
                     probe[norm.mean] = np.zeros_like(values[norm.mean])
                     probe[norm.var] = np.zeros_like(values[norm.var])
                 probe |= {name: np.zeros_like(values[name]) for name in biases}
-                optimised = _optimise(model_bytes, probe, set(params), Path(folder), threads)
+                optimised = _optimise(model_bytes, probe, self._external, Path(folder), threads)
                 readings.append(graph_contents(optimised)[1])
         self._slots = self._decode(readings, coded, starts, values)
         self._buffers = {name: np.zeros_like(value) for name, value in readings[0].items()}
@@ -190,12 +196,12 @@ class FoldedSession:
                 flat[part.positions] = cache[part.source][part.indices]
         self._written = params
 
-    def run(self, x: np.ndarray, params: dict[str, np.ndarray]) -> np.ndarray:
-        """Logits of `x` under `params` (folded in unless they are the ones written last)."""
+    def run(self, x: np.ndarray, params: dict[str, np.ndarray]) -> list[np.ndarray]:
+        """Every output for `x` under `params` (folded in unless they are the ones written last)."""
         with self._lock:
             if params is not self._written:
                 self._write(params)
-            return self._session.run(None, {INPUT_NAME: x})[0]
+            return self._session.run(None, {INPUT_NAME: x} | {name: params[name] for name in self._fed})
 
     def _check(self, model: bytes | Path, params: dict[str, np.ndarray], threads: int) -> None:
         """The session must give what an ordinary session gives, after its buffers were rewritten."""
@@ -204,13 +210,15 @@ class FoldedSession:
             raise FoldingUnsupported(f"the input shape {shape} is not fixed")
         x = np.random.default_rng(0).random((2, *shape), dtype=np.float32)
         self.run(x, params)
-        moved = {name: (v * np.float32(1.5) if name.endswith("running_var") else
+        moved = {name: (v * np.float32(1.5) if name.endswith("running_var") or v.ndim > 1 else
                         v + np.float32(0.1) if name.endswith("running_mean") else v) for name, v in params.items()}
         got = self.run(x, moved)
-        want = build_session(model, moved, threads).run(None, {INPUT_NAME: x})[0]
-        if not np.allclose(got, want, rtol=1e-3, atol=1e-3 * max(1.0, float(np.abs(want).max()))):
-            raise FoldingUnsupported(f"rewritten in place, the session is {float(np.abs(got - want).max()):.3g} "
-                                     "away from an ordinary session")
+        ordinary = build_session(model, {name: moved[name] for name in self._external}, threads)
+        want = ordinary.run(None, {INPUT_NAME: x} | {name: moved[name] for name in self._fed})
+        for a, b in zip(got, want):
+            if not np.allclose(a, b, rtol=1e-3, atol=1e-3 * max(1.0, float(np.abs(b).max()))):
+                raise FoldingUnsupported(f"rewritten in place, the session is {float(np.abs(a - b).max()):.3g} "
+                                         "away from an ordinary session")
 
 
 @dataclass(frozen=True)
@@ -256,7 +264,7 @@ class SwappableModel:
         """Logits and the version that produced them."""
         active = self._active
         if active.session is None:
-            return self.folded.run(x, active.params), active.version
+            return self.folded.run(x, active.params)[0], active.version
         return active.session.run(None, {INPUT_NAME: x})[0], active.version
 
     def install(self, params: dict[str, np.ndarray], version: int, new_line: bool = False) -> bool:

@@ -26,7 +26,7 @@ MODEL_GRAPH, MODEL_OPSET = 7, 8
 OPSET_DOMAIN = 1
 GRAPH_NODE, GRAPH_INITIALIZER, GRAPH_INPUT, GRAPH_OUTPUT, GRAPH_SPARSE_INITIALIZER = 1, 5, 11, 12, 15
 NODE_INPUT, NODE_OUTPUT, NODE_OP_TYPE, NODE_DOMAIN, NODE_ATTRIBUTE = 1, 2, 4, 7, 5
-ATTR_NAME, ATTR_F = 1, 2
+ATTR_NAME, ATTR_F, ATTR_I = 1, 2, 3
 ATTR_T, ATTR_G, ATTR_TENSORS, ATTR_GRAPHS, ATTR_SPARSE, ATTR_SPARSES = 5, 6, 10, 11, 22, 23
 SPARSE_VALUES, SPARSE_INDICES = 1, 2
 TENSOR_DIMS, TENSOR_DATA_TYPE, TENSOR_FLOAT_DATA, TENSOR_NAME, TENSOR_RAW_DATA = 1, 2, 4, 8, 9
@@ -271,6 +271,7 @@ class Node:
     inputs: list[str]
     outputs: list[str]
     floats: dict[str, float]  # the float attributes (e.g. epsilon)
+    ints: dict[str, int]  # the int attributes (e.g. training_mode)
 
 
 def graph_contents(data: bytes | bytearray) -> tuple[list[Node], dict[str, np.ndarray]]:
@@ -296,7 +297,7 @@ def graph_contents(data: bytes | bytearray) -> tuple[list[Node], dict[str, np.nd
 
 
 def _node(buf: memoryview) -> Node:
-    op_type, inputs, outputs, floats = "", [], [], {}
+    op_type, inputs, outputs, floats, ints = "", [], [], {}, {}
     for number, value in _fields(buf):
         if number == NODE_OP_TYPE:
             op_type = _text(value)
@@ -308,7 +309,9 @@ def _node(buf: memoryview) -> Node:
             parts = dict(_fields(value))
             if isinstance(parts.get(ATTR_F), memoryview) and ATTR_NAME in parts:
                 floats[_text(parts[ATTR_NAME])] = float(np.frombuffer(parts[ATTR_F], "<f4")[0])
-    return Node(op_type, inputs, outputs, floats)
+            elif isinstance(parts.get(ATTR_I), int) and ATTR_NAME in parts:
+                ints[_text(parts[ATTR_NAME])] = parts[ATTR_I]
+    return Node(op_type, inputs, outputs, floats, ints)
 
 
 def _float_tensor(buf: memoryview) -> tuple[str, np.ndarray | None]:

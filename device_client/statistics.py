@@ -61,7 +61,9 @@ class StatisticsProbe:
 
     `run` gives the logits under the batch's own statistics together with those statistics.
     Learnt convolution weights are initializers of the graph instead (fed, they would cost
-    onnxruntime its prepacked weights): a probe holds one set of them, given at creation, and
+    onnxruntime its optimised layout): they are written into the optimised session in place
+    (`FoldedSession`), so the weights in `params` run without a new session. Where the graph
+    cannot be rewritten in place, a probe holds one set of them, given at creation, and
     `with_weights` gives the probe for other ones, with a new session only when they changed.
     """
 
@@ -73,11 +75,18 @@ class StatisticsProbe:
         if self._graph.weights and params is None:
             raise ValueError(f"the statistics graph holds learnt weights ({self._graph.weights[0]}, ...): give their values")
         self._weights = {name: params[name] for name in self._graph.weights} if params else {}
-        self._session = build_session(stats_onnx, self._weights, threads)
+        self.folded: FoldedSession | None = None
+        if self._graph.weights:
+            try:
+                self.folded = FoldedSession(stats_onnx, params, threads)
+            except FoldingUnsupported as exc:
+                log.warning("new learnt weights build a new statistics session (%s)", exc)
+        self._session = None if self.folded else build_session(stats_onnx, self._weights, threads)
 
     def with_weights(self, params: dict[str, np.ndarray]) -> StatisticsProbe:
-        """This probe if `params` hold the same learnt weights (the same arrays), else a new one for them."""
-        if all(params[name] is self._weights[name] for name in self._graph.weights):
+        """This probe if it runs any weights, or if `params` hold the same learnt weights (the same
+        arrays); else a new one for them."""
+        if self.folded is not None or all(params[name] is self._weights[name] for name in self._graph.weights):
             return self
         probe = copy.copy(self)  # the same graph, read once: only the weights and the session are new
         probe._weights = {name: params[name] for name in self._graph.weights}
@@ -85,9 +94,13 @@ class StatisticsProbe:
         return probe
 
     def run(self, x: np.ndarray, params: dict[str, np.ndarray]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-        """Under the probe's own learnt weights: `params` supply the fed tensors."""
-        feeds = {"input": x} | {k: v for k, v in params.items() if k in self._graph.inputs}
-        logits, *values = self._session.run(self._graph.outputs, feeds)
+        """Under `params`' learnt weights, or the probe's own where it cannot rewrite them: `params`
+        supply the fed tensors."""
+        if self.folded is not None:
+            logits, *values = self.folded.run(x, params)  # every output, in the graph's order: the same list
+        else:
+            feeds = {"input": x} | {k: v for k, v in params.items() if k in self._graph.inputs}
+            logits, *values = self._session.run(self._graph.outputs, feeds)
         return logits, dict(zip(self._graph.stats, values))
 
     def measure(self, x: np.ndarray, params: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -138,10 +151,11 @@ class SampledStatisticsModel(BatchStatisticsModel):
 
     The first frames go through the statistics graph (their logits, and the statistics); those
     statistics are folded into the fused session's weights in place (`FoldedSession`, no session
-    rebuild) and the rest of the batch runs fused. At batch 200, 64 frames give the error of the
-    whole batch's statistics at 0.97x the static model's throughput on one core (BENCHMARKS.md).
-    A batch of at most `sample` frames runs as in `BatchStatisticsModel`, and so does every batch
-    if onnxruntime's optimised student cannot be rewritten in place (logged once, at start).
+    rebuild) and the rest of the batch runs fused. At batch 200, 100 frames give the error of the
+    whole batch's statistics at 0.92x the static model's throughput on one core, where `batch`
+    runs at 0.77x (BENCHMARKS.md, "Sampled statistics"). A batch of at most `sample` frames runs
+    as in `BatchStatisticsModel`, and so does every batch if onnxruntime's optimised student cannot
+    be rewritten in place (logged once, at start).
     """
 
     def __init__(self, inference_onnx: bytes | Path, stats_onnx: bytes | Path, params: dict[str, np.ndarray], version: int,
@@ -160,13 +174,13 @@ class SampledStatisticsModel(BatchStatisticsModel):
         if self.fused is None or len(x) <= self.sample:
             return probe.run(x, params)[0], version
         head, stats = probe.run(x[: self.sample], params)
-        tail = self.fused.run(x[self.sample:], fold_batch_statistics(params, stats, 1.0))
+        tail = self.fused.run(x[self.sample:], fold_batch_statistics(params, stats, 1.0))[0]
         return np.concatenate([head, tail]), version
 
 
 class RunningStatistics:
     """The `running` mode: fused inference on a `SwappableModel`, while a background loop folds
-    the statistics of the newest frames into the running ones and rebuilds the session.
+    the statistics of the newest frames into the running ones (the model folds them into its session).
 
     Every update (a refresh here, a delta install through `install`) is timed against inference
     in an `UpdateBudget`; the loop refreshes only when the budget allows, from the latest `batch`
@@ -199,7 +213,7 @@ class RunningStatistics:
         return out
 
     def install(self, params: dict[str, np.ndarray], version: int, new_line: bool = False) -> bool:
-        """`SwappableModel.install`, its session rebuild spent from the budget."""
+        """`SwappableModel.install`, its cost spent from the budget (a session rebuild where the student cannot fold)."""
         started = time.thread_time()
         try:
             return self.model.install(params, version, new_line)

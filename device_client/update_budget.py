@@ -1,6 +1,6 @@
 """How much of the device's compute its background updates may take, as a share of inference.
 
-On a one-core device every session rebuild and every statistics-graph pass is time that
+On a one-core device every statistics-graph pass and every session rebuild is time that
 inference does not get. Keeping update time within `share` x inference time keeps the whole
 device at 1/(1 + share) of the static fused model's throughput or better (0.04: 0.96x).
 Delta installs are not optional, so they only spend; statistics refreshes are what gives way.

@@ -147,12 +147,13 @@ class ModeCase:
             self._loop.join()
 
 
-def mode_cases(artifact, source: dict[str, np.ndarray], threads: int, budget: float, sample: int) -> dict[str, ModeCase]:
+def mode_cases(artifact, source: dict[str, np.ndarray], threads: int, budget: float,
+               samples: list[int]) -> dict[str, ModeCase]:
     """Fresh models per batch size, so each mode's state (budget, versions) is its own."""
     static = build_session(artifact.onnx, source, threads)
     fused = SwappableModel(artifact.onnx, source, 0, threads)
     batch = BatchStatisticsModel(artifact.stats_onnx, source, 0, threads)
-    sampled = SampledStatisticsModel(artifact.onnx, artifact.stats_onnx, source, 0, sample, threads)
+    sampled = {n: SampledStatisticsModel(artifact.onnx, artifact.stats_onnx, source, 0, n, threads) for n in samples}
 
     def running(share: float | None) -> ModeCase:
         stats = RunningStatistics(SwappableModel(artifact.onnx, source, 0, threads),
@@ -165,8 +166,7 @@ def mode_cases(artifact, source: dict[str, np.ndarray], threads: int, budget: fl
         "running, no budget": running(None),
         f"running, budget {budget:g}": running(budget),
         "batch statistics": ModeCase(lambda x, frames: batch.run(x), batch.install),
-        f"sampled statistics ({sample})": ModeCase(lambda x, frames: sampled.run(x), sampled.install),
-    }
+    } | {f"sampled statistics ({n})": ModeCase(lambda x, frames, m=m: m.run(x), m.install) for n, m in sampled.items()}
 
 
 def measure_modes(args, info, artifact, source: dict[str, np.ndarray]) -> list[dict]:
@@ -184,7 +184,7 @@ def measure_modes(args, info, artifact, source: dict[str, np.ndarray]) -> list[d
     for batch in args.batches:
         frames = rng.integers(0, 256, size=(batch, *info.input_shape[1:], info.input_shape[0]), dtype=np.uint8)
         x = to_model_input(frames)
-        cases = mode_cases(artifact, source, args.threads, args.stats_budget, args.stats_sample)
+        cases = mode_cases(artifact, source, args.threads, args.stats_budget, args.stats_samples)
         versions = iter(range(1, 1 << 30))
         samples: dict[str, dict[str, list[float]]] = {clock: {k: [] for k in cases} for clock in CLOCKS}
         for _ in range(args.rounds):
@@ -247,7 +247,8 @@ def main() -> None:
     parser.add_argument("--modes-only", action="store_true", help="only the normalization modes table")
     parser.add_argument("--batches", type=lambda s: [int(b) for b in s.split(",")], default=[1, 16, 64, 200],
                         help="modes: the batch sizes, comma-separated")
-    parser.add_argument("--stats-sample", type=int, default=64, help="modes: the sampled mode's --stats-sample")
+    parser.add_argument("--stats-samples", type=lambda s: [int(n) for n in s.split(",")], default=[100],
+                        help="modes: the sampled mode's --stats-sample, one case each, comma-separated")
     parser.add_argument("--learn-conv", action="store_true", help="a student that learns its convolution weights "
                         "(`serve --learn norm+conv`): the deltas move them too")
     parser.add_argument("--json", default=None)
@@ -262,7 +263,7 @@ def main() -> None:
     meta = {"date": date.today().isoformat(), "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
             "cpus": os.cpu_count(), "pinned_cpu": args.cpu, "threads": args.threads, "onnxruntime": ort.__version__,
             "torch": torch.__version__, "student": args.student, "delta_every": args.delta_every,
-            "stats_budget": args.stats_budget, "learn_conv": args.learn_conv, "stats_sample": args.stats_sample}
+            "stats_budget": args.stats_budget, "learn_conv": args.learn_conv, "stats_samples": args.stats_samples}
     results = [] if args.modes_only else measure_kernels(args, info, model, artifact, source, meta)
     modes = measure_modes(args, info, artifact, source)
     for clock in CLOCKS:

@@ -123,7 +123,7 @@ def test_statistics_graph_is_torch_train_mode_batchnorm(arch):
 @pytest.mark.parametrize("arch", ["resnet20", "resnet20+conv"])
 def test_batch_statistics_device_follows_deltas(arch):
     """`batch` normalisation after deltas equals torch's train-mode BN under the delta's tensors,
-    learnt convolution weights included (its statistics session is rebuilt for them, and only them)."""
+    learnt convolution weights included (written into its optimised statistics session in place)."""
     from device_client.statistics import BatchStatisticsModel, StatisticsProbe
 
     torch.manual_seed(2)
@@ -134,7 +134,8 @@ def test_batch_statistics_device_follows_deltas(arch):
     probe = StatisticsProbe(artifact.stats_onnx, params=params)
     assert probe.with_weights(dict(params)) is probe  # same arrays: no rebuild
     learns_convs = bool(conv_weights(model))
-    assert (probe.with_weights(params | _random_norm(model, rng)) is probe) is not learns_convs
+    assert (probe.folded is not None) == learns_convs  # without learnt weights there is nothing to write
+    assert probe.with_weights(params | _random_norm(model, rng)) is probe  # new weights: no new session either way
     if learns_convs:
         with pytest.raises(ValueError, match="learnt weights"):
             StatisticsProbe(artifact.stats_onnx)
@@ -254,6 +255,7 @@ def test_folded_session_rewritten_in_place_equals_a_session_built_for_the_parame
     parameters, what a session built for them gives: for every student, padding-prompted and
     conv-learning ones included. A student whose optimisation is not a reordering is refused."""
     from device_client.fused import FoldedSession, FoldingUnsupported
+    from device_client.modelcheck import inspect_model
     from device_client.runtime import build_session
     from device_client.statistics import BatchStatisticsModel, SampledStatisticsModel
 
@@ -271,11 +273,17 @@ def test_folded_session_rewritten_in_place_equals_a_session_built_for_the_parame
         np.testing.assert_array_equal(sampled.run(x)[0], BatchStatisticsModel(artifact.stats_onnx, params, 0, 1).run(x)[0])
         return
     folded = FoldedSession(artifact.onnx, params, threads=1)
+    statistics = FoldedSession(artifact.stats_onnx, params, threads=1)  # its learnt weights, if any, in place too
+    learnt = list(inspect_model(artifact.stats_onnx).external)  # initializers in the side file: learnt convolutions
     outputs = []
     for values in (params, _random_norm(model, rng), _random_norm(model, rng), params):
         expected = build_session(artifact.onnx, values, threads=1).run(None, {"input": x})[0]
-        outputs.append(folded.run(x, values))
+        outputs.append(folded.run(x, values)[0])
         assert np.abs(outputs[-1] - expected).max() <= 1e-4 * max(1.0, float(np.abs(expected).max()))
+        ordinary = build_session(artifact.stats_onnx, {name: values[name] for name in learnt}, threads=1)
+        fed = {i.name: values[i.name] for i in ordinary.get_inputs() if i.name != "input"}
+        for got, want in zip(statistics.run(x, values), ordinary.run(None, {"input": x} | fed)):
+            assert np.abs(got - want).max() <= 1e-4 * max(1.0, float(np.abs(want).max()))
     assert np.abs(outputs[1] - outputs[0]).max() > 1e-2  # the parameters did move the output
     np.testing.assert_array_equal(outputs[3], outputs[0])  # and writing the first ones back restores it
 
