@@ -338,8 +338,9 @@ def _replay_args(p: argparse.ArgumentParser) -> None:
     add(p, "--out", "driftsync-replay", help="report directory")
     add(p, "--fps", None, optional(POSITIVE), help="real-time pacing in frames/s per device ('none': lockstep)")
     add(p, "--lockstep-timeout-s", 60.0, POSITIVE, help="lockstep: longest wait for a delta before the next batch")
-    add(p, "--normalization", "batch", choice("batch", "sampled", "running", "cloud"), help="device normalization for collaborative "
-        "methods: batch, sampled, running or cloud (`driftsync device --normalization`)")
+    add(p, "--normalization", "sampled", choice("sampled", "batch", "running", "cloud"), help="device normalization for collaborative "
+        "methods: sampled (each batch by the statistics of its first 100 frames, the rest fused; batches of up to 100 as "
+        "batch), batch, running or cloud (`driftsync device --normalization`)")
     add(p, "--stats-budget", None, optional(POSITIVE), help="the devices' --stats-budget (running normalization): update work "
         "as a share of inference time ('none': no budget)")
     add(p, "--dirichlet", 0.1, POSITIVE, help="label-burst concentration for the correlated setting")

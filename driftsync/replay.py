@@ -72,7 +72,7 @@ class ReplayOptions:
     out: Path = Path("driftsync-replay")
     fps: float | None = None  # None: lockstep pacing
     lockstep_timeout_s: float = 60.0
-    normalization: str = "batch"
+    normalization: str = "sampled"
     stats_budget: float | None = None  # the devices' --stats-budget (running normalization); None: no budget
     prompt: str = "lowres:8"  # the input prompt of the prompt methods
     dirichlet: float = 0.1
