@@ -105,6 +105,14 @@ class FoldedSession:
     """
 
     def __init__(self, model: bytes | Path, params: dict[str, np.ndarray], threads: int = 0) -> None:
+        try:
+            self._build(model, params, threads)
+        except FoldingUnsupported:
+            raise
+        except Exception as exc:  # whatever fails here, the ordinary session is still there to fall back on
+            raise FoldingUnsupported(f"{type(exc).__name__}: {exc}") from exc
+
+    def _build(self, model: bytes | Path, params: dict[str, np.ndarray], threads: int) -> None:
         model_bytes = model.read_bytes() if isinstance(model, Path) else model
         summary = inspect_model(model_bytes)
         nodes, embedded = graph_contents(model_bytes)
@@ -153,7 +161,7 @@ class FoldedSession:
         slots: dict[str, list[_Slots]] = {}
         for name, first in readings[0].items():
             if name in values and name not in coded:  # a tensor the optimisation left alone: written as it is
-                slots[name] = [_Slots(name, np.arange(first.size), np.arange(first.size))]
+                slots[name] = [_Slots(name, np.arange(first.size, dtype=np.int32), np.arange(first.size, dtype=np.int32))]
                 continue
             digits = [reading.get(name) for reading in readings]
             if any(d is None or d.shape != first.shape for d in digits):
@@ -162,15 +170,17 @@ class FoldedSession:
             if max(float(np.abs(d.reshape(-1) - r).max(initial=0.0)) for d, r in zip(digits, rounded)) > 0.01:
                 if all(np.array_equal(d, first) for d in digits):  # made from fixed tensors only: a constant
                     self._static[name] = first.copy()
-                    slots[name] = [_Slots(name, np.arange(first.size), np.arange(first.size))]
+                    slots[name] = [_Slots(name, np.arange(first.size, dtype=np.int32), np.arange(first.size, dtype=np.int32))]
                     continue
                 raise FoldingUnsupported(f"the optimised initializer {name} is not a reordering of the student's tensors")
             codes = sum(r.astype(np.int64) * DIGIT**k for k, r in enumerate(rounded))
             if codes.max(initial=0) >= starts[-1]:
                 raise FoldingUnsupported(f"the optimised initializer {name} holds values no tensor has")
             source = np.searchsorted(starts, codes, side="right") - 1
-            slots[name] = [_Slots(coded[s], np.flatnonzero((source == s) & (codes > 0)), codes[(source == s) & (codes > 0)] - starts[s])
-                           for s in np.unique(source[codes > 0])]
+            slots[name] = []
+            for s in np.unique(source[codes > 0]):
+                mine = (source == s) & (codes > 0)
+                slots[name].append(_Slots(coded[s], np.flatnonzero(mine).astype(np.int32), (codes[mine] - starts[s]).astype(np.int32)))
         return slots
 
     def _folded(self, source: str, values: dict[str, np.ndarray]) -> np.ndarray:
