@@ -39,6 +39,8 @@ CASES: list[tuple[list[str], dict[str, str], str]] = [
     (["device", "--server", "ftp://example"], {}, "http:// or https://"),
     (["device", "--source", "tape"], {}, "expected one of folder"),
     (["device", "--batch-size", "0"], {}, "--batch-size: must be >= 1"),
+    (["device", "--normalization", "sampled", "--stats-sample", "0"], {}, "--stats-sample: must be >= 1"),
+    (["replay", "--normalization", "sampeld"], {}, "--normalization"),
     (["demo", "--devices", "0"], {}, "--devices: must be >= 1, got '0'"),
     (["demo", "--severity", "9"], {}, "--severity: must be from 1 to 5, got '9'"),
     (["demo", "--corruptions", "rain"], {}, "unknown corruptions ['rain']"),
