@@ -180,7 +180,8 @@ class FoldedSession:
             slots[name] = []
             for s in np.unique(source[codes > 0]):
                 mine = (source == s) & (codes > 0)
-                slots[name].append(_Slots(coded[s], np.flatnonzero(mine).astype(np.int32), (codes[mine] - starts[s]).astype(np.int32)))
+                slots[name].append(_Slots(coded[s], np.flatnonzero(mine).astype(np.int32),
+                                          (codes[mine] - starts[s]).astype(np.int32)))
         return slots
 
     def _folded(self, source: str, values: dict[str, np.ndarray]) -> np.ndarray:
@@ -231,6 +232,15 @@ class FoldedSession:
                                          "away from an ordinary session")
 
 
+def folded_or_none(model: bytes | Path, params: dict[str, np.ndarray], threads: int, otherwise: str) -> FoldedSession | None:
+    """A `FoldedSession`, or None (logged with what the caller does `otherwise`) where the graph cannot fold."""
+    try:
+        return FoldedSession(model, params, threads)
+    except FoldingUnsupported as exc:
+        log.warning("%s (%s)", otherwise, exc)
+        return None
+
+
 @dataclass(frozen=True)
 class _Active:
     version: int
@@ -252,11 +262,7 @@ class SwappableModel:
         self._onnx = model
         self._threads = threads
         self._update_lock = threading.Lock()
-        try:
-            self.folded: FoldedSession | None = FoldedSession(model, params, threads)
-        except FoldingUnsupported as exc:
-            log.warning("every parameter update builds a new session (%s)", exc)
-            self.folded = None
+        self.folded = folded_or_none(model, params, threads, "every parameter update builds a new session")
         self._active = self._activate(version, dict(params))
 
     def _activate(self, version: int, params: dict[str, np.ndarray]) -> _Active:

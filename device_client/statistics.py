@@ -8,7 +8,6 @@ frame it sees, where the cloud would only see the entropy-filtered uploads.
 from __future__ import annotations
 
 import copy
-import logging
 import threading
 import time
 from collections import deque
@@ -18,14 +17,13 @@ from pathlib import Path
 
 import numpy as np
 
-from device_client.fused import FoldedSession, FoldingUnsupported, SwappableModel
+from device_client.fused import SwappableModel, folded_or_none
 from device_client.modelcheck import inspect_model
 from device_client.runtime import build_session
 from device_client.scoring import to_model_input
 from device_client.update_budget import UpdateBudget
 
 STAT_FIELDS = ("running_mean", "running_var")
-log = logging.getLogger(__name__)
 
 
 def statistic_names(parameters: dict[str, tuple[int, ...]]) -> list[str]:
@@ -75,12 +73,8 @@ class StatisticsProbe:
         if self._graph.weights and params is None:
             raise ValueError(f"the statistics graph holds learnt weights ({self._graph.weights[0]}, ...): give their values")
         self._weights = {name: params[name] for name in self._graph.weights} if params else {}
-        self.folded: FoldedSession | None = None
-        if self._graph.weights:
-            try:
-                self.folded = FoldedSession(stats_onnx, params, threads)
-            except FoldingUnsupported as exc:
-                log.warning("new learnt weights build a new statistics session (%s)", exc)
+        self.folded = folded_or_none(stats_onnx, params, threads, "new learnt weights build a new statistics session") \
+            if self._graph.weights else None
         self._session = None if self.folded else build_session(stats_onnx, self._weights, threads)
 
     def with_weights(self, params: dict[str, np.ndarray]) -> StatisticsProbe:
@@ -162,11 +156,8 @@ class SampledStatisticsModel(BatchStatisticsModel):
                  sample: int, threads: int = 0) -> None:
         super().__init__(stats_onnx, params, version, threads)
         self.sample = sample
-        self.fused: FoldedSession | None = None
-        try:
-            self.fused = FoldedSession(inference_onnx, params, threads)
-        except FoldingUnsupported as exc:
-            log.warning("sampled statistics: every frame goes through the statistics graph (%s)", exc)
+        self.fused = folded_or_none(inference_onnx, params, threads,
+                                    "sampled statistics: every frame goes through the statistics graph")
 
     def run(self, x: np.ndarray) -> tuple[np.ndarray, int]:
         with self._lock:
