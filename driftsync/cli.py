@@ -30,6 +30,7 @@ from driftsync.config import (
     URLS,
     Parser,
     add,
+    auto_or,
     bounded,
     checked,
     choice,
@@ -176,7 +177,8 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
         "an EMA of its norm affine parameters (CoTTA's mean teacher), or both averaged (default: measured best)")
     add(p, "--teacher-ema", 0.9, FRACTION, help="EMA momentum per step for --distil-from ema|both")
     add(p, "--student-lr", 2.5e-3, POSITIVE, help="student distillation learning rate (CEMA: 2.5e-3)")
-    add(p, "--student-steps", 1, POSITIVE_INT, help="SGD steps on each adaptation step's batch (CEMA: 1; BENCHMARKS.md, two student steps)")
+    add(p, "--student-steps", "auto", auto_or(POSITIVE_INT), help="SGD passes on each adaptation step's batch; auto: one per "
+        "--new-per-step new uploads, rounded up (CEMA: 1 on 32; BENCHMARKS.md, student passes by the new uploads)")
     add(p, "--prompt", None, optional(PROMPT), help="give the student an input prompt: padding:WIDTH or lowres:SIZE")
     add(p, "--prompt-lr", 5e-3, POSITIVE, help="Adam learning rate of the prompt")
     add(p, "--learn", "norm", choice("norm", "prompt", "norm+prompt", "norm/prompt", "norm+conv"),

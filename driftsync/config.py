@@ -56,6 +56,17 @@ def optional(kind: Kind) -> Kind:
     return convert
 
 
+def auto_or(kind: Kind) -> Kind:
+    """'auto' means None: the program decides, per case, by a rule its docs name."""
+
+    def convert(text: str) -> Any:
+        return None if text.strip().lower() == "auto" else kind(text)
+
+    convert.__name__ = getattr(kind, "__name__", "value")
+    convert.metavar = f"auto|{getattr(kind, 'metavar', None) or 'N'}"  # type: ignore[attr-defined]
+    return convert
+
+
 def _number(kind: type, text: str) -> Any:
     try:
         value = kind(text)

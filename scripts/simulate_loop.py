@@ -28,6 +28,7 @@ import torch
 
 from device_client.scoring import entropy, softmax
 from device_client.selection import CemaSelector, SelectionConfig
+from driftsync.config import POSITIVE_INT, auto_or
 from driftsync.data import streams
 from server.engine import LEARN_MODES, CemaConfig, CemaEngine, to_input
 from server.models.registry import build_model, build_teacher, model_info
@@ -57,7 +58,7 @@ def main() -> None:
     parser.add_argument("--no-teacher-adaptation", action="store_true")
     parser.add_argument("--distil-from", choices=("teacher", "ema", "both"), default="both")
     parser.add_argument("--teacher-ema", type=float, default=0.9)
-    parser.add_argument("--student-steps", type=int, default=1)
+    parser.add_argument("--student-steps", type=auto_or(POSITIVE_INT), default=None, help="SGD passes a step (default auto)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--corruptions", default="all")
     parser.add_argument("--severity", type=int, default=5)

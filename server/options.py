@@ -32,7 +32,7 @@ class ServeOptions:
     distil_from: str = "both"
     teacher_ema: float = 0.9
     student_lr: float = 2.5e-3
-    student_steps: int = 1
+    student_steps: int | None = None  # None: one per new_per_step new uploads, rounded up
     step_max_wait_s: float = 2.0
     step_min_samples: int = 8
     batch_cohorts: int = 4

@@ -13,6 +13,7 @@ from server.engine import (
     ReplayBuffer,
     ReplayGroup,
     StepInput,
+    student_passes,
 )
 from tests.conftest import tiny_pair
 
@@ -319,6 +320,26 @@ def test_student_steps_repeat_the_distillation_step_on_the_same_batch() -> None:
     for name in one:
         np.testing.assert_allclose(two[name], 2 * one[name], rtol=1e-2, atol=1e-9)
         np.testing.assert_allclose(three[name], 3 * one[name], rtol=1e-2, atol=1e-9)
+
+
+def test_auto_student_passes_follow_the_new_uploads() -> None:
+    """Unset, `student_steps` is one pass per `new_per_step` new uploads, rounded up: a step on
+    40 batch-statistics uploads (a batch-200 device's) trains as two fixed passes do, one on
+    13 (a batch-64 device's) as one pass does."""
+    def delta(new: int, steps: int | None) -> dict[str, np.ndarray]:
+        torch.manual_seed(0)
+        student, teacher = tiny_pair()
+        engine = CemaEngine(student, teacher, CemaConfig(num_classes=10, new_per_step=32, replay_min=8,
+                                                         student_steps=steps, adapt_teacher=False))
+        return engine.step(_images(new, 5), engine.new_state(), batch_statistics=True).tensors
+
+    assert [student_passes(n, CemaConfig(num_classes=10)) for n in (1, 13, 32, 33, 40, 64, 65)] == [1, 1, 1, 2, 2, 2, 3]
+    assert student_passes(40, CemaConfig(num_classes=10, student_steps=1)) == 1
+    for new, passes in ((40, 2), (13, 1)):
+        auto, fixed, other = delta(new, None), delta(new, passes), delta(new, 3 - passes)
+        for name in auto:
+            np.testing.assert_array_equal(auto[name], fixed[name])
+        assert any(not np.array_equal(auto[name], other[name]) for name in auto)
 
 
 def test_a_student_whose_full_delta_a_device_could_not_read_is_refused_at_start() -> None:
