@@ -181,9 +181,11 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
         "--new-per-step new uploads, rounded up (CEMA: 1 on 32; BENCHMARKS.md, student passes by the new uploads)")
     add(p, "--prompt", None, optional(PROMPT), help="give the student an input prompt: padding:WIDTH or lowres:SIZE")
     add(p, "--prompt-lr", 5e-3, POSITIVE, help="Adam learning rate of the prompt")
-    add(p, "--learn", "norm", choice("norm", "prompt", "norm+prompt", "norm/prompt", "norm+conv"),
-        help="what deltas move: norm (CEMA), prompt, norm+prompt (jointly), norm/prompt (alternating steps), or "
-             "norm+conv (the affine parameters and every convolution's weight; deltas about the size of the weights)")
+    add(p, "--learn", "auto", choice("auto", "norm", "norm+conv", "prompt", "norm+prompt", "norm/prompt"),
+        help="what deltas move: auto (norm and norm+conv trained side by side, the devices running whichever agrees "
+             "more with the teacher; norm alone where convolution deltas would not fit), norm (CEMA's affine "
+             "parameters), norm+conv (and every convolution's weight; deltas about the size of the weights), prompt, "
+             "norm+prompt (jointly), norm/prompt (alternating steps)")
     add(p, "--guarded-push", False, bool, help="hold out every 8th upload and withhold a delta that agrees less "
         "with the teacher on the held-out ones than the devices' current parameters")
     add(p, "--guard-tolerance", 0.0, NONNEGATIVE, help="guarded push: agreement may drop by this much before a delta is withheld")
@@ -327,7 +329,8 @@ def _replay_args(p: argparse.ArgumentParser) -> None:
     add(p, "--student", "embedded-student", MODEL, help="device model NAME[:CHECKPOINT]")
     add(p, "--teacher", "embedded-teacher", TEACHER, help="cloud model NAME[:CHECKPOINT], or several joined by + "
         "(an ensemble: their logits averaged)")
-    add(p, "--method", "source,bn,tent,cema", comma_list(_replay_methods), help="comma list of cema, prompt, cema+prompt (joint), cema/prompt (alternating), cema+conv (convolution weights too), each also with @ugs; "
+    add(p, "--method", "source,bn,tent,cema", comma_list(_replay_methods), help="comma list of cema (the server's default, --learn auto), cema-affine (CEMA as published: affine "
+        "parameters only), cema+conv (convolution weights too), prompt, cema+prompt (joint), cema/prompt (alternating), each also with @ugs; "
         "source, bn, tent, eata, cotta, roid, sar")
     add(p, "--prompt", "lowres:8", PROMPT, help="input prompt of the prompt methods: lowres:SIZE or padding:WIDTH")
     add(p, "--setting", "continual", SETTING, help="continual, reset_each_shift, gradual, mixed or correlated")

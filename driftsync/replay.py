@@ -43,8 +43,9 @@ if TYPE_CHECKING:
     import torch
 
 DATASETS = ("embedded", "cifar10", "cifar10-c", "imagenet-c", "folder")
-LEARNS = {"cema": "norm", "prompt": "prompt", "cema+prompt": "norm+prompt", "cema/prompt": "norm/prompt",
-          "cema+conv": "norm+conv"}
+# "cema" runs the server's default (--learn auto); "cema-affine" is CEMA as published
+LEARNS = {"cema": "auto", "cema-affine": "norm", "cema+conv": "norm+conv", "prompt": "prompt",
+          "cema+prompt": "norm+prompt", "cema/prompt": "norm/prompt"}
 UGS = "@ugs"  # suffix: the same method with uncertainty-guided sampling on the device
 COLLABORATIVE = tuple(LEARNS) + tuple(f"{m}{UGS}" for m in LEARNS)
 ON_DEVICE = ("source", "bn", "tent", "eata", "cotta", "roid", "sar")

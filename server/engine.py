@@ -30,9 +30,24 @@ from server.prompt import PREFIX as PROMPT_PREFIX
 from server.prompt import prompt_parameters
 
 # "/": alternate steps, "+": jointly; "conv": every convolution's weight too (a student marked by
-# `server.norm.learn_conv_weights`), trained with the affine parameters
-LEARN_MODES = ("norm", "prompt", "norm+prompt", "norm/prompt", "norm+conv")
+# `server.norm.learn_conv_weights`), trained with the affine parameters; "auto": norm and norm+conv
+# side by side, the devices running whichever agrees more with the teacher (`CemaEngine._choose_track`)
+LEARN_MODES = ("norm", "prompt", "norm+prompt", "norm/prompt", "norm+conv", "auto")
+TRACKS = ("norm", "norm+conv")  # what "auto" chooses between; the first is where a cohort starts
 DISTIL_SOURCES = ("teacher", "ema", "both")
+
+
+def learns_norm(learn: str) -> bool:
+    return "norm" in learn or learn == "auto"
+
+
+def learns_conv(learn: str) -> bool:
+    """Whether the student's convolutions must be replaceable (`server.norm.learn_conv_weights`)."""
+    return "conv" in learn or learn == "auto"
+
+
+def learns_prompt(learn: str) -> bool:
+    return "prompt" in learn
 
 
 @dataclass(frozen=True)
@@ -58,7 +73,9 @@ class CemaConfig:
     replay_capacity: int = 10_000
     replay_min: int = 256
     stats_momentum: float = 0.3
-    learn: str = "norm"  # what the deltas move: "norm" (CEMA), "prompt" (U-VPA style), both jointly or alternately, or norm+conv
+    learn: str = "norm"  # what the deltas move: "norm" (CEMA), "prompt" (U-VPA style), both jointly or alternately, norm+conv, or auto
+    track_memory: float = 0.999  # auto: per new upload, on the evidence that the other track agrees more with the teacher
+    track_z: float = 2.0  # auto: the other track is published once its lead is this many standard errors above zero
     prompt_lr: float = 5e-3  # Adam, on the input-space prompt
     prompt_consistency: float = 1.0  # confident uploads keep the prompted prediction on the plain one
     prompt_ema: float = 0.9  # deltas carry this EMA of the prompt, so a quiet stream cannot drag it away
@@ -106,6 +123,30 @@ def student_passes(new_samples: int, cfg: CemaConfig) -> int:
     if cfg.student_steps is not None:
         return cfg.student_steps
     return max(1, math.ceil(new_samples / cfg.new_per_step))
+
+
+def fair_differences(published: np.ndarray, rival: np.ndarray, teacher: np.ndarray) -> np.ndarray:
+    """Per upload, +1 where the rival track's class is the teacher's and the published track's is
+    not, -1 the reverse, 0 otherwise; only on uploads the rival is as unsure of as the published
+    track (its entropy within the range of the published track's on these uploads). The devices
+    upload what the published track is unsure of, where it errs most, so on all the uploads any
+    rival looks better (measured: the tracks swapped back and forth); the uploads both are unsure
+    of treat them alike."""
+    unsure, rival_unsure = _entropy_of(published), _entropy_of(rival)
+    alike = (rival_unsure >= unsure.min()) & (rival_unsure <= unsure.max())
+    rival_right, published_right = rival.argmax(axis=1) == teacher, published.argmax(axis=1) == teacher
+    return (rival_right.astype(float) - published_right)[alike]
+
+
+def rival_leads(lead: float, squares: float, differences: np.ndarray, memory: float, z: float) -> tuple[float, float, bool]:
+    """A paired test that forgets: `differences` are per upload (+1 the rival is right where the
+    published track is not, -1 the reverse). Their decayed sum must exceed z times its standard
+    error (the root of the decayed sum of squares), so one lucky batch of hard uploads does not
+    flip what the devices run. Returns the new sums and whether the rival leads."""
+    decay = memory ** len(differences)
+    lead = decay * lead + float(differences.sum())
+    squares = decay * squares + float((differences**2).sum())
+    return lead, squares, lead > 0 and lead > z * math.sqrt(squares)
 
 
 def entropy(logits: torch.Tensor) -> torch.Tensor:
@@ -256,6 +297,18 @@ class CohortState:
     published: dict[str, np.ndarray] = field(default_factory=dict)  # what the devices run: the last delta sent
     holdout: ReplayBuffer | None = None  # recent held-out uploads, for the guarded push
     predictions: deque[int] = field(default_factory=deque)  # the student's recent classes on new uploads
+    learning: str = ""  # learn="auto": the track student_norm holds, the one the devices run (TRACKS)
+    rival_norm: dict[str, np.ndarray] = field(default_factory=dict)  # auto: the other track's tensors
+    rival_opt: dict = field(default_factory=dict)
+    rival_lead: float = 0.0  # auto: decayed sum, over new uploads, of (rival agrees with the teacher) - (published one does)
+    rival_lead_squares: float = 0.0  # auto: the same sum of squares, for the lead's standard error
+
+    def swap_tracks(self) -> None:
+        """learn="auto": publish the other track from now on; each keeps its tensors and optimizer."""
+        self.student_norm, self.rival_norm = self.rival_norm, self.student_norm
+        self.student_opt, self.rival_opt = self.rival_opt, self.student_opt
+        self.learning = TRACKS[1 - TRACKS.index(self.learning)]
+        self.rival_lead = self.rival_lead_squares = 0.0  # switching back takes fresh evidence
 
     def restart_from(self, tensors: dict[str, np.ndarray]) -> None:
         """Continue adapting from a delta's tensors (a withheld candidate, a rollback), with fresh
@@ -311,16 +364,17 @@ class CemaEngine:
         self.teacher = copy.deepcopy(teacher).to(self.device)
         learnt = freeze_all_but_learnt(self.student)
         self._prompt_params = list(prompt_parameters(self.student).values())
-        if "prompt" in cfg.learn and not self._prompt_params:
+        if learns_prompt(cfg.learn) and not self._prompt_params:
             raise ValueError(f"learn={cfg.learn!r} needs a prompted student (serve --prompt padding:W or lowres:R)")
-        if ("conv" in cfg.learn) != bool(conv_weights(self.student)):
+        self._conv_params = list(conv_weights(self.student).values())
+        if learns_conv(cfg.learn) != bool(self._conv_params):
             raise ValueError(f"learn={cfg.learn!r} needs a student whose convolutions are marked learnt "
                              "(server.norm.learn_conv_weights) exactly when it includes conv")
-        self._student_params = learnt if "norm" in cfg.learn else []
+        self._student_params = learnt if learns_norm(cfg.learn) else []
         for p in learnt:
-            p.requires_grad_("norm" in cfg.learn)
+            p.requires_grad_(learns_norm(cfg.learn))
         for p in self._prompt_params:
-            p.requires_grad_("prompt" in cfg.learn)
+            p.requires_grad_(learns_prompt(cfg.learn))
         freeze_all_but_learnt(self.teacher)
         self._source_student = replaceable_state(self.student)
         self._source_teacher = replaceable_state(self.teacher)
@@ -335,6 +389,8 @@ class CemaEngine:
             replay=ReplayBuffer(self.cfg.replay_capacity),
             published=self.source_delta(),
             holdout=ReplayBuffer(self.cfg.holdout_samples),
+            learning=TRACKS[0] if self.cfg.learn == "auto" else "",
+            rival_norm={k: v.copy() for k, v in self._source_student.items()} if self.cfg.learn == "auto" else {},
         )
 
     def source_delta(self) -> dict[str, np.ndarray]:
@@ -427,10 +483,14 @@ class CemaEngine:
         re-estimates them from the (filtered, so biased) uploads and sends them too.
         """
         probs = self.teacher_probs([(item.images, item.state) for item in inputs])
-        return [
-            replace(self._checked(item, self._distil(item, p)), teacher_classes=p.argmax(dim=1).numpy())
-            for item, p in zip(inputs, probs)
-        ]
+        results = []
+        for item, p in zip(inputs, probs):
+            candidate, switched = self._distil(item, p)
+            result = self._checked(item, candidate)
+            if switched and result.event is None:
+                result = replace(result, event="track", detail=switched)
+            results.append(replace(result, teacher_classes=p.argmax(dim=1).numpy()))
+        return results
 
     def _checked(self, item: StepInput, candidate: dict[str, np.ndarray]) -> StepResult:
         """Reset a collapsed cohort to the source; withhold a delta the held-out uploads say is worse."""
@@ -470,7 +530,8 @@ class CemaEngine:
         load_replaceable_state(self.student, state.student_norm)
         return np.concatenate(out)
 
-    def _distil(self, item: StepInput, probs_new: torch.Tensor) -> dict[str, np.ndarray]:
+    def _distil(self, item: StepInput, probs_new: torch.Tensor) -> tuple[dict[str, np.ndarray], str]:
+        """The step's candidate delta, and, when learn="auto" switched tracks, what it switched to and why."""
         cfg = self.cfg
         images, state, device_stats, batch_statistics = item.images, item.state, item.device_stats, item.batch_statistics
         probs = probs_new.numpy()
@@ -488,19 +549,72 @@ class CemaEngine:
         replay.add(new)
         xs = [_group_input(g, self.device) for g in groups]  # each group crosses to the device once a step
 
+        cloud_statistics = device_stats is None and not batch_statistics
+        state.student_norm = self._with_statistics(state.student_norm, device_stats, cloud_statistics, xs[0])
+        switched = ""
+        if cfg.learn == "auto":
+            state.rival_norm = self._with_statistics(state.rival_norm, device_stats, cloud_statistics, xs[0])
+            switched = self._choose_track(state, new)
+        passes = student_passes(len(new.images), cfg)
+        learn = state.learning or cfg.learn
+        saved = {"student_opt": state.student_opt, "prompt_opt": state.prompt_opt}
+        state.student_norm, trained = self._train(state.student_norm, saved, self._active_parts(learn, state.steps),
+                                                  groups, xs, passes)
+        for name, opt_state in trained.items():
+            setattr(state, name, opt_state)
+        if cfg.learn == "auto":
+            rival = TRACKS[1 - TRACKS.index(learn)]
+            state.rival_norm, trained = self._train(state.rival_norm, {"student_opt": state.rival_opt}, rival, groups, xs, passes)
+            state.rival_opt = trained["student_opt"]
+        state.steps += 1
+        return self._delta_tensors(state, cloud_statistics), switched
+
+    def _with_statistics(self, tensors: dict[str, np.ndarray], device_stats: dict[str, np.ndarray] | None,
+                         cloud_statistics: bool, x_new: torch.Tensor) -> dict[str, np.ndarray]:
+        """The tensors under the statistics the new uploads were seen with: the device's, or, when
+        the cloud keeps them, re-estimated from the new domain only."""
         if device_stats is not None:
-            state.student_norm.update(device_stats)
-        load_replaceable_state(self.student, state.student_norm)
-        if device_stats is None and not batch_statistics and "norm" in cfg.learn:
-            with torch.no_grad():  # re-estimate statistics from the new domain only
-                _set_norm_mode(self.student, train=True, momentum=cfg.stats_momentum)
-                self.student(xs[0])
-            state.student_norm = replaceable_state(self.student)
+            tensors = tensors | device_stats
+        if not cloud_statistics or not learns_norm(self.cfg.learn):
+            return tensors
+        load_replaceable_state(self.student, tensors)
+        with torch.no_grad():
+            _set_norm_mode(self.student, train=True, momentum=self.cfg.stats_momentum)
+            self.student(x_new)
         _set_norm_mode(self.student, train=False)
-        active = self._active_parts(state.steps)
-        opts = self._student_optimizers(state, active, len(new.images))
+        return replaceable_state(self.student)
+
+    def _choose_track(self, state: CohortState, new: ReplayGroup) -> str:
+        """learn="auto": score both tracks on the new uploads before either trains on them (does
+        each pick the teacher's class?) and publish the other track once its lead is significant
+        (`rival_leads`). Which one wins depends on the student and the stream (BENCHMARKS.md,
+        "Choosing what the student learns"): the convolutions gain on real CIFAR-10-C and lose on
+        the embedded student, whose devices then keep the affine track.
+
+        Only uploads both tracks are unsure of count (`fair_differences`)."""
+        cfg, rival = self.cfg, TRACKS[1 - TRACKS.index(state.learning)]
+        differences = fair_differences(self._predict({}, state, [new]), self._predict(state.rival_norm, state, [new]),
+                                       new.probs.argmax(axis=1))
+        state.rival_lead, state.rival_lead_squares, leads = rival_leads(
+            state.rival_lead, state.rival_lead_squares, differences, cfg.track_memory, cfg.track_z)
+        if not leads:
+            return ""
+        detail = (f"devices now run {rival}: it agrees with the teacher on {state.rival_lead:.1f} more recent uploads "
+                  f"(standard error {np.sqrt(state.rival_lead_squares):.1f})")
+        state.swap_tracks()
+        return detail
+
+    def _train(self, tensors: dict[str, np.ndarray], saved: dict[str, dict], active: str,
+               groups: list[ReplayGroup], xs: list[torch.Tensor], passes: int) -> tuple[dict[str, np.ndarray], dict[str, dict]]:
+        """`passes` SGD passes of the student from `tensors` over the step's groups, training what
+        `active` names; the new tensors (statistics as they came) and optimizer states."""
+        for p in self._conv_params:
+            p.requires_grad_("conv" in active)
+        load_replaceable_state(self.student, tensors)
+        _set_norm_mode(self.student, train=False)
+        opts = self._student_optimizers(saved, active, len(groups[0].images))
         total = sum(len(g.images) for g in groups)
-        for _ in range(student_passes(len(new.images), cfg)):
+        for _ in range(passes):
             for opt in opts.values():
                 opt.zero_grad(set_to_none=True)
             for group, x in zip(groups, xs):
@@ -508,21 +622,18 @@ class CemaEngine:
             for opt in opts.values():
                 opt.step()
         _set_norm_mode(self.student, train=False)
-        load_replaceable_state(self.student, {k: v for k, v in state.student_norm.items() if _is_statistic(k)})
-        for name, opt in opts.items():
-            setattr(state, name, opt.state_dict())
-        state.student_norm = replaceable_state(self.student)
-        state.steps += 1
-        return self._delta_tensors(state, cloud_statistics=device_stats is None and not batch_statistics)
+        load_replaceable_state(self.student, {k: v for k, v in tensors.items() if _is_statistic(k)})
+        return replaceable_state(self.student), {name: opt.state_dict() for name, opt in opts.items()}
 
-    def _active_parts(self, step: int) -> str:
-        """What this step trains: everything learnt, or, alternating, norm on even steps and prompt on odd."""
-        if self.cfg.learn == "norm/prompt":
+    def _active_parts(self, learn: str, step: int) -> str:
+        """What this step trains: everything `learn` names, or, alternating, norm on even steps and prompt on odd."""
+        if learn == "norm/prompt":
             return "norm" if step % 2 == 0 else "prompt"
-        return self.cfg.learn
+        return learn
 
-    def _student_optimizers(self, state: CohortState, active: str, new_samples: int) -> dict[str, torch.optim.Optimizer]:
-        """SGD on the affine parameters (CEMA's), Adam on the prompt; keyed by their state field.
+    def _student_optimizers(self, saved: dict[str, dict], active: str, new_samples: int) -> dict[str, torch.optim.Optimizer]:
+        """SGD on the affine parameters (CEMA's) and, when `active` includes conv, the convolution
+        weights; Adam on the prompt; keyed by their state field, resumed from `saved`.
 
         Learning the convolutions too, a step's SGD rate scales with the new uploads it brings, up
         to `new_per_step`: the weights then move by as much per uploaded frame whether a step comes
@@ -530,13 +641,14 @@ class CemaEngine:
         64, full-rate steps on about 13 uploads each gave 30.6% against 24.6% at batch 200)."""
         opts: dict[str, torch.optim.Optimizer] = {}
         if self._student_params and "norm" in active:
-            opts["student_opt"] = torch.optim.SGD(self._student_params, lr=self.cfg.student_lr, momentum=self.cfg.momentum)
+            params = [p for p in self._student_params if p.requires_grad]
+            opts["student_opt"] = torch.optim.SGD(params, lr=self.cfg.student_lr, momentum=self.cfg.momentum)
         if "prompt" in active:
             opts["prompt_opt"] = torch.optim.Adam(self._prompt_params, lr=self.cfg.prompt_lr)
         for name, opt in opts.items():
-            if getattr(state, name):
-                opt.load_state_dict(getattr(state, name))
-        if "student_opt" in opts and "conv" in self.cfg.learn:
+            if saved.get(name):
+                opt.load_state_dict(saved[name])
+        if "student_opt" in opts and "conv" in active:
             for group in opts["student_opt"].param_groups:
                 group["lr"] = self.cfg.student_lr * min(1.0, new_samples / self.cfg.new_per_step)
         return opts
@@ -571,14 +683,14 @@ class CemaEngine:
         out = {}
         for name, value in state.student_norm.items():
             if _is_prompt(name):
-                if "prompt" in self.cfg.learn:
+                if learns_prompt(self.cfg.learn):
                     previous = state.prompt_ema.get(name, self._source_student[name])
                     state.prompt_ema[name] = self.cfg.prompt_ema * previous + (1 - self.cfg.prompt_ema) * value
                     out[name] = state.prompt_ema[name].astype(np.float32)
             elif _is_statistic(name):
-                if cloud_statistics and "norm" in self.cfg.learn:
+                if cloud_statistics and learns_norm(self.cfg.learn):
                     out[name] = value
-            elif "norm" in self.cfg.learn:
+            elif learns_norm(self.cfg.learn):
                 out[name] = value
         return for_the_wire(out, self.student)
 
@@ -587,6 +699,10 @@ def _group_input(group: ReplayGroup, device: torch.device) -> torch.Tensor:
     """The group's images, then its context, as the model's input on `device`."""
     images = group.images if group.context is None else np.concatenate([group.images, group.context])
     return to_input(images, device)
+
+
+def _entropy_of(probs: np.ndarray) -> np.ndarray:
+    return -(probs * np.log(np.clip(probs, 1e-12, None))).sum(axis=1)
 
 
 def class_marginal_entropy(classes: np.ndarray, num_classes: int) -> float:

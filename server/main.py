@@ -22,7 +22,7 @@ from server.api_role import api_parts, open_backends, publish_model, summary_of
 from server.app import ServerParts, ServerSettings, create_app
 from server.artifact import PublishedModel
 from server.devices import resolve_torch_device
-from server.engine import CemaConfig, CemaEngine
+from server.engine import CemaConfig, CemaEngine, learns_conv
 from server.export import export_student
 from server.fleet import FleetView
 from server.leases import LeaseKeeper
@@ -78,12 +78,32 @@ def _with_signing_key(parts: ServerParts, opts: ServeOptions) -> ServerParts:
     return parts
 
 
+def full_delta_bytes(student: torch.nn.Module) -> int:
+    """The bytes of tensors in a delta that carries everything the student lets deltas replace."""
+    return sum(v.nbytes for v in for_the_wire(replaceable_state(student), student).values())
+
+
 def check_delta_size(student: torch.nn.Module, what: str) -> None:
     """Refuse at start-up a student whose full delta a device could not read."""
-    delta_bytes = sum(v.nbytes for v in for_the_wire(replaceable_state(student), student).values())
+    delta_bytes = full_delta_bytes(student)
     if delta_bytes > MAX_DELTA_TENSOR_BYTES:
         raise ValueError(f"deltas of {what} would carry {delta_bytes / 2**20:.1f} MiB of tensors, over the "
                          f"{MAX_DELTA_TENSOR_BYTES / 2**20:.0f} MiB a device reads: learn fewer")
+
+
+def mark_learnt(student: torch.nn.Module, learn: str) -> str:
+    """Mark the student's convolutions learnt where `learn` needs them; returns the learn mode to
+    run. "auto" chooses between the affine and the convolution track only where a delta carrying
+    the convolutions fits what a device reads (ResNet-20: 0.5 MiB); a larger student (ImageNet's
+    ResNets: 21 MiB and more) learns its affine parameters alone, as "norm"."""
+    if not learns_conv(learn):
+        return learn
+    learn_conv_weights(student)
+    if learn == "auto" and full_delta_bytes(student) > MAX_DELTA_TENSOR_BYTES:
+        log.info("--learn auto: convolution deltas of this student would not fit what a device reads; learning norm")
+        learn_conv_weights(student, learn=False)
+        return "norm"
+    return learn
 
 
 def build_engine(opts: ServeOptions) -> tuple[CemaEngine, PublishedModel]:
@@ -97,9 +117,8 @@ def build_engine(opts: ServeOptions) -> tuple[CemaEngine, PublishedModel]:
     prompt = parse_prompt(opts.prompt)
     if prompt is not None:
         student = PromptedModel(student, InputPrompt(*prompt, info.input_size))
-    if "conv" in opts.learn:
-        learn_conv_weights(student)
-    check_delta_size(student, f"{opts.student} with --learn {opts.learn}")
+    learn = mark_learnt(student, opts.learn)
+    check_delta_size(student, f"{opts.student} with --learn {learn}")
     artifact = export_student(student, info.input_shape)
     cfg = CemaConfig(
         num_classes=info.num_classes,
@@ -114,7 +133,7 @@ def build_engine(opts: ServeOptions) -> tuple[CemaEngine, PublishedModel]:
         teacher_ema=opts.teacher_ema,
         student_lr=opts.student_lr,
         student_steps=opts.student_steps,
-        learn=opts.learn,
+        learn=learn,
         prompt_lr=opts.prompt_lr,
         holdout_every=GUARD_HOLDOUT_EVERY if opts.guarded_push else 0,
         guard_tolerance=opts.guard_tolerance,

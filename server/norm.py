@@ -27,11 +27,11 @@ def norm_layers(model: nn.Module) -> dict[str, nn.modules.batchnorm._BatchNorm]:
 LEARNT_CONVS = "_driftsync_learns_convs"  # marks a student whose deltas carry convolution weights
 
 
-def learn_conv_weights(model: nn.Module) -> nn.Module:
-    """Make every convolution's weight replaceable, so deltas move it. Affine parameters alone
-    cannot undo a corruption the features already carry (noise above all); a small student's
-    convolutions can, at the price of a delta about the size of the weights."""
-    setattr(model, LEARNT_CONVS, True)
+def learn_conv_weights(model: nn.Module, learn: bool = True) -> nn.Module:
+    """Make every convolution's weight replaceable (or no longer, `learn=False`), so deltas move
+    it. Affine parameters alone cannot undo a corruption the features already carry (noise above
+    all); a small student's convolutions can, at the price of a delta about the size of the weights."""
+    setattr(model, LEARNT_CONVS, learn)
     return model
 
 

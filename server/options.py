@@ -39,7 +39,7 @@ class ServeOptions:
     max_pending_samples: int = 2048
     max_state_bytes: int = 1 << 30  # replay images a worker keeps over all its cohorts
     prompt: str | None = None  # "padding:W" or "lowres:R": the student gets an input prompt
-    learn: str = "norm"
+    learn: str = "auto"  # measured: BENCHMARKS.md, "Choosing what the student learns"
     prompt_lr: float = 5e-3
     guarded_push: bool = False
     guard_tolerance: float = 0.0

@@ -53,7 +53,7 @@ def _restore(obj: Any, as_torch: bool) -> Any:
     return obj
 
 
-OPTIMIZERS = ("student_opt", "teacher_opt", "prompt_opt")
+OPTIMIZERS = ("student_opt", "teacher_opt", "prompt_opt", "rival_opt")
 
 
 def encode_state(state: CohortState) -> bytes:
@@ -64,6 +64,10 @@ def encode_state(state: CohortState) -> bytes:
         "prompt_ema": _plain(state.prompt_ema),
         "published": _plain(state.published),
         "steps": state.steps,
+        "learning": state.learning,
+        "rival_norm": _plain(state.rival_norm),
+        "rival_lead": state.rival_lead,
+        "rival_lead_squares": state.rival_lead_squares,
         **{name: _plain(getattr(state, name)) for name in OPTIMIZERS},
     })
 
@@ -79,5 +83,9 @@ def decode_state(data: bytes, cfg: CemaConfig) -> CohortState:
         steps=int(raw["steps"]),
         replay=ReplayBuffer(cfg.replay_capacity),
         holdout=ReplayBuffer(cfg.holdout_samples),
-        **{name: _restore(raw[name], True) for name in OPTIMIZERS},
+        learning=str(raw.get("learning", "")),  # states stored before learn="auto" existed have no tracks
+        rival_norm=_restore(raw.get("rival_norm", {"map": []}), False),
+        rival_lead=float(raw.get("rival_lead", 0.0)),
+        rival_lead_squares=float(raw.get("rival_lead_squares", 0.0)),
+        **{name: _restore(raw.get(name, {"map": []}), True) for name in OPTIMIZERS},
     )

@@ -68,7 +68,7 @@ class StoredUpload:
 class EventRecord:
     at: float
     cohort: str
-    kind: str  # collapse_reset, withheld, rollback, frozen, unfrozen
+    kind: str  # collapse_reset, withheld, rollback, frozen, unfrozen, track (learn=auto switched)
     detail: str
 
 

@@ -13,6 +13,8 @@ from server.engine import (
     ReplayBuffer,
     ReplayGroup,
     StepInput,
+    fair_differences,
+    rival_leads,
     student_passes,
 )
 from tests.conftest import tiny_pair
@@ -233,6 +235,73 @@ def test_conv_mode_moves_and_ships_every_convolution_weight_and_nothing_else_of_
         CemaEngine(learn_conv_weights(student), teacher, CemaConfig(num_classes=10))
 
 
+def test_the_rival_track_must_lead_by_z_standard_errors() -> None:
+    """The paired test behind learn="auto": a steady lead passes, the same share of wins drawn
+    as noise does not, a lead fades when the evidence stops, and a losing rival never leads."""
+    lead, squares = 0.0, 0.0
+    for _ in range(3):  # 40 uploads a step, the rival right on 4 more of them: 12 of 120, standard error ~3.5
+        lead, squares, leads = rival_leads(lead, squares, np.r_[np.ones(4), np.zeros(36)], 0.999, 2.0)
+    assert leads and lead == pytest.approx(12 * (1 + 0.999**40 + 0.999**80) / 3, rel=1e-6)
+    noise = np.r_[np.ones(10), -np.ones(8), np.zeros(22)]  # +2 on 40, but 18 disagreements: standard error ~4.2
+    assert not rival_leads(0.0, 0.0, noise, 0.999, 2.0)[2]
+    assert rival_leads(0.0, 0.0, np.tile(noise, 25), 0.999, 2.0)[2]  # 25 times the evidence (+50, error ~21): it leads
+    faded = rival_leads(12.0, 12.0, np.zeros(4000), 0.999, 2.0)
+    assert faded[0] == pytest.approx(12.0 * 0.999**4000) and faded[0] < 0.3
+    assert not rival_leads(0.0, 0.0, -np.ones(100), 0.999, 2.0)[2]
+    assert not rival_leads(0.0, 0.0, np.zeros(40), 0.999, 2.0)[2]  # no disagreement, no lead
+
+
+def test_tracks_are_compared_only_where_both_are_unsure() -> None:
+    """The uploads are what the published track is unsure of; where the rival is confident it
+    would not have been uploaded had it been published, so those uploads do not count."""
+    def probs(top: int, p: float) -> np.ndarray:
+        row = np.full(10, (1 - p) / 9)
+        row[top] = p
+        return row
+
+    teacher = np.array([0, 1, 2, 3])
+    published = np.stack([probs(5, 0.4), probs(5, 0.5), probs(2, 0.3), probs(3, 0.45)])  # unsure: entropy 1.8-2.2
+    rival = np.stack([probs(0, 0.99), probs(1, 0.45), probs(7, 0.35), probs(3, 0.4)])
+    # upload 0: the rival is right but confident (H 0.1): left out; 1: the rival right, the published wrong: +1;
+    # 2: the published right, the rival wrong: -1; 3: both right: 0
+    np.testing.assert_array_equal(fair_differences(published, rival, teacher), [1.0, -1.0, 0.0])
+    assert fair_differences(published, published, teacher).tolist() == [0.0] * 4
+
+
+def test_auto_learns_both_tracks_and_ships_the_one_the_devices_run() -> None:
+    """learn="auto": the affine track is published first and its deltas carry the source
+    convolutions (so a device can always switch back); the rival trains its convolutions beside
+    it. Once the rival leads significantly, the devices get its tensors, with an event saying why;
+    each track keeps its own tensors and optimizer, and the evidence starts afresh."""
+    from server.norm import conv_weights, learn_conv_weights
+
+    student, teacher = tiny_pair()
+    engine = CemaEngine(learn_conv_weights(student), teacher, CemaConfig(
+        num_classes=10, new_per_step=8, replay_per_step=8, replay_min=8, learn="auto", track_memory=1.0))
+    convs, source = set(conv_weights(engine.student)), engine._source_student
+    state = engine.new_state()
+    assert state.learning == "norm" and set(state.rival_norm) == set(state.student_norm)
+    result = engine.step(_images(8), state, batch_statistics=True)
+    assert state.learning == "norm" and state.rival_lead == 0.0  # identical tracks until the first step: no lead
+    assert convs <= set(result.tensors)
+    for name in convs:  # published: affine only, the convolutions at the source; the rival learnt its own
+        np.testing.assert_array_equal(result.tensors[name], source[name].astype(np.float16))
+        assert np.abs(state.rival_norm[name] - source[name]).max() > 0
+    assert any(np.abs(state.student_norm[k] - source[k]).max() > 0 for k in set(source) - convs)
+
+    state.rival_lead, state.rival_lead_squares = 100.0, 100.0  # evidence the rival agrees more (memory 1: kept)
+    rival = {k: v.copy() for k, v in state.rival_norm.items()}
+    result = engine.step(_images(8, 2), state, batch_statistics=True)
+    assert result.event == "track" and "norm+conv" in result.detail and state.learning == "norm+conv"
+    assert state.rival_lead == state.rival_lead_squares == 0.0
+    optimised = {track: len(opt["param_groups"][0]["params"]) for track, opt in (("conv", state.student_opt), ("affine", state.rival_opt))}
+    assert optimised["conv"] == optimised["affine"] + len(convs)  # each track kept its optimizer
+    for name in convs:  # the devices now get the conv track's convolutions, one step on from where it was
+        np.testing.assert_array_equal(result.tensors[name], state.student_norm[name].astype(np.float16))
+        assert not np.array_equal(state.student_norm[name], rival[name])
+        np.testing.assert_array_equal(state.rival_norm[name], source[name])  # the affine track never moves them
+
+
 def test_prompt_specs_are_checked() -> None:
     from server.prompt import InputPrompt, parse_prompt
 
@@ -354,3 +423,11 @@ def test_a_student_whose_full_delta_a_device_could_not_read_is_refused_at_start(
     check_delta_size(ImageNetResNet("resnet18"), "resnet18")  # its affine tensors alone: fine
     with pytest.raises(ValueError, match=r"resnet18 with --learn norm\+conv would carry 21\.\d MiB .* learn fewer"):
         check_delta_size(learn_conv_weights(ImageNetResNet("resnet18")), "resnet18 with --learn norm+conv")
+    from server.main import mark_learnt
+    from server.norm import conv_weights
+
+    small, big = cifar_resnet("resnet20"), ImageNetResNet("resnet18")
+    assert mark_learnt(small, "auto") == "auto" and conv_weights(small)
+    assert mark_learnt(big, "auto") == "norm" and not conv_weights(big)  # auto: the affine parameters alone
+    check_delta_size(big, "resnet18")
+    assert mark_learnt(big, "norm+conv") == "norm+conv" and conv_weights(big)  # asked for explicitly: refused above

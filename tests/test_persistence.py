@@ -8,6 +8,7 @@ import time
 
 import httpx
 import numpy as np
+import pytest
 import torch
 
 from device_client.client import DeviceClient, DeviceConfig
@@ -22,14 +23,17 @@ from tests.test_engine import _images
 ADMIN = {"Authorization": "Bearer adm-test-token-0123456789"}
 
 
-def _adam_engine() -> CemaEngine:
+def _adam_engine(learn: str = "norm") -> CemaEngine:
+    from server.norm import learn_conv_weights
+
     student, teacher = tiny_pair()
-    cfg = CemaConfig(num_classes=10, new_per_step=8, replay_min=1000, teacher_optimizer="adam", teacher_lr=1e-3)
-    return CemaEngine(student, teacher, cfg)
+    cfg = CemaConfig(num_classes=10, new_per_step=8, replay_min=1000, teacher_optimizer="adam", teacher_lr=1e-3, learn=learn)
+    return CemaEngine(learn_conv_weights(student) if learn == "auto" else student, teacher, cfg)
 
 
-def test_cohort_state_round_trips_without_pickle_and_training_continues_from_it() -> None:
-    engine = _adam_engine()
+@pytest.mark.parametrize("learn", ["norm", "auto"])
+def test_cohort_state_round_trips_without_pickle_and_training_continues_from_it(learn: str) -> None:
+    engine = _adam_engine(learn)
     state = engine.new_state()
     for seed in range(2):
         engine.step(_images(8, seed), state)
@@ -39,13 +43,18 @@ def test_cohort_state_round_trips_without_pickle_and_training_continues_from_it(
     assert restored.steps == 2 and restored.replay.size == 0
     for name, value in state.student_norm.items():
         np.testing.assert_array_equal(restored.student_norm[name], value)
-    for name in ("student_opt", "teacher_opt"):
+    if learn == "auto":  # both tracks come back, with their scores, and the one the devices run
+        assert restored.learning == state.learning == "norm"
+        assert (restored.rival_lead, restored.rival_lead_squares) == (state.rival_lead, state.rival_lead_squares)
+        for name, value in state.rival_norm.items():
+            np.testing.assert_array_equal(restored.rival_norm[name], value)
+    for name in ("student_opt", "teacher_opt") + (("rival_opt",) if learn == "auto" else ()):
         original, back = getattr(state, name), getattr(restored, name)
         assert original["param_groups"] == back["param_groups"]
         for index, slots in original["state"].items():
             for slot, tensor in slots.items():
                 torch.testing.assert_close(back["state"][index][slot], tensor)
-    twin = _adam_engine()  # a restarted server's engine
+    twin = _adam_engine(learn)  # a restarted server's engine
     a, b = engine.step(_images(8, 7), state).tensors, twin.step(_images(8, 7), restored).tensors
     for name in a:  # with the replay buffer below its minimum, the next step is identical
         np.testing.assert_allclose(a[name], b[name], atol=1e-6)

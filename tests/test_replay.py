@@ -70,10 +70,11 @@ def test_replay_prompt_methods(tmp_path: Path, prompt: str) -> None:
     assert prompt_only["downlink_bytes"] / prompt_only["deltas_applied"] < joint["downlink_bytes"] / joint["deltas_applied"]
 
 
-def test_replay_conv_method_ships_the_convolutions_through_the_real_loop(tmp_path: Path) -> None:
+@pytest.mark.parametrize("method", ["cema+conv", "cema"])
+def test_replay_conv_method_ships_the_convolutions_through_the_real_loop(tmp_path: Path, method: str) -> None:
     """cema+conv: the server learns every convolution's weight and the batch-statistics devices
     (the replay default) install them, over real HTTP and onnxruntime; each delta carries them, in
-    float16."""
+    float16. So does cema (--learn auto), whichever track the devices run, so that they can switch."""
     from server.models.registry import build_model
     from server.norm import (
         conv_weights,
@@ -82,7 +83,7 @@ def test_replay_conv_method_ships_the_convolutions_through_the_real_loop(tmp_pat
         replaceable_state,
     )
 
-    report = run(ReplayOptions(methods=("cema+conv",), corruptions="contrast", samples_per_domain=64,
+    report = run(ReplayOptions(methods=(method,), corruptions="contrast", samples_per_domain=64,
                                batch_size=16, out=tmp_path, torch_threads=1))
     [conv] = report["methods"]
     student = learn_conv_weights(build_model("embedded-student"))
