@@ -30,7 +30,7 @@ from device_client.scoring import entropy, softmax
 from device_client.selection import CemaSelector, SelectionConfig
 from driftsync.config import POSITIVE_INT, auto_or
 from driftsync.data import streams
-from server.engine import LEARN_MODES, CemaConfig, CemaEngine, to_input
+from server.engine import LEARN_MODES, CemaConfig, CemaEngine, learns_conv, to_input
 from server.models.registry import build_model, build_teacher, model_info
 from server.norm import (
     learn_conv_weights,
@@ -81,7 +81,7 @@ def main() -> None:
     parser.add_argument("--replay-per-step", type=int, default=96)
     parser.add_argument("--upload-all", action="store_true", help="the device uploads every sample, no selection")
     parser.add_argument("--prompt", default=None, help="padding:W or lowres:R: the student adds an input prompt")
-    parser.add_argument("--learn", choices=LEARN_MODES, default="norm", help="what the deltas move")
+    parser.add_argument("--learn", choices=LEARN_MODES, default="auto", help="what the deltas move (as driftsync serve)")
     defaults = CemaConfig(num_classes=2)
     parser.add_argument("--prompt-lr", type=float, default=defaults.prompt_lr)
     parser.add_argument("--prompt-consistency", type=float, default=defaults.prompt_consistency)
@@ -103,7 +103,7 @@ def main() -> None:
     def student() -> torch.nn.Module:
         model = build_model(args.student)
         model = model if prompt is None else PromptedModel(model, InputPrompt(*prompt, info.input_size))
-        return learn_conv_weights(model) if "conv" in args.learn else model
+        return learn_conv_weights(model) if learns_conv(args.learn) else model
 
     engine = CemaEngine(student(), build_teacher(args.teacher), cfg)
     state = engine.new_state()
