@@ -534,6 +534,7 @@ class CemaEngine:
         """The step's candidate delta, and, when learn="auto" switched tracks, what it switched to and why."""
         cfg = self.cfg
         images, state, device_stats, batch_statistics = item.images, item.state, item.device_stats, item.batch_statistics
+        self._conform(state)
         probs = probs_new.numpy()
         if cfg.holdout_every:  # every n-th upload is only ever used to check deltas
             held = np.arange(len(images)) % cfg.holdout_every == cfg.holdout_every - 1
@@ -568,6 +569,26 @@ class CemaEngine:
             state.rival_opt = trained["student_opt"]
         state.steps += 1
         return self._delta_tensors(state, cloud_statistics), switched
+
+    def _conform(self, state: CohortState) -> None:
+        """A state stored under another --learn (an upgrade to the `auto` default, a changed flag)
+        continues under this one: tensors this student does not replace are dropped, missing ones
+        start at the source, an optimizer over other tensors starts afresh, and `auto` starts its
+        tracks from the stored student, published as the affine track."""
+        source = self._source_student
+        if set(state.student_norm) != set(source):
+            state.student_norm = {k: state.student_norm.get(k, v) for k, v in source.items()}
+            state.student_opt = {}
+        if self.cfg.learn != "auto":
+            if state.learning and state.learning != self.cfg.learn:  # its optimizer moved another set of tensors
+                state.student_opt = {}
+            state.learning, state.rival_norm, state.rival_opt = "", {}, {}
+            state.rival_lead = state.rival_lead_squares = 0.0
+        elif state.learning not in TRACKS:
+            state.learning = TRACKS[0]
+            state.rival_norm = {k: v.copy() for k, v in state.student_norm.items()}
+            state.rival_opt, state.student_opt = {}, {}
+            state.rival_lead = state.rival_lead_squares = 0.0
 
     def _with_statistics(self, tensors: dict[str, np.ndarray], device_stats: dict[str, np.ndarray] | None,
                          cloud_statistics: bool, x_new: torch.Tensor) -> dict[str, np.ndarray]:

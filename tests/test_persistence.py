@@ -14,7 +14,7 @@ import torch
 from device_client.client import DeviceClient, DeviceConfig
 from driftsync.data import streams
 from driftsync.processes import cli, free_port, wait_healthy
-from server.engine import CemaConfig, CemaEngine
+from server.engine import CemaConfig, CemaEngine, learns_conv
 from server.persist import decode_state, encode_state
 from server.store import SqliteStore
 from tests.conftest import tiny_pair
@@ -28,7 +28,7 @@ def _adam_engine(learn: str = "norm") -> CemaEngine:
 
     student, teacher = tiny_pair()
     cfg = CemaConfig(num_classes=10, new_per_step=8, replay_min=1000, teacher_optimizer="adam", teacher_lr=1e-3, learn=learn)
-    return CemaEngine(learn_conv_weights(student) if learn == "auto" else student, teacher, cfg)
+    return CemaEngine(learn_conv_weights(student) if learns_conv(learn) else student, teacher, cfg)
 
 
 @pytest.mark.parametrize("learn", ["norm", "auto"])
@@ -58,6 +58,27 @@ def test_cohort_state_round_trips_without_pickle_and_training_continues_from_it(
     a, b = engine.step(_images(8, 7), state).tensors, twin.step(_images(8, 7), restored).tensors
     for name in a:  # with the replay buffer below its minimum, the next step is identical
         np.testing.assert_allclose(a[name], b[name], atol=1e-6)
+
+
+@pytest.mark.parametrize(("stored", "now"), [("norm", "auto"), ("auto", "norm"), ("norm+conv", "auto"),
+                                             ("auto", "norm+conv"), ("norm", "norm+conv")])
+def test_a_state_stored_under_another_learn_mode_continues_under_this_one(stored: str, now: str) -> None:
+    """An upgrade to the `auto` default, or a changed --learn, finds cohort states stored under
+    the old mode: the next steps run, and what the devices get is this mode's."""
+    before = _adam_engine(stored)
+    state = before.new_state()
+    for seed in range(2):
+        before.step(_images(8, seed), state)
+    if stored == "auto":
+        state.swap_tracks()  # stored while the devices ran the convolution track
+    after = _adam_engine(now)
+    restored = decode_state(encode_state(state), after.cfg)
+    for seed in range(2, 4):
+        tensors = after.step(_images(8, seed), restored).tensors
+    learnt = {name for name in tensors if not name.endswith(("running_mean", "running_var"))}  # cloud statistics aside
+    assert learnt == set(after.source_delta()) and set(restored.student_norm) == set(after._source_student)
+    assert (restored.learning in ("norm", "norm+conv")) == (now == "auto")
+    assert all(np.isfinite(v.astype(np.float32)).all() for v in tensors.values())
 
 
 def test_versions_state_and_uploads_commit_together(tmp_path) -> None:
