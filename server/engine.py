@@ -37,6 +37,10 @@ TRACKS = ("norm", "norm+conv")  # what "auto" chooses between; the first is wher
 DISTIL_SOURCES = ("teacher", "ema", "both")
 
 
+def other_track(track: str) -> str:
+    return TRACKS[1 - TRACKS.index(track)]
+
+
 def learns_norm(learn: str) -> bool:
     return "norm" in learn or learn == "auto"
 
@@ -307,7 +311,7 @@ class CohortState:
         """learn="auto": publish the other track from now on; each keeps its tensors and optimizer."""
         self.student_norm, self.rival_norm = self.rival_norm, self.student_norm
         self.student_opt, self.rival_opt = self.rival_opt, self.student_opt
-        self.learning = TRACKS[1 - TRACKS.index(self.learning)]
+        self.learning = other_track(self.learning)
         self.rival_lead = self.rival_lead_squares = 0.0  # switching back takes fresh evidence
 
     def restart_from(self, tensors: dict[str, np.ndarray]) -> None:
@@ -564,8 +568,8 @@ class CemaEngine:
         for name, opt_state in trained.items():
             setattr(state, name, opt_state)
         if cfg.learn == "auto":
-            rival = TRACKS[1 - TRACKS.index(learn)]
-            state.rival_norm, trained = self._train(state.rival_norm, {"student_opt": state.rival_opt}, rival, groups, xs, passes)
+            state.rival_norm, trained = self._train(state.rival_norm, {"student_opt": state.rival_opt}, other_track(learn),
+                                                    groups, xs, passes)
             state.rival_opt = trained["student_opt"]
         state.steps += 1
         return self._delta_tensors(state, cloud_statistics), switched
@@ -613,7 +617,7 @@ class CemaEngine:
         the embedded student, whose devices then keep the affine track.
 
         Only uploads both tracks are unsure of count (`fair_differences`)."""
-        cfg, rival = self.cfg, TRACKS[1 - TRACKS.index(state.learning)]
+        cfg, rival = self.cfg, other_track(state.learning)
         differences = fair_differences(self._predict({}, state, [new]), self._predict(state.rival_norm, state, [new]),
                                        new.probs.argmax(axis=1))
         state.rival_lead, state.rival_lead_squares, leads = rival_leads(
