@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from device_client.statistics import statistic_names
 from shared.protocol import Delta, ModelDescriptor
 
 # A delta value may move this many times its source tensor's scale (max |value|, at least 1) away
@@ -31,7 +32,11 @@ def verify_delta(
     """Return the decoded tensors, or raise DeltaRefused saying why.
 
     A delta may carry any subset of the replaceable tensors: with device-side
-    statistics the cloud sends only the affine parameters. A delta from another
+    statistics the cloud sends only the affine parameters, and it leaves out the
+    convolution weights it has not moved. With `source` (the model's own values), the
+    learnt tensors a delta leaves out come back at their source values, statistics
+    excepted (those stay the device's own): a delta then sets every weight, whatever
+    the device ran before (another track, another cohort). A delta from another
     cohort than `cohort` means the server moved this device (the caller has checked
     that the move is signed): that cohort's version line starts afresh, so any
     version is accepted, with every other check kept. With `source` (the model's own
@@ -56,6 +61,9 @@ def verify_delta(
         except ValueError as exc:
             raise DeltaRefused("non_finite", f"{name}: {exc}") from exc
         check_bounds(name, params[name], None if source is None else source.get(name), max_rel)
+    if source is not None:
+        statistics = set(statistic_names(expected))
+        params |= {name: source[name] for name in expected if name not in params and name not in statistics}
     return params
 
 

@@ -371,6 +371,7 @@ class CemaEngine:
         if learns_prompt(cfg.learn) and not self._prompt_params:
             raise ValueError(f"learn={cfg.learn!r} needs a prompted student (serve --prompt padding:W or lowres:R)")
         self._conv_params = list(conv_weights(self.student).values())
+        self._conv_names = frozenset(conv_weights(self.student))
         if learns_conv(cfg.learn) != bool(self._conv_params):
             raise ValueError(f"learn={cfg.learn!r} needs a student whose convolutions are marked learnt "
                              "(server.norm.learn_conv_weights) exactly when it includes conv")
@@ -704,9 +705,13 @@ class CemaEngine:
 
     def _delta_tensors(self, state: CohortState, cloud_statistics: bool) -> dict[str, np.ndarray]:
         """What moved: affine parameters and/or the prompt's EMA, plus statistics the cloud estimated,
-        in their wire precision (`for_the_wire`)."""
+        in their wire precision (`for_the_wire`). Convolution weights at their source values stay
+        off the wire (a device takes a weight a delta leaves out from its model file): under
+        `auto` the affine track's deltas are then as small as `norm`'s."""
         out = {}
         for name, value in state.student_norm.items():
+            if name in self._conv_names and np.array_equal(value, self._source_student[name]):
+                continue
             if _is_prompt(name):
                 if learns_prompt(self.cfg.learn):
                     previous = state.prompt_ema.get(name, self._source_student[name])

@@ -164,10 +164,12 @@ class Telemetry(_Message):
 
 
 class Delta(_Message):
-    """A versioned parameter update: full values of the replaceable tensors.
+    """A versioned parameter update: full values of the replaceable tensors it moves.
 
     Carrying values rather than differences makes a delta idempotent and lets
     a device skip intermediate versions; sha256 guards the payload end to end.
+    A learnt tensor left out is at its source value (the cloud leaves out the
+    convolution weights it has not moved); a statistic left out stays the device's.
     """
 
     protocol_version: int = PROTOCOL_VERSION

@@ -208,6 +208,32 @@ def test_a_hostile_convolution_delta_is_refused():
         assert refused.value.reason == reason
 
 
+def test_a_delta_sets_the_weights_it_leaves_out_to_their_source_values():
+    """The cloud leaves convolution weights at their source values off the wire (the affine track
+    of `--learn auto`): a device that ran moved ones (the convolution track, another cohort) gets
+    the source values back from its model file. Statistics left out stay the device's own."""
+    from device_client.runtime import split_norm_file
+    from device_client.statistics import statistic_names
+    from server.export import export_student
+    from server.norm import conv_weights, learn_conv_weights
+
+    student = learn_conv_weights(tiny_pair()[0])
+    artifact = export_student(student, (3, 32, 32))
+    descriptor, source = _descriptor(artifact), split_norm_file(artifact.norm, artifact.parameters)
+    convs, stats = set(conv_weights(student)), set(statistic_names(artifact.parameters))
+    affine = set(artifact.parameters) - convs - stats
+    params = {name: Tensor.from_numpy(source[name] + 0.25) for name in affine}
+    delta = Delta(cohort="c", base_version=0, new_version=1, created_at=0, newest_upload_at=0, params=params,
+                  sha256=tensors_digest(params))
+    got = verify_delta(delta, 0, descriptor, source=source)
+    assert set(got) == affine | convs
+    for name in convs:
+        np.testing.assert_array_equal(got[name], source[name])
+    for name in affine:
+        np.testing.assert_allclose(got[name], source[name] + 0.25)
+    assert set(verify_delta(delta, 0, descriptor)) == affine  # no source given: only what came
+
+
 # -- selection and telemetry under NaN ---------------------------------------------------------
 def test_a_nan_batch_does_not_poison_the_selector():
     selector = CemaSelector(SelectionConfig(num_classes=10, warmup_samples=8, entropy_ema=0.8))

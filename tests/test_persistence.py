@@ -76,7 +76,8 @@ def test_a_state_stored_under_another_learn_mode_continues_under_this_one(stored
     for seed in range(2, 4):
         tensors = after.step(_images(8, seed), restored).tensors
     learnt = {name for name in tensors if not name.endswith(("running_mean", "running_var"))}  # cloud statistics aside
-    assert learnt == set(after.source_delta()) and set(restored.student_norm) == set(after._source_student)
+    always = set(after.source_delta())  # the affine tensors (convolutions at their source values stay off the wire)
+    assert always <= learnt <= set(after._source_student) and set(restored.student_norm) == set(after._source_student)
     assert (restored.learning in ("norm", "norm+conv")) == (now == "auto")
     assert all(np.isfinite(v.astype(np.float32)).all() for v in tensors.values())
 

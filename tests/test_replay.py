@@ -74,7 +74,8 @@ def test_replay_prompt_methods(tmp_path: Path, prompt: str) -> None:
 def test_replay_conv_method_ships_the_convolutions_through_the_real_loop(tmp_path: Path, method: str) -> None:
     """cema+conv: the server learns every convolution's weight and the batch-statistics devices
     (the replay default) install them, over real HTTP and onnxruntime; each delta carries them, in
-    float16. So does cema (--learn auto), whichever track the devices run, so that they can switch."""
+    float16. cema (--learn auto) trains them too, as its rival track, but while the devices run the
+    affine track (all of this short run) its deltas leave the convolutions, at their source values, off the wire."""
     from server.models.registry import build_model
     from server.norm import (
         conv_weights,
@@ -91,8 +92,12 @@ def test_replay_conv_method_ships_the_convolutions_through_the_real_loop(tmp_pat
     learnt = {k: v for k, v in replaceable_state(student).items() if not k.endswith(("_mean", "_var"))}
     learnt_bytes = sum(v.nbytes for v in for_the_wire(learnt, student).values())
     assert conv["where"] == "collaborative" and conv["deltas_applied"] > 0
-    assert learnt_bytes < conv["downlink_bytes"] / conv["deltas_applied"] < learnt_bytes + 64 * 1024  # + the envelope
     assert conv_bytes > learnt_bytes / 2  # most of it is the convolutions
+    per_delta = conv["downlink_bytes"] / conv["deltas_applied"]
+    if method == "cema+conv":
+        assert learnt_bytes < per_delta < learnt_bytes + 64 * 1024  # + the envelope
+    else:
+        assert per_delta < learnt_bytes - conv_bytes + 64 * 1024
     assert conv["forward_passes_per_sample"] == 1.0 and conv["backward_passes_per_sample"] == 0.0
 
 
