@@ -177,15 +177,19 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
         "an EMA of its norm affine parameters (CoTTA's mean teacher), or both averaged (default: measured best)")
     add(p, "--teacher-ema", 0.9, FRACTION, help="EMA momentum per step for --distil-from ema|both")
     add(p, "--student-lr", 2.5e-3, POSITIVE, help="student distillation learning rate (CEMA: 2.5e-3)")
+    add(p, "--conv-lr", 2.5e-5, POSITIVE, help="learning the convolutions: each weight's SGD rate is the student's, "
+        "capped at this times the tensor's squared source norm, so that small-norm filters turn no faster than large "
+        "ones (BENCHMARKS.md, convolution rates capped by the weight's norm)")
     add(p, "--student-steps", "auto", auto_or(POSITIVE_INT), help="SGD passes on each adaptation step's batch; auto: one per "
         "--new-per-step new uploads, rounded up (CEMA: 1 on 32; BENCHMARKS.md, student passes by the new uploads)")
     add(p, "--prompt", None, optional(PROMPT), help="give the student an input prompt: padding:WIDTH or lowres:SIZE")
     add(p, "--prompt-lr", 5e-3, POSITIVE, help="Adam learning rate of the prompt")
-    add(p, "--learn", "auto", choice("auto", "norm", "norm+conv", "prompt", "norm+prompt", "norm/prompt"),
-        help="what deltas move: auto (norm and norm+conv trained side by side, the devices running whichever agrees "
-             "more with the teacher; norm alone where convolution deltas would not fit), norm (CEMA's affine "
-             "parameters), norm+conv (and every convolution's weight; deltas about the size of the weights), prompt, "
-             "norm+prompt (jointly), norm/prompt (alternating steps)")
+    add(p, "--learn", "auto", choice("auto", "norm", "norm+conv", "race", "prompt", "norm+prompt", "norm/prompt"),
+        help="what deltas move: auto (norm+conv from devices that normalise by batch statistics, where convolution "
+             "deltas fit what a device reads; else norm), norm "
+             "(CEMA's affine parameters), norm+conv (and every convolution's weight; deltas about the size of the "
+             "weights), race (norm and norm+conv trained side by side, the devices running whichever agrees more "
+             "with the teacher), prompt, norm+prompt (jointly), norm/prompt (alternating steps)")
     add(p, "--guarded-push", False, bool, help="hold out every 8th upload and withhold a delta that agrees less "
         "with the teacher on the held-out ones than the devices' current parameters")
     add(p, "--guard-tolerance", 0.0, NONNEGATIVE, help="guarded push: agreement may drop by this much before a delta is withheld")
@@ -551,7 +555,7 @@ def _serve(args: argparse.Namespace) -> int:
         stats_momentum=args.stats_momentum, adapt_teacher=args.adapt_teacher,
         teacher_optimizer=args.teacher_optimizer, teacher_lr=args.teacher_lr,
         teacher_augmentations=args.teacher_augmentations, distil_from=args.distil_from, teacher_ema=args.teacher_ema,
-        student_lr=args.student_lr, student_steps=args.student_steps,
+        student_lr=args.student_lr, conv_lr=args.conv_lr, student_steps=args.student_steps,
         step_max_wait_s=args.step_max_wait_s, step_min_samples=args.step_min_samples, torch_threads=args.torch_threads,
         prompt=args.prompt, learn=args.learn, prompt_lr=args.prompt_lr, guarded_push=args.guarded_push,
         guard_tolerance=args.guard_tolerance, collapse_marginal=args.collapse_marginal,

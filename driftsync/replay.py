@@ -43,8 +43,9 @@ if TYPE_CHECKING:
     import torch
 
 DATASETS = ("embedded", "cifar10", "cifar10-c", "imagenet-c", "folder")
-# "cema" runs the server's default (--learn auto); "cema-affine" is CEMA as published
-LEARNS = {"cema": "auto", "cema-affine": "norm", "cema+conv": "norm+conv", "prompt": "prompt",
+# "cema" runs the server's default (--learn auto: norm+conv for these students and batch-statistics
+# devices); "cema-affine" is CEMA as published; "cema-race" the two tracks side by side
+LEARNS = {"cema": "auto", "cema-affine": "norm", "cema+conv": "norm+conv", "cema-race": "race", "prompt": "prompt",
           "cema+prompt": "norm+prompt", "cema/prompt": "norm/prompt"}
 UGS = "@ugs"  # suffix: the same method with uncertainty-guided sampling on the device
 COLLABORATIVE = tuple(LEARNS) + tuple(f"{m}{UGS}" for m in LEARNS)

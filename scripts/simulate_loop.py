@@ -30,10 +30,10 @@ from device_client.scoring import entropy, softmax
 from device_client.selection import CemaSelector, SelectionConfig
 from driftsync.config import POSITIVE_INT, auto_or
 from driftsync.data import streams
-from server.engine import LEARN_MODES, CemaConfig, CemaEngine, learns_conv, to_input
+from server.engine import LEARN_MODES, CemaConfig, CemaEngine, to_input
+from server.main import mark_learnt
 from server.models.registry import build_model, build_teacher, model_info
 from server.norm import (
-    learn_conv_weights,
     load_replaceable_state,
     norm_layers,
     replaceable_state,
@@ -83,6 +83,7 @@ def main() -> None:
     parser.add_argument("--prompt", default=None, help="padding:W or lowres:R: the student adds an input prompt")
     parser.add_argument("--learn", choices=LEARN_MODES, default="auto", help="what the deltas move (as driftsync serve)")
     defaults = CemaConfig(num_classes=2)
+    parser.add_argument("--conv-lr", type=float, default=defaults.conv_lr, help="as driftsync serve --conv-lr")
     parser.add_argument("--prompt-lr", type=float, default=defaults.prompt_lr)
     parser.add_argument("--prompt-consistency", type=float, default=defaults.prompt_consistency)
     parser.add_argument("--prompt-ema", type=float, default=defaults.prompt_ema)
@@ -91,23 +92,26 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     info = model_info(args.student)
+    prompt = parse_prompt(args.prompt)
+
+    def student() -> tuple[torch.nn.Module, str]:
+        """The student, its convolutions marked learnt where the mode learns them, and the engine's mode."""
+        model = build_model(args.student)
+        model = model if prompt is None else PromptedModel(model, InputPrompt(*prompt, info.input_size))
+        return model, mark_learnt(model, args.learn)
+
+    learnt, learn = student()
     cfg = CemaConfig(num_classes=info.num_classes, student_lr=args.student_lr, weight_entropy=args.weight_entropy,
                      new_per_step=args.new_per_step, replay_per_step=args.replay_per_step,
                      teacher_optimizer=args.teacher_optimizer, teacher_lr=args.teacher_lr,
                      teacher_augmentations=args.teacher_augmentations, student_steps=args.student_steps,
                      distil_from=args.distil_from, teacher_ema=args.teacher_ema,
-                     adapt_teacher=not args.no_teacher_adaptation, learn=args.learn, prompt_lr=args.prompt_lr,
+                     adapt_teacher=not args.no_teacher_adaptation, learn=learn, conv_lr=args.conv_lr,
+                     prompt_lr=args.prompt_lr,
                      prompt_consistency=args.prompt_consistency, prompt_ema=args.prompt_ema)
-    prompt = parse_prompt(args.prompt)
-
-    def student() -> torch.nn.Module:
-        model = build_model(args.student)
-        model = model if prompt is None else PromptedModel(model, InputPrompt(*prompt, info.input_size))
-        return learn_conv_weights(model) if learns_conv(args.learn) else model
-
-    engine = CemaEngine(student(), build_teacher(args.teacher), cfg)
+    engine = CemaEngine(learnt, build_teacher(args.teacher), cfg)
     state = engine.new_state()
-    device, source = student().eval(), build_model(args.student).eval()
+    device, source = student()[0].eval(), build_model(args.student).eval()
     selector = CemaSelector(SelectionConfig(
         num_classes=info.num_classes, e_max_factor=args.e_max_factor,
         dynamic_lambda=None if args.dynamic_lambda < 0 else args.dynamic_lambda,

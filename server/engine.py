@@ -30,10 +30,11 @@ from server.prompt import PREFIX as PROMPT_PREFIX
 from server.prompt import prompt_parameters
 
 # "/": alternate steps, "+": jointly; "conv": every convolution's weight too (a student marked by
-# `server.norm.learn_conv_weights`), trained with the affine parameters; "auto": norm and norm+conv
-# side by side, the devices running whichever agrees more with the teacher (`CemaEngine._choose_track`)
-LEARN_MODES = ("norm", "prompt", "norm+prompt", "norm/prompt", "norm+conv", "auto")
-TRACKS = ("norm", "norm+conv")  # what "auto" chooses between; the first is where a cohort starts
+# `server.norm.learn_conv_weights`), trained with the affine parameters; "auto": norm+conv from devices
+# that normalise by batch statistics, norm from the others (`CemaEngine._active_parts`); "race": norm and
+# norm+conv side by side, the devices running whichever agrees more with the teacher (`_choose_track`).
+LEARN_MODES = ("norm", "prompt", "norm+prompt", "norm/prompt", "norm+conv", "auto", "race")
+TRACKS = ("norm", "norm+conv")  # what "race" chooses between; the first is where a cohort starts
 DISTIL_SOURCES = ("teacher", "ema", "both")
 
 
@@ -42,12 +43,12 @@ def other_track(track: str) -> str:
 
 
 def learns_norm(learn: str) -> bool:
-    return "norm" in learn or learn == "auto"
+    return "norm" in learn or learn in ("auto", "race")
 
 
 def learns_conv(learn: str) -> bool:
     """Whether the student's convolutions must be replaceable (`server.norm.learn_conv_weights`)."""
-    return "conv" in learn or learn == "auto"
+    return "conv" in learn or learn in ("auto", "race")
 
 
 def learns_prompt(learn: str) -> bool:
@@ -63,6 +64,7 @@ class CemaConfig:
     weight_ce: float = 1.0
     temperature: float = 1.0
     student_lr: float = 2.5e-3
+    conv_lr: float = 2.5e-5  # a convolution weight's rate is at most this times its squared source norm (`conv_rates`)
     teacher_lr: float = 2.5e-4
     momentum: float = 0.9
     adapt_teacher: bool = True
@@ -77,9 +79,9 @@ class CemaConfig:
     replay_capacity: int = 10_000
     replay_min: int = 256
     stats_momentum: float = 0.3
-    learn: str = "norm"  # what the deltas move: "norm" (CEMA), "prompt" (U-VPA style), both jointly or alternately, norm+conv, or auto
-    track_memory: float = 0.999  # auto: per new upload, on the evidence that the other track agrees more with the teacher
-    track_z: float = 2.0  # auto: the other track is published once its lead is this many standard errors above zero
+    learn: str = "norm"  # what the deltas move: "norm" (CEMA), "prompt" (U-VPA style), both jointly or alternately, norm+conv, auto or race
+    track_memory: float = 0.999  # race: per new upload, on the evidence that the other track agrees more with the teacher
+    track_z: float = 2.0  # race: the other track is published once its lead is this many standard errors above zero
     prompt_lr: float = 5e-3  # Adam, on the input-space prompt
     prompt_consistency: float = 1.0  # confident uploads keep the prompted prediction on the plain one
     prompt_ema: float = 0.9  # deltas carry this EMA of the prompt, so a quiet stream cannot drag it away
@@ -115,6 +117,26 @@ def prompt_loss(
     drive = (teacher_probs * (teacher_probs.log() - log_p)).sum(dim=1)
     keep = (plain * (plain.clamp_min(1e-8).log() - log_p)).sum(dim=1)
     return (u * drive).mean() + cfg.prompt_consistency * ((1 - u) * keep).mean()
+
+
+def conv_rates(weights: list[nn.Parameter], student_lr: float, conv_lr: float) -> dict[nn.Parameter, float]:
+    """Each convolution weight's SGD rate: the student's rate, lowered to `conv_lr` times the
+    tensor's squared source norm where that is smaller.
+
+    A convolution followed by a normalisation layer computes the same function at any scale of
+    its weight, and its gradient shrinks as 1 / |w|: at one SGD rate a small-norm tensor's
+    filters turn by far larger angles than a large one's (by the rate over |w|²). The cap bounds
+    that angular rate, whatever the student. Measured (BENCHMARKS.md, "Convolution rates capped
+    by the weight's norm"): the embedded student's tensors are 1.1-18x smaller than ResNet-20's
+    typical one; at ResNet-20's rate its convolutions cost it 10 points, capped they gain 0.3.
+    Uncapped rates by the norm (raising ResNet-20's large tensors too) cost ResNet-20 0.5-3.5."""
+    return {w: min(student_lr, conv_lr * float(w.detach().pow(2).sum())) for w in weights}
+
+
+def _same_groups(opt: torch.optim.Optimizer, saved: dict) -> bool:
+    """Whether a stored optimizer state has this optimizer's parameter groups, size for size."""
+    groups = saved.get("param_groups", [])
+    return [len(g["params"]) for g in groups] == [len(g["params"]) for g in opt.param_groups]
 
 
 def student_passes(new_samples: int, cfg: CemaConfig) -> int:
@@ -301,14 +323,14 @@ class CohortState:
     published: dict[str, np.ndarray] = field(default_factory=dict)  # what the devices run: the last delta sent
     holdout: ReplayBuffer | None = None  # recent held-out uploads, for the guarded push
     predictions: deque[int] = field(default_factory=deque)  # the student's recent classes on new uploads
-    learning: str = ""  # learn="auto": the track student_norm holds, the one the devices run (TRACKS)
-    rival_norm: dict[str, np.ndarray] = field(default_factory=dict)  # auto: the other track's tensors
+    learning: str = ""  # learn="race": the track student_norm holds, the one the devices run (TRACKS)
+    rival_norm: dict[str, np.ndarray] = field(default_factory=dict)  # race: the other track's tensors
     rival_opt: dict = field(default_factory=dict)
-    rival_lead: float = 0.0  # auto: decayed sum, over new uploads, of (rival agrees with the teacher) - (published one does)
-    rival_lead_squares: float = 0.0  # auto: the same sum of squares, for the lead's standard error
+    rival_lead: float = 0.0  # race: decayed sum, over new uploads, of (rival agrees with the teacher) - (published one does)
+    rival_lead_squares: float = 0.0  # race: the same sum of squares, for the lead's standard error
 
     def swap_tracks(self) -> None:
-        """learn="auto": publish the other track from now on; each keeps its tensors and optimizer."""
+        """learn="race": publish the other track from now on; each keeps its tensors and optimizer."""
         self.student_norm, self.rival_norm = self.rival_norm, self.student_norm
         self.student_opt, self.rival_opt = self.rival_opt, self.student_opt
         self.learning = other_track(self.learning)
@@ -372,6 +394,7 @@ class CemaEngine:
             raise ValueError(f"learn={cfg.learn!r} needs a prompted student (serve --prompt padding:W or lowres:R)")
         self._conv_params = list(conv_weights(self.student).values())
         self._conv_names = frozenset(conv_weights(self.student))
+        self._conv_rates = conv_rates(self._conv_params, cfg.student_lr, cfg.conv_lr)
         if learns_conv(cfg.learn) != bool(self._conv_params):
             raise ValueError(f"learn={cfg.learn!r} needs a student whose convolutions are marked learnt "
                              "(server.norm.learn_conv_weights) exactly when it includes conv")
@@ -394,8 +417,8 @@ class CemaEngine:
             replay=ReplayBuffer(self.cfg.replay_capacity),
             published=self.source_delta(),
             holdout=ReplayBuffer(self.cfg.holdout_samples),
-            learning=TRACKS[0] if self.cfg.learn == "auto" else "",
-            rival_norm={k: v.copy() for k, v in self._source_student.items()} if self.cfg.learn == "auto" else {},
+            learning=TRACKS[0] if self.cfg.learn == "race" else "",
+            rival_norm={k: v.copy() for k, v in self._source_student.items()} if self.cfg.learn == "race" else {},
         )
 
     def source_delta(self) -> dict[str, np.ndarray]:
@@ -536,7 +559,7 @@ class CemaEngine:
         return np.concatenate(out)
 
     def _distil(self, item: StepInput, probs_new: torch.Tensor) -> tuple[dict[str, np.ndarray], str]:
-        """The step's candidate delta, and, when learn="auto" switched tracks, what it switched to and why."""
+        """The step's candidate delta, and, when learn="race" switched tracks, what it switched to and why."""
         cfg = self.cfg
         images, state, device_stats, batch_statistics = item.images, item.state, item.device_stats, item.batch_statistics
         self._conform(state)
@@ -558,17 +581,17 @@ class CemaEngine:
         cloud_statistics = device_stats is None and not batch_statistics
         state.student_norm = self._with_statistics(state.student_norm, device_stats, cloud_statistics, xs[0])
         switched = ""
-        if cfg.learn == "auto":
+        if cfg.learn == "race":
             state.rival_norm = self._with_statistics(state.rival_norm, device_stats, cloud_statistics, xs[0])
             switched = self._choose_track(state, new)
         passes = student_passes(len(new.images), cfg)
         learn = state.learning or cfg.learn
         saved = {"student_opt": state.student_opt, "prompt_opt": state.prompt_opt}
-        state.student_norm, trained = self._train(state.student_norm, saved, self._active_parts(learn, state.steps),
-                                                  groups, xs, passes)
+        state.student_norm, trained = self._train(state.student_norm, saved,
+                                                  self._active_parts(learn, state.steps, batch_statistics), groups, xs, passes)
         for name, opt_state in trained.items():
             setattr(state, name, opt_state)
-        if cfg.learn == "auto":
+        if cfg.learn == "race":
             state.rival_norm, trained = self._train(state.rival_norm, {"student_opt": state.rival_opt}, other_track(learn),
                                                     groups, xs, passes)
             state.rival_opt = trained["student_opt"]
@@ -576,15 +599,15 @@ class CemaEngine:
         return self._delta_tensors(state, cloud_statistics), switched
 
     def _conform(self, state: CohortState) -> None:
-        """A state stored under another --learn (an upgrade to the `auto` default, a changed flag)
+        """A state stored under another --learn (a server upgraded to a new default, a changed flag)
         continues under this one: tensors this student does not replace are dropped, missing ones
-        start at the source, an optimizer over other tensors starts afresh, and `auto` starts its
+        start at the source, an optimizer over other tensors starts afresh, and `race` starts its
         tracks from the stored student, published as the affine track."""
         source = self._source_student
         if set(state.student_norm) != set(source):
             state.student_norm = {k: state.student_norm.get(k, v) for k, v in source.items()}
             state.student_opt = {}
-        if self.cfg.learn != "auto":
+        if self.cfg.learn != "race":
             if state.learning and state.learning != self.cfg.learn:  # its optimizer moved another set of tensors
                 state.student_opt = {}
             state.learning, state.rival_norm, state.rival_opt = "", {}, {}
@@ -611,7 +634,7 @@ class CemaEngine:
         return replaceable_state(self.student)
 
     def _choose_track(self, state: CohortState, new: ReplayGroup) -> str:
-        """learn="auto": score both tracks on the new uploads before either trains on them (does
+        """learn="race": score both tracks on the new uploads before either trains on them (does
         each pick the teacher's class?) and publish the other track once its lead is significant
         (`rival_leads`). Which one wins depends on the student and the stream (BENCHMARKS.md,
         "Choosing what the student learns"): the convolutions gain on real CIFAR-10-C and lose on
@@ -651,32 +674,46 @@ class CemaEngine:
         load_replaceable_state(self.student, {k: v for k, v in tensors.items() if _is_statistic(k)})
         return replaceable_state(self.student), {name: opt.state_dict() for name, opt in opts.items()}
 
-    def _active_parts(self, learn: str, step: int) -> str:
-        """What this step trains: everything `learn` names, or, alternating, norm on even steps and prompt on odd."""
+    def _active_parts(self, learn: str, step: int, batch_statistics: bool) -> str:
+        """What this step trains: everything `learn` names, or, alternating, norm on even steps and
+        prompt on odd. Under "auto" the convolutions learn only from devices that normalise each
+        batch by its own statistics: running statistics lag behind a delta that moves the weights
+        (the demo's devices lost 2.7 points with them: BENCHMARKS.md, "Convolution rates capped by
+        the weight's norm"), so their cohorts learn the affine parameters, as CEMA does."""
         if learn == "norm/prompt":
             return "norm" if step % 2 == 0 else "prompt"
+        if learn == "auto":
+            return "norm+conv" if batch_statistics else "norm"
         return learn
 
     def _student_optimizers(self, saved: dict[str, dict], active: str, new_samples: int) -> dict[str, torch.optim.Optimizer]:
         """SGD on the affine parameters (CEMA's) and, when `active` includes conv, the convolution
         weights; Adam on the prompt; keyed by their state field, resumed from `saved`.
 
-        Learning the convolutions too, a step's SGD rate scales with the new uploads it brings, up
-        to `new_per_step`: the weights then move by as much per uploaded frame whether a step comes
-        every 64 frames or every 200 (in lockstep the cloud steps once per device batch; at batch
-        64, full-rate steps on about 13 uploads each gave 30.6% against 24.6% at batch 200)."""
+        Learning the convolutions too, each weight tensor has its own rate (`conv_rates`), and a
+        step's SGD rates scale with the new uploads it brings, up to `new_per_step`: the weights
+        then move by as much per uploaded frame whether a step comes every 64 frames or every 200
+        (in lockstep the cloud steps once per device batch; at batch 64, full-rate steps on about
+        13 uploads each gave 30.6% against 24.6% at batch 200). A stored optimizer state whose
+        groups differ (saved before the convolutions had their own rates) starts afresh."""
         opts: dict[str, torch.optim.Optimizer] = {}
+        rates: list[float] = []
         if self._student_params and "norm" in active:
-            params = [p for p in self._student_params if p.requires_grad]
-            opts["student_opt"] = torch.optim.SGD(params, lr=self.cfg.student_lr, momentum=self.cfg.momentum)
+            affine = [p for p in self._student_params if p.requires_grad and p not in self._conv_rates]
+            share = min(1.0, new_samples / self.cfg.new_per_step) if "conv" in active else 1.0
+            groups = [{"params": affine, "lr": self.cfg.student_lr * share}]
+            if "conv" in active:
+                groups += [{"params": [p], "lr": rate * share} for p, rate in self._conv_rates.items()]
+            rates = [g["lr"] for g in groups]
+            opts["student_opt"] = torch.optim.SGD(groups, lr=self.cfg.student_lr, momentum=self.cfg.momentum)
         if "prompt" in active:
             opts["prompt_opt"] = torch.optim.Adam(self._prompt_params, lr=self.cfg.prompt_lr)
         for name, opt in opts.items():
-            if saved.get(name):
+            if saved.get(name) and _same_groups(opt, saved[name]):
                 opt.load_state_dict(saved[name])
-        if "student_opt" in opts and "conv" in active:
-            for group in opts["student_opt"].param_groups:
-                group["lr"] = self.cfg.student_lr * min(1.0, new_samples / self.cfg.new_per_step)
+        if rates:
+            for group, rate in zip(opts["student_opt"].param_groups, rates):
+                group["lr"] = rate
         return opts
 
     def _logits(self, group: ReplayGroup, x: torch.Tensor, model: nn.Module | None = None) -> torch.Tensor:
@@ -707,7 +744,7 @@ class CemaEngine:
         """What moved: affine parameters and/or the prompt's EMA, plus statistics the cloud estimated,
         in their wire precision (`for_the_wire`). Convolution weights at their source values stay
         off the wire (a device takes a weight a delta leaves out from its model file): under
-        `auto` the affine track's deltas are then as small as `norm`'s."""
+        `race` the affine track's deltas are then as small as `norm`'s."""
         out = {}
         for name, value in state.student_norm.items():
             if name in self._conv_names and np.array_equal(value, self._source_student[name]):

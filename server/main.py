@@ -93,14 +93,14 @@ def check_delta_size(student: torch.nn.Module, what: str) -> None:
 
 def mark_learnt(student: torch.nn.Module, learn: str) -> str:
     """Mark the student's convolutions learnt where `learn` needs them; returns the learn mode to
-    run. "auto" chooses between the affine and the convolution track only where a delta carrying
-    the convolutions fits what a device reads (ResNet-20: 0.5 MiB); a larger student (ImageNet's
-    ResNets: 21 MiB and more) learns its affine parameters alone, as "norm"."""
+    run. "auto", the default, and "race" learn the convolutions only where a delta carrying them
+    fits what a device reads (ResNet-20: 0.5 MiB); a larger student (ImageNet's ResNets: 21 MiB
+    and more) learns its affine parameters alone, as "norm"."""
     if not learns_conv(learn):
         return learn
     learn_conv_weights(student)
-    if learn == "auto" and full_delta_bytes(student) > MAX_DELTA_TENSOR_BYTES:
-        log.info("--learn auto: convolution deltas of this student would not fit what a device reads; learning norm")
+    if learn in ("auto", "race") and full_delta_bytes(student) > MAX_DELTA_TENSOR_BYTES:
+        log.info("--learn %s: convolution deltas of this student would not fit what a device reads; learning norm", learn)
         learn_conv_weights(student, learn=False)
         return "norm"
     return learn
@@ -132,6 +132,7 @@ def build_engine(opts: ServeOptions) -> tuple[CemaEngine, PublishedModel]:
         distil_from=opts.distil_from,
         teacher_ema=opts.teacher_ema,
         student_lr=opts.student_lr,
+        conv_lr=opts.conv_lr,
         student_steps=opts.student_steps,
         learn=learn,
         prompt_lr=opts.prompt_lr,

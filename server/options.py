@@ -32,6 +32,7 @@ class ServeOptions:
     distil_from: str = "both"
     teacher_ema: float = 0.9
     student_lr: float = 2.5e-3
+    conv_lr: float = 2.5e-5  # a convolution weight's rate is at most this times its squared norm: server.engine.conv_rates
     student_steps: int | None = None  # None: one per new_per_step new uploads, rounded up
     step_max_wait_s: float = 2.0
     step_min_samples: int = 8
@@ -39,7 +40,7 @@ class ServeOptions:
     max_pending_samples: int = 2048
     max_state_bytes: int = 1 << 30  # replay images a worker keeps over all its cohorts
     prompt: str | None = None  # "padding:W" or "lowres:R": the student gets an input prompt
-    learn: str = "auto"  # measured: BENCHMARKS.md, "Choosing what the student learns"
+    learn: str = "auto"  # norm+conv from batch-statistics devices where its deltas fit; measured: BENCHMARKS.md, "Convolution rates capped"
     prompt_lr: float = 5e-3
     guarded_push: bool = False
     guard_tolerance: float = 0.0

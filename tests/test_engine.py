@@ -13,6 +13,7 @@ from server.engine import (
     ReplayBuffer,
     ReplayGroup,
     StepInput,
+    conv_rates,
     fair_differences,
     rival_leads,
     student_passes,
@@ -236,7 +237,7 @@ def test_conv_mode_moves_and_ships_every_convolution_weight_and_nothing_else_of_
 
 
 def test_the_rival_track_must_lead_by_z_standard_errors() -> None:
-    """The paired test behind learn="auto": a steady lead passes, the same share of wins drawn
+    """The paired test behind learn="race": a steady lead passes, the same share of wins drawn
     as noise does not, a lead fades when the evidence stops, and a losing rival never leads."""
     lead, squares = 0.0, 0.0
     for _ in range(3):  # 40 uploads a step, the rival right on 4 more of them: 12 of 120, standard error ~3.5
@@ -269,7 +270,7 @@ def test_tracks_are_compared_only_where_both_are_unsure() -> None:
 
 
 def test_auto_learns_both_tracks_and_ships_the_one_the_devices_run() -> None:
-    """learn="auto": the affine track is published first, and its deltas leave the convolutions
+    """learn="race": the affine track is published first, and its deltas leave the convolutions
     out (at their source values, which a device takes from its model file); the rival trains its
     convolutions beside it. Once the rival leads significantly, the devices get its tensors, with an event saying why;
     each track keeps its own tensors and optimizer, and the evidence starts afresh."""
@@ -277,7 +278,7 @@ def test_auto_learns_both_tracks_and_ships_the_one_the_devices_run() -> None:
 
     student, teacher = tiny_pair()
     engine = CemaEngine(learn_conv_weights(student), teacher, CemaConfig(
-        num_classes=10, new_per_step=8, replay_per_step=8, replay_min=8, learn="auto", track_memory=1.0))
+        num_classes=10, new_per_step=8, replay_per_step=8, replay_min=8, learn="race", track_memory=1.0))
     convs, source = set(conv_weights(engine.student)), engine._source_student
     state = engine.new_state()
     assert state.learning == "norm" and set(state.rival_norm) == set(state.student_norm)
@@ -294,7 +295,8 @@ def test_auto_learns_both_tracks_and_ships_the_one_the_devices_run() -> None:
     result = engine.step(_images(8, 2), state, batch_statistics=True)
     assert result.event == "track" and "norm+conv" in result.detail and state.learning == "norm+conv"
     assert state.rival_lead == state.rival_lead_squares == 0.0
-    optimised = {track: len(opt["param_groups"][0]["params"]) for track, opt in (("conv", state.student_opt), ("affine", state.rival_opt))}
+    optimised = {track: sum(len(g["params"]) for g in opt["param_groups"])
+                 for track, opt in (("conv", state.student_opt), ("affine", state.rival_opt))}
     assert optimised["conv"] == optimised["affine"] + len(convs)  # each track kept its optimizer
     for name in convs:  # the devices now get the conv track's convolutions, one step on from where it was
         np.testing.assert_array_equal(result.tensors[name], state.student_norm[name].astype(np.float16))
@@ -426,8 +428,78 @@ def test_a_student_whose_full_delta_a_device_could_not_read_is_refused_at_start(
     from server.main import mark_learnt
     from server.norm import conv_weights
 
-    small, big = cifar_resnet("resnet20"), ImageNetResNet("resnet18")
-    assert mark_learnt(small, "auto") == "auto" and conv_weights(small)
-    assert mark_learnt(big, "auto") == "norm" and not conv_weights(big)  # auto: the affine parameters alone
+    for asked in ("auto", "race"):
+        small, big = cifar_resnet("resnet20"), ImageNetResNet("resnet18")
+        assert mark_learnt(small, asked) == asked and conv_weights(small)
+        assert mark_learnt(big, asked) == "norm" and not conv_weights(big)  # the affine parameters alone
     check_delta_size(big, "resnet18")
     assert mark_learnt(big, "norm+conv") == "norm+conv" and conv_weights(big)  # asked for explicitly: refused above
+
+
+def test_convolution_rates_turn_filters_of_any_scale_alike() -> None:
+    """A convolution followed by batch normalisation computes the same function at any weight
+    scale. With rates by the squared norm (`conv_rates`, the cap binding), one cloud step moves
+    a student whose convolutions are 3x larger to exactly 3x the weights of the other: the same
+    function. One rate for every tensor would turn the small filters 9x further."""
+    from server.norm import conv_weights, learn_conv_weights
+
+    engines, images = [], _images(16, 3)
+    for scale in (1.0, 3.0):
+        student, teacher = tiny_pair()
+        with torch.no_grad():
+            for w in conv_weights(learn_conv_weights(student)).values():
+                w.mul_(scale)
+        engines.append(CemaEngine(student, teacher, CemaConfig(num_classes=10, learn="norm+conv", student_lr=50.0, conv_lr=1.0)))
+    states = [engine.new_state() for engine in engines]
+    for engine, state in zip(engines, states):
+        engine.step(images, state, batch_statistics=True)
+    small, large = states[0].student_norm, states[1].student_norm
+    convs = set(conv_weights(engines[0].student))
+    for name in convs:
+        moved = np.abs(small[name] - engines[0]._source_student[name]).max()
+        assert moved > 1e-3  # the step did turn them
+        np.testing.assert_allclose(large[name], 3.0 * small[name], rtol=1e-3, atol=1e-4)
+    for name in set(small) - convs:  # the affine parameters took the same step (up to BN's epsilon, at this rate)
+        np.testing.assert_allclose(large[name], small[name], rtol=1e-3, atol=2e-4)
+
+
+def test_convolution_rates_are_the_students_rate_capped_by_the_squared_norm() -> None:
+    small, large = torch.nn.Parameter(torch.full((4, 4), 0.5)), torch.nn.Parameter(torch.full((4, 4), 2.0))
+    rates = conv_rates([small, large], student_lr=1e-2, conv_lr=1e-3)  # squared norms 4 and 64
+    assert rates[small] == pytest.approx(4e-3) and rates[large] == 1e-2
+
+
+def test_a_stored_optimizer_without_the_convolution_groups_starts_afresh() -> None:
+    """A cohort stored before the convolutions had their own rates kept one SGD group: its next
+    step starts a new optimizer with a group per convolution instead of failing."""
+    from server.norm import learn_conv_weights
+
+    student, teacher = tiny_pair()
+    engine = CemaEngine(learn_conv_weights(student), teacher, CemaConfig(num_classes=10, learn="norm+conv"))
+    state = engine.new_state()
+    engine.step(_images(16), state, batch_statistics=True)
+    groups = state.student_opt["param_groups"]
+    assert len(groups) == 1 + len(engine._conv_params)
+    state.student_opt = torch.optim.SGD([p for p in engine.student.parameters() if p.requires_grad],
+                                        lr=1.0, momentum=0.9).state_dict()  # one group, as stored before
+    engine.step(_images(16, 1), state, batch_statistics=True)
+    assert [len(g["params"]) for g in state.student_opt["param_groups"]] == [len(g["params"]) for g in groups]
+
+
+def test_auto_learns_the_convolutions_from_batch_statistics_devices_only() -> None:
+    """learn="auto", the default: a cohort whose devices normalise by batch statistics gets its
+    convolutions learnt and shipped; one whose devices keep running statistics (which lag behind
+    a delta that moves the weights) learns the affine parameters alone, its convolutions at their
+    source values and off the wire."""
+    from server.norm import conv_weights, learn_conv_weights
+
+    student, teacher = tiny_pair()
+    engine = CemaEngine(learn_conv_weights(student), teacher, CemaConfig(num_classes=10, learn="auto"))
+    convs, source = set(conv_weights(engine.student)), engine._source_student
+    for batch_statistics in (True, False):
+        state = engine.new_state()
+        tensors = engine.step(_images(16), state, batch_statistics=batch_statistics).tensors
+        moved = {name for name in convs if not np.array_equal(state.student_norm[name], source[name])}
+        assert moved == (convs if batch_statistics else set())
+        assert (convs & set(tensors)) == moved
+        assert any(np.abs(state.student_norm[k] - source[k]).max() > 0 for k in set(source) - convs)  # affine moved

@@ -31,7 +31,7 @@ def _adam_engine(learn: str = "norm") -> CemaEngine:
     return CemaEngine(learn_conv_weights(student) if learns_conv(learn) else student, teacher, cfg)
 
 
-@pytest.mark.parametrize("learn", ["norm", "auto"])
+@pytest.mark.parametrize("learn", ["norm", "race"])
 def test_cohort_state_round_trips_without_pickle_and_training_continues_from_it(learn: str) -> None:
     engine = _adam_engine(learn)
     state = engine.new_state()
@@ -43,12 +43,12 @@ def test_cohort_state_round_trips_without_pickle_and_training_continues_from_it(
     assert restored.steps == 2 and restored.replay.size == 0
     for name, value in state.student_norm.items():
         np.testing.assert_array_equal(restored.student_norm[name], value)
-    if learn == "auto":  # both tracks come back, with their scores, and the one the devices run
+    if learn == "race":  # both tracks come back, with their scores, and the one the devices run
         assert restored.learning == state.learning == "norm"
         assert (restored.rival_lead, restored.rival_lead_squares) == (state.rival_lead, state.rival_lead_squares)
         for name, value in state.rival_norm.items():
             np.testing.assert_array_equal(restored.rival_norm[name], value)
-    for name in ("student_opt", "teacher_opt") + (("rival_opt",) if learn == "auto" else ()):
+    for name in ("student_opt", "teacher_opt") + (("rival_opt",) if learn == "race" else ()):
         original, back = getattr(state, name), getattr(restored, name)
         assert original["param_groups"] == back["param_groups"]
         for index, slots in original["state"].items():
@@ -60,16 +60,16 @@ def test_cohort_state_round_trips_without_pickle_and_training_continues_from_it(
         np.testing.assert_allclose(a[name], b[name], atol=1e-6)
 
 
-@pytest.mark.parametrize(("stored", "now"), [("norm", "auto"), ("auto", "norm"), ("norm+conv", "auto"),
-                                             ("auto", "norm+conv"), ("norm", "norm+conv")])
+@pytest.mark.parametrize(("stored", "now"), [("norm", "race"), ("race", "norm"), ("norm+conv", "race"),
+                                             ("race", "norm+conv"), ("norm", "norm+conv")])
 def test_a_state_stored_under_another_learn_mode_continues_under_this_one(stored: str, now: str) -> None:
-    """An upgrade to the `auto` default, or a changed --learn, finds cohort states stored under
+    """An upgrade to a new default, or a changed --learn, finds cohort states stored under
     the old mode: the next steps run, and what the devices get is this mode's."""
     before = _adam_engine(stored)
     state = before.new_state()
     for seed in range(2):
         before.step(_images(8, seed), state)
-    if stored == "auto":
+    if stored == "race":
         state.swap_tracks()  # stored while the devices ran the convolution track
     after = _adam_engine(now)
     restored = decode_state(encode_state(state), after.cfg)
@@ -78,7 +78,7 @@ def test_a_state_stored_under_another_learn_mode_continues_under_this_one(stored
     learnt = {name for name in tensors if not name.endswith(("running_mean", "running_var"))}  # cloud statistics aside
     always = set(after.source_delta())  # the affine tensors (convolutions at their source values stay off the wire)
     assert always <= learnt <= set(after._source_student) and set(restored.student_norm) == set(after._source_student)
-    assert (restored.learning in ("norm", "norm+conv")) == (now == "auto")
+    assert (restored.learning in ("norm", "norm+conv")) == (now == "race")
     assert all(np.isfinite(v.astype(np.float32)).all() for v in tensors.values())
 
 

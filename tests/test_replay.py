@@ -70,12 +70,13 @@ def test_replay_prompt_methods(tmp_path: Path, prompt: str) -> None:
     assert prompt_only["downlink_bytes"] / prompt_only["deltas_applied"] < joint["downlink_bytes"] / joint["deltas_applied"]
 
 
-@pytest.mark.parametrize("method", ["cema+conv", "cema"])
+@pytest.mark.parametrize("method", ["cema", "cema-race"])
 def test_replay_conv_method_ships_the_convolutions_through_the_real_loop(tmp_path: Path, method: str) -> None:
-    """cema+conv: the server learns every convolution's weight and the batch-statistics devices
-    (the replay default) install them, over real HTTP and onnxruntime; each delta carries them, in
-    float16. cema (--learn auto) trains them too, as its rival track, but while the devices run the
-    affine track (all of this short run) its deltas leave the convolutions, at their source values, off the wire."""
+    """cema (--learn auto: norm+conv for this student): the server learns every convolution's
+    weight and the batch-statistics devices (the replay default) install them, over real HTTP and
+    onnxruntime; each delta carries them, in float16. cema-race trains them too, as its rival
+    track, but while the devices run the affine track (all of this short run) its deltas leave
+    the convolutions, at their source values, off the wire."""
     from server.models.registry import build_model
     from server.norm import (
         conv_weights,
@@ -94,7 +95,7 @@ def test_replay_conv_method_ships_the_convolutions_through_the_real_loop(tmp_pat
     assert conv["where"] == "collaborative" and conv["deltas_applied"] > 0
     assert conv_bytes > learnt_bytes / 2  # most of it is the convolutions
     per_delta = conv["downlink_bytes"] / conv["deltas_applied"]
-    if method == "cema+conv":
+    if method == "cema":
         assert learnt_bytes < per_delta < learnt_bytes + 64 * 1024  # + the envelope
     else:
         assert per_delta < learnt_bytes - conv_bytes + 64 * 1024
