@@ -83,7 +83,7 @@ def decode_state(data: bytes, cfg: CemaConfig) -> CohortState:
         steps=int(raw["steps"]),
         replay=ReplayBuffer(cfg.replay_capacity),
         holdout=ReplayBuffer(cfg.holdout_samples),
-        learning=str(raw.get("learning", "")),  # states stored before learn="auto" existed have no tracks
+        learning=str(raw.get("learning", "")),  # states stored before learn="race" (then "auto") existed have no tracks
         rival_norm=_restore(raw.get("rival_norm", {"map": []}), False),
         rival_lead=float(raw.get("rival_lead", 0.0)),
         rival_lead_squares=float(raw.get("rival_lead_squares", 0.0)),
