@@ -392,8 +392,8 @@ class CemaEngine:
         self._prompt_params = list(prompt_parameters(self.student).values())
         if learns_prompt(cfg.learn) and not self._prompt_params:
             raise ValueError(f"learn={cfg.learn!r} needs a prompted student (serve --prompt padding:W or lowres:R)")
-        self._conv_params = list(conv_weights(self.student).values())
-        self._conv_names = frozenset(conv_weights(self.student))
+        convs = conv_weights(self.student)
+        self._conv_params, self._conv_names = list(convs.values()), frozenset(convs)
         self._conv_rates = conv_rates(self._conv_params, cfg.student_lr, cfg.conv_lr)
         if learns_conv(cfg.learn) != bool(self._conv_params):
             raise ValueError(f"learn={cfg.learn!r} needs a student whose convolutions are marked learnt "

@@ -44,6 +44,8 @@ CASES: list[tuple[list[str], dict[str, str], str]] = [
     (["serve", "--student-steps", "0"], {}, "--student-steps: must be >= 1"),
     (["serve"], {"DRIFTSYNC_STUDENT_STEPS": "twice"}, "--student-steps"),
     (["serve", "--learn", "everything"], {}, "expected one of auto, norm"),
+    (["serve", "--conv-lr", "0"], {}, "--conv-lr: must be > 0.0"),
+    (["serve"], {"DRIFTSYNC_CONV_LR": "fast"}, "--conv-lr"),
     (["demo", "--devices", "0"], {}, "--devices: must be >= 1, got '0'"),
     (["demo", "--severity", "9"], {}, "--severity: must be from 1 to 5, got '9'"),
     (["demo", "--corruptions", "rain"], {}, "unknown corruptions ['rain']"),
