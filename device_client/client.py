@@ -429,7 +429,11 @@ class DeviceClient:
 
     def predict(self, images: np.ndarray, captured_at: np.ndarray | None = None) -> Predictions:
         x = to_model_input(images)
-        logits, version = self.model.run(x) if self._running is None else self._running.run(x, images)
+        statistics = None  # what a batch-statistics device normalised this batch with
+        if isinstance(self.model, BatchStatisticsModel):
+            logits, version, statistics = self.model.run_measured(x)
+        else:
+            logits, version = self.model.run(x) if self._running is None else self._running.run(x, images)
         self.forward_samples += len(images)
         self.frames += len(images)
         probs = softmax(logits)
@@ -447,7 +451,7 @@ class DeviceClient:
         if keep.any():
             now = np.full(len(images), time.time()) if captured_at is None else captured_at
             self.deltas.awaiting.extend(now[keep].tolist())
-            self.uploader.offer(images[keep], ent[keep], now[keep], version)
+            self.uploader.offer(images[keep], ent[keep], now[keep], version, statistics)
         return Predictions(probs.argmax(axis=1), confidence, ent, keep, version)
 
     # -- local statistics ---------------------------------------------------------------

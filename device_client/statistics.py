@@ -35,11 +35,20 @@ def fold_batch_statistics(
 ) -> dict[str, np.ndarray]:
     """running <- (1 - m) running + m batch, per layer; other tensors pass through unchanged."""
     out = dict(params)
-    for layer_field, value in params.items():
-        layer, field = layer_field.rsplit(".", 1)
-        source = {"running_mean": "batch_mean", "running_var": "batch_var"}.get(field)
-        if source is not None and f"{layer}.{source}" in batch:
-            out[layer_field] = ((1.0 - momentum) * value + momentum * batch[f"{layer}.{source}"]).astype(np.float32)
+    for name, value in as_running(batch).items():
+        if name in params:
+            out[name] = ((1.0 - momentum) * params[name] + momentum * value).astype(np.float32)
+    return out
+
+
+def as_running(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """A batch's statistics (`<layer>.batch_mean`, `.batch_var`) under the names of the running ones."""
+    fields = {"batch_mean": "running_mean", "batch_var": "running_var"}
+    out = {}
+    for name, value in batch.items():
+        layer, field = name.rsplit(".", 1)
+        if field in fields:
+            out[f"{layer}.{fields[field]}"] = value
     return out
 
 
@@ -125,9 +134,16 @@ class BatchStatisticsModel:
         return self._params
 
     def run(self, x: np.ndarray) -> tuple[np.ndarray, int]:
+        logits, version, _ = self.run_measured(x)
+        return logits, version
+
+    def run_measured(self, x: np.ndarray) -> tuple[np.ndarray, int, dict[str, np.ndarray]]:
+        """Also the statistics the batch was normalised with (`as_running`): its uploads carry
+        them, so the cloud distils under exactly these."""
         with self._lock:
             probe, params, version = self._probe, self._params, self._version
-        return probe.run(x, params)[0], version
+        logits, stats = probe.run(x, params)
+        return logits, version, as_running(stats)
 
     def install(self, params: dict[str, np.ndarray], version: int, new_line: bool = False) -> bool:
         with self._install_lock:  # serialised; inference keeps the old probe until the swap
@@ -159,14 +175,14 @@ class SampledStatisticsModel(BatchStatisticsModel):
         self.fused = folded_or_none(inference_onnx, params, threads,
                                     "sampled statistics: every frame goes through the statistics graph")
 
-    def run(self, x: np.ndarray) -> tuple[np.ndarray, int]:
+    def run_measured(self, x: np.ndarray) -> tuple[np.ndarray, int, dict[str, np.ndarray]]:
+        if self.fused is None or len(x) <= self.sample:
+            return super().run_measured(x)
         with self._lock:
             probe, params, version = self._probe, self._params, self._version
-        if self.fused is None or len(x) <= self.sample:
-            return probe.run(x, params)[0], version
         head, stats = probe.run(x[: self.sample], params)
         tail = self.fused.run(x[self.sample:], fold_batch_statistics(params, stats, 1.0))[0]
-        return np.concatenate([head, tail]), version
+        return np.concatenate([head, tail]), version, as_running(stats)
 
 
 class RunningStatistics:

@@ -56,6 +56,7 @@ class _Queued:
     captured_at: float
     version: int
     group: int  # the `offer` call it came in
+    statistics: dict[str, np.ndarray] | None = None  # the group's batch statistics, if it sent them
 
 
 class Uploader:
@@ -103,15 +104,17 @@ class Uploader:
         self._encoder.start()
         self._sender.start()
 
-    def offer(self, images: np.ndarray, entropy: np.ndarray, captured_at: np.ndarray, version: int) -> None:
-        """One call's samples are one group: a batch-statistics device's group goes out whole."""
+    def offer(self, images: np.ndarray, entropy: np.ndarray, captured_at: np.ndarray, version: int,
+              statistics: dict[str, np.ndarray] | None = None) -> None:
+        """One call's samples are one group: a batch-statistics device's group goes out whole,
+        with the `statistics` its batch was normalised by, in requests of its own."""
         with self._cond:
             self._offers += 1
             for image, ent, ts in zip(images, entropy, captured_at):
                 if len(self._queue) >= self._max_queue:
                     self._queue.popleft()
                     self.stats.dropped_queue_full += 1
-                self._queue.append(_Queued(image, float(ent), float(ts), version, self._offers))
+                self._queue.append(_Queued(image, float(ent), float(ts), version, self._offers, statistics))
                 self.stats.offered += 1
             self._cond.notify()
 
@@ -153,12 +156,13 @@ class Uploader:
 
     def _whole_groups(self) -> list[_Queued]:
         """The front group whole (up to a request's limit), then further whole groups while
-        they fit in `batch_size`. Called under the lock."""
+        they fit in `batch_size` and carry no statistics of their own. Called under the lock."""
         batch: list[_Queued] = []
         while self._queue and len(batch) < MAX_SAMPLES_PER_UPLOAD:
             group = self._queue[0].group
             size = sum(1 for item in self._queue if item.group == group)
-            if batch and len(batch) + size > self.batch_size:
+            if batch and (len(batch) + size > self.batch_size or batch[0].statistics is not None
+                          or self._queue[0].statistics is not None):
                 break
             while self._queue and self._queue[0].group == group and len(batch) < MAX_SAMPLES_PER_UPLOAD:
                 batch.append(self._queue.popleft())
@@ -179,6 +183,18 @@ class Uploader:
             return None
         self._stats_sent_at = now
         return self.stats_source()
+
+    def _statistics_of(self, item: _Queued, now: float) -> dict[str, Tensor] | None:
+        """A batch-statistics group's own statistics, else the device's running ones when due.
+        Statistics the server would refuse (a variance of 0, NaN) stay behind, logged: the group
+        goes without them, and the cloud normalises it by its own batch statistics instead."""
+        if item.statistics is None:
+            return self._statistics_due(now)
+        if not all(np.isfinite(v).all() and (not name.endswith(".running_var") or (v > 0).all())
+                   for name, v in item.statistics.items()):
+            log.warning("a batch's statistics are not finite and positive; its uploads go without them")
+            return None
+        return {name: Tensor.from_numpy(value) for name, value in item.statistics.items()}
 
     def _spool(self, batch: list[_Queued]) -> None:
         """Encode and budget the batch, then write it as one request, or as several when its
@@ -205,7 +221,7 @@ class Uploader:
                 images=[encoded for encoded, _ in chunk],
                 entropy=[item.entropy for _, item in chunk],
                 captured_at=[item.captured_at for _, item in chunk],
-                norm_stats=self._statistics_due(now),
+                norm_stats=self._statistics_of(chunk[0][1], now),
                 batch_statistics=self.batch_statistics,
             )
             self.spool.put(pack(upload), len(chunk))

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from server.augment import cotta_augment
-from server.grouped import bounds_of, grouped_batch_norm
+from server.grouped import bounds_of, device_batch_norm, grouped_batch_norm
 from server.norm import (
     conv_weights,
     for_the_wire,
@@ -230,7 +230,11 @@ class ReplayGroup:
     upload's step). Replay keeps batch-statistics groups whole (`ReplayBuffer.sample`): one
     train-mode batch of samples from many groups mixes domains' statistics as no device batch
     does, and eval mode under constant statistics collapsed the stream (no gradient flows
-    through them, so the student learns affine parameters for a network that does not renormalise)."""
+    through them, so the student learns affine parameters for a network that does not renormalise).
+    A new group whose device sent the statistics it normalised the batch with (`stats`) is
+    normalised by those, with train-mode BN's gradient (`device_batch_norm`); stored in replay or
+    held out it keeps its own batch statistics: later steps have moved the weights those
+    statistics were measured under."""
 
     images: np.ndarray
     probs: np.ndarray
@@ -564,10 +568,11 @@ class CemaEngine:
         images, state, device_stats, batch_statistics = item.images, item.state, item.device_stats, item.batch_statistics
         self._conform(state)
         probs = probs_new.numpy()
+        stored_stats = None if batch_statistics else device_stats  # see ReplayGroup
         if cfg.holdout_every:  # every n-th upload is only ever used to check deltas
             held = np.arange(len(images)) % cfg.holdout_every == cfg.holdout_every - 1
             context = images[~held][: BATCH_STATISTICS_MIN_SAMPLES] if batch_statistics else None
-            state.holdout.add(ReplayGroup(images[held].copy(), probs[held], device_stats, batch_statistics,
+            state.holdout.add(ReplayGroup(images[held].copy(), probs[held], stored_stats, batch_statistics,
                                           context.copy() if context is not None else None))
             images, probs = images[~held], probs[~held]
         new = ReplayGroup(images.copy(), probs, device_stats, batch_statistics)
@@ -575,14 +580,14 @@ class CemaEngine:
         replay = state.replay
         if replay.size >= cfg.replay_min and cfg.replay_per_step > 0:
             groups += replay.sample(cfg.replay_per_step, self._rng)
-        replay.add(new)
+        replay.add(replace(new, stats=stored_stats))
         xs = [_group_input(g, self.device) for g in groups]  # each group crosses to the device once a step
 
         cloud_statistics = device_stats is None and not batch_statistics
-        state.student_norm = self._with_statistics(state.student_norm, device_stats, cloud_statistics, xs[0])
+        state.student_norm = self._with_statistics(state.student_norm, stored_stats, cloud_statistics, xs[0])
         switched = ""
         if cfg.learn == "race":
-            state.rival_norm = self._with_statistics(state.rival_norm, device_stats, cloud_statistics, xs[0])
+            state.rival_norm = self._with_statistics(state.rival_norm, stored_stats, cloud_statistics, xs[0])
             switched = self._choose_track(state, new)
         passes = student_passes(len(new.images), cfg)
         learn = state.learning or cfg.learn
@@ -718,10 +723,15 @@ class CemaEngine:
 
     def _logits(self, group: ReplayGroup, x: torch.Tensor, model: nn.Module | None = None) -> torch.Tensor:
         """The student's logits on the group's images (`x`: its `_group_input`), normalised as
-        its devices normalised them: by their batch statistics (context included), or in eval
-        mode under the statistics they were sent with (else the student's own)."""
+        its devices normalised them: by their batch statistics (context included; the device's
+        own when the group carries them), or in eval mode under the statistics they were sent
+        with (else the student's own)."""
         if group.batch_statistics:
             _set_norm_mode(self.student, train=True, momentum=0.0)
+            if group.stats is not None:
+                stats = {name: torch.from_numpy(value).to(self.device) for name, value in group.stats.items()}
+                with device_batch_norm(self.student, stats):
+                    return (model or self.student)(x)[: len(group.images)]
         else:
             _set_norm_mode(self.student, train=False)
             if group.stats is not None:

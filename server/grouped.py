@@ -50,3 +50,37 @@ def grouped_batch_norm(
     finally:
         for layer in layers.values():
             del layer.forward
+
+
+@contextmanager
+def device_batch_norm(model: nn.Module, stats: dict[str, torch.Tensor]) -> Iterator[None]:
+    """Within the block, every BatchNorm of `model` normalises by the statistics a device measured
+    on its batch (`<layer>.running_mean` / `<layer>.running_var` in `stats`), while its gradient is
+    train-mode BN's over the rows given (a straight-through estimate). The student distils on
+    exactly what its device computed from the whole batch, not on the statistics of the few
+    uncertain frames it uploaded, and still learns for a network that renormalises every batch
+    (without that gradient the stream collapsed: `ReplayGroup`). Running statistics are neither
+    used nor updated."""
+    layers = norm_layers(model)
+
+    def straight_through(name: str, layer: nn.modules.batchnorm._BatchNorm):
+        def forward(x: torch.Tensor) -> torch.Tensor:
+            axes = [0, *range(2, x.dim())]
+            mean, var = x.mean(dim=axes), x.var(dim=axes, unbiased=False)
+            mean = mean + (stats[f"{name}.running_mean"] - mean).detach()
+            var = var + (stats[f"{name}.running_var"] - var).detach()
+            scale = torch.rsqrt(var + layer.eps)
+            shape = [1, -1] + [1] * (x.dim() - 2)
+            if layer.weight is not None:
+                scale = scale * layer.weight
+            shift = -mean * scale if layer.bias is None else layer.bias - mean * scale
+            return x * scale.view(shape) + shift.view(shape)
+        return forward
+
+    for name, layer in layers.items():
+        layer.forward = straight_through(name, layer)
+    try:
+        yield
+    finally:
+        for layer in layers.values():
+            del layer.forward

@@ -83,12 +83,14 @@ class _Pending:
 
     def front_run(self, limit: int) -> int:
         """Samples at the front that share one normalization, at most `limit`: one device's under
-        its statistics, or any devices' that normalise by batch statistics (they send none)."""
+        its statistics, or any devices' that normalise by batch statistics, unless they sent the
+        statistics of their batch: then one upload's."""
         first = self.sources[0][0]
         run = 0
         for job, count in self.sources:
             if job.batch_statistics != first.batch_statistics or (
-                    not first.batch_statistics and job.device_id != first.device_id):
+                    not first.batch_statistics and job.device_id != first.device_id) or (
+                    first.batch_statistics and job.norm_stats is not first.norm_stats):
                 break
             run += count
             if run >= limit:
@@ -381,7 +383,7 @@ class AdaptationWorker:
         pending.sources.append([job, len(job.images)])
         if job.upload_id is not None:
             self._holding.add(job.upload_id)
-        if job.norm_stats is not None:
+        if job.norm_stats is not None and not job.batch_statistics:  # a batch's statistics go with its upload
             pending.keep_stats(job.device_id, job.norm_stats)
 
     def least_samples(self, batch_statistics: bool) -> int:
@@ -421,7 +423,8 @@ class AdaptationWorker:
         images = np.concatenate(pending.images)
         captured = np.concatenate(pending.captured_at)
         first = pending.sources[0][0]
-        stats, batch_statistics = pending.stats.get(first.device_id), first.batch_statistics
+        batch_statistics = first.batch_statistics
+        stats = first.norm_stats if batch_statistics else pending.stats.get(first.device_id)
         least = self.least_samples(batch_statistics)
         limit = max(self.engine.cfg.new_per_step, least)
         run = pending.front_run(limit + least)

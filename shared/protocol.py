@@ -125,7 +125,8 @@ class UploadBatch(_Message):
     entropy: list[float] = Field(max_length=MAX_SAMPLES_PER_UPLOAD)
     captured_at: list[float] = Field(max_length=MAX_SAMPLES_PER_UPLOAD)
     norm_stats: dict[str, Tensor] | None = Field(
-        default=None, description="The device's own running statistics, when it estimates them."
+        default=None, description="The device's own running statistics, when it estimates them; with "
+        "batch_statistics, the statistics it normalised this batch with (the cloud distils under them)."
     )
     batch_statistics: bool = Field(
         default=False, description="The device normalises each batch by its own statistics (the cloud distils likewise)."

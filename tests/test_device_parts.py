@@ -19,7 +19,8 @@ from device_client.transport import Backoff, ServerApi
 from device_client.uploader import Uploader
 from driftsync.processes import free_port
 from shared.images import UploadEncoding
-from shared.protocol import MAX_SAMPLES_PER_UPLOAD
+from shared.codec import decode
+from shared.protocol import MAX_SAMPLES_PER_UPLOAD, UploadBatch
 from tests.conftest import wait_for
 
 
@@ -195,6 +196,25 @@ def test_a_batch_statistics_devices_selection_from_one_batch_goes_out_in_one_req
         assert requests == [40, 22, MAX_SAMPLES_PER_UPLOAD, 300 - MAX_SAMPLES_PER_UPLOAD, 5]
     else:
         assert requests[:2] == [32, 32] and max(requests) == 32
+
+
+def test_a_group_with_its_batch_statistics_goes_in_requests_of_its_own_that_carry_them(tmp_path, caplog):
+    """The cloud distils a batch-statistics group under the statistics its batch was normalised
+    by, so two groups never share a request (one request carries one set). Statistics the server
+    would refuse (a variance of 0) stay behind, logged, and their group goes without them."""
+    spool = Spool(tmp_path / "spool", 1 << 26)
+    uploader = _uploader_before_a_dead_server(spool, batch_size=32, flush_s=0.05, batch_statistics=True)
+    stats = [{"bn.running_mean": np.full(4, i, np.float32), "bn.running_var": np.full(4, i, np.float32)} for i in range(3)]
+    for size, group_stats in zip([5, 6, 7], stats):  # the first one's variances are 0
+        frames = np.random.default_rng(size).integers(0, 256, (size, 8, 8, 3), dtype=np.uint8)
+        uploader.offer(frames, np.full(size, 0.5), np.full(size, 1.0), 0, group_stats)
+    with caplog.at_level("WARNING", logger="driftsync.device.uploader"):
+        assert _spooled_request_sizes(uploader, spool, 18) == [5, 6, 7]
+    sent = [decode(p.read_bytes(), UploadBatch) for p in sorted(spool.root.glob("*.upload"))]
+    assert sent[0].norm_stats is None and "not finite and positive" in caplog.text
+    for batch, group_stats in zip(sent[1:], stats[1:]):
+        assert batch.batch_statistics and {k: v.to_numpy().tolist() for k, v in batch.norm_stats.items()} == {
+            k: v.tolist() for k, v in group_stats.items()}
 
 
 def test_a_whole_group_past_the_request_byte_bound_is_split_not_refused(tmp_path):

@@ -503,3 +503,70 @@ def test_auto_learns_the_convolutions_from_batch_statistics_devices_only() -> No
         assert moved == (convs if batch_statistics else set())
         assert (convs & set(tensors)) == moved
         assert any(np.abs(state.student_norm[k] - source[k]).max() > 0 for k in set(source) - convs)  # affine moved
+
+
+def test_device_batch_norm_computes_with_the_devices_statistics_and_differentiates_as_train_mode() -> None:
+    """Forward: BN under the statistics given (what the device computed). Backward: exactly
+    train-mode BN's gradient, so the student learns for a network that renormalises; with the
+    batch's own statistics given, the two are the same function."""
+    from server.grouped import device_batch_norm
+
+    torch.manual_seed(0)
+    layer = torch.nn.BatchNorm2d(3)
+    with torch.no_grad():
+        layer.weight.copy_(torch.tensor([0.5, 2.0, -1.0]))
+        layer.bias.copy_(torch.tensor([0.1, -0.2, 0.3]))
+    model = torch.nn.Sequential(layer)
+    x = torch.randn(5, 3, 4, 4) * 3 + 1
+    own = {"0.running_mean": x.mean(dim=(0, 2, 3)), "0.running_var": x.var(dim=(0, 2, 3), unbiased=False)}
+    device = {"0.running_mean": torch.tensor([0.0, 1.0, 2.0]), "0.running_var": torch.tensor([1.0, 4.0, 9.0])}
+
+    def forward_and_grads(stats: dict[str, torch.Tensor] | None) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        xs = x.clone().requires_grad_(True)
+        model.zero_grad()
+        model.train()
+        if stats is None:
+            out = model(xs)
+        else:
+            with device_batch_norm(model, stats):
+                out = model(xs)
+        (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+        return out.detach(), [xs.grad, layer.weight.grad.clone(), layer.bias.grad.clone()]
+
+    train_out, train_grads = forward_and_grads(None)
+    own_out, own_grads = forward_and_grads(own)
+    device_out, device_grads = forward_and_grads(device)
+    assert "forward" not in vars(layer)  # the module is itself again
+    with torch.no_grad():
+        layer.running_mean.copy_(device["0.running_mean"])
+        layer.running_var.copy_(device["0.running_var"])
+    xs = x.clone().requires_grad_(True)
+    model.zero_grad()
+    model.eval()
+    eval_out = model(xs)
+    (eval_out * torch.linspace(-1, 1, eval_out.numel()).view_as(eval_out)).sum().backward()
+
+    torch.testing.assert_close(own_out, train_out, atol=1e-5, rtol=1e-5)
+    for a, b in zip(own_grads, train_grads):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(device_out, eval_out.detach())  # what the device computed
+    torch.testing.assert_close(device_grads[1], layer.weight.grad)  # the affine gradients under those statistics
+    assert not torch.allclose(device_grads[0], xs.grad, atol=1e-3)  # the input's flows through the batch statistics
+    assert not torch.allclose(device_grads[1], train_grads[1], atol=1e-3)
+
+
+def test_a_batch_statistics_upload_is_distilled_under_the_statistics_its_device_sent() -> None:
+    """The new group of a batch-statistics device that sent its batch's statistics is normalised
+    by those (`device_batch_norm`), not by the few uploaded frames' own: another delta. Stored for
+    replay it keeps no statistics (later steps move the weights they were measured under), and
+    the deltas carry none either: the device measures its own."""
+    engine = _engine()
+    images = _images(16)
+    names = [k for k in engine._source_student if k.endswith((".running_mean", ".running_var"))]
+    sent = {k: (engine._source_student[k] * 2 + 0.5).astype(np.float32) for k in names}
+    own = engine.step(images, engine.new_state(), batch_statistics=True).tensors
+    state = engine.new_state()
+    under_sent = engine.step(images, state, sent, batch_statistics=True).tensors
+    assert own.keys() == under_sent.keys() and not set(names) & set(under_sent)
+    assert any(not np.allclose(own[k], under_sent[k]) for k in own)
+    assert [g.stats for g in state.replay.groups] == [None]

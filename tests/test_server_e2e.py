@@ -243,6 +243,12 @@ def test_sampled_statistics_device_normalises_each_batch_by_its_first_frames(tin
         rest = student(x[8:]).softmax(dim=1)
     np.testing.assert_allclose(out.confidence[:8], head.max(dim=1).values.numpy(), atol=1e-4)
     np.testing.assert_allclose(out.confidence[8:], rest.max(dim=1).values.numpy(), atol=1e-4)
+    from device_client.scoring import to_model_input
+    measured = device.model.run_measured(to_model_input(frames))[2]  # what the batch's uploads carry
+    assert set(measured) == {f"{name}.{field}" for name in seen for field in ("running_mean", "running_var")}
+    for name, layer in norm_layers(student).items():
+        np.testing.assert_allclose(measured[f"{name}.running_mean"], layer.running_mean.numpy(), atol=1e-4)
+        np.testing.assert_allclose(measured[f"{name}.running_var"], layer.running_var.numpy(), rtol=1e-3)
     wait_for(lambda: device.deltas.applied >= 1)
     r = httpx.get(f"{url}/v1/deltas", params={"since": 0}, headers=_auth(device.identity.token))
     from shared.codec import decode

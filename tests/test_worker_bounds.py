@@ -127,3 +127,18 @@ def test_the_teacher_log_has_the_teachers_class_for_every_stepped_sample(tmp_pat
     assert np.array_equal(np.concatenate([line["captured_at"] for line in lines]), captured)  # exact floats
     assert all(line["cohort"] == "site" and all(0 <= c < 10 for c in line["teacher"]) for line in lines)
     assert all(len(line["teacher"]) == len(line["captured_at"]) for line in lines)
+
+
+def test_a_step_never_mixes_batches_whose_devices_sent_their_statistics(tmp_path) -> None:
+    """A batch-statistics upload that carries its batch's statistics is distilled under them, so a
+    step takes its samples from that upload alone, and gives the engine that upload's statistics."""
+    parts = build_test_parts(tmp_path / "server")  # new_per_step 8, step_min_samples 8
+    worker = parts.worker  # not started: its steps are taken by hand
+    stats = [{"bn.running_mean": np.full(4, i, np.float32)} for i in range(2)]
+    for n, batch_stats in zip([20, 20], stats):
+        worker._add(UploadJob("batch", "a", _images(n, n), np.full(n, time.time()), time.time(), batch_stats,
+                              batch_statistics=True))
+    taken = [worker._take("batch")[0] for _ in range(2)]
+    assert [len(item.images) for item in taken] == [20, 20]  # not 16, then 24 across the two batches
+    assert [item.device_stats for item in taken] == stats
+    assert not worker._pending["batch"].stats  # a batch's statistics are not the device's latest
