@@ -114,7 +114,7 @@ class DeviceConfig:
     ugs_keep: float = 0.25
     stats_momentum: float = 0.2
     stats_batch: int = 16
-    stats_sample: int = 100  # sampled: frames of each batch that measure its statistics
+    stats_sample: int = 32  # sampled: frames of each batch that measure its statistics
     # running: statistics refreshes only while all update work (refreshes and delta installs) stays
     # within this share of inference time (UpdateBudget); None: every batch. `driftsync device` defaults to 0.04.
     stats_budget: float | None = None

@@ -119,6 +119,7 @@ def main() -> None:
         upload_share=None if args.upload_share < 0 else args.upload_share,
     ))
     local = args.local_statistics > 0
+    batch_statistics = args.device_norm in ("batch", "sampled")
     if args.data is None:
         images, labels = streams.embedded_base(args.samples_per_domain)
     else:
@@ -133,10 +134,10 @@ def main() -> None:
     for batch_index, chunk in enumerate(streams.replay(source_of, domains, args.batch_size)):
         x = to_input(chunk.images)
         with torch.no_grad():
-            if args.device_norm == "batch":  # normalise with this batch's statistics, fold them in too
+            if args.device_norm == "batch":  # normalise with this batch's statistics (kept: its uploads carry them)
                 for layer in norm_layers(device).values():
                     layer.train()
-                    layer.momentum = args.local_statistics
+                    layer.momentum = 1.0
             if args.device_norm == "sampled":  # this batch's first frames measure the statistics for all of it
                 for layer in norm_layers(device).values():
                     layer.train()
@@ -164,15 +165,18 @@ def main() -> None:
         pending = np.concatenate([pending, chunk.images[keep]])
         pending_labels = np.concatenate([pending_labels, chunk.labels[keep]])
         pending_domains += [chunk.domain.name] * int(keep.sum())
-        while not args.no_cloud and len(pending) >= cfg.new_per_step:
-            stats = {k: v.copy() for k, v in replaceable_state(device).items() if "running" in k} if local else None
-            result = engine.step(pending[: cfg.new_per_step], state, stats, batch_statistics=args.device_norm in ("batch", "sampled"))
-            for name, wrong in zip(pending_domains, result.teacher_classes != pending_labels[: cfg.new_per_step]):
+        stats = {k: v.copy() for k, v in replaceable_state(device).items() if "running" in k} if local else None
+        # a batch-statistics device's uploads carry its batch's statistics: one step on each batch's
+        # (as the worker steps them), else steps of --new-per-step
+        step_size = len(pending) if batch_statistics and len(pending) else cfg.new_per_step
+        while not args.no_cloud and len(pending) >= step_size:
+            result = engine.step(pending[:step_size], state, stats, batch_statistics=batch_statistics)
+            for name, wrong in zip(pending_domains, result.teacher_classes != pending_labels[:step_size]):
                 tally = teacher_rows.setdefault(name, [0, 0])
                 tally[0] += 1
                 tally[1] += int(wrong)
-            pending, pending_labels = pending[cfg.new_per_step :], pending_labels[cfg.new_per_step :]
-            pending_domains = pending_domains[cfg.new_per_step :]
+            pending, pending_labels = pending[step_size:], pending_labels[step_size:]
+            pending_domains = pending_domains[step_size:]
             load_replaceable_state(device, result.tensors)
 
     def teacher_error(name: str) -> str:
