@@ -215,7 +215,8 @@ def test_batch_statistics_device_predicts_as_train_mode_bn_and_gets_affine_only_
 def test_sampled_statistics_device_normalises_each_batch_by_its_first_frames(tiny_server, tmp_path):
     """`sampled`: the first --stats-sample frames as train-mode BN gives them; the rest fused (the
     weights rewritten in place) with those frames' statistics, as torch's eval mode with them as
-    running statistics; the cloud distils with batch statistics, so the deltas are affine-only."""
+    running statistics; the cloud distils with batch statistics, so the deltas are affine-only.
+    A batch of at most WHOLE_BATCH_FACTOR samples is measured whole, as `batch` does."""
     import torch
 
     from server.baselines import use_batch_statistics
@@ -224,8 +225,14 @@ def test_sampled_statistics_device_normalises_each_batch_by_its_first_frames(tin
     from tests.conftest import tiny_pair
 
     url, _ = tiny_server
+    from device_client.statistics import WHOLE_BATCH_FACTOR
+
     device = _device(url, tmp_path, normalization="sampled", stats_sample=8)
-    frames = _images(24, seed=4)
+    small = _images(WHOLE_BATCH_FACTOR * 8, seed=5)
+    with torch.no_grad():
+        whole = use_batch_statistics(tiny_pair()[0])(to_input(small)).softmax(dim=1)
+    np.testing.assert_allclose(device.predict(small).confidence, whole.max(dim=1).values.numpy(), atol=1e-4)
+    frames = _images(WHOLE_BATCH_FACTOR * 8 + 8, seed=4)
     out = device.predict(frames)
     x = to_input(frames)
     student = tiny_pair()[0].eval()
