@@ -303,7 +303,7 @@ def _device_args(p: argparse.ArgumentParser) -> None:
         "its first --stats-sample frames, the rest fused at full speed) or cloud (estimated from uploads)")
     add(p, "--stats-sample", 32, POSITIVE_INT, help="sampled: frames of each batch that measure its statistics "
         "(32: at batch 200, 0.96x the static model's throughput and 23.0%% on continual CIFAR-10-C; 100: 0.92x and "
-        "21.9%%; BENCHMARKS.md 'the device's batch statistics travel with its uploads')")
+        "21.9%%; a batch of up to 4x this is measured whole; BENCHMARKS.md 'the device's batch statistics travel with its uploads')")
     add(p, "--stats-momentum", 0.2, FRACTION, help="momentum of the device's statistics estimate, per batch")
     add(p, "--stats-budget", None, optional(POSITIVE), help="running: refresh the statistics only while all update work "
         "(statistics refreshes and delta installs) stays within this share of inference time (0.04: 0.92x the static "
