@@ -46,7 +46,8 @@ def parse_upload(
 
 
 def device_statistics(batch: UploadBatch, descriptor: ModelDescriptor) -> dict[str, np.ndarray] | None:
-    """Check the statistics a device sent: known names, right shapes, finite, variances positive."""
+    """Check the statistics a device sent: known names, right shapes, finite, variances positive;
+    a batch's statistics (with `batch_statistics`) complete."""
     if batch.norm_stats is None:
         return None
     stats: dict[str, np.ndarray] = {}
@@ -62,4 +63,9 @@ def device_statistics(batch: UploadBatch, descriptor: ModelDescriptor) -> dict[s
         if name.endswith(".running_var") and (value <= 0).any():
             raise UploadRejected("bad_statistics", f"{name} has non-positive variances")
         stats[name] = value
+    if batch.batch_statistics:  # the cloud normalises every layer by them: all or none
+        missing = [name for name in descriptor.parameters if name.endswith((".running_mean", ".running_var"))
+                   and name not in stats]
+        if missing:
+            raise UploadRejected("bad_statistics", f"a batch's statistics must name every layer; {missing[0]} is missing")
     return stats

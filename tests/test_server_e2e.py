@@ -283,6 +283,14 @@ def test_bad_device_statistics_are_refused(tiny_server):
         r = httpx.post(f"{url}/v1/uploads", content=pack(base.model_copy(update={"norm_stats": stats})), headers=_auth(token))
         _assert_json_error(r, 400)
         assert r.json()["error"] == "bad_statistics"
+    partial = {name: Tensor.from_numpy(np.ones(shape, np.float32))}  # fine as running statistics, not as a batch's
+    for batch_statistics, status in ((True, 400), (False, 202)):
+        upload = base.model_copy(update={"norm_stats": partial, "batch_statistics": batch_statistics})
+        r = httpx.post(f"{url}/v1/uploads", content=pack(upload), headers=_auth(token))
+        assert r.status_code == status, r.text
+    assert "must name every layer" in httpx.post(
+        f"{url}/v1/uploads", content=pack(base.model_copy(update={"norm_stats": partial, "batch_statistics": True})),
+        headers=_auth(token)).json()["detail"]
 
 
 def test_device_keeps_predicting_and_spools_when_the_server_dies(tmp_path):
