@@ -48,6 +48,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--torch-device", default="auto", help="cpu, cuda, cuda:N or auto, as for serve")
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--profile", action="store_true", help="then profile one batched step of the last setting "
+                        "(torch.profiler: where its CPU and GPU time goes)")
     parser.add_argument("--random-init", action="store_true", help="ImageNet ResNets named without a checkpoint get "
                         "random weights (timing only)")
     args = parser.parse_args()
@@ -80,9 +82,27 @@ def main() -> None:
     for r in rows:
         print(f"step time per sample, {r['per_device']} per device x {r['devices']}: "
               f"{1 / r['step_batched_samples_per_s']:.3f} s (whole step), {1 / r['teacher_batched_samples_per_s']:.3f} s (teacher)")
+    if args.profile:
+        profile_step(engine, fog, rng, per_device, int(args.devices.split(",")[-1]))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({"args": vars(args) | {"json": str(args.json)}, "rows": rows}, indent=2))
+
+
+def profile_step(engine: CemaEngine, pool: np.ndarray, rng: np.random.Generator, per_device: int, devices: int) -> None:
+    from torch.profiler import ProfilerActivity, profile
+
+    states = [engine.new_state() for _ in range(devices)]
+    inputs = [StepInput(pool[rng.choice(len(pool), per_device, replace=False)], s) for s in states]
+    engine.step_many(inputs)  # warm-up
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if engine.device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        engine.step_many(inputs)
+        if engine.device.type == "cuda":
+            torch.cuda.synchronize(engine.device)
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
+    if engine.device.type == "cuda":
+        print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=10))
 
 
 def random_checkpoint(spec: str) -> str:
@@ -106,6 +126,12 @@ def measure(engine: CemaEngine, pool: np.ndarray, rng: np.random.Generator, per_
     def uploads(n: int) -> list[np.ndarray]:
         return [pool[rng.choice(len(pool), per_device, replace=False)] for _ in range(n)]
 
+    def now() -> float:
+        """A clock read after the GPU's queued work is done (CUDA runs asynchronously)."""
+        if engine.device.type == "cuda":
+            torch.cuda.synchronize(engine.device)
+        return time.perf_counter()
+
     rows = []
     for n in device_counts:
         states = [engine.new_state() for _ in range(n)]
@@ -113,17 +139,17 @@ def measure(engine: CemaEngine, pool: np.ndarray, rng: np.random.Generator, per_
         engine.step_many([StepInput(x, s) for x, s in zip(uploads(n), states)])  # warm-up
         for _ in range(rounds):
             batch = uploads(n)
-            t0 = time.perf_counter()
+            t0 = now()
             engine.teacher_probs(list(zip(batch, states)))
-            t1 = time.perf_counter()
+            t1 = now()
             for x, s in zip(batch, states):
                 engine.teacher_probs([(x, s)])
-            t2 = time.perf_counter()
+            t2 = now()
             engine.step_many([StepInput(x, s) for x, s in zip(batch, states)])
-            t3 = time.perf_counter()
+            t3 = now()
             for x, s in zip(batch, states):
                 engine.step(x, s)
-            t4 = time.perf_counter()
+            t4 = now()
             for key, seconds in zip(timings, (t1 - t0, t2 - t1, t3 - t2, t4 - t3)):
                 timings[key].append(seconds)
         samples = n * per_device

@@ -69,5 +69,15 @@ def cotta_augment(x: torch.Tensor, g: torch.Generator, noise_std: float = 0.005,
     if torch.rand((), generator=g).item() < 0.5:
         x = x.flip(dims=[3])
     if noise_std:
-        x = x + noise_std * torch.randn(x.shape, generator=g).to(x)
+        x = x + noise_std * _normal_like(x, g)
     return x.clamp(0, 1)
+
+
+def _normal_like(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    """Standard normal noise shaped like `x`, drawn where `x` lives. On a GPU, drawing it on the
+    CPU and copying it over took two thirds of a 224-px CEMA step (an H200, 8 teacher views); there
+    a device generator seeded from `g` draws it, so a run stays reproducible from its seed."""
+    if x.device.type == "cpu":
+        return torch.randn(x.shape, generator=g, dtype=x.dtype)
+    seed = int(torch.randint(0, 2**62, (), generator=g).item())
+    return torch.randn(x.shape, generator=torch.Generator(x.device).manual_seed(seed), device=x.device, dtype=x.dtype)

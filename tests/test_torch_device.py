@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from server.augment import cotta_augment
 from server.devices import resolve_torch_device
 from server.engine import CemaConfig, CemaEngine, CohortState, StepInput
 from server.persist import decode_state, encode_state
@@ -106,16 +107,17 @@ def _tensors(opt_state: dict) -> list[torch.Tensor]:
 @pytest.mark.parametrize("prompted", [False, True])
 def test_a_cuda_step_equals_the_cpu_step(prompted: bool, monkeypatch: pytest.MonkeyPatch) -> None:
     """Real steps on CUDA (teacher batched across three cohorts in three normalization modes,
-    augmented views, replay; a prompted student's prompt on the device too) give the CPU's
-    deltas and teacher state, to float32 rounding. TF32 is off and cuDNN deterministic, so the
-    two compute the same thing: those are precision choices, not the device's."""
+    replay; a prompted student's prompt on the device too) give the CPU's deltas and teacher
+    state, to float32 rounding. TF32 is off and cuDNN deterministic, so the two compute the same
+    thing: those are precision choices, not the device's. No augmented views: their noise is
+    drawn on the GPU there (`test_augmented_views_on_cuda`)."""
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
     monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
     monkeypatch.setattr(torch.backends.cudnn, "deterministic", True)
     count = torch.cuda.device_count()
     with pytest.raises(ValueError, match=f"torch sees {count} CUDA device"):
         resolve_torch_device(f"cuda:{count}")
-    cfg = {"teacher_augmentations": 2, "teacher_lr": 5e-2, "student_lr": 5e-2}  # SGD: no Adam sign flips near 0
+    cfg = {"teacher_augmentations": 0, "teacher_lr": 5e-2, "student_lr": 5e-2}  # SGD: no Adam sign flips near 0
     cpu, cuda = _engine("cpu", prompted, **cfg), _engine(resolve_torch_device("cuda"), prompted, **cfg)
     assert all(p.device.type == "cuda" for p in [*cuda.student.parameters(), *cuda.teacher.parameters()])
     states_cpu, states_cuda = [cpu.new_state() for _ in range(3)], [cuda.new_state() for _ in range(3)]
@@ -128,3 +130,28 @@ def test_a_cuda_step_equals_the_cpu_step(prompted: bool, monkeypatch: pytest.Mon
     for a, b in zip(states_cpu, states_cuda):
         for name, value in a.teacher_norm.items():
             np.testing.assert_allclose(value, b.teacher_norm[name], rtol=0, atol=atol, err_msg=name)
+
+
+
+@needs_cuda
+def test_augmented_views_on_cuda(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A CUDA view is the CPU's view (the same colour, geometry and flip from the same generator)
+    plus noise drawn on the GPU, of the scale asked for and reproducible from the generator; and
+    augmented CUDA steps are reproducible from the engine's seed."""
+    monkeypatch.setattr(torch.backends.cudnn, "deterministic", True)
+    x = torch.rand(16, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 0.8 + 0.1
+    plain = [cotta_augment(x.to(d), torch.Generator().manual_seed(5), noise_std=0.0) for d in ("cpu", "cuda")]
+    assert plain[1].device.type == "cuda"
+    np.testing.assert_allclose(plain[0].numpy(), plain[1].cpu().numpy(), rtol=0, atol=1e-5)
+    noisy = [cotta_augment(x.cuda(), torch.Generator().manual_seed(5), noise_std=0.05) for _ in range(2)]
+    assert noisy[0].device.type == "cuda" and torch.equal(noisy[0], noisy[1])
+    residual = (noisy[0] - plain[1])[(plain[1] > 0.2) & (plain[1] < 0.8)]  # away from the clamps
+    assert 0.045 < residual.std().item() < 0.055
+    cfg = {"teacher_augmentations": 2, "teacher_lr": 5e-2, "student_lr": 5e-2}
+    runs = []
+    for _ in range(2):
+        engine = _engine(resolve_torch_device("cuda"), **cfg)
+        runs.append(_run(engine, [engine.new_state() for _ in range(3)], range(2)))
+    _assert_close(*runs, rtol=0, atol=1e-6)
+    source = _engine("cpu", **cfg).source_delta()
+    assert max(np.abs(runs[0][-1][0][k] - source[k]).max() for k in source if k.endswith((".weight", ".bias"))) > 1e-3
