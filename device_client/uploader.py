@@ -27,7 +27,7 @@ from device_client.supervisor import Supervisor
 from device_client.transport import Backoff, ServerApi, ServerError
 from shared.codec import pack
 from shared.images import DEFAULT_UPLOAD_CODEC, UploadEncoding
-from shared.protocol import MAX_SAMPLES_PER_UPLOAD, UploadBatch
+from shared.protocol import MAX_SAMPLES_PER_UPLOAD, UploadBatch, statistic_problem
 from shared.tensors import Tensor
 
 log = logging.getLogger("driftsync.device.uploader")
@@ -190,10 +190,10 @@ class Uploader:
         goes without them, and the cloud normalises it by its own batch statistics instead."""
         if item.statistics is None:
             return self._statistics_due(now)
-        if not all(np.isfinite(v).all() and (not name.endswith(".running_var") or (v > 0).all())
-                   for name, v in item.statistics.items()):
-            log.warning("a batch's statistics are not finite and positive; its uploads go without them")
-            return None
+        for name, value in item.statistics.items():
+            if problem := statistic_problem(name, value):
+                log.warning("a batch's statistics would be refused (%s); its uploads go without them", problem)
+                return None
         return {name: Tensor.from_numpy(value) for name, value in item.statistics.items()}
 
     def _spool(self, batch: list[_Queued]) -> None:

@@ -6,8 +6,8 @@ cohort, while the convolutions (the cost) run once over the whole batch.
 """
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -25,16 +25,31 @@ def bounds_of(sizes: list[int]) -> list[tuple[int, int]]:
     return out
 
 
+Forward = Callable[[torch.Tensor], torch.Tensor]
+
+
 @contextmanager
+def _norm_forwards(model: nn.Module, forward_of: Callable[[str, nn.modules.batchnorm._BatchNorm], Forward]) -> Iterator[None]:
+    """Within the block, each BatchNorm of `model` runs `forward_of(its name, itself)` instead of
+    its own forward; leaving the block restores every layer, also after an exception."""
+    layers = norm_layers(model)
+    for name, layer in layers.items():
+        layer.forward = forward_of(name, layer)
+    try:
+        yield
+    finally:
+        for layer in layers.values():
+            del layer.forward
+
+
 def grouped_batch_norm(
     model: nn.Module, bounds: list[tuple[int, int]], affine: list[dict[str, torch.Tensor]]
-) -> Iterator[None]:
+) -> AbstractContextManager[None]:
     """Within the block, every BatchNorm of `model` normalises rows a:b of its input with those
     rows' statistics and group g's `<layer>.weight` / `<layer>.bias` from `affine[g]`.
     Running statistics are neither used nor updated."""
-    layers = norm_layers(model)
 
-    def grouped(name: str, layer: nn.modules.batchnorm._BatchNorm):
+    def grouped(name: str, layer: nn.modules.batchnorm._BatchNorm) -> Forward:
         def forward(x: torch.Tensor) -> torch.Tensor:
             return torch.cat([
                 F.batch_norm(x[a:b], None, None, affine[g].get(f"{name}.weight"), affine[g].get(f"{name}.bias"),
@@ -43,17 +58,10 @@ def grouped_batch_norm(
             ])
         return forward
 
-    for name, layer in layers.items():
-        layer.forward = grouped(name, layer)
-    try:
-        yield
-    finally:
-        for layer in layers.values():
-            del layer.forward
+    return _norm_forwards(model, grouped)
 
 
-@contextmanager
-def device_batch_norm(model: nn.Module, stats: dict[str, torch.Tensor]) -> Iterator[None]:
+def device_batch_norm(model: nn.Module, stats: dict[str, torch.Tensor]) -> AbstractContextManager[None]:
     """Within the block, every BatchNorm of `model` normalises by the statistics a device measured
     on its batch (`<layer>.running_mean` / `<layer>.running_var` in `stats`), while its gradient is
     train-mode BN's over the rows given (a straight-through estimate). The student distils on
@@ -61,9 +69,8 @@ def device_batch_norm(model: nn.Module, stats: dict[str, torch.Tensor]) -> Itera
     uncertain frames it uploaded, and still learns for a network that renormalises every batch
     (without that gradient the stream collapsed: `ReplayGroup`). Running statistics are neither
     used nor updated."""
-    layers = norm_layers(model)
 
-    def straight_through(name: str, layer: nn.modules.batchnorm._BatchNorm):
+    def straight_through(name: str, layer: nn.modules.batchnorm._BatchNorm) -> Forward:
         def forward(x: torch.Tensor) -> torch.Tensor:
             axes = [0, *range(2, x.dim())]
             mean, var = x.mean(dim=axes), x.var(dim=axes, unbiased=False)
@@ -77,10 +84,4 @@ def device_batch_norm(model: nn.Module, stats: dict[str, torch.Tensor]) -> Itera
             return x * scale.view(shape) + shift.view(shape)
         return forward
 
-    for name, layer in layers.items():
-        layer.forward = straight_through(name, layer)
-    try:
-        yield
-    finally:
-        for layer in layers.values():
-            del layer.forward
+    return _norm_forwards(model, straight_through)

@@ -12,7 +12,7 @@ import numpy as np
 from server.queueing import UploadJob
 from shared.codec import CodecError, decode
 from shared.images import ImageDecodeError, decode_image
-from shared.protocol import ModelDescriptor, UploadBatch
+from shared.protocol import ModelDescriptor, UploadBatch, statistic_problem
 
 
 class UploadRejected(ValueError):
@@ -56,12 +56,9 @@ def device_statistics(batch: UploadBatch, descriptor: ModelDescriptor) -> dict[s
             raise UploadRejected("bad_statistics", f"{name!r} is not a normalization statistic of the model")
         if tuple(tensor.shape) != tuple(descriptor.parameters[name]) or tensor.dtype != "float32":
             raise UploadRejected("bad_statistics", f"{name} must be float32{list(descriptor.parameters[name])}")
-        try:
-            value = tensor.to_numpy()
-        except ValueError as exc:
-            raise UploadRejected("bad_statistics", f"{name}: {exc}") from exc
-        if name.endswith(".running_var") and (value <= 0).any():
-            raise UploadRejected("bad_statistics", f"{name} has non-positive variances")
+        value = tensor.to_numpy(finite=False)
+        if problem := statistic_problem(name, value):
+            raise UploadRejected("bad_statistics", problem)
         stats[name] = value
     if batch.batch_statistics:  # the cloud normalises every layer by them: all or none
         missing = [name for name in descriptor.parameters if name.endswith((".running_mean", ".running_var"))

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
+import numpy as np
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
 from shared.tensors import Tensor, tensors_digest
@@ -113,6 +114,16 @@ class RegisterResponse(_Message):
     model: ModelDescriptor
     server_key: str | None = Field(default=None, pattern=HEX_KEY_PATTERN, description="The key a device pins.")
     signature: Signature | None = Field(default=None, description="Over device id, cohort, version and descriptor.")
+
+
+def statistic_problem(name: str, value: np.ndarray) -> str | None:
+    """Why the cloud refuses a normalization statistic an upload carries, else None. One rule on
+    both sides: the server answers such statistics with a 400, the device leaves them behind."""
+    if not np.isfinite(value).all():
+        return f"{name} has NaN or Inf"
+    if name.endswith(".running_var") and (value <= 0).any():
+        return f"{name} has non-positive variances"
+    return None
 
 
 class UploadBatch(_Message):

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from shared.codec import CodecError, decode, pack, unpack
 from shared.images import ImageDecodeError, decode_image, encode_image
-from shared.protocol import Delta, UploadBatch
+from shared.protocol import Delta, UploadBatch, statistic_problem
 from shared.tensors import Tensor, tensors_digest
 
 
@@ -127,3 +127,12 @@ def test_registration_needs_only_a_valid_name():
     for bad in ({"device_name": ""}, {"device_name": "a b"}, {"device_name": "ok", "cohort": "../x y"}, {}):
         with pytest.raises(ValueError):
             RegisterRequest.model_validate(bad)
+
+
+def test_statistic_problem_is_the_one_rule_for_normalization_statistics() -> None:
+    ones = np.ones(4, np.float32)
+    assert statistic_problem("bn.running_mean", -ones) is None  # means may be negative
+    assert statistic_problem("bn.running_var", ones) is None
+    assert statistic_problem("bn.running_var", np.zeros(4, np.float32)) == "bn.running_var has non-positive variances"
+    assert statistic_problem("bn.running_mean", np.array([0, np.inf], np.float32)) == "bn.running_mean has NaN or Inf"
+    assert statistic_problem("bn.running_var", np.array([1, np.nan], np.float32)) == "bn.running_var has NaN or Inf"
