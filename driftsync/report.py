@@ -364,8 +364,11 @@ def markdown_methods(report: dict) -> str:
         "",
         "## Cost",
         "",
-        "| method | where | upload ratio | uplink B/sample | downlink B | deltas | freshness p50 / p95 s "
-        "| device fwd/sample | device bwd/sample | prompt B | seconds |",
+        "Uplink is bytes per frame of the stream (every frame, uploaded or not: `uplink_bytes_per_sample` "
+        "in report.json); device passes are per frame too.",
+        "",
+        "| method | where | upload ratio | uplink B/frame | downlink B | deltas | freshness p50 / p95 s "
+        "| device fwd/frame | device bwd/frame | prompt B | seconds |",
         "|---|---|---:|---:|---:|---:|---|---:|---:|---:|---:|",
     ]
     for m in methods:
