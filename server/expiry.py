@@ -1,6 +1,7 @@
 """Devices that have not been seen for a while expire: a simulated fleet that is taken down and up
-again, or a replaced box, does not leave dead devices behind. A device that comes back later finds
-its token unknown and enrols again (device_client re-enrols on 401)."""
+again, or a replaced box, does not leave dead devices behind, nor the state and versions of their
+own cohorts. A device that comes back later finds its token unknown and enrols again
+(device_client re-enrols on 401)."""
 from __future__ import annotations
 
 import logging
@@ -34,10 +35,16 @@ class DeviceReaper:
         self._thread = threading.Thread(target=self._run, name="device-reaper", daemon=True)
 
     def expire_once(self) -> list[str]:
-        expired = self.store.expire_devices(self.clock() - self.expiry_s)
+        """Expire the unseen devices (their ids), then remove the own cohorts of gone devices once
+        they have been idle as long."""
+        cutoff = self.clock() - self.expiry_s
+        expired = self.store.expire_devices(cutoff)
         if expired:
             log.info("expired %d device(s) unseen for %.0f s: %s", len(expired), self.expiry_s, ", ".join(expired))
             self.on_expired(expired)
+        removed = self.store.remove_orphaned_cohorts(cutoff)
+        if removed:
+            log.info("removed the state and versions of %d cohort(s) of gone devices: %s", len(removed), ", ".join(removed))
         return expired
 
     def _run(self) -> None:

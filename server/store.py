@@ -38,6 +38,7 @@ from server.migrations import (
     sqlite_adopt_legacy,
 )
 from shared.codec import pack, unpack
+from shared.protocol import PRIVATE_COHORT_PREFIX
 from shared.tensors import Tensor
 
 log = logging.getLogger("driftsync.store")
@@ -116,6 +117,7 @@ class Store(Protocol):
     def set_may_upload(self, device_id: str, may_upload: bool) -> DeviceRecord | None: ...
     def touch_device(self, device_id: str, at: float) -> None: ...
     def expire_devices(self, unseen_since: float) -> list[str]: ...
+    def remove_orphaned_cohorts(self, idle_since: float) -> list[str]: ...
     def commit(self, cohort: str, record: VersionRecord | None = None, state: bytes | None = None,
                consumed: dict[int, int] | None = None, learnt: int = 0, *, lease: Lease | None = None) -> int: ...
     def latest_version(self, cohort: str) -> VersionRecord | None: ...
@@ -239,7 +241,7 @@ class SqlStore(ABC):
         token = secrets.token_urlsafe(32)
         device_id = uuid.uuid4().hex
         now = time.time()
-        record = DeviceRecord(device_id, name, cohort or f"device-{device_id[:12]}", now, last_seen_at=now)
+        record = DeviceRecord(device_id, name, cohort or f"{PRIVATE_COHORT_PREFIX}{device_id[:12]}", now, last_seen_at=now)
         self._query(
             "INSERT INTO devices (device_id, name, cohort, token_hash, created_at, may_upload, last_seen_at) "
             "VALUES (?, ?, ?, ?, ?, ?, ?)",
@@ -272,6 +274,26 @@ class SqlStore(ABC):
         comes back enrols again); the ids it removed."""
         return sorted(r[0] for r in self._query("DELETE FROM devices WHERE last_seen_at < ? RETURNING device_id",
                                                 (unseen_since,)))
+
+    def remove_orphaned_cohorts(self, idle_since: float) -> list[str]:
+        """Delete the own cohorts (`device-<id>`) that no device is in any more and that have had no
+        upload and no new version since `idle_since`: their state, versions and stored uploads; the
+        names removed. No device can reach such a cohort again (a device that comes back after
+        expiry enrols with a new id), so each expiry would otherwise leave up to `keep_versions`
+        versions behind. Shared cohorts stay for the devices that join them later, and the event
+        log keeps its history. A step committed meanwhile is removed by a later call."""
+        orphaned = "cohort LIKE ? AND cohort NOT IN (SELECT cohort FROM devices)"
+        with self._transaction() as execute:
+            candidates = {row[0] for table in ("cohort_state", "versions", "uploads") for row in execute(
+                f"SELECT DISTINCT cohort FROM {table} WHERE {orphaned}", (f"{PRIVATE_COHORT_PREFIX}%",))}
+            active = {row[0] for row in execute(
+                "SELECT cohort FROM versions WHERE created_at >= ? UNION SELECT cohort FROM uploads WHERE received_at >= ?",
+                (idle_since, idle_since))}
+            gone = sorted(candidates - active)
+            for cohort in gone:  # the state first: its row is the lock a concurrent commit takes
+                for table in ("cohort_state", "versions", "uploads"):
+                    execute(f"DELETE FROM {table} WHERE cohort = ?", (cohort,))
+        return gone
 
     def set_may_upload(self, device_id: str, may_upload: bool) -> DeviceRecord | None:
         self._query("UPDATE devices SET may_upload = ? WHERE device_id = ?", (may_upload, device_id))

@@ -56,3 +56,19 @@ def test_an_expiry_shorter_than_the_seen_write_interval_is_refused(tmp_path) -> 
     with pytest.raises(ValueError, match="at least"):
         DeviceReaper(store, SEEN_WRITE_EVERY_S, lambda ids: None)
     store.close()
+
+
+def test_the_reaper_removes_the_own_cohort_of_an_expired_device(tmp_path, caplog) -> None:
+    store = SqliteStore(tmp_path / "s.sqlite")
+    gone, _ = store.add_device("gone", None)
+    shared, _ = store.add_device("member", "lab")
+    for record in (gone, shared):
+        store.add_upload(record.cohort, record.device_id, b"body", 4)
+        store.commit(record.cohort, state=b"state")
+    reaper = DeviceReaper(store, 3600.0, lambda ids: None, clock=lambda: time.time() + 7200)
+    with caplog.at_level("INFO", logger="driftsync.server"):
+        assert reaper.expire_once() == sorted([gone.device_id, shared.device_id])
+    assert store.load_state(gone.cohort) is None and store.pending_uploads()[0].cohort == "lab"
+    assert store.load_state("lab") == b"state"  # a shared cohort keeps its state for devices that join it
+    assert f"removed the state and versions of 1 cohort(s) of gone devices: {gone.cohort}" in caplog.text
+    store.close()
