@@ -286,10 +286,9 @@ class SqlStore(ABC):
         with self._transaction() as execute:
             candidates = {row[0] for table in ("cohort_state", "versions", "uploads") for row in execute(
                 f"SELECT DISTINCT cohort FROM {table} WHERE {orphaned}", (f"{PRIVATE_COHORT_PREFIX}%",))}
-            active = {row[0] for row in execute(
-                "SELECT cohort FROM versions WHERE created_at >= ? UNION SELECT cohort FROM uploads WHERE received_at >= ?",
-                (idle_since, idle_since))}
-            gone = sorted(candidates - active)
+            gone = [cohort for cohort in sorted(candidates) if not any(  # by the cohort's key: no scan of the blobs
+                execute(f"SELECT 1 FROM {table} WHERE cohort = ? AND {at} >= ? LIMIT 1", (cohort, idle_since)).fetchone()
+                for table, at in (("versions", "created_at"), ("uploads", "received_at")))]
             for cohort in gone:  # the state first: its row is the lock a concurrent commit takes
                 for table in ("cohort_state", "versions", "uploads"):
                     execute(f"DELETE FROM {table} WHERE cohort = ?", (cohort,))
