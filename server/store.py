@@ -276,16 +276,17 @@ class SqlStore(ABC):
                                                 (unseen_since,)))
 
     def remove_orphaned_cohorts(self, idle_since: float) -> list[str]:
-        """Delete the own cohorts (`device-<id>`) that no device is in any more and that have had no
-        upload and no new version since `idle_since`: their state, versions and stored uploads; the
-        names removed. No device can reach such a cohort again (a device that comes back after
+        """Delete the own cohorts (`device-<id>`) whose device is gone, that no device was moved
+        into, and that have had no upload and no new version since `idle_since`: their state,
+        versions and stored uploads; the names removed. No device can reach such a cohort again (a device that comes back after
         expiry enrols with a new id), so each expiry would otherwise leave up to `keep_versions`
         versions behind. Shared cohorts stay for the devices that join them later, and the event
         log keeps its history. A step committed meanwhile is removed by a later call."""
-        orphaned = "cohort LIKE ? AND cohort NOT IN (SELECT cohort FROM devices)"
+        orphaned = ("cohort LIKE ? AND cohort NOT IN (SELECT cohort FROM devices) "
+                    "AND cohort NOT IN (SELECT ? || substr(device_id, 1, 12) FROM devices)")  # add_device's name
         with self._transaction() as execute:
             candidates = {row[0] for table in ("cohort_state", "versions", "uploads") for row in execute(
-                f"SELECT DISTINCT cohort FROM {table} WHERE {orphaned}", (f"{PRIVATE_COHORT_PREFIX}%",))}
+                f"SELECT DISTINCT cohort FROM {table} WHERE {orphaned}", (f"{PRIVATE_COHORT_PREFIX}%", PRIVATE_COHORT_PREFIX))}
             gone = [cohort for cohort in sorted(candidates) if not any(  # by the cohort's key: no scan of the blobs
                 execute(f"SELECT 1 FROM {table} WHERE cohort = ? AND {at} >= ? LIMIT 1", (cohort, idle_since)).fetchone()
                 for table, at in (("versions", "created_at"), ("uploads", "received_at")))]

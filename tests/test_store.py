@@ -95,23 +95,27 @@ def test_devices_unseen_for_too_long_expire_and_their_tokens_stop_working(store)
 
 def test_the_own_cohorts_of_gone_devices_are_removed_once_idle(store) -> None:
     """What an expired device's own cohort holds (state, versions, stored uploads) goes once idle;
-    a live device's own cohort, a shared cohort and the event log stay."""
+    a live device's own cohort (also one the operator moved it out of), a shared cohort and the
+    event log stay."""
     gone, _ = store.add_device("gone", None)
     live, _ = store.add_device("live", None)
     member, _ = store.add_device("member", "lab")
-    for record in (gone, live, member):
+    moved, _ = store.add_device("moved", None)
+    for record in (gone, live, member, moved):
         upload = store.add_upload(record.cohort, record.device_id, b"body", 4)
         store.commit(record.cohort, _record(record.cohort, 1), b"state", {upload: 1}, learnt=0)
     store.add_event(gone.cohort, "rollback", "to v1")
     later = time.time() + 100
-    store.touch_device(live.device_id, later)
+    for record in (live, moved):
+        store.touch_device(record.device_id, later)
+    store.move_device(moved.device_id, "south")  # its own cohort keeps its state: it may be moved back
     assert store.expire_devices(later - 10) == sorted([gone.device_id, member.device_id])
     assert store.remove_orphaned_cohorts(idle_since=0.0) == []  # a version and an upload since: not idle
     assert store.remove_orphaned_cohorts(idle_since=later) == [gone.cohort]
     assert store.load_state(gone.cohort) is None and store.latest_version(gone.cohort) is None
     assert store.accepted_samples(gone.cohort) == 0 and store.learnt_samples(gone.cohort) == 0
-    assert {u.cohort for u in store.pending_uploads()} == {live.cohort, "lab"}
-    for cohort in (live.cohort, "lab"):
+    assert {u.cohort for u in store.pending_uploads()} == {live.cohort, "lab", moved.cohort}
+    for cohort in (live.cohort, "lab", moved.cohort):
         assert store.load_state(cohort) == b"state" and store.version_number(cohort) == 1
     assert [(e.cohort, e.kind) for e in store.events()] == [(gone.cohort, "rollback")]
     assert store.remove_orphaned_cohorts(idle_since=later) == []
