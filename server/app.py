@@ -338,7 +338,7 @@ def create_app(parts: ServerParts) -> FastAPI:
                 raise ApiError(400, exc.error, str(exc)) from exc
             partition = partition_of(device.cohort, parts.partitions)
             upload_id = parts.store.add_upload(device.cohort, device.device_id, body, len(job.images), partition)
-            queued = (StoredJob(upload_id, device.cohort, device.device_id, received_at, body, partition)
+            queued = (StoredJob(upload_id, device.cohort, device.device_id, received_at, partition)
                       if parts.by_reference else replace(job, upload_id=upload_id, partition=partition))
             try:
                 offered = parts.uploads.offer(queued)

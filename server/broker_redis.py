@@ -7,9 +7,12 @@ only once a committed version has learnt from it. A worker that takes over a par
 first XAUTOCLAIMs what its previous owner had read but not acknowledged. New versions are
 announced on a pub/sub channel, so any API replica can end any device's long poll.
 
-Redis is not what makes an upload durable: the API writes it to the store before the 2xx.
-A message lost with Redis (a restart without persistence) is found again by the worker's
-periodic re-read of the store, and a message for an upload already learnt is skipped.
+A message names its upload (id, cohort, device, partition: about 130 bytes) and carries no body:
+the worker reads the body from the store, where the API wrote it before the 2xx. So a body leaves
+an API replica once (to the store), not twice, and Redis holds no image data. Redis is not what
+makes an upload durable: a message lost with Redis (a restart without persistence) is found
+again by the worker's periodic re-read of the store, and a message for an upload already learnt
+is skipped.
 """
 from __future__ import annotations
 
@@ -233,7 +236,7 @@ def _fields(job: StoredJob | ControlJob) -> dict[str, bytes | str]:
         return {"kind": "control", "cohort": job.cohort, "action": job.action, "version": str(job.version),
                 "partition": str(job.partition)}
     return {"kind": "upload", "upload_id": str(job.upload_id), "cohort": job.cohort, "device_id": job.device_id,
-            "received_at": repr(job.received_at), "partition": str(job.partition), "body": job.body}
+            "received_at": repr(job.received_at), "partition": str(job.partition)}
 
 
 def _job(message_id: bytes | str, fields: dict[bytes, bytes]) -> Job:
@@ -243,7 +246,7 @@ def _job(message_id: bytes | str, fields: dict[bytes, bytes]) -> Job:
     if text["kind"] == b"control":
         return ControlJob(text["cohort"].decode(), text["action"].decode(), int(text["version"]), partition, receipt)
     return StoredJob(int(text["upload_id"]), text["cohort"].decode(), text["device_id"].decode(),
-                     float(text["received_at"]), text["body"], partition, receipt)
+                     float(text["received_at"]), partition, receipt)
 
 
 def _deliver(board: VersionBoard, data: bytes) -> None:

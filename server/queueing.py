@@ -37,14 +37,14 @@ class UploadJob:
 
 @dataclass(frozen=True)
 class StoredJob:
-    """An upload by reference: the body as stored, decoded by the worker that takes it (a broker
-    message, or a store row read back after a restart or a partition change)."""
+    """An upload by reference (a broker message, or a store row read back after a restart or a
+    partition change): the worker that takes it reads the body from the store, where the API
+    wrote it before the 2xx."""
 
     upload_id: int
     cohort: str
     device_id: str
     received_at: float
-    body: bytes
     partition: int = 0
     receipt: str | None = None
 

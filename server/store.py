@@ -128,7 +128,7 @@ class Store(Protocol):
     def add_upload(self, cohort: str, device_id: str, body: bytes, samples: int, partition: int = 0) -> int: ...
     def pending_uploads(self, partition: int | None = None, *, exclude: Collection[int] = (),
                         max_samples: int | None = None) -> list[StoredUpload]: ...
-    def upload_remaining(self, upload_id: int) -> int: ...
+    def unlearnt_upload(self, upload_id: int) -> tuple[int, bytes] | None: ...
     def discard_upload(self, upload_id: int) -> None: ...
     def add_event(self, cohort: str, kind: str, detail: str) -> None: ...
     def set_frozen(self, cohort: str, frozen: bool) -> None: ...
@@ -423,10 +423,11 @@ class SqlStore(ABC):
                                 "ORDER BY upload_id", tuple(chunk))
         return [StoredUpload(*row[:5], bytes(row[5]), row[6]) for row in rows]
 
-    def upload_remaining(self, upload_id: int) -> int:
-        """Samples of the upload no version has learnt from yet; 0 once fully learnt or discarded."""
-        row = self._one("SELECT remaining FROM uploads WHERE upload_id = ?", (upload_id,))
-        return row[0] if row else 0
+    def unlearnt_upload(self, upload_id: int) -> tuple[int, bytes] | None:
+        """The upload's samples not learnt from yet and its body, as the device sent it; None once
+        fully learnt or discarded (a broker message names the upload, the store holds it)."""
+        row = self._one("SELECT remaining, body FROM uploads WHERE upload_id = ?", (upload_id,))
+        return (row[0], bytes(row[1])) if row else None
 
     # --- cohorts and events -------------------------------------------------------------------------
 

@@ -337,9 +337,9 @@ class AdaptationWorker:
         jobs = samples = 0
         room = max(0, self.max_pending_samples - self.pending_samples())
         for upload in self.store.pending_uploads(partition, exclude=self._holding, max_samples=room):
-            job = StoredJob(upload.upload_id, upload.cohort, upload.device_id, upload.received_at, upload.body,
+            job = StoredJob(upload.upload_id, upload.cohort, upload.device_id, upload.received_at,
                             partition_of(upload.cohort, self.partitions))
-            added = self._add_stored(job, upload.remaining)
+            added = self._add_stored(job, upload.body, upload.remaining)
             jobs, samples = jobs + bool(added), samples + added
         return (jobs, samples) if jobs else None
 
@@ -352,18 +352,18 @@ class AdaptationWorker:
             if job.upload_id in self._holding:  # already here from the store: its first copy will be acked
                 self.uploads.ack(job)
                 return
-            remaining = self.store.upload_remaining(job.upload_id)
-            if not self._add_stored(job, remaining):
+            stored = self.store.unlearnt_upload(job.upload_id)  # the message names it; the store holds it
+            if stored is None or not self._add_stored(job, stored[1], stored[0]):
                 self.uploads.ack(job)
         else:
             self._add(job)
 
-    def _add_stored(self, job: StoredJob, remaining: int) -> int:
-        """Decode a stored upload and keep its last `remaining` samples (the ones not learnt yet)."""
+    def _add_stored(self, job: StoredJob, body: bytes, remaining: int) -> int:
+        """Decode a stored upload's `body` and keep its last `remaining` samples (the ones not learnt yet)."""
         if remaining <= 0:
             return 0
         try:
-            upload = parse_upload(job.body, self.descriptor, MAX_STORED_BODY, cohort=job.cohort,
+            upload = parse_upload(body, self.descriptor, MAX_STORED_BODY, cohort=job.cohort,
                                   device_id=job.device_id, received_at=job.received_at, upload_id=job.upload_id)
         except UploadRejected as exc:  # it passed these checks once; a changed model may refuse it now
             log.error("dropping stored upload %d: %s", job.upload_id, exc)

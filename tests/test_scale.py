@@ -31,12 +31,15 @@ def test_broker_redelivers_what_a_dead_worker_read_but_never_acked(redis_url) ->
     front = RedisBroker(redis_url, PARTITIONS, max_jobs_per_partition=2)
     first, second = (RedisBroker(redis_url, PARTITIONS, consumer=name) for name in ("w1", "w2"))
     p = partition_of("site", PARTITIONS)
-    assert front.offer(StoredJob(1, "site", "dev", 1.0, b"body-1", p))
-    assert front.offer(StoredJob(2, "site", "dev", 2.0, b"body-2", p))
-    assert not front.offer(StoredJob(3, "site", "dev", 3.0, b"body-3", p))  # the partition is full: the front says 429
+    assert front.offer(StoredJob(1, "site", "dev", 1.0, p))
+    assert front.offer(StoredJob(2, "site", "dev", 2.0, p))
+    assert not front.offer(StoredJob(3, "site", "dev", 3.0, p))  # the partition is full: the front says 429
     first.hold(p)
     job = first.take(1.0)
-    assert job is not None and job.upload_id == 1 and job.body == b"body-1" and job.receipt
+    assert job is not None and job.upload_id == 1 and job.cohort == "site" and job.receipt
+    import redis as redis_client  # the message names the upload; its body stays in the store
+    fields = redis_client.Redis.from_url(redis_url).xrange(f"driftsync:uploads:{p}")[0][1]
+    assert set(fields) == {b"kind", b"upload_id", b"cohort", b"device_id", b"received_at", b"partition"}
     # w1 dies without acking; w2 takes the partition over and is handed both messages, in order
     first.release(p)
     second.hold(p)
@@ -201,7 +204,7 @@ def test_a_malformed_broker_message_is_dropped_and_the_partition_goes_on(redis_u
     raw = redis_client.Redis.from_url(redis_url)
     raw.xadd(f"driftsync:uploads:{p}", {"kind": "upload", "upload_id": "not-a-number", "partition": str(p)})
     raw.xadd(f"driftsync:uploads:{p}", {"garbage": b"\xff\xfe"})
-    assert front.offer(StoredJob(7, "site", "dev", 1.0, b"body", p))
+    assert front.offer(StoredJob(7, "site", "dev", 1.0, p))
     job = worker.take(1.0)
     assert job is not None and job.upload_id == 7  # the two foreign messages were skipped
     worker.ack(job)

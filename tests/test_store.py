@@ -165,23 +165,24 @@ def test_a_commit_that_raises_writes_nothing(store) -> None:
     store.commit("c", _record("c", 1), b"s1")
     with pytest.raises(VersionConflict):
         store.commit("c", _record("c", 1), b"s2", {upload: 4}, learnt=3)
-    assert store.upload_remaining(upload) == 4 and store.learnt_samples("c") == 0
+    assert store.unlearnt_upload(upload) == (4, b"body") and store.learnt_samples("c") == 0
     assert store.load_state("c") == b"s1" and store.version_number("c") == 1
 
 
 def test_learnt_counts_every_upload_once_even_when_delivered_twice(store) -> None:
     first = store.add_upload("c", "d", b"one", 5)
     second = store.add_upload("c", "d", b"two", 3)
-    assert store.accepted_samples("c") == 8 and store.upload_remaining(first) == 5
-    assert store.commit("c", consumed={first: 3}) == 3 and store.upload_remaining(first) == 2
+    assert store.accepted_samples("c") == 8 and store.unlearnt_upload(first) == (5, b"one")
+    assert store.commit("c", consumed={first: 3}) == 3
+    assert store.unlearnt_upload(first) == (2, b"one")  # what a broker message's worker reads
     assert store.commit("c", consumed={first: 3, second: 3}) == 5  # only 2 of `first` were left
-    assert store.upload_remaining(first) == store.upload_remaining(second) == 0
+    assert store.unlearnt_upload(first) is None and store.unlearnt_upload(second) is None  # learnt: acknowledged only
     assert store.commit("c", consumed={first: 5, second: 3}) == 0  # a duplicate delivery
     assert store.commit("c", consumed={}, learnt=4) == 4  # samples that came with no stored upload
     assert store.learnt_samples("c") == 12 and store.pending_uploads() == []
     third = store.add_upload("c", "d", b"three", 6)
     store.discard_upload(third)  # refused after all: neither accepted nor pending
-    assert store.accepted_samples("c") == 8 and store.upload_remaining(third) == 0
+    assert store.accepted_samples("c") == 8 and store.unlearnt_upload(third) is None
     store.discard_upload(third)  # twice is harmless
     assert store.accepted_samples("c") == 8
 
@@ -216,7 +217,7 @@ def test_leases_fence_a_worker_that_lost_its_partition(store) -> None:
     assert theirs.epoch == 2  # a takeover bumps the epoch
     with pytest.raises(LeaseLost):
         store.commit("c", _record("c", 2), b"late", {upload: 3}, lease=again)
-    assert store.version_number("c") == 1 and store.upload_remaining(upload) == 3 and store.load_state("c") is None
+    assert store.version_number("c") == 1 and store.unlearnt_upload(upload)[0] == 3 and store.load_state("c") is None
     renewed = store.renew_lease(theirs, 60)
     assert renewed.epoch == 2 and renewed.expires_at > theirs.expires_at
     store.release_lease(again)  # not ours any more: nothing happens
