@@ -142,3 +142,26 @@ def test_a_step_never_mixes_batches_whose_devices_sent_their_statistics(tmp_path
     assert [len(item.images) for item in taken] == [20, 20]  # not 16, then 24 across the two batches
     assert [item.device_stats for item in taken] == stats
     assert not worker._pending["batch"].stats  # a batch's statistics are not the device's latest
+
+
+def test_a_message_naming_a_gone_upload_is_skipped_and_the_next_one_is_learnt(tmp_path) -> None:
+    """A broker message names its upload; one whose row is gone (learnt, discarded, or a forged id)
+    is acknowledged and skipped, and the worker goes on with the body the store holds for the next."""
+    from server.queueing import StoredJob
+    from shared.codec import pack
+    from shared.images import encode_image
+    from shared.protocol import UploadBatch
+
+    parts = build_test_parts(tmp_path / "server")
+    images = _images(8, 3)
+    body = pack(UploadBatch(device_version=0, codec="png", images=[encode_image(x, "png") for x in images],
+                            entropy=[0.5] * 8, captured_at=[time.time()] * 8))
+    stored = parts.store.add_upload("site", "d", body, len(images))
+    parts.worker.start()
+    try:
+        assert parts.uploads.offer(StoredJob(stored + 1000, "site", "d", time.time()))  # no such row
+        assert parts.uploads.offer(StoredJob(stored, "site", "d", time.time()))
+        wait_for(lambda: parts.store.version_number("site") >= 1, 60, "the stored upload learnt")
+        assert parts.store.unlearnt_upload(stored) is None and parts.store.learnt_samples("site") == 8
+    finally:
+        parts.worker.stop()
